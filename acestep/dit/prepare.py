@@ -1,0 +1,127 @@
+"""GenerationParams (one per item, LM metadata already merged) → DiTItems: audio files read and
+VAE-encoded, codes decoded to hints, task contexts built."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+from acestep.audio import load_audio
+from acestep.dit import vae as vae_ops
+from acestep.dit.codes import codes_to_hints, latents_to_hints, parse_audio_codes
+from acestep.dit.conditioning import INSTRUMENTAL_LYRICS, TextCondition
+from acestep.dit.runner import DiTItem, SamplingSettings
+from acestep.dit.tasks import (
+    SOURCE_TASKS,
+    TIMBRE_FRAMES,
+    resolve_instruction,
+    resolve_window,
+    seconds_to_frames,
+    silence_frames,
+    task_context,
+)
+from acestep.params import GenerationParams
+
+DEFAULT_DURATION_S = 30.0  # no duration, no LM, no source: 30 s, which is also what the metas say
+REFERENCE_SEGMENT_S = 10
+
+
+@dataclass
+class SourceAudio:
+    audio: torch.Tensor  # [2, S] at 48 kHz
+    latents: torch.Tensor  # [T, C]
+
+    @property
+    def duration_s(self) -> float:
+        return self.audio.shape[-1] / vae_ops.SAMPLE_RATE
+
+
+def encode_source(bundle, path: str, seed: int) -> SourceAudio:
+    audio, _ = load_audio(path)
+    generator = torch.Generator(device=bundle.device).manual_seed(int(seed))
+    return SourceAudio(audio, vae_ops.encode(bundle.vae, audio, generator).to(bundle.dtype))
+
+
+def reference_timbre(bundle, path: Optional[str], seed: int) -> torch.Tensor:
+    """[750, C]: three 10 s segments (front, middle, back) of the reference, tiled to ≥ 30 s and
+    VAE-encoded; the silence latent when there is none. Fixed segments (upstream picks random
+    offsets) keep results reproducible."""
+    silence = bundle.silence_latent
+    if not path:
+        return silence_frames(silence, TIMBRE_FRAMES).to(bundle.dtype)
+    audio, rate = load_audio(path)
+    target = 3 * REFERENCE_SEGMENT_S * rate
+    if audio.shape[-1] < target:
+        audio = audio.repeat(1, math.ceil(target / audio.shape[-1]))
+    seg, total = REFERENCE_SEGMENT_S * rate, audio.shape[-1]
+    starts = [0, total // 3, max(total - seg, 0)]
+    clip = torch.cat([audio[:, s: s + seg] for s in starts], dim=-1)
+    generator = torch.Generator(device=bundle.device).manual_seed(int(seed))
+    latents = vae_ops.encode(bundle.vae, clip, generator).to(bundle.dtype)
+    return torch.cat([latents, silence_frames(silence, TIMBRE_FRAMES).to(latents)], 0)[:TIMBRE_FRAMES]
+
+
+def _text(params: GenerationParams, instruction: str, duration_s: Optional[float]) -> TextCondition:
+    lyrics = INSTRUMENTAL_LYRICS if params.instrumental else params.lyrics
+    return TextCondition(instruction=instruction, caption=params.caption, lyrics=lyrics,
+                         language=params.vocal_language or "unknown", bpm=params.bpm,
+                         timesignature=params.timesignature, keyscale=params.keyscale, duration_s=duration_s)
+
+
+def sampling_settings(params: GenerationParams) -> SamplingSettings:
+    return SamplingSettings(steps=params.inference_steps, shift=params.shift, timesteps=params.timesteps,
+                            method=params.infer_method, guidance_scale=params.guidance_scale, use_adg=params.use_adg,
+                            cfg_interval=(params.cfg_interval_start, params.cfg_interval_end),
+                            cover_strength=params.audio_cover_strength)
+
+
+def build_item(bundle, params: GenerationParams, seed: int, source: Optional[SourceAudio],
+               timbre: torch.Tensor) -> DiTItem:
+    codes = parse_audio_codes(params.audio_codes)
+    task = params.task_type
+    instruction = resolve_instruction(task, params.instruction, bool(codes))
+    silence = bundle.silence_latent.to(bundle.dtype)
+    hints, window = None, None
+    if codes:
+        hints = codes_to_hints(bundle, codes)
+        frames = max(hints.shape[0], seconds_to_frames(0))
+        duration_s = params.duration if params.duration and params.duration > 0 else hints.shape[0] / 25
+    elif task in SOURCE_TASKS and source is not None:
+        frames, duration_s = source.latents.shape[0], source.duration_s
+        if task == "cover":
+            hints = latents_to_hints(bundle, source.latents)
+        if task in ("repaint", "lego"):
+            window = resolve_window(params.repainting_start, params.repainting_end, frames)
+    else:
+        duration_s = params.duration if params.duration and params.duration > 0 else DEFAULT_DURATION_S
+        frames = seconds_to_frames(duration_s)
+    context_task = "text2music" if codes else task
+    src, mask = task_context(context_task, frames, silence, source.latents if source else None, window)
+    is_cover = hints is not None
+    fallback = None
+    if is_cover and params.audio_cover_strength < 1.0:
+        fallback = _text(params, resolve_instruction("text2music", "", False), duration_s)
+    return DiTItem(text=_text(params, instruction, duration_s), seed=seed, frames=frames, src_latents=src,
+                   chunk_mask=mask, timbre=timbre, hints=hints[:frames] if is_cover else None,
+                   repaint=window if task == "repaint" else None,
+                   source_audio=source.audio if task == "repaint" and source else None, cover_fallback=fallback)
+
+
+def build_items(bundle, item_params: List[GenerationParams], seeds: List[int]) -> List[DiTItem]:
+    """One DiTItem per (params, seed). Files shared by the items are read and encoded once."""
+    sources: Dict[str, SourceAudio] = {}
+    timbres: Dict[Optional[str], torch.Tensor] = {}
+    items = []
+    for params, seed in zip(item_params, seeds):
+        source = None
+        if params.task_type in SOURCE_TASKS and params.src_audio and not parse_audio_codes(params.audio_codes):
+            if params.src_audio not in sources:
+                sources[params.src_audio] = encode_source(bundle, params.src_audio, seeds[0])
+            source = sources[params.src_audio]
+        if params.reference_audio not in timbres:
+            timbres[params.reference_audio] = reference_timbre(bundle, params.reference_audio, seeds[0])
+        items.append(build_item(bundle, params, seed, source, timbres[params.reference_audio]))
+    return items

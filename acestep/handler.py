@@ -1,0 +1,91 @@
+"""AceStepHandler: owns the DiT side's loaded modules (DiT, condition encoder, audio tokenizer /
+detokenizer, VAE, text encoder). Thin: loading is in ``acestep.checkpoints``, sampling in
+``acestep.dit``."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import List, Optional, Tuple
+
+import torch
+
+from acestep.checkpoints.bundle import DiTBundle, load_dit_bundle
+from acestep.checkpoints.layout import resolve_dit_checkpoint
+from acestep.dit.codes import format_audio_codes, latents_to_codes
+from acestep.dit.prepare import build_items, encode_source, sampling_settings
+from acestep.dit.runner import Progress, RenderOutput, render
+from acestep.params import GenerationParams
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA with bf16 support (fp16 otherwise), fp32 elsewhere (as upstream)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class AceStepHandler:
+    """The DiT side of the seed API (``dit_handler``)."""
+
+    def __init__(self):
+        self.bundle: Optional[DiTBundle] = None
+        self.config_path: Optional[str] = None
+        self._lock = threading.Lock()  # one batch at a time per handler; Serve batches across requests
+
+    def initialize_service(self, project_root: str, config_path: str = "acestep-v15-turbo", device: str = "auto",
+                           use_flash_attention: bool = False, compile_model: bool = False,
+                           offload_to_cpu: bool = False, offload_dit_to_cpu: bool = False,
+                           dtype: Optional[torch.dtype] = None) -> Tuple[str, bool]:
+        """Load ``config_path`` (a DiT folder under ``project_root``/checkpoints, under
+        ``project_root``, an absolute path, or a diffusers repo folder). Returns (status, True);
+        raises FileNotFoundError / CheckpointMismatchError when it cannot load."""
+        resolved = resolve_device(device)
+        checkpoint = resolve_dit_checkpoint(project_root, config_path)
+        self.bundle = load_dit_bundle(checkpoint, dtype=dtype or default_dtype(resolved), device=resolved)
+        self.config_path = str(config_path)
+        if use_flash_attention or compile_model or offload_to_cpu or offload_dit_to_cpu:
+            logger.info("flash-attention/compile/offload options are accepted but not used by this backend")
+        status = f"DiT {checkpoint.name} ({checkpoint.layout} layout) loaded on {resolved} as {self.bundle.dtype}"
+        logger.info(status)
+        return status, True
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.bundle is not None
+
+    @property
+    def is_turbo(self) -> bool:
+        return self._require().is_turbo
+
+    @property
+    def model_name(self) -> str:
+        return self._require().checkpoint.name
+
+    def _require(self) -> DiTBundle:
+        if self.bundle is None:
+            raise RuntimeError("AceStepHandler is not initialized: call initialize_service(...) first")
+        return self.bundle
+
+    def render(self, item_params: List[GenerationParams], seeds: List[int],
+               progress: Optional[Progress] = None) -> RenderOutput:
+        """Render one audio per (params, seed); all items share the first params' sampling settings."""
+        bundle = self._require()
+        with self._lock:
+            items = build_items(bundle, item_params, seeds)
+            return render(bundle, items, sampling_settings(item_params[0]), progress)
+
+    def convert_src_audio_to_codes(self, audio_path: str, seed: int = 0) -> str:
+        """Source audio → 5 Hz code string (VAE encode, then the FSQ tokenizer)."""
+        bundle = self._require()
+        with self._lock:
+            source = encode_source(bundle, audio_path, seed)
+            return format_audio_codes(latents_to_codes(bundle, source.latents))

@@ -1,0 +1,150 @@
+"""Paired-CFG decoding on a transformers causal LM (the pt backend's tensor runner).
+
+Every request is one conditional row, plus one unconditional row when its ``cfg_scale`` > 1.
+All rows decode together in one batch sharing one ``DynamicCache``: prompts are left-padded,
+masked, and given position ids that start at 0 on each row's first real token, so a row computes
+what it would compute alone. Per step the runner mixes ``uncond + s·(cond − uncond)``, applies the
+row's FSM and sampling, and feeds the one sampled token to both rows of the pair. Finished rows
+are dropped from the batch (and from the cache) as soon as they stop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from acestep.lm import fsm as F
+from acestep.lm.sampling import SamplingConfig, apply_allowed, apply_repetition_penalty, cfg_mix, sample_rows
+from acestep.lm.vocab import TokenTables
+
+
+@dataclass
+class LMRequest:
+    """One generation: prompt ids (+ the unconditional prompt when CFG is on), constraints,
+    sampling knobs, the seed of its private RNG and its token budget."""
+
+    prompt_ids: List[int]
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    seed: int = 0
+    max_new_tokens: int = 256
+    uncond_ids: Optional[List[int]] = None
+    fsm: Optional[F.FsmSpec] = None
+
+    def __post_init__(self):
+        if self.sampling.uses_cfg and not self.uncond_ids:
+            raise ValueError("a request with cfg_scale > 1 needs an unconditional prompt")
+        if not self.prompt_ids:
+            raise ValueError("empty prompt")
+
+
+@dataclass
+class _Row:
+    """Decoding state of one request (bookkeeping only, no tensors but its generator)."""
+
+    request: LMRequest
+    generator: torch.Generator
+    fsm: Optional[F.FsmState]
+    tokens: List[int] = field(default_factory=list)
+    finished: bool = False
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids [R, L], attention mask [R, L] and position ids (0 at each row's first real token)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+class PtRunner:
+    """Runs batches of ``LMRequest`` on a transformers ``*ForCausalLM``."""
+
+    def __init__(self, model, tables: TokenTables, encode: Callable[[str], List[int]], pad_id: int):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.tables = tables.to(self.device)
+        self.encode = encode
+        self.pad_id = pad_id
+        self.stop_ids = {tables.eos_id} | ({tables.pad_id} if tables.pad_id is not None else set())
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def _new_row(self, req: LMRequest) -> _Row:
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(int(req.seed) & 0xFFFF_FFFF_FFFF_FFFF)
+        state = F.new_state(req.fsm, self.tables, self.encode) if req.fsm is not None else None
+        return _Row(req, gen, state)
+
+    def _finish_step(self, live: List[_Row], tokens: torch.Tensor) -> None:
+        for row, tok in zip(live, tokens.tolist()):
+            row.tokens.append(tok)
+            if row.fsm is not None:
+                F.advance(row.fsm, self.tables, tok)
+            if tok in self.stop_ids or len(row.tokens) >= row.request.max_new_tokens:
+                row.finished = True
+
+    # -- tensor work -------------------------------------------------------------------------
+    def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :]
+
+    def _guided_logits(self, logits: torch.Tensor, live: List[_Row], paired: List[_Row]) -> torch.Tensor:
+        guided = logits[: len(live)].float()
+        if paired:
+            where = [live.index(r) for r in paired]
+            scale = torch.tensor([r.request.sampling.cfg_scale for r in paired], device=logits.device).unsqueeze(1)
+            guided[where] = cfg_mix(logits[where], logits[len(live):], scale)
+        return guided
+
+    def _history(self, live: List[_Row]) -> torch.Tensor:
+        seqs = [r.request.prompt_ids + r.tokens for r in live]
+        width = max(len(s) for s in seqs)
+        # Pad with the row's last token: a repeated id is penalised once either way.
+        return torch.tensor([[s[-1]] * (width - len(s)) + s for s in seqs], device=self.device)
+
+    def _sample(self, guided: torch.Tensor, live: List[_Row]) -> torch.Tensor:
+        for i, row in enumerate(live):
+            if row.fsm is not None:
+                apply_allowed(guided[i], F.allowed(row.fsm, self.tables, guided[i]))
+        penalties = torch.tensor([r.request.sampling.repetition_penalty for r in live], device=guided.device)
+        if bool((penalties != 1.0).any()):
+            guided = apply_repetition_penalty(guided, self._history(live), penalties.unsqueeze(1))
+        cfgs = [r.request.sampling for r in live]
+        return sample_rows(guided, [c.temperature for c in cfgs], [c.effective_top_k for c in cfgs],
+                           [c.effective_top_p for c in cfgs], [r.generator for r in live])
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[LMRequest]) -> List[List[int]]:
+        """Generated token ids per request (stop token included, prompt excluded)."""
+        rows = [self._new_row(r) for r in requests]
+        live, paired = list(rows), [r for r in rows if r.request.sampling.uses_cfg]
+        prompts = [r.request.prompt_ids for r in live] + [r.request.uncond_ids for r in paired]
+        ids, mask, positions = left_pad(prompts, self.pad_id, self.device)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache)
+        next_pos = positions[:, -1] + 1
+        while live:
+            tokens = self._sample(self._guided_logits(logits, live, paired), live)
+            self._finish_step(live, tokens)
+            keep = [i for i, r in enumerate(live) if not r.finished]
+            keep += [len(live) + j for j, r in enumerate(paired) if not r.finished]
+            if len(keep) < mask.shape[0]:
+                index = torch.tensor(keep, dtype=torch.long, device=self.device)
+                cache.batch_select_indices(index)
+                mask, next_pos = mask[index], next_pos[index]
+                step_tokens = torch.cat([tokens, tokens[[live.index(r) for r in paired]]])[index]
+                live, paired = [r for r in live if not r.finished], [r for r in paired if not r.finished]
+            else:
+                step_tokens = torch.cat([tokens, tokens[[live.index(r) for r in paired]]])
+            if not live:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            logits = self._forward(step_tokens.unsqueeze(1), mask, next_pos.unsqueeze(1), cache)
+            next_pos = next_pos + 1
+        return [r.tokens for r in rows]

@@ -1,0 +1,132 @@
+"""One table of field rules for GenerationParams / GenerationConfig. Each violation raises a
+ValidationError (a ValueError) naming the field, the value and what is allowed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional
+
+from acestep.audio import AUDIO_FORMATS
+from acestep.dit.tasks import BASE_ONLY_TASKS, SOURCE_TASKS, TASK_TYPES, TRACK_NAMES, instruction_tracks
+from acestep.params import GenerationConfig, GenerationParams
+
+MAX_SEED = 2**32 - 1
+
+
+class ValidationError(ValueError):
+    def __init__(self, field: str, value: Any, allowed: str):
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(f"{field}={value!r} is not allowed: {allowed}")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _between(lo, hi) -> Callable[[Any], bool]:
+    return lambda v: _number(v) and lo <= v <= hi
+
+
+def _int_between(lo, hi) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _decreasing_unit(values) -> bool:
+    if not isinstance(values, (list, tuple)) or not values or not all(_number(v) and 0 <= v <= 1 for v in values):
+        return False
+    return all(a > b for a, b in zip(values, values[1:]))
+
+
+def _seeds(value) -> bool:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return all(isinstance(s, int) and not isinstance(s, bool) and -1 <= s <= MAX_SEED for s in items)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``source`` is "params" or "config"; ``check`` gets the value; None values skip if optional."""
+
+    source: str
+    field: str
+    check: Callable[[Any], bool]
+    allowed: str
+    optional: bool = False
+
+
+RULES: List[Rule] = [
+    Rule("params", "task_type", lambda v: v in TASK_TYPES, "one of " + ", ".join(TASK_TYPES)),
+    Rule("params", "bpm", _int_between(30, 300), "an integer from 30 to 300, or null for auto", optional=True),
+    Rule("params", "duration", lambda v: _number(v) and (v <= 0 or 10 <= v <= 600),
+         "10 to 600 seconds, or <= 0 for auto"),
+    Rule("params", "inference_steps", _int_between(1, 200), "an integer from 1 to 200"),
+    Rule("params", "guidance_scale", _between(1.0, 15.0), "1.0 to 15.0"),
+    Rule("params", "shift", _between(1.0, 5.0), "1.0 to 5.0"),
+    Rule("params", "cfg_interval_start", _between(0.0, 1.0), "0.0 to 1.0"),
+    Rule("params", "cfg_interval_end", _between(0.0, 1.0), "0.0 to 1.0"),
+    Rule("params", "infer_method", lambda v: v in ("ode", "sde"), "'ode' or 'sde'"),
+    Rule("params", "timesteps", _decreasing_unit, "a non-empty list of floats in [0, 1], strictly decreasing",
+         optional=True),
+    Rule("params", "audio_cover_strength", _between(0.0, 1.0), "0.0 to 1.0"),
+    Rule("params", "seed", _int_between(-1, MAX_SEED), f"-1 (random) or 0 to {MAX_SEED}"),
+    Rule("params", "caption", lambda v: isinstance(v, str) and len(v) <= 512, "a string of at most 512 characters"),
+    Rule("params", "lyrics", lambda v: isinstance(v, str) and len(v) <= 4096, "a string of at most 4096 characters"),
+    Rule("params", "lm_temperature", _between(0.0, 2.0), "0.0 to 2.0"),
+    Rule("params", "lm_cfg_scale", _between(1.0, 10.0), "1.0 to 10.0"),
+    Rule("params", "lm_top_k", _int_between(0, 1000), "an integer from 0 (off) to 1000"),
+    Rule("params", "lm_top_p", _between(0.0, 1.0), "0.0 to 1.0"),
+    Rule("params", "repainting_start", lambda v: _number(v) and v >= 0, ">= 0 seconds"),
+    Rule("params", "repainting_end", lambda v: _number(v) and (v == -1 or v > 0), "-1 (end of source) or > 0 seconds"),
+    Rule("config", "batch_size", _int_between(1, 8), "an integer from 1 to 8"),
+    Rule("config", "audio_format", lambda v: v in AUDIO_FORMATS, "one of " + ", ".join(AUDIO_FORMATS)),
+    Rule("config", "lm_batch_chunk_size", _int_between(1, 64), "an integer from 1 to 64"),
+    Rule("config", "seeds", _seeds, f"an integer or list of integers from -1 to {MAX_SEED}", optional=True),
+]
+
+
+def check_fields(params: GenerationParams, config: GenerationConfig) -> None:
+    for rule in RULES:
+        value = getattr(params if rule.source == "params" else config, rule.field)
+        if value is None and rule.optional:
+            continue
+        if not rule.check(value):
+            raise ValidationError(rule.field, value, rule.allowed)
+
+
+def check_cross_fields(params: GenerationParams, is_turbo: Optional[bool] = None,
+                       src_duration: Optional[float] = None) -> None:
+    """Rules that need several fields or the loaded model / source audio."""
+    if params.cfg_interval_start > params.cfg_interval_end:
+        raise ValidationError("cfg_interval_start", params.cfg_interval_start,
+                              f"<= cfg_interval_end ({params.cfg_interval_end})")
+    task = params.task_type
+    if task in BASE_ONLY_TASKS and is_turbo:
+        raise ValidationError("task_type", task, "lego, extract and complete need a base model (not turbo)")
+    if task in SOURCE_TASKS and task != "cover" and not params.src_audio:
+        raise ValidationError("src_audio", params.src_audio, f"an audio file is required for task_type={task!r}")
+    tracks = instruction_tracks(task, params.instruction)
+    if tracks is not None:
+        unknown = [t for t in tracks if t not in TRACK_NAMES]
+        if unknown:
+            raise ValidationError("instruction", params.instruction,
+                                  "track names from: " + ", ".join(TRACK_NAMES) + f" (got {', '.join(unknown)})")
+    if task in ("repaint", "lego"):
+        _check_window(params, src_duration)
+
+
+def _check_window(params: GenerationParams, src_duration: Optional[float]) -> None:
+    start, end = params.repainting_start, params.repainting_end
+    if end != -1 and end <= start:
+        raise ValidationError("repainting_end", end, f"-1 or greater than repainting_start ({start})")
+    if src_duration is None:
+        return
+    if start >= src_duration:
+        raise ValidationError("repainting_start", start, f"inside the source audio: 0 to {src_duration:.2f} seconds")
+    if end != -1 and end > src_duration:
+        raise ValidationError("repainting_end", end, f"inside the source audio: at most {src_duration:.2f} seconds")
+
+
+def validate(params: GenerationParams, config: GenerationConfig, is_turbo: Optional[bool] = None,
+             src_duration: Optional[float] = None) -> None:
+    """Raise ValidationError for the first rule that fails."""
+    check_fields(params, config)
+    check_cross_fields(params, is_turbo=is_turbo, src_duration=src_duration)
