@@ -21,16 +21,21 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_TEXT_HIDDEN = 32
 DEMO_LM_NAME = "acestep-5Hz-lm-0.6B"
 
-# Overrides of the real 2B config: same keys, tiny sizes. Acoustic width (64), FSQ levels and
-# the 5-frame pooling stay real so codes, latents and audio lengths behave as in production.
+# Overrides of the real 2B config: same keys, tiny sizes. FSQ levels (64,000 codes), the 5-frame
+# pooling and the 1920-sample hop stay real so codes, latents and audio lengths behave as in
+# production; the latent width shrinks to 8 because the VAE encoder's width is twice it.
+TINY_LATENT_CHANNELS = 8
 TINY_DIT_OVERRIDES = {
+    "audio_acoustic_hidden_dim": TINY_LATENT_CHANNELS, "timbre_hidden_dim": TINY_LATENT_CHANNELS,
+    "in_channels": 3 * TINY_LATENT_CHANNELS,
     "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
     "num_key_value_heads": 1, "head_dim": 16, "fsq_dim": 32, "text_hidden_dim": TINY_TEXT_HIDDEN,
     "num_lyric_encoder_hidden_layers": 2, "num_timbre_encoder_hidden_layers": 2,
     "num_attention_pooler_hidden_layers": 1, "num_audio_decoder_hidden_layers": 2, "sliding_window": 16,
     "layer_types": ["sliding_attention", "full_attention"], "dtype": "float32",
 }
-TINY_VAE_OVERRIDES = {"encoder_hidden_size": 8, "channel_multiples": [1, 2, 2, 2, 2], "decoder_channels": 8}
+TINY_VAE_OVERRIDES = {"encoder_hidden_size": 2 * TINY_LATENT_CHANNELS, "decoder_input_channels": TINY_LATENT_CHANNELS,
+                      "channel_multiples": [1, 2, 2, 2, 2], "decoder_channels": 8}
 TINY_TEXT_ENCODER_OVERRIDES = {
     "hidden_size": TINY_TEXT_HIDDEN, "intermediate_size": 64, "num_hidden_layers": 2, "max_window_layers": 2,
     "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "torch_dtype": "float32",

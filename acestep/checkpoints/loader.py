@@ -97,9 +97,10 @@ def _assign(module: nn.Module, state: Dict[str, torch.Tensor], device: torch.dev
 
 def _read(handle, name: str, dtype: Optional[torch.dtype], device: torch.device) -> torch.Tensor:
     tensor = handle.get_tensor(name)
-    if dtype is not None and tensor.is_floating_point():
-        tensor = tensor.to(dtype)
-    return tensor.to(device)
+    target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+    # copy=True: fresh, aligned storage instead of views into the mmap, so CPU kernels (whose
+    # choice can depend on alignment) give the same bits whichever file the weights came from.
+    return tensor.to(device=device, dtype=target, copy=True)
 
 
 def safetensors_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:

@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from acestep.lm import fsm as F
-from acestep.lm.sampling import SamplingConfig, apply_allowed, apply_repetition_penalty, cfg_mix, sample_rows
+from acestep.lm.sampling import SamplingConfig, cfg_mix, sample_token
 from acestep.lm.vocab import TokenTables
 
 
@@ -94,30 +94,25 @@ class PtRunner:
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
-    def _guided_logits(self, logits: torch.Tensor, live: List[_Row], paired: List[_Row]) -> torch.Tensor:
-        guided = logits[: len(live)].float()
-        if paired:
-            where = [live.index(r) for r in paired]
-            scale = torch.tensor([r.request.sampling.cfg_scale for r in paired], device=logits.device).unsqueeze(1)
-            guided[where] = cfg_mix(logits[where], logits[len(live):], scale)
-        return guided
+    def _sample_row(self, row: _Row, cond: torch.Tensor, uncond: Optional[torch.Tensor]) -> int:
+        cfg = row.request.sampling
 
-    def _history(self, live: List[_Row]) -> torch.Tensor:
-        seqs = [r.request.prompt_ids + r.tokens for r in live]
-        width = max(len(s) for s in seqs)
-        # Pad with the row's last token: a repeated id is penalised once either way.
-        return torch.tensor([[s[-1]] * (width - len(s)) + s for s in seqs], device=self.device)
+        def scores_at(ids: Optional[torch.Tensor]) -> torch.Tensor:
+            c = cond if ids is None else cond[ids]
+            return c.float() if uncond is None else cfg_mix(c, uncond if ids is None else uncond[ids], cfg.cfg_scale)
 
-    def _sample(self, guided: torch.Tensor, live: List[_Row]) -> torch.Tensor:
-        for i, row in enumerate(live):
-            if row.fsm is not None:
-                apply_allowed(guided[i], F.allowed(row.fsm, self.tables, guided[i]))
-        penalties = torch.tensor([r.request.sampling.repetition_penalty for r in live], device=guided.device)
-        if bool((penalties != 1.0).any()):
-            guided = apply_repetition_penalty(guided, self._history(live), penalties.unsqueeze(1))
-        cfgs = [r.request.sampling for r in live]
-        return sample_rows(guided, [c.temperature for c in cfgs], [c.effective_top_k for c in cfgs],
-                           [c.effective_top_p for c in cfgs], [r.generator for r in live])
+        ids = F.allowed(row.fsm, self.tables, scores_at) if row.fsm is not None else None
+        history = None
+        if cfg.repetition_penalty != 1.0:
+            history = torch.tensor(row.request.prompt_ids + row.tokens, device=cond.device)
+        return sample_token(scores_at(ids), ids, cfg, row.generator, history)
+
+    def _sample(self, logits: torch.Tensor, live: List[_Row], paired: List[_Row]) -> torch.Tensor:
+        """One token per live row; a paired row's guided logits mix its cond and uncond rows."""
+        uncond_row = {id(r): len(live) + j for j, r in enumerate(paired)}
+        tokens = [self._sample_row(r, logits[i], logits[uncond_row[id(r)]] if id(r) in uncond_row else None)
+                  for i, r in enumerate(live)]
+        return torch.tensor(tokens, dtype=torch.long, device=logits.device)
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[LMRequest]) -> List[List[int]]:
@@ -130,7 +125,7 @@ class PtRunner:
         logits = self._forward(ids, mask, positions, cache)
         next_pos = positions[:, -1] + 1
         while live:
-            tokens = self._sample(self._guided_logits(logits, live, paired), live)
+            tokens = self._sample(logits, live, paired)
             self._finish_step(live, tokens)
             keep = [i for i, r in enumerate(live) if not r.finished]
             keep += [len(live) + j for j, r in enumerate(paired) if not r.finished]

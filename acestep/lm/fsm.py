@@ -2,8 +2,8 @@
 ``MetadataConstrainedLogitsProcessor``, re-expressed as a compiled program of small ops).
 
 A request's FSM is compiled once into ops (forced token runs, value tries, free-text fields,
-codes); ``allowed`` returns the allowed set for the next token as a precomputed tensor (an id
-tensor or a [V] bool mask, ``None`` = unconstrained) and ``advance`` consumes the sampled token.
+codes); ``allowed`` returns the allowed set for the next token as an id tensor (precomputed per state,
+``None`` = unconstrained) and ``advance`` consumes the sampled token.
 Each row owns its state, so a batch never shares FSM state (upstream bug B10: one FSM advanced
 with the first sequence's token).
 
@@ -106,15 +106,18 @@ def new_state(spec: FsmSpec, tables: TokenTables, encode: Callable[[str], List[i
     return FsmState(program=compile_program(spec, tables, encode))
 
 
+Scores = Callable[[torch.Tensor], torch.Tensor]  # ids -> the row's (guided) logits at those ids
+
+
 def _ids(tables: TokenTables, *ids: int) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long, device=tables.code_ids.device)
 
 
-def _masked_argmax(logits_row: torch.Tensor, mask: torch.Tensor) -> int:
-    return int(torch.where(mask, logits_row, torch.finfo(logits_row.dtype).min).argmax())
+def _argmax_id(ids: torch.Tensor, scores_at: Scores) -> int:
+    return int(ids[scores_at(ids).argmax()])
 
 
-def _value_allowed(st: FsmState, op: Op, tables: TokenTables, logits_row: torch.Tensor) -> torch.Tensor:
+def _value_allowed(st: FsmState, op: Op, tables: TokenTables, scores_at: Scores) -> torch.Tensor:
     trie = tables.tries[op.name]
     nxt = trie.get(st.value)
     if nxt is None:
@@ -124,37 +127,38 @@ def _value_allowed(st: FsmState, op: Op, tables: TokenTables, logits_row: torch.
         return _ids(tables, tables.newline_id)
     if op.name == "language" and not st.value:
         # Upstream picks the language's first token greedily (argmax among valid first tokens).
-        return nxt[logits_row[nxt].argmax()].reshape(1)
+        return _ids(tables, _argmax_id(nxt, scores_at))
     return nxt
 
 
-def _text_allowed(st: FsmState, op: Op, tables: TokenTables, logits_row: torch.Tensor) -> Optional[torch.Tensor]:
+def _text_allowed(st: FsmState, op: Op, tables: TokenTables, scores_at: Scores) -> Optional[torch.Tensor]:
     """Caption (multi-line YAML scalar) and genres (one line); ``None`` = the field just ended."""
-    m = tables.masks
+    sets = tables.sets
     if st.pos == 0:
-        return m["text_first"]
+        return sets["text_first"]
     if st.pos >= op.limit and not st.after_newline:
         return _ids(tables, tables.newline_id)
     if not st.after_newline:
-        return m["text_body"]
+        return sets["text_body"]
     if op.kind == "genres" or st.pos >= op.limit:
         return None
     # After a caption line: a whitespace-led argmax continues the YAML scalar, else the field ends.
-    if bool(m["text_continuation"][_masked_argmax(logits_row, m["text_body"] | m["text_continuation"])]):
-        return m["text_continuation"]
+    if bool(tables.masks["text_continuation"][_argmax_id(sets["text_any"], scores_at)]):
+        return sets["text_continuation"]
     return None
 
 
 def _codes_allowed(st: FsmState, op: Op, tables: TokenTables) -> torch.Tensor:
     if op.limit <= 0:
-        return tables.masks["codes_or_eos"]
-    return tables.masks["codes_only"] if st.pos < op.limit else _ids(tables, tables.eos_id)
+        return tables.sets["codes_or_eos"]
+    return tables.sets["codes_only"] if st.pos < op.limit else _ids(tables, tables.eos_id)
 
 
-def allowed(st: FsmState, tables: TokenTables, logits_row: torch.Tensor) -> Optional[torch.Tensor]:
-    """Allowed next tokens: a long id tensor, a [V] bool mask, or ``None`` (anything).
+def allowed(st: FsmState, tables: TokenTables, scores_at: Scores) -> Optional[torch.Tensor]:
+    """Allowed next tokens as a sorted/precomputed long id tensor, or ``None`` (anything).
 
-    May close a free-text field (a decision made on the current logits, as upstream)."""
+    ``scores_at(ids)`` gives the row's current (CFG-guided) logits; the language's first token
+    and the end of a caption are decided on them (as upstream). May close a free-text field."""
     while True:
         op = st.current
         if op is None:
@@ -162,9 +166,9 @@ def allowed(st: FsmState, tables: TokenTables, logits_row: torch.Tensor) -> Opti
         if op.kind == "force":
             return _ids(tables, op.tokens[st.pos])
         if op.kind == "value":
-            return _value_allowed(st, op, tables, logits_row)
+            return _value_allowed(st, op, tables, scores_at)
         if op.kind in ("caption", "genres"):
-            out = _text_allowed(st, op, tables, logits_row)
+            out = _text_allowed(st, op, tables, scores_at)
             if out is not None:
                 return out
             st.next_op()
@@ -172,7 +176,7 @@ def allowed(st: FsmState, tables: TokenTables, logits_row: torch.Tensor) -> Opti
         if op.kind == "eos":
             return _ids(tables, tables.eos_id)
         if op.kind == "free":
-            return tables.masks["free_text"]
+            return tables.sets["free_text"]
         return _codes_allowed(st, op, tables)
 
 

@@ -109,3 +109,19 @@ def format_metadata_as_cot(metadata: Mapping[str, Any]) -> str:
         items[key] = value
     body = yaml.dump(items, allow_unicode=True, sort_keys=True).strip() if items else ""
     return f"<think>\n{body}\n</think>"
+
+
+def template_renderer(template: str) -> Render:
+    """Render with a chat-template string alone (no tokenizer), as transformers does:
+    sandboxed jinja2 with ``trim_blocks``/``lstrip_blocks``."""
+    import json
+
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    compiled = env.from_string(template)
+
+    def render(messages: List[Dict[str, str]], add_generation_prompt: bool) -> str:
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt)
+    return render

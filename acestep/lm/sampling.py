@@ -5,13 +5,17 @@ CFG mix in fp32 → constrained-decoding mask → repetition penalty (HF formula
 conditional row's prompt + completion) → temperature → top-k → top-p → sample.
 Fixes: upstream's GPU backend never applied top-p or the repetition penalty (B1), and its PT
 backend applied top-p to the *untempered* logits; here top-p is applied after temperature (vLLM
-semantics). Each row samples from its own ``torch.Generator``, so a row's tokens do not depend on
-the other rows of its batch (upstream seeded one global RNG per item, or not at all on GPU)."""
+semantics). Each row draws from its own ``torch.Generator`` (inverse-CDF sampling from one
+uniform per step), so a row's tokens do not depend on the other rows of its batch (upstream
+seeded one global RNG per item, or not at all on GPU).
+
+The pt runner samples over the allowed ids only (a gathered sub-vector): masked tokens have
+probability 0, so this equals masking the full row, at a fraction of the cost."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -47,65 +51,62 @@ class SamplingConfig:
         return self.top_p if self.top_p and 0.0 < self.top_p < 1.0 else None
 
 
-def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``uncond + scale·(cond − uncond)`` in fp32; ``scale`` is [B, 1]."""
+def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """``uncond + scale·(cond − uncond)`` in fp32."""
     cond, uncond = cond.float(), uncond.float()
     return uncond + scale * (cond - uncond)
 
 
 def apply_allowed(row: torch.Tensor, allowed: Optional[torch.Tensor]) -> None:
-    """Mask one row in place: ``allowed`` is a long id tensor, a [V] bool mask or ``None``."""
+    """Mask one full logits row in place to the allowed ids (``None`` = no constraint)."""
     if allowed is None:
-        return
-    if allowed.dtype == torch.bool:
-        row.masked_fill_(~allowed, NEG_INF)
         return
     keep = row[allowed]
     row.fill_(NEG_INF)
     row[allowed] = keep
 
 
-def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-    """HF ``RepetitionPenaltyLogitsProcessor`` per row; ``history`` [B, L] ids, ``penalty`` [B, 1]."""
-    if bool((penalty == 1.0).all()):
+def repetition_penalty(logits: torch.Tensor, ids: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """HF ``RepetitionPenaltyLogitsProcessor`` on the logits of ``ids`` (ids seen in ``history``)."""
+    seen = torch.isin(ids, history)
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: Optional[int]) -> torch.Tensor:
+    if not k or k >= logits.numel():
         return logits
-    seen = logits.gather(1, history)
-    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
-    return logits.scatter(1, history, seen)
+    kth = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth, NEG_INF)
 
 
-def apply_top_k(logits: torch.Tensor, top_k: Sequence[Optional[int]]) -> torch.Tensor:
-    for i, k in enumerate(top_k):
-        if k and k < logits.shape[-1]:
-            kth = torch.topk(logits[i], k).values[-1]
-            logits[i] = logits[i].masked_fill(logits[i] < kth, NEG_INF)
-    return logits
+def top_p_filter(logits: torch.Tensor, p: Optional[float]) -> torch.Tensor:
+    """Nucleus filter: keep the smallest prefix of the sorted distribution reaching ``p``."""
+    if p is None:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+    remove = cum > p
+    remove[1:] = remove[:-1].clone()
+    remove[0] = False  # the most likely token always survives
+    return logits.masked_fill(remove.scatter(0, order, remove), NEG_INF)
 
 
-def apply_top_p(logits: torch.Tensor, top_p: Sequence[Optional[float]]) -> torch.Tensor:
-    """Nucleus filter on (tempered) logits; the most likely token always survives."""
-    for i, p in enumerate(top_p):
-        if p is None:
-            continue
-        sorted_logits, order = torch.sort(logits[i], descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        remove = cum > p
-        remove[1:] = remove[:-1].clone()
-        remove[0] = False
-        logits[i] = logits[i].masked_fill(remove.scatter(0, order, remove), NEG_INF)
-    return logits
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """Inverse-CDF draw of one index from ``probs`` with one uniform from ``generator``."""
+    cdf = probs.cumsum(0)
+    u = torch.rand((), generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[-1]
+    return int(torch.searchsorted(cdf, u.reshape(1), right=True).clamp(max=probs.numel() - 1))
 
 
-def sample_rows(logits: torch.Tensor, temperatures: Sequence[float], top_k: Sequence[Optional[int]],
-                top_p: Sequence[Optional[float]], generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """Temperature → top-k → top-p → one multinomial draw per row from that row's generator."""
-    temps = torch.tensor([t if t > 0 else 1.0 for t in temperatures], device=logits.device).unsqueeze(1)
-    logits = apply_top_p(apply_top_k(logits / temps, top_k), top_p)
-    probs = torch.softmax(logits, dim=-1)
-    out: List[int] = []
-    for i, gen in enumerate(generators):
-        if temperatures[i] <= 0:
-            out.append(int(logits[i].argmax()))
-        else:
-            out.append(int(torch.multinomial(probs[i], 1, generator=gen)))
-    return torch.tensor(out, dtype=torch.long, device=logits.device)
+def sample_token(logits: torch.Tensor, ids: Optional[torch.Tensor], cfg: SamplingConfig,
+                 generator: torch.Generator, history: Optional[torch.Tensor] = None) -> int:
+    """One token from the allowed ``ids`` (``None``: all) with ``logits`` their guided logits."""
+    logits = logits.float()
+    if ids is None:
+        ids = torch.arange(logits.numel(), device=logits.device)
+    if cfg.repetition_penalty != 1.0 and history is not None:
+        logits = repetition_penalty(logits, ids, history, cfg.repetition_penalty)
+    if cfg.temperature <= 0:
+        return int(ids[logits.argmax()])
+    logits = top_p_filter(top_k_filter(logits / cfg.temperature, cfg.effective_top_k), cfg.effective_top_p)
+    return int(ids[draw(torch.softmax(logits, dim=-1), generator)])

@@ -9,10 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Tuple
 
+import re
+import unicodedata
+
 import torch
 
 from acestep.lm import constants as C
 
+_CODE_TOKEN_RE = re.compile(r"^<\|audio_code_\d+\|>$")
 Trie = Dict[Tuple[int, ...], torch.Tensor]
 
 
@@ -28,7 +32,8 @@ class TokenTables:
     code_ids: torch.Tensor  # [64000] id of <|audio_code_N|> at index N
     fixed: Dict[str, Tuple[int, ...]]  # forced token sequences for "<think>", "bpm:", ...
     tries: Dict[str, Trie]  # field -> {value-token prefix: allowed next ids (newline = complete)}
-    masks: Dict[str, torch.Tensor]
+    masks: Dict[str, torch.Tensor]  # name -> [V] bool
+    sets: Dict[str, torch.Tensor] = field(default_factory=dict)  # name -> sorted ids (= mask.nonzero())
     code_value: Dict[int, int] = field(default_factory=dict)  # id -> N
     line_end_ids: frozenset = frozenset()  # tokens whose text ends a line
 
@@ -38,7 +43,8 @@ class TokenTables:
             vocab_size=self.vocab_size, eos_id=self.eos_id, pad_id=self.pad_id, newline_id=self.newline_id,
             think_end_id=self.think_end_id, code_ids=move(self.code_ids), fixed=self.fixed,
             tries={k: {p: move(v) for p, v in trie.items()} for k, trie in self.tries.items()},
-            masks={k: move(v) for k, v in self.masks.items()}, code_value=self.code_value,
+            masks={k: move(v) for k, v in self.masks.items()}, sets={k: move(v) for k, v in self.sets.items()},
+            code_value=self.code_value,
             line_end_ids=self.line_end_ids,
         )
 
@@ -89,16 +95,23 @@ def _token_texts(tokenizer, n: int) -> List[str]:
     return tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
 
 
+def _has_control(text: str) -> bool:
+    return any(unicodedata.category(ch) == "Cc" and ch not in "\n\t" for ch in text)
+
+
 def _text_masks(texts: List[str], special: set, vocab_size: int) -> Dict[str, torch.Tensor]:
     """Boolean masks over the text of every token (computed once at load)."""
     n = len(texts)
     cols = {name: torch.zeros(vocab_size, dtype=torch.bool) for name in
             ("plain", "midline", "line_end", "ws_start", "word_start")}
-    plain = [i not in special and "`" not in t and t != "" for i, t in enumerate(texts)]
+    # Free text never holds added tokens, backticks or control characters other than \n / \t.
+    plain = [i not in special and "`" not in t and t != "" and not _has_control(t) for i, t in enumerate(texts)]
     midline = ["\n" not in t for t in texts]
     line_end = [t.endswith("\n") and "\n" not in t.rstrip("\n") for t in texts]
     ws_start = [t[:1] in (" ", "\t") and "\n" not in t for t in texts]
     word_start = [t[:1] == " " and t.strip() != "" and "\n" not in t for t in texts]
+    cols["added"] = torch.zeros(vocab_size, dtype=torch.bool)
+    cols["added"][sorted(special)] = True
     for name, values in (("plain", plain), ("midline", midline), ("line_end", line_end),
                          ("ws_start", ws_start), ("word_start", word_start)):
         cols[name][:n] = torch.tensor(values, dtype=torch.bool)
@@ -111,7 +124,10 @@ def _add_state_masks(masks: Dict[str, torch.Tensor], eos_id: int) -> None:
     masks["text_first"] = masks["plain"] & masks["word_start"]  # a value starts with " word"
     masks["text_body"] = body
     masks["text_continuation"] = masks["plain"] & masks["ws_start"]  # YAML continuation line
-    masks["free_text"] = masks["known"] & ~masks["code"]
+    masks["text_any"] = body | masks["text_continuation"]
+    # Lyrics after </think>: upstream bans only the codes; added tokens other than EOS are banned too.
+    masks["free_text"] = masks["known"] & ~masks["added"]
+    masks["free_text"][eos_id] = True
     masks["codes_only"] = masks["code"].clone()
     masks["codes_or_eos"] = masks["code"].clone()
     masks["codes_or_eos"][eos_id] = True
@@ -134,6 +150,8 @@ def build_token_tables(tokenizer, vocab_size: int | None = None, max_duration: i
     code_mask = torch.zeros(vocab_size, dtype=torch.bool)
     code_mask[torch.tensor(code_ids)] = True
     masks["code"] = code_mask
+    masks["any_code"] = torch.zeros(vocab_size, dtype=torch.bool)  # incl. the 1,535 invalid ones
+    masks["any_code"][[i for t, i in added.items() if _CODE_TOKEN_RE.match(t)]] = True
     masks["known"] = torch.zeros(vocab_size, dtype=torch.bool)
     masks["known"][:n_tok] = True
     _add_state_masks(masks, eos_id)
@@ -152,6 +170,7 @@ def build_token_tables(tokenizer, vocab_size: int | None = None, max_duration: i
         vocab_size=vocab_size, eos_id=eos_id, pad_id=tokenizer.pad_token_id, newline_id=newline_id,
         think_end_id=_token_id(tokenizer, "</think>"), code_ids=torch.tensor(code_ids, dtype=torch.long),
         fixed={t: forced_tokens(tokenizer, t) for t in fixed_texts}, tries=tries, masks=masks,
+        sets={k: torch.nonzero(v).flatten() for k, v in masks.items()},
         code_value={tid: n for n, tid in enumerate(code_ids)},
         line_end_ids=frozenset(torch.nonzero(masks["line_end"]).flatten().tolist()),
     )

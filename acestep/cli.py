@@ -1,0 +1,151 @@
+"""The ``acestep`` console script. Subcommands that need Ray import serve/ or pipelines/ only
+when they run, so ``import acestep`` never pulls in Ray."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="render music in-process (no Ray)")
+    p.add_argument("--checkpoints", required=True, help="checkpoints root (acestep-v15-*/, vae/, Qwen3-Embedding-0.6B/)")
+    p.add_argument("--config", default="acestep-v15-turbo", help="DiT folder name or diffusers repo path")
+    p.add_argument("--lm", default=None, help="5 Hz LM folder name under --checkpoints (omit for DiT only)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--caption", default="")
+    p.add_argument("--lyrics", default="")
+    p.add_argument("--duration", type=float, default=-1.0)
+    p.add_argument("--bpm", type=int, default=None)
+    p.add_argument("--keyscale", default="")
+    p.add_argument("--timesignature", default="")
+    p.add_argument("--task", default="text2music", dest="task_type")
+    p.add_argument("--src-audio", default=None)
+    p.add_argument("--reference-audio", default=None)
+    p.add_argument("--steps", type=int, default=8, dest="inference_steps")
+    p.add_argument("--shift", type=float, default=1.0)
+    p.add_argument("--infer-method", default="ode")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seed", type=int, default=-1)
+    p.add_argument("--format", default="flac", dest="audio_format")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--params-json", default=None, help="JSON file of extra GenerationParams fields")
+
+
+def run_generate(args) -> int:
+    from tqdm import tqdm
+
+    from acestep.handler import AceStepHandler
+    from acestep.inference import GenerationConfig, GenerationParams, generate_music
+
+    fields = {k: getattr(args, k) for k in ("caption", "lyrics", "duration", "bpm", "keyscale", "timesignature",
+                                            "task_type", "inference_steps", "shift", "infer_method", "seed")}
+    fields.update(src_audio=args.src_audio, reference_audio=args.reference_audio, thinking=bool(args.lm))
+    if args.params_json:
+        fields.update(json.loads(open(args.params_json).read()))
+    params = GenerationParams(**fields)
+    config = GenerationConfig(batch_size=args.batch_size, audio_format=args.audio_format,
+                              use_random_seed=args.seed < 0)
+    dit = AceStepHandler()
+    dit.initialize_service(args.checkpoints, args.config, device=args.device)
+    llm = None
+    if args.lm:
+        from acestep.llm_inference import LLMHandler
+
+        llm = LLMHandler()
+        llm.initialize(args.checkpoints, args.lm, backend="pt", device=args.device)
+    bar = tqdm(total=100, desc="diffusion", unit="%")
+
+    def progress(fraction: float, desc: str = "") -> None:
+        bar.set_description(desc or "diffusion")
+        bar.update(int(fraction * 100) - bar.n)
+
+    result = generate_music(dit, llm, params, config, save_dir=args.out, progress=progress)
+    bar.close()
+    if not result.success:
+        print(f"error: {result.error}", file=sys.stderr)
+        return 2
+    for audio in result.audios:
+        print(f"{audio['path']}\tseed={audio['params']['seed']}\tkey={audio['key']}")
+    return 0
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="start a local Ray and the Serve app (HTTP)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--checkpoints", default=None, help="checkpoints root with the real models")
+    group.add_argument("--demo", action="store_true", help="write and serve the tiny demo checkpoints")
+    p.add_argument("--config", default=None, help="serve config YAML (default: the packaged serve_config.yaml)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+
+
+def _add_render(sub) -> None:
+    p = sub.add_parser("render", help="offline batch rendering with Ray Data")
+    p.add_argument("--input", required=True, help="prompts.jsonl or prompts.parquet")
+    p.add_argument("--output", required=True, help="output folder (audio files + manifest)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="further options of `python -m pipelines.render`")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="acestep", description="ACE-Step 1.5 music generation and serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo-checkpoints", help="write a tiny checkpoint set in the official layout")
+    p.add_argument("directory")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("verify-layout", help="check a params table maps onto the modules (meta device)")
+    p.add_argument("table", help="name<TAB>shape<TAB>dtype file, e.g. acestep-v15-turbo.params.tsv")
+    p.add_argument("--config", default="acestep-v15-turbo", help="packaged real config to build the modules from")
+    p = sub.add_parser("convert-to-diffusers", help="write an official-layout DiT as a diffusers repo")
+    p.add_argument("--checkpoints", required=True)
+    p.add_argument("--config", default="acestep-v15-turbo")
+    p.add_argument("--out", required=True)
+    _add_generate(sub)
+    try:
+        from acestep.lm.cli_prompt import add_prompt_parser
+    except ImportError:  # the LM half is optional at import time
+        add_prompt_parser = None
+    if add_prompt_parser is not None:
+        add_prompt_parser(sub)
+    _add_serve(sub)
+    _add_render(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo-checkpoints":
+        from acestep.checkpoints.demo import write_demo_checkpoints
+
+        print(write_demo_checkpoints(args.directory, seed=args.seed))
+        return 0
+    if args.command == "verify-layout":
+        from acestep.checkpoints.verify import run_verify_layout
+
+        return run_verify_layout(args.table, args.config)
+    if args.command == "convert-to-diffusers":
+        from acestep.checkpoints.convert import convert_to_diffusers
+
+        print(convert_to_diffusers(args.checkpoints, args.config, args.out))
+        return 0
+    if args.command == "generate":
+        return run_generate(args)
+    if args.command == "prompt":
+        from acestep.lm.cli_prompt import run_prompt
+
+        return run_prompt(args)
+    if args.command == "serve":
+        from serve.cli import run_serve
+
+        return run_serve(args)
+    if args.command == "render":
+        from pipelines.render import main as render_main
+
+        return render_main(["--input", args.input, "--output", args.output, *args.rest])
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

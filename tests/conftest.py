@@ -1,0 +1,59 @@
+"""Shared fixtures: one tiny demo checkpoint set per test session, DiT handlers on it, test audio."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from acestep.checkpoints.demo import write_demo_checkpoints
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """The complete tiny set (official layout): turbo, base, vae, text encoder, 5 Hz LM."""
+    return write_demo_checkpoints(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture(scope="session")
+def turbo_handler(demo_root):
+    from acestep.handler import AceStepHandler
+
+    handler = AceStepHandler()
+    handler.initialize_service(str(demo_root), "acestep-v15-turbo", device="cpu")
+    return handler
+
+
+@pytest.fixture(scope="session")
+def base_handler(demo_root):
+    from acestep.handler import AceStepHandler
+
+    handler = AceStepHandler()
+    handler.initialize_service(str(demo_root), "acestep-v15-base", device="cpu")
+    return handler
+
+
+def write_tone(path, seconds: float, sample_rate: int = 48000, channels: int = 2, freq: float = 220.0):
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    mono = 0.3 * np.sin(2 * np.pi * freq * t) + 0.05 * np.sin(2 * np.pi * 3 * freq * t)
+    data = np.stack([mono] * channels, axis=1).astype(np.float32)
+    sf.write(str(path), data, sample_rate)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def source_audio(tmp_path_factory):
+    """12 s stereo 48 kHz tone."""
+    return write_tone(tmp_path_factory.mktemp("audio") / "source.wav", 12.0)
+
+
+@pytest.fixture(scope="session")
+def reference_audio(tmp_path_factory):
+    """7 s mono 44.1 kHz tone: exercises mono→stereo, resampling and tiling to 30 s."""
+    return write_tone(tmp_path_factory.mktemp("audio") / "reference.wav", 7.0, sample_rate=44100, channels=1,
+                      freq=330.0)

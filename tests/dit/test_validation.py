@@ -1,0 +1,114 @@
+"""Every validation rule names its field; generate_music turns failures into success=False."""
+
+from __future__ import annotations
+
+import pytest
+
+from acestep.inference import GenerationConfig, GenerationParams, generate_music, prepare_request
+from acestep.validation import ValidationError
+
+BAD_PARAMS = [
+    ("bpm", 20), ("bpm", 301), ("duration", 5), ("duration", 601), ("inference_steps", 0), ("inference_steps", 201),
+    ("guidance_scale", 0.5), ("guidance_scale", 16), ("shift", 0.5), ("shift", 6), ("cfg_interval_start", -0.1),
+    ("cfg_interval_end", 1.5), ("infer_method", "euler"), ("timesteps", [0.5, 0.7, 0]), ("timesteps", [1.2, 0]),
+    ("timesteps", []), ("task_type", "remix"), ("audio_cover_strength", 1.5), ("lm_temperature", 3.0),
+    ("lm_top_p", 1.5), ("lm_cfg_scale", 0.5), ("caption", "x" * 513), ("lyrics", "y" * 4097), ("seed", -2),
+    ("repainting_start", -1.0),
+]
+BAD_CONFIG = [("batch_size", 0), ("batch_size", 9), ("audio_format", "ogg"), ("seeds", [1, "2"]),
+              ("lm_batch_chunk_size", 0)]
+
+
+@pytest.mark.parametrize("field,value", BAD_PARAMS)
+def test_bad_params_name_the_field(field, value):
+    with pytest.raises(ValidationError) as info:
+        prepare_request(GenerationParams(**{field: value}), GenerationConfig())
+    assert info.value.field == field
+    assert field in str(info.value) and repr(value)[:20] in str(info.value)
+
+
+@pytest.mark.parametrize("field,value", BAD_CONFIG)
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ValidationError) as info:
+        prepare_request(GenerationParams(), GenerationConfig(**{field: value}))
+    assert info.value.field == field
+
+
+def test_allowed_range_is_in_the_message():
+    with pytest.raises(ValidationError, match="30 to 300"):
+        prepare_request(GenerationParams(bpm=999), GenerationConfig())
+
+
+def test_auto_duration_and_null_bpm_are_fine():
+    params, config, seeds = prepare_request(GenerationParams(duration=-1, bpm=None), GenerationConfig(batch_size=3))
+    assert len(seeds) == 3 and params.duration == -1
+
+
+def test_cfg_interval_order():
+    with pytest.raises(ValidationError) as info:
+        prepare_request(GenerationParams(cfg_interval_start=0.8, cfg_interval_end=0.2), GenerationConfig())
+    assert info.value.field == "cfg_interval_start"
+
+
+def test_repaint_window_must_be_inside_the_source(source_audio):
+    with pytest.raises(ValidationError) as info:
+        prepare_request(GenerationParams(task_type="repaint", src_audio=source_audio, repainting_start=2,
+                                         repainting_end=30), GenerationConfig())
+    assert info.value.field == "repainting_end" and "12.00" in str(info.value)
+    with pytest.raises(ValidationError) as info:
+        prepare_request(GenerationParams(task_type="repaint", src_audio=source_audio, repainting_start=13),
+                        GenerationConfig())
+    assert info.value.field == "repainting_start"
+    with pytest.raises(ValidationError) as info:
+        prepare_request(GenerationParams(task_type="repaint", src_audio=source_audio, repainting_start=5,
+                                         repainting_end=4), GenerationConfig())
+    assert info.value.field == "repainting_end"
+
+
+def test_source_tasks_need_source_audio_and_an_existing_file(tmp_path):
+    with pytest.raises(ValidationError) as info:
+        prepare_request(GenerationParams(task_type="repaint"), GenerationConfig())
+    assert info.value.field == "src_audio"
+    with pytest.raises(ValidationError) as info:
+        prepare_request(GenerationParams(task_type="cover", src_audio=str(tmp_path / "missing.wav")),
+                        GenerationConfig())
+    assert info.value.field == "src_audio"
+    bad = tmp_path / "not-audio.wav"
+    bad.write_text("hello")
+    with pytest.raises(ValidationError) as info:
+        prepare_request(GenerationParams(task_type="cover", src_audio=str(bad)), GenerationConfig())
+    assert info.value.field == "src_audio"
+
+
+def test_cover_without_anything_to_cover_falls_back_to_text2music():
+    params, _, _ = prepare_request(GenerationParams(task_type="cover"), GenerationConfig())
+    assert params.task_type == "text2music"
+
+
+@pytest.mark.parametrize("task_type", ["lego", "extract", "complete"])
+def test_base_only_tasks_rejected_on_turbo(source_audio, task_type):
+    with pytest.raises(ValidationError) as info:
+        prepare_request(GenerationParams(task_type=task_type, src_audio=source_audio), GenerationConfig(),
+                        is_turbo=True)
+    assert info.value.field == "task_type" and "base" in str(info.value)
+
+
+@pytest.mark.parametrize("task_type,instruction", [
+    ("lego", "Generate the KAZOO track based on the audio context:"),
+    ("extract", "Extract the theremin track from the audio:"),
+    ("complete", "Complete the input track with drums | kazoo:"),
+])
+def test_track_names_come_from_the_list(source_audio, task_type, instruction):
+    with pytest.raises(ValidationError) as info:
+        prepare_request(GenerationParams(task_type=task_type, src_audio=source_audio, instruction=instruction),
+                        GenerationConfig(), is_turbo=False)
+    assert info.value.field == "instruction" and "vocals" in str(info.value)
+
+
+def test_generate_music_reports_errors_without_raising(turbo_handler):
+    result = generate_music(turbo_handler, None, GenerationParams(bpm=1000), GenerationConfig())
+    assert result.success is False and result.audios == []
+    assert "bpm" in result.error and "30 to 300" in result.error
+    result = generate_music(turbo_handler, None, GenerationParams(task_type="lego", src_audio=None),
+                            GenerationConfig())
+    assert result.success is False and "task_type" in result.error
