@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv and install acestep-serve with its test extra. The CPU build of torch goes first:
+# a plain `torch` requirement would otherwise pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/python -m pip install -q "$TORCH_SPEC"
+.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -c "import acestep, serve, pipelines; print('acestep-serve installed')"
