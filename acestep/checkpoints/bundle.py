@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -47,7 +46,7 @@ class DiTBundle:
 
 
 def load_text_encoder(folder, dtype: Optional[torch.dtype], device: torch.device):
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     model = AutoModel.from_pretrained(str(folder), dtype=dtype or "auto").to(device).eval().requires_grad_(False)
     return model
@@ -72,7 +71,3 @@ def load_dit_bundle(checkpoint: DiTCheckpoint, dtype: Optional[torch.dtype] = No
     return DiTBundle(vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(checkpoint.tokenizer_dir),
                      checkpoint=checkpoint, **modules)
 
-
-def read_json(path) -> Dict[str, Any]:
-    with open(path) as handle:
-        return json.load(handle)
