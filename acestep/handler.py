@@ -12,6 +12,7 @@ import torch
 
 from acestep.checkpoints.bundle import DiTBundle, load_dit_bundle
 from acestep.checkpoints.layout import resolve_dit_checkpoint
+from acestep.dit.attention import use_band_attention
 from acestep.dit.codes import format_audio_codes, latents_to_codes
 from acestep.dit.prepare import build_items, encode_source, sampling_settings
 from acestep.dit.runner import Progress, RenderOutput, render
@@ -44,16 +45,27 @@ class AceStepHandler:
     def initialize_service(self, project_root: str, config_path: str = "acestep-v15-turbo", device: str = "auto",
                            use_flash_attention: bool = False, compile_model: bool = False,
                            offload_to_cpu: bool = False, offload_dit_to_cpu: bool = False,
-                           dtype: Optional[torch.dtype] = None) -> Tuple[str, bool]:
+                           dtype: Optional[torch.dtype] = None, attention: str = "auto") -> Tuple[str, bool]:
         """Load ``config_path`` (a DiT folder under ``project_root``/checkpoints, under
         ``project_root``, an absolute path, or a diffusers repo folder). Returns (status, True);
-        raises FileNotFoundError / CheckpointMismatchError when it cannot load."""
+        raises FileNotFoundError / CheckpointMismatchError when it cannot load.
+
+        ``attention``: "band" runs sliding layers on FlexAttention, "dense" on SDPA with the dense
+        mask, "auto" picks band on CUDA (``use_flash_attention=True`` forces band).
+        ``compile_model`` compiles each DiT block with torch.compile (fewer launches per step)."""
         resolved = resolve_device(device)
         checkpoint = resolve_dit_checkpoint(project_root, config_path)
         self.bundle = load_dit_bundle(checkpoint, dtype=dtype or default_dtype(resolved), device=resolved)
         self.config_path = str(config_path)
-        if use_flash_attention or compile_model or offload_to_cpu or offload_dit_to_cpu:
-            logger.info("flash-attention/compile/offload options are accepted but not used by this backend")
+        if attention not in ("auto", "band", "dense"):
+            raise ValueError(f"attention={attention!r}: expected 'auto', 'band' or 'dense'")
+        if use_flash_attention or attention == "band" or (attention == "auto" and resolved.type == "cuda"):
+            use_band_attention(self.bundle.transformer)
+        if compile_model:
+            for block in self.bundle.transformer.layers:
+                block.compile()
+        if offload_to_cpu or offload_dit_to_cpu:
+            logger.info("CPU offload is not used: each deployment keeps its models resident")
         status = f"DiT {checkpoint.name} ({checkpoint.layout} layout) loaded on {resolved} as {self.bundle.dtype}"
         logger.info(status)
         return status, True
