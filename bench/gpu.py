@@ -1,0 +1,215 @@
+"""``python -m bench.gpu [--tiny] [--out FILE.json] [--budget-s N]``
+
+Every model built from its real config with random weights on the device; each figure is printed
+beside its off-the-shelf baseline measured in the same run, so ratios are comparable. Results are
+written after every section (JSON + a markdown table beside it), so a deadline still leaves numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+from bench import models
+from acestep.dit.attention import use_band_attention, use_dense_attention
+from acestep.dit import vae as vae_ops
+
+
+class Deadline(Exception):
+    pass
+
+
+class Bench:
+    """Collects rows per section and rewrites the output files after each section."""
+
+    def __init__(self, out: Path, budget_s: float, device: torch.device, tiny: bool):
+        self.out, self.device, self.tiny = out, device, tiny
+        self.deadline = time.monotonic() + budget_s
+        self.results: Dict = {"device": _device_name(device), "date": datetime.date.today().isoformat(),
+                              "commit": _commit(), "tiny": tiny, "sections": {}}
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise Deadline()
+
+    def add(self, section: str, row: Dict) -> None:
+        self.results["sections"].setdefault(section, []).append(row)
+        print(f"[{section}] " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+
+    def save(self) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.results, indent=2))
+        self.out.with_suffix(".md").write_text(to_markdown(self.results))
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1000)
+    return round(statistics.median(times), 3)
+
+
+def to_markdown(results: Dict) -> str:
+    lines = [f"device: {results['device']} · date: {results['date']} · commit: {results['commit']}"
+             + (" · TINY models" if results["tiny"] else ""), ""]
+    for section, rows in results["sections"].items():
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        lines += [f"### {section}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(str(row.get(k, "")) for k in keys) + " |" for row in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def grid(tiny: bool):
+    return [(10, 1), (20, 2)] if tiny else [(30, 1), (120, 1), (240, 1), (30, 8), (120, 8), (240, 8)]
+
+
+@torch.no_grad()
+def bench_dit(bench: Bench, dtype: torch.dtype, iters: int) -> None:
+    modules = models.build_dit(bench.tiny, bench.device, dtype)
+    transformer = modules["transformer"]
+    channels = transformer.config.audio_acoustic_hidden_dim
+    encoder_width = transformer.config.hidden_size
+    for seconds, batch in grid(bench.tiny):
+        bench.check_time()
+        frames = seconds * 25
+        inputs = dict(hidden_states=torch.randn(batch, frames, channels, device=bench.device, dtype=dtype),
+                      timestep=torch.full((batch,), 0.5, device=bench.device, dtype=dtype),
+                      timestep_r=torch.full((batch,), 0.5, device=bench.device, dtype=dtype),
+                      encoder_hidden_states=torch.randn(batch, 200, encoder_width, device=bench.device, dtype=dtype),
+                      context_latents=torch.randn(batch, frames, 2 * channels, device=bench.device, dtype=dtype),
+                      return_dict=False)
+        use_dense_attention(transformer)
+        baseline = median_ms(lambda: transformer(**inputs), bench.device, iters)
+        use_band_attention(transformer)
+        ours = median_ms(lambda: transformer(**inputs), bench.device, iters, warmup=2)
+        bench.add("dit ms/forward", {"song_s": seconds, "batch": batch, "diffusers_dense_ms": baseline,
+                                     "ours_band_ms": ours, "speedup": round(baseline / ours, 2)})
+    use_dense_attention(transformer)
+
+
+@torch.no_grad()
+def bench_vae(bench: Bench, dtype: torch.dtype, iters: int) -> None:
+    vae = models.build_vae(bench.tiny, bench.device, dtype)
+    channels = vae.config.decoder_input_channels
+    for seconds in ([10, 20] if bench.tiny else [30, 120, 240]):
+        bench.check_time()
+        latents = torch.randn(1, seconds * 25, channels, device=bench.device, dtype=dtype)
+        baseline = median_ms(lambda: vae_ops.decode(vae, latents, window=512), bench.device, iters)
+        if bench.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(bench.device)
+        start_mem = torch.cuda.memory_allocated(bench.device) if bench.device.type == "cuda" else 0
+        ours = median_ms(lambda: vae_ops.decode(vae, latents), bench.device, iters)
+        peak = (torch.cuda.max_memory_allocated(bench.device) - start_mem) / 2**30 if bench.device.type == "cuda" else 0
+        bench.add("vae decode", {"song_s": seconds, "tiled_512_ms": baseline, "ours_ms": ours,
+                                 "ours_window": vae_ops.decode_window(bench.device, seconds * 25),
+                                 "ours_peak_gib": round(peak, 2), "speedup": round(baseline / ours, 2)})
+
+
+@torch.no_grad()
+def bench_encoders(bench: Bench, dtype: torch.dtype, iters: int) -> None:
+    bench.check_time()
+    text_encoder = models.build_text_encoder(bench.tiny, bench.device, dtype)
+    ids = torch.randint(0, 1000, (1, 256), device=bench.device)
+    text_ms = median_ms(lambda: text_encoder(input_ids=ids), bench.device, iters)
+    modules = models.build_dit(bench.tiny, bench.device, dtype)
+    encoder = modules["condition_encoder"]
+    width = encoder.config.text_hidden_dim
+    timbre = encoder.config.timbre_hidden_dim
+    args = dict(text_hidden_states=torch.randn(1, 256, width, device=bench.device, dtype=dtype),
+                text_attention_mask=torch.ones(1, 256, dtype=torch.bool, device=bench.device),
+                lyric_hidden_states=torch.randn(1, 400, width, device=bench.device, dtype=dtype),
+                lyric_attention_mask=torch.ones(1, 400, dtype=torch.bool, device=bench.device),
+                refer_audio_acoustic_hidden_states_packed=torch.randn(1, 750, timbre, device=bench.device, dtype=dtype),
+                refer_audio_order_mask=torch.zeros(1, dtype=torch.long, device=bench.device))
+    cond_ms = median_ms(lambda: encoder(**args), bench.device, iters)
+    bench.add("encoders", {"text_encoder_256_tokens_ms": text_ms, "condition_encoder_ms": cond_ms})
+
+
+@torch.no_grad()
+def bench_lm_baseline(bench: Bench, dtype: torch.dtype) -> None:
+    """transformers ``generate`` decode cost per step (dynamic and static cache): the baseline the
+    LM fast path is measured against."""
+    name = "acestep-5Hz-lm-1.7B"
+    model = models.build_lm(name, bench.tiny, bench.device, dtype)
+    prompt_len, new_tokens = (32, 16) if bench.tiny else (600, 64)
+    for rows in ([2] if bench.tiny else [2, 16]):
+        for cache in ("dynamic", "static"):
+            bench.check_time()
+            ids = torch.randint(0, 1000, (rows, prompt_len), device=bench.device)
+
+            def run(n):
+                kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+                if cache == "static":
+                    kwargs["cache_implementation"] = "static"
+                return model.generate(ids, **kwargs)
+
+            prefill = median_ms(lambda: run(1), bench.device, 2)
+            total = median_ms(lambda: run(new_tokens), bench.device, 2)
+            bench.add("lm decode (transformers generate)", {
+                "model": name + (" (tiny)" if bench.tiny else ""), "rows": rows, "cache": cache,
+                "ms_per_step": round((total - prefill) / (new_tokens - 1), 3), "prefill_ms": prefill})
+
+
+SECTIONS = {"dit": bench_dit, "vae": bench_vae, "encoders": bench_encoders}
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu")
+    parser.add_argument("--tiny", action="store_true", help="tiny configs (a CPU smoke run)")
+    parser.add_argument("--out", default="bench/results/gpu.json")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="global deadline for all sections")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--sections", default="dit,vae,encoders,lm")
+    args = parser.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bench = Bench(Path(args.out), args.budget_s, device, args.tiny)
+    for name in args.sections.split(","):
+        try:
+            if name == "lm":
+                bench_lm_baseline(bench, dtype)
+            else:
+                SECTIONS[name](bench, dtype, args.iters)
+        except Deadline:
+            bench.results.setdefault("skipped", []).append(f"{name}: deadline")
+            bench.save()
+            break
+        bench.save()
+    print(to_markdown(bench.results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
