@@ -15,7 +15,8 @@ from acestep.checkpoints.layout import resolve_dit_checkpoint
 from acestep.dit.attention import use_band_attention
 from acestep.dit.codes import format_audio_codes, latents_to_codes
 from acestep.dit.prepare import build_items, encode_source, sampling_settings
-from acestep.dit.runner import Progress, RenderOutput, render
+from acestep.dit.conditioning import encoder_lengths
+from acestep.dit.runner import DiTItem, Progress, RenderOutput, SamplingSettings, render
 from acestep.params import GenerationParams
 
 logger = logging.getLogger(__name__)
@@ -90,10 +91,25 @@ class AceStepHandler:
     def render(self, item_params: List[GenerationParams], seeds: List[int],
                progress: Optional[Progress] = None) -> RenderOutput:
         """Render one audio per (params, seed); all items share the first params' sampling settings."""
+        return self.render_items(self.prepare(item_params, seeds), sampling_settings(item_params[0]), progress)
+
+    def prepare(self, item_params: List[GenerationParams], seeds: List[int]) -> List[DiTItem]:
+        """Read and encode audio inputs, decode codes, build task contexts: one DiTItem per seed."""
         bundle = self._require()
         with self._lock:
-            items = build_items(bundle, item_params, seeds)
-            return render(bundle, items, sampling_settings(item_params[0]), progress)
+            return build_items(bundle, item_params, seeds)
+
+    def render_items(self, items: List[DiTItem], settings: SamplingSettings,
+                     progress: Optional[Progress] = None) -> RenderOutput:
+        bundle = self._require()
+        with self._lock:
+            return render(bundle, items, settings, progress)
+
+    def batch_key(self, item: DiTItem, settings: SamplingSettings) -> Tuple:
+        """Items with equal keys can share one DiT batch and give the results they give alone:
+        same sampling settings, latent length and encoder length (the DiT masks no padding)."""
+        return (settings, item.frames, item.cover_fallback is not None,
+                encoder_lengths(self._require().tokenizer, item.text))
 
     def convert_src_audio_to_codes(self, audio_path: str, seed: int = 0) -> str:
         """Source audio → 5 Hz code string (VAE encode, then the FSQ tokenizer)."""

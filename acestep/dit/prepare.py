@@ -72,7 +72,8 @@ def _text(params: GenerationParams, instruction: str, duration_s: Optional[float
 
 
 def sampling_settings(params: GenerationParams) -> SamplingSettings:
-    return SamplingSettings(steps=params.inference_steps, shift=params.shift, timesteps=params.timesteps,
+    timesteps = tuple(params.timesteps) if params.timesteps else None
+    return SamplingSettings(steps=params.inference_steps, shift=params.shift, timesteps=timesteps,
                             method=params.infer_method, guidance_scale=params.guidance_scale, use_adg=params.use_adg,
                             cfg_interval=(params.cfg_interval_start, params.cfg_interval_end),
                             cover_strength=params.audio_cover_strength)

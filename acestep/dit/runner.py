@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -43,13 +43,13 @@ class DiTItem:
     cover_fallback: Optional[TextCondition] = None  # text2music condition once cover strength runs out
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingSettings:
     """Sampling knobs shared by a batch (all from one GenerationParams)."""
 
     steps: int = 8
     shift: float = 1.0
-    timesteps: Optional[Sequence[float]] = None
+    timesteps: Optional[tuple] = None
     method: str = "ode"
     guidance_scale: float = 7.0
     use_adg: bool = False
