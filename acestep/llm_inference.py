@@ -103,7 +103,9 @@ class LLMHandler:
         if backend == "vllm":
             from acestep.lm.backends.vllm_backend import VllmBackend
 
-            self.llm = VllmBackend(path, self.dtype, self.max_model_len, self.max_duration)
+            tok = self.llm_tokenizer
+            stops = [i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None]
+            self.llm = VllmBackend(path, self.dtype, self.max_model_len, self.max_duration, stop_token_ids=stops)
         else:
             from acestep.lm.backends.pt_backend import PtBackend
 

@@ -39,7 +39,7 @@ class LMRequest:
             raise ValueError("empty prompt")
 
 
-@dataclass
+@dataclass(eq=False)  # rows compare by identity
 class _Row:
     """Decoding state of one request (bookkeeping only, no tensors but its generator)."""
 

@@ -12,15 +12,16 @@ Deviations from upstream, all to keep outputs parseable whatever the model sampl
   pick it with unconstrained tokens, B10); a caption line continues only with a whitespace-led
   token, and the caption's first token must be a " word" token (upstream allows an empty value
   that its own parser then drops);
-- free-text values (caption, genres) never contain added/special tokens (EOS, ``<think>``, codes)
-  or backticks (upstream bans only codes and one backtick token);
+- free-text values (caption, genres) never contain added/special tokens (EOS, ``<think>``, codes),
+  backticks or control characters (upstream bans only codes and one backtick token); the lyrics
+  after ``</think>`` exclude added tokens other than EOS (upstream bans only the codes);
 - genres (understand/create/format) is one line of free text of at most 64 tokens (upstream's
   genres vocabulary file is absent from its snapshot, which leaves the field unconstrained).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 import torch

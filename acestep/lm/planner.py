@@ -13,7 +13,8 @@ Differences from upstream, on purpose:
   count was whatever the LM emitted);
 - the token budget is also capped so prompt + completion fit ``max_model_len``.
 The LM is in-process; chunks of ``lm_batch_chunk_size`` items decode as one batch when
-``allow_lm_batch`` is set, one item at a time otherwise."""
+``allow_lm_batch`` is set, one item at a time otherwise. ``LMPlan.phase1_time``/``phase2_time`` are
+the item's share of its chunk's wall time, so summing over items gives the real time."""
 
 from __future__ import annotations
 
@@ -129,17 +130,17 @@ def _plan_chunk(lm: LMContext, params: GenerationParams, user_metadata: Dict[str
     if run_phase1:
         start = time.perf_counter()
         texts = lm.generate_texts([cot_request(lm, params, user_metadata, s) for s in seeds])
-        elapsed = time.perf_counter() - start
+        share = (time.perf_counter() - start) / len(plans)
         for plan, text in zip(plans, texts):
-            plan.metadata, plan.phase1_time = _parse_cot(text), elapsed
+            plan.metadata, plan.phase1_time = _parse_cot(text), share
     if run_phase2:
         start = time.perf_counter()
         requests = [codes_request(lm, params, p.metadata, codes_target(user_metadata, p.metadata), p.seed)
                     for p in plans]
         texts = lm.generate_texts(requests)
-        elapsed = time.perf_counter() - start
+        share = (time.perf_counter() - start) / len(plans)
         for plan, text in zip(plans, texts):
-            plan.audio_codes, plan.phase2_time = parse_lm_output(text)[1], elapsed
+            plan.audio_codes, plan.phase2_time = parse_lm_output(text)[1], share
     return plans
 
 
@@ -150,7 +151,8 @@ def plan(lm: LMContext, params: GenerationParams, config: GenerationConfig, seed
     user_metadata = user_metadata_from_params(params)
     run_phase1 = params.use_cot_metas and not has_all_metas(user_metadata)
     run_phase2 = params.thinking and not (params.audio_codes or "").strip()
-    chunk = max(1, int(config.lm_batch_chunk_size or len(seeds))) if config.allow_lm_batch else 1
+    size = int(config.lm_batch_chunk_size or 0)
+    chunk = (size if size > 0 else len(seeds)) if config.allow_lm_batch else 1
     plans: List[LMPlan] = []
     for start in range(0, len(seeds), chunk):
         plans += _plan_chunk(lm, params, user_metadata, seeds[start:start + chunk], run_phase1, run_phase2)

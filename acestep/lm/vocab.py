@@ -107,7 +107,7 @@ def _text_masks(texts: List[str], special: set, vocab_size: int) -> Dict[str, to
     # Free text never holds added tokens, backticks or control characters other than \n / \t.
     plain = [i not in special and "`" not in t and t != "" and not _has_control(t) for i, t in enumerate(texts)]
     midline = ["\n" not in t for t in texts]
-    line_end = [t.endswith("\n") and "\n" not in t.rstrip("\n") for t in texts]
+    line_end = [t.endswith("\n") and t.count("\n") == 1 for t in texts]
     ws_start = [t[:1] in (" ", "\t") and "\n" not in t for t in texts]
     word_start = [t[:1] == " " and t.strip() != "" and "\n" not in t for t in texts]
     cols["added"] = torch.zeros(vocab_size, dtype=torch.bool)

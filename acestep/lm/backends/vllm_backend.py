@@ -115,12 +115,13 @@ class VllmBackend:
     name = "vllm"
 
     def __init__(self, model_dir: Path, dtype: torch.dtype, max_model_len: int, max_duration: int,
-                 gpu_memory_utilization: float = 0.5):
+                 stop_token_ids: Sequence[int] = (), gpu_memory_utilization: float = 0.5):
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # the V1 logits-processor interface
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.max_duration = max_duration
+        self.stop_token_ids = [int(i) for i in stop_token_ids]  # EOS and pad, as the pt runner
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="acestep-vllm-loop", daemon=True)
         self._thread.start()
@@ -144,7 +145,7 @@ class VllmBackend:
         return SamplingParams(
             temperature=max(cfg.temperature, 0.0), top_k=cfg.effective_top_k or 0, top_p=cfg.effective_top_p or 1.0,
             repetition_penalty=cfg.repetition_penalty, seed=int(request.seed) & 0x7FFF_FFFF,
-            max_tokens=request.max_new_tokens, skip_special_tokens=False, spaces_between_special_tokens=False,
+            max_tokens=request.max_new_tokens, stop_token_ids=self.stop_token_ids, skip_special_tokens=False, spaces_between_special_tokens=False,
             detokenize=False, extra_args=extra)
 
     async def _one(self, request: LMRequest) -> List[int]:
