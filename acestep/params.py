@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
 DEFAULT_DIT_INSTRUCTION = "Fill the audio semantic mask based on the given conditions:"
+MAX_CAPTION_CHARS = 512  # INFERENCE.md limits on user text
+MAX_LYRICS_CHARS = 4096
 
 
 @dataclass

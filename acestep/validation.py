@@ -8,7 +8,7 @@ from typing import Any, Callable, List, Optional
 
 from acestep.audio import AUDIO_FORMATS
 from acestep.dit.tasks import BASE_ONLY_TASKS, SOURCE_TASKS, TASK_TYPES, TRACK_NAMES, instruction_tracks
-from acestep.params import GenerationConfig, GenerationParams
+from acestep.params import MAX_CAPTION_CHARS, MAX_LYRICS_CHARS, GenerationConfig, GenerationParams
 
 MAX_SEED = 2**32 - 1
 
@@ -68,8 +68,10 @@ RULES: List[Rule] = [
          optional=True),
     Rule("params", "audio_cover_strength", _between(0.0, 1.0), "0.0 to 1.0"),
     Rule("params", "seed", _int_between(-1, MAX_SEED), f"-1 (random) or 0 to {MAX_SEED}"),
-    Rule("params", "caption", lambda v: isinstance(v, str) and len(v) <= 512, "a string of at most 512 characters"),
-    Rule("params", "lyrics", lambda v: isinstance(v, str) and len(v) <= 4096, "a string of at most 4096 characters"),
+    Rule("params", "caption", lambda v: isinstance(v, str) and len(v) <= MAX_CAPTION_CHARS,
+         f"a string of at most {MAX_CAPTION_CHARS} characters"),
+    Rule("params", "lyrics", lambda v: isinstance(v, str) and len(v) <= MAX_LYRICS_CHARS,
+         f"a string of at most {MAX_LYRICS_CHARS} characters"),
     Rule("params", "lm_temperature", _between(0.0, 2.0), "0.0 to 2.0"),
     Rule("params", "lm_cfg_scale", _between(1.0, 10.0), "1.0 to 10.0"),
     Rule("params", "lm_top_k", _int_between(0, 1000), "an integer from 0 (off) to 1000"),

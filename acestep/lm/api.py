@@ -8,7 +8,13 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Optional
 
-from acestep.params import CreateSampleResult, FormatSampleResult, UnderstandResult
+from acestep.params import (
+    MAX_CAPTION_CHARS,
+    MAX_LYRICS_CHARS,
+    CreateSampleResult,
+    FormatSampleResult,
+    UnderstandResult,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +40,12 @@ def _float_or_none(value: Any) -> Optional[float]:
 
 
 def _common_fields(metadata: Dict[str, Any]) -> Dict[str, Any]:
-    """The result fields every mode shares; ``N/A`` blanked as upstream."""
+    """The result fields every mode shares; ``N/A`` blanked as upstream. Caption and lyrics are cut
+    to GenerationParams' limits so a result can be passed straight back into generate_music."""
     blank = lambda v: "" if v in (None, "N/A") else str(v)  # noqa: E731
     return {
-        "caption": metadata.get("caption", ""),
-        "lyrics": metadata.get("lyrics", ""),
+        "caption": str(metadata.get("caption", ""))[:MAX_CAPTION_CHARS],
+        "lyrics": str(metadata.get("lyrics", ""))[:MAX_LYRICS_CHARS],
         "bpm": _int_or_none(metadata.get("bpm")),
         "duration": _float_or_none(metadata.get("duration")),
         "keyscale": blank(metadata.get("keyscale")),

@@ -52,3 +52,12 @@ def test_uninitialized_handler_reports_failure():
     handler = LLMHandler()
     for result in (understand_music(handler, ""), create_sample(handler, "x"), format_sample(handler, "a", "b")):
         assert result.success is False and "not initialized" in result.error
+
+
+def test_results_fit_generation_params_limits():
+    from acestep.lm.api import _common_fields
+    from acestep.params import MAX_CAPTION_CHARS, MAX_LYRICS_CHARS
+
+    fields = _common_fields({"caption": "x" * 900, "lyrics": "y" * 5000, "bpm": "N/A"})
+    assert len(fields["caption"]) == MAX_CAPTION_CHARS and len(fields["lyrics"]) == MAX_LYRICS_CHARS
+    assert fields["bpm"] is None
