@@ -71,6 +71,13 @@ class AceStepHandler:
         logger.info(status)
         return status, True
 
+    @classmethod
+    def from_bundle(cls, bundle: DiTBundle) -> "AceStepHandler":
+        """A handler around already-loaded modules (benchmarks build random full-size ones)."""
+        handler = cls()
+        handler.bundle = bundle
+        return handler
+
     @property
     def is_initialized(self) -> bool:
         return self.bundle is not None

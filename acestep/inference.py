@@ -139,6 +139,30 @@ def plan_music(llm_handler, params: GenerationParams, config: GenerationConfig, 
     return PlanOutcome(plans=plans, params=merge_plan(params, plans[0]), time_costs=costs, status=status)
 
 
+def plan_music_batch(llm_handler, jobs: List["RenderJob"], on_engine_batch: Optional[Callable[[int], None]] = None
+                     ) -> List[Any]:
+    """``plan_music`` for many requests at once (``.params``, ``.config``, ``.seeds`` each): every
+    request plans on its own thread and their LM decodes coalesce into shared engine batches
+    (``acestep.lm.coalescing``). A failed request gets its exception in place of a PlanOutcome."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from acestep.lm.coalescing import CoalescingLM
+
+    lm = CoalescingLM(llm_handler, len(jobs), on_engine_batch) if llm_handler is not None else None
+
+    def run(job):
+        try:
+            return plan_music(lm, job.params, job.config, job.seeds)
+        except Exception as error:  # reported per request
+            return error
+        finally:
+            if lm is not None:
+                lm.finished()
+
+    with ThreadPoolExecutor(max_workers=max(1, len(jobs)), thread_name_prefix="lm-planner") as pool:
+        return list(pool.map(run, jobs))
+
+
 def _save_items(audios, item_params, seeds, plans, audio_format: str, save_dir: Optional[str]):
     results, warnings = [], []
     for i, audio in enumerate(audios):

@@ -112,6 +112,19 @@ class LLMHandler:
             self.llm = PtBackend(path, self.device, self.dtype, self.llm_tokenizer, self.max_duration)
         self.llm_backend, self.model_path, self.llm_initialized = backend, path, True
 
+    def attach_model(self, model, tokenizer, max_duration: Optional[int] = None) -> None:
+        """Use an in-memory causal LM + tokenizer (pt backend) instead of loading a folder."""
+        from acestep.lm.backends.pt_backend import PtBackend
+
+        self.unload()
+        self.llm_tokenizer = tokenizer
+        self._render = P.chat_renderer(tokenizer)
+        param = next(model.parameters())
+        self.device, self.dtype = str(param.device), param.dtype
+        self.max_duration = int(max_duration or C.max_duration_for_vram(_total_vram_gb(self.device)))
+        self.llm = PtBackend.from_model(model, tokenizer, self.max_duration)
+        self.llm_backend, self.llm_initialized = "pt", True
+
     def unload(self) -> None:
         if self.llm is not None and hasattr(self.llm, "close"):
             self.llm.close()

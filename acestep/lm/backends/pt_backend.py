@@ -23,7 +23,17 @@ class PtBackend:
     name = "pt"
 
     def __init__(self, model_dir: Path, device: str, dtype: torch.dtype, tokenizer, max_duration: int):
-        self.model = load_causal_lm(model_dir, device, dtype)
+        self._setup(load_causal_lm(model_dir, device, dtype), tokenizer, max_duration)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, max_duration: int) -> "PtBackend":
+        """Wrap an already-built causal LM (benchmarks build full-size random models in memory)."""
+        backend = cls.__new__(cls)
+        backend._setup(model.eval(), tokenizer, max_duration)
+        return backend
+
+    def _setup(self, model, tokenizer, max_duration: int) -> None:
+        self.model = model
         tables = build_token_tables(tokenizer, int(self.model.config.vocab_size), max_duration)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tables.eos_id
         encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
