@@ -1,0 +1,259 @@
+"""The official ACE-Step API server's ``/release_task`` and ``/query_result`` shapes, so existing
+clients work unchanged: same content types, field aliases, lookup order, defaults and response
+envelope (see the upstream ``acestep/api_server.py``).
+
+Differences on purpose: ``*_path`` fields are refused (the server never reads a path a client names;
+upload the file instead), bad values get a 4xx naming the field instead of a silent default, and an
+unknown task id is not reported as queued forever.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from acestep.params import GenerationConfig, GenerationParams
+from serve.schemas import FieldError
+
+# canonical name -> accepted spellings (first is the upstream name)
+ALIASES: Dict[str, Tuple[str, ...]] = {
+    "caption": ("prompt", "caption"),
+    "sample_query": ("sample_query", "sampleQuery", "description", "desc"),
+    "use_format": ("use_format", "useFormat", "format"),
+    "model": ("model", "model_name", "modelName", "dit_model", "ditModel"),
+    "keyscale": ("key_scale", "keyscale", "keyScale", "key"),
+    "timesignature": ("time_signature", "timesignature", "timeSignature"),
+    "duration": ("audio_duration", "duration", "audioDuration", "target_duration", "targetDuration"),
+    "vocal_language": ("vocal_language", "vocalLanguage", "language"),
+    "inference_steps": ("inference_steps", "inferenceSteps"),
+    "guidance_scale": ("guidance_scale", "guidanceScale"),
+    "use_random_seed": ("use_random_seed", "useRandomSeed"),
+    "audio_cover_strength": ("audio_cover_strength", "audioCoverStrength"),
+    "task_type": ("task_type", "taskType"),
+    "infer_method": ("infer_method", "inferMethod"),
+    "use_constrained_decoding": ("constrained_decoding", "constrainedDecoding", "constrained"),
+    "use_cot_caption": ("use_cot_caption", "cot_caption", "cot-caption"),
+    "use_cot_language": ("use_cot_language", "cot_language", "cot-language"),
+    "allow_lm_batch": ("allow_lm_batch", "allowLmBatch", "parallel_thinking"),
+    "sample_mode": ("sample_mode", "sampleMode"),
+    "audio_codes": ("audio_code_string", "audioCodeString", "audio_codes"),
+    "analysis_only": ("analysis_only", "analysisOnly"),
+    "full_analysis_only": ("full_analysis_only", "fullAnalysisOnly"),
+}
+PATH_FIELDS = {
+    "reference_audio": ("reference_audio_path", "ref_audio_path", "referenceAudioPath", "refAudioPath"),
+    "src_audio": ("src_audio_path", "ctx_audio_path", "sourceAudioPath", "srcAudioPath", "ctxAudioPath"),
+}
+UPLOAD_NAMES = {"reference_audio": ("ref_audio", "reference_audio"), "src_audio": ("ctx_audio", "src_audio")}
+META_KEYS = ("metas", "meta", "metadata", "user_metadata", "userMetadata")
+EXACT = (
+    "lyrics", "thinking", "bpm", "seed", "batch_size", "repainting_start", "repainting_end", "instruction",
+    "use_adg", "cfg_interval_start", "cfg_interval_end", "shift", "timesteps", "audio_format", "lm_temperature",
+    "lm_cfg_scale", "lm_top_k", "lm_top_p", "lm_negative_prompt", "use_cot_metas", "use_cot_lyrics", "seeds",
+)
+# The upstream server's defaults where they differ from GenerationParams/GenerationConfig.
+UPSTREAM_DEFAULTS = {"thinking": False, "vocal_language": "en", "shift": 3.0, "audio_format": "mp3",
+                     "lm_cfg_scale": 2.5}
+BOOLS = {"thinking", "use_random_seed", "use_adg", "use_constrained_decoding", "use_cot_caption", "use_cot_language",
+         "use_cot_metas", "use_cot_lyrics", "allow_lm_batch", "sample_mode", "use_format", "instrumental",
+         "analysis_only", "full_analysis_only"}
+INTS = {"bpm", "seed", "batch_size", "inference_steps", "lm_top_k"}
+FLOATS = {"duration", "guidance_scale", "audio_cover_strength", "repainting_start", "repainting_end",
+          "cfg_interval_start", "cfg_interval_end", "shift", "lm_temperature", "lm_cfg_scale", "lm_top_p"}
+
+
+def envelope(data: Any, code: int = 200, error: Optional[str] = None) -> Dict[str, Any]:
+    return {"data": data, "code": code, "error": error, "timestamp": int(time.time() * 1000), "extra": None}
+
+
+async def read_body(request: Request, max_upload_bytes: int) -> Tuple[Dict[str, Any], Dict[str, bytes]]:
+    """JSON, multipart or urlencoded body (sniffed when untyped) → (fields, uploaded file bytes)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type.startswith("multipart/") or content_type == "application/x-www-form-urlencoded":
+        form = await request.form(max_part_size=max_upload_bytes)
+        fields, uploads = {}, {}
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                uploads[name] = await value.read(max_upload_bytes + 1)
+            else:
+                fields[name] = value
+        return fields, _named_uploads(uploads)
+    raw = await request.body()
+    if content_type and not (content_type == "application/json" or content_type.endswith("+json")):
+        if content_type != "text/plain":
+            raise FieldError("content-type", f"unsupported content type {content_type!r}", 415)
+    return _parse_untyped(raw), {}
+
+
+def _parse_untyped(raw: bytes) -> Dict[str, Any]:
+    text = raw.decode("utf-8", errors="replace").strip()
+    if not text:
+        return {}
+    if text.startswith("{") or text.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise FieldError("body", f"invalid JSON: {error.msg}", 400) from None
+        if not isinstance(data, dict):
+            raise FieldError("body", "JSON body must be an object", 400)
+        return data
+    from urllib.parse import parse_qsl
+
+    return dict(parse_qsl(text))
+
+
+def _named_uploads(files: Dict[str, bytes]) -> Dict[str, bytes]:
+    uploads = {}
+    for canonical, names in UPLOAD_NAMES.items():
+        for name in names:
+            if name in files:
+                uploads[canonical] = files[name]
+                break
+    return uploads
+
+
+def lookup(body: Dict[str, Any]) -> Dict[str, Any]:
+    """Canonical name → raw value, looking in the body, then ``param_obj``, then the first metas dict."""
+    sources = [body]
+    param_obj = body.get("param_obj")
+    if isinstance(param_obj, str):
+        try:
+            param_obj = json.loads(param_obj)
+        except json.JSONDecodeError:
+            raise FieldError("param_obj", "not a JSON object", 400) from None
+    if isinstance(param_obj, dict):
+        sources.append(param_obj)
+    for key in META_KEYS:
+        meta = body.get(key)
+        if isinstance(meta, str):
+            try:
+                meta = json.loads(meta)
+            except json.JSONDecodeError:
+                meta = None
+        if isinstance(meta, dict):
+            sources.append(meta)
+            break
+    names = {**ALIASES, **{name: (name,) for name in EXACT + ("instrumental",)}}
+    found = {}
+    for canonical, spellings in names.items():
+        for source in sources:
+            hit = next((s for s in spellings if source.get(s) not in (None, "")), None)
+            if hit is not None:
+                found[canonical] = source[hit]
+                break
+    for canonical, spellings in PATH_FIELDS.items():
+        named = next((s for s in spellings + (canonical,) if isinstance(body.get(s), str) and body[s]), None)
+        if named:
+            raise FieldError(named, f"the server never reads a client-named path; upload the file as "
+                             f"multipart field {UPLOAD_NAMES[canonical][0]!r}", 400)
+    return found
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name in BOOLS:
+        return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "y", "on")
+    try:
+        if name in INTS:
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if name in FLOATS:
+            return float(value)
+    except (TypeError, ValueError):
+        kind = "an integer" if name in INTS else "a number"
+        raise FieldError(name, f"{name} must be {kind}, got {value!r}") from None
+    if name == "timesteps" and isinstance(value, str):
+        try:
+            return [float(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise FieldError(name, "timesteps must be a comma-separated list of numbers") from None
+    if name == "seeds" and isinstance(value, str):
+        try:
+            return [int(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise FieldError(name, "seeds must be a comma-separated list of integers") from None
+    return value
+
+
+def to_library(body: Dict[str, Any]) -> Tuple[GenerationParams, GenerationConfig, Dict[str, Any]]:
+    """Upstream request fields → (params, config, extras) with the upstream defaults."""
+    values = {**UPSTREAM_DEFAULTS, **{k: _coerce(k, v) for k, v in lookup(body).items()}}
+    for unsupported in ("analysis_only", "full_analysis_only"):
+        if values.get(unsupported):
+            raise FieldError(unsupported, f"{unsupported} is not supported by this server", 400)
+    extras = {k: values.pop(k) for k in ("sample_query", "sample_mode", "use_format", "model") if k in values}
+    config_names = {"batch_size", "use_random_seed", "allow_lm_batch", "audio_format", "seeds"}
+    config_values = {k: values.pop(k) for k in list(values) if k in config_names}
+    if not config_values.get("use_random_seed", True) and values.get("seed", -1) >= 0 and "seeds" not in config_values:
+        config_values["seeds"] = [values["seed"]]
+    params = GenerationParams(**{k: v for k, v in values.items() if k in GenerationParams.__dataclass_fields__})
+    return params, GenerationConfig(**config_values), extras
+
+
+def apply_sample(params: GenerationParams, sample: Any, *, from_format: bool) -> GenerationParams:
+    """Fold a create_sample / format_sample result into the params (upstream sample_mode / use_format)."""
+    import dataclasses
+
+    updates = {"caption": sample.caption or params.caption, "lyrics": sample.lyrics or params.lyrics}
+    if sample.bpm:
+        updates["bpm"] = int(sample.bpm)
+    if sample.duration:
+        updates["duration"] = float(sample.duration)
+    for name in ("keyscale", "timesignature"):
+        if getattr(sample, name):
+            updates[name] = getattr(sample, name)
+    if sample.language:
+        updates["vocal_language"] = sample.language
+    updates["use_cot_metas"] = from_format and not sample.duration
+    return dataclasses.replace(params, **updates)
+
+
+def query_items(record: Optional[Dict[str, Any]], models: Dict[str, str]) -> Tuple[int, List[Dict[str, Any]]]:
+    """A task record → (upstream status 0/1/2, the per-file list upstream JSON-encodes into ``result``)."""
+    created = int(record["created_at"])
+    base = {"file": "", "wave": "", "create_time": created, "env": "ray-serve"}
+    if record["phase"] == "failed":
+        return 2, [{**base, "status": 2, "progress": record["progress"], "stage": "failed", "error": record["error"]}]
+    if record["phase"] != "done":
+        return 0, [{**base, "status": 0, "progress": record["progress"], "stage": record["phase"]}]
+    result = record["result"]
+    plans = result.get("metadata", {}).get("plans") or []
+    seeds = ",".join(str(a.get("seed")) for a in result["audios"])
+    items = []
+    for index, audio in enumerate(result["audios"]):
+        params = audio.get("params", {})
+        lm = plans[index].get("metadata", {}) if index < len(plans) else {}
+        metas = {
+            "bpm": params.get("bpm") or lm.get("bpm") or "N/A",
+            "duration": params.get("duration") if (params.get("duration") or -1) > 0 else lm.get("duration", "N/A"),
+            "genres": lm.get("genres", "N/A"),
+            "keyscale": params.get("keyscale") or lm.get("keyscale") or "N/A",
+            "timesignature": params.get("timesignature") or lm.get("timesignature") or "N/A",
+            "prompt": params.get("caption", ""), "lyrics": params.get("lyrics", ""),
+        }
+        items.append({
+            **base, "file": audio["url"], "status": 1, "prompt": lm.get("caption") or params.get("caption", ""),
+            "lyrics": params.get("lyrics", ""), "metas": metas, "generation_info": result.get("status_message", ""),
+            "seed_value": seeds, "lm_model": models.get("lm", ""), "dit_model": models.get("dit", ""),
+            "progress": 1.0, "stage": "done",
+        })
+    return 1, items
+
+
+def task_ids_from(body: Dict[str, Any]) -> List[str]:
+    ids = body.get("task_id_list", body.get("task_ids"))
+    if isinstance(ids, str):
+        try:
+            ids = json.loads(ids)
+        except json.JSONDecodeError:
+            ids = [s.strip() for s in ids.split(",") if s.strip()]
+    if isinstance(ids, str):
+        ids = [ids]
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        raise FieldError("task_id_list", "task_id_list must be a non-empty list of task ids", 400)
+    return ids

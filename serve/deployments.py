@@ -1,0 +1,321 @@
+"""Serve deployments: thin shells over the library's handlers (which also work without Ray).
+
+- ``LMDeployment``: ``LLMHandler`` + ``acestep.inference.plan_music``; ``@serve.batch`` groups concurrent
+  requests (up to ``lm.batch_chunk_size``) and records the batch sizes it saw (``stats()``).
+- ``DiTDeployment``: ``AceStepHandler`` + ``render_music``; ``@serve.batch`` groups requests and merges
+  compatible ones into one render call; encodes audio on the replica, so only encoded bytes leave it.
+- ``TaskStoreDeployment``: one replica holding ``serve.tasks.TaskStore`` (tasks, events, audio).
+
+Model work runs on one worker thread per replica (handlers are not thread-safe); progress goes to the
+store as fire-and-forget handle calls scheduled on the replica's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import os
+import tempfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+from ray import serve
+
+from serve.config import AppConfig
+from serve.tasks import TaskStore
+
+MEDIA_TYPES = {"flac": "audio/flac", "wav": "audio/wav", "mp3": "audio/mpeg", "ogg": "audio/ogg"}
+
+
+@dataclass
+class PlanRequest:
+    """One request for the LM: validated params/config and resolved seeds."""
+
+    task_id: str
+    params: Any  # GenerationParams
+    config: Any  # GenerationConfig
+    seeds: List[int]
+
+
+@dataclass
+class RenderRequest(PlanRequest):
+    """One request for the DiT; ``uploads`` maps 'src_audio' / 'reference_audio' to file bytes."""
+
+    uploads: Dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class RenderedItem:
+    key: str
+    data: bytes
+    format: str
+    media_type: str
+    sample_rate: int
+    seed: Optional[int]
+    params: Dict[str, Any]
+
+
+@dataclass
+class RenderOutput:
+    items: List[RenderedItem]
+    status_message: str
+    time_costs: Dict[str, Any]
+    metadata: Dict[str, Any]
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+def json_safe(value: Any) -> Any:
+    """Drop what JSON cannot carry (tensors, arrays); keep plain data."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items() if _is_plain(v)}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value if _is_plain(v)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return json_safe(dataclasses.asdict(value))
+    return value
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (str, int, float, bool, type(None), dict, list, tuple)):
+        return True
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+class _ModelReplica:
+    """Shared plumbing: one model thread, progress reports to the store, batch-size stats."""
+
+    def _setup(self, store) -> None:
+        self._store = store
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=type(self).__name__)
+        self._batch_sizes: Counter = Counter()
+        self._replica = f"{type(self).__name__}-pid{os.getpid()}"
+
+    async def _run(self, fn: Callable, *args, **kwargs):
+        self._loop = asyncio.get_running_loop()
+        return await self._loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    def _report(self, task_ids: List[str], phase: str, progress: float, message: str = "") -> None:
+        """Fire-and-forget progress update for each task; callable from the loop or the model thread."""
+        if self._store is None:
+            return
+
+        def send():
+            for task_id in task_ids:
+                self._store.update.remote(task_id, phase, progress, message)
+
+        try:
+            asyncio.get_running_loop()
+            send()
+        except RuntimeError:  # model thread: hop onto the replica's loop
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(send)
+
+    def stats(self) -> Dict[str, Any]:
+        sizes = dict(sorted(self._batch_sizes.items()))
+        return {"replica": self._replica, "pid": os.getpid(), "batch_sizes": sizes,
+                "max_batch_size": max(sizes, default=0), "batches": sum(sizes.values())}
+
+
+@serve.deployment(name="LMDeployment")
+class LMDeployment(_ModelReplica):
+    """The 5 Hz LM: plans metadata + audio codes for many requests per batch."""
+
+    def __init__(self, config: AppConfig, store=None):
+        self._setup(store)
+        self.settings = config.lm
+        self.handler = load_lm(config) if config.lm.enabled else None
+        self._engine_batch_sizes: Counter = Counter()
+        self._plan_batch.set_max_batch_size(self.settings.batch_chunk_size)
+        self._plan_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+
+    async def plan(self, job: PlanRequest):
+        """PlanOutcome for one request (plans, merged params, time_costs, status)."""
+        outcome = await self._plan_batch(job)
+        if isinstance(outcome, _Failure):
+            raise outcome.error
+        return outcome
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def _plan_batch(self, jobs: List[PlanRequest]) -> List[Any]:
+        self._batch_sizes[len(jobs)] += 1
+        self._report([job.task_id for job in jobs], "lm", 0.05, f"LM batch of {len(jobs)}")
+        return await self._run(self._plan_all, jobs)
+
+    def _plan_all(self, jobs: List[PlanRequest]) -> List[Any]:
+        from serve.lm_batching import plan_jobs
+
+        def engine_batch(rows: int) -> None:
+            self._engine_batch_sizes[rows] += 1
+
+        outcomes = plan_jobs(self.handler, jobs, on_engine_batch=engine_batch,
+                             on_done=lambda job: self._report([job.task_id], "lm", 0.3, "LM done"))
+        return [_Failure(o) if isinstance(o, BaseException) else o for o in outcomes]
+
+    def stats(self) -> Dict[str, Any]:
+        """Requests per Serve batch (``batch_sizes``) and LM requests per engine call (``engine_batch_sizes``)."""
+        engine = dict(sorted(self._engine_batch_sizes.items()))
+        return {**super().stats(), "engine_batch_sizes": engine, "max_engine_batch_size": max(engine, default=0)}
+
+    async def understand(self, audio_codes: str, **kwargs):
+        from acestep.inference import understand_music
+
+        return await self._run(understand_music, self._require_lm(), audio_codes, **kwargs)
+
+    async def create_sample(self, query: str, **kwargs):
+        from acestep.inference import create_sample
+
+        return await self._run(create_sample, self._require_lm(), query, **kwargs)
+
+    async def format_sample(self, caption: str, lyrics: str, **kwargs):
+        from acestep.inference import format_sample
+
+        return await self._run(format_sample, self._require_lm(), caption, lyrics, **kwargs)
+
+    def info(self) -> Dict[str, Any]:
+        return {"enabled": self.handler is not None, "model": self.settings.model, "backend": self.settings.backend}
+
+    def _require_lm(self):
+        if self.handler is None:
+            raise LMDisabled("the LM is disabled in this deployment's config (lm.enabled: false)")
+        return self.handler
+
+
+class LMDisabled(RuntimeError):
+    """Raised by LM-only calls when the app runs without an LM (answered with 503)."""
+
+
+@serve.deployment(name="DiTDeployment")
+class DiTDeployment(_ModelReplica):
+    """DiT + text encoder + VAE: renders a Serve batch of planned requests with one
+    ``render_music_batch`` call, which lets items that can share a DiT batch share it."""
+
+    def __init__(self, config: AppConfig, store=None):
+        self._setup(store)
+        self.settings = config.dit
+        self.handler = load_dit(config)
+        self._dit_batch_sizes: Counter = Counter()
+        self._render_batch.set_max_batch_size(self.settings.max_batch_size)
+        self._render_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+
+    def info(self) -> Dict[str, Any]:
+        return {"model": self.settings.model, "is_turbo": bool(getattr(self.handler, "is_turbo", False))}
+
+    def stats(self) -> Dict[str, Any]:
+        """Requests per Serve batch (``batch_sizes``) and items per DiT forward batch (``dit_batch_sizes``)."""
+        dit = dict(sorted(self._dit_batch_sizes.items()))
+        return {**super().stats(), "dit_batch_sizes": dit, "max_dit_batch_size": max(dit, default=0)}
+
+    async def render(self, job: RenderRequest, outcome) -> RenderOutput:
+        """``outcome`` is the LM's PlanOutcome; callers pass the LM call's DeploymentResponse unawaited."""
+        output = await self._render_batch((job, outcome))
+        if isinstance(output, _Failure):
+            raise output.error
+        return output
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def _render_batch(self, items: List[tuple]) -> List[Any]:
+        self._batch_sizes[len(items)] += 1
+        try:
+            return await self._run(self._render_all, items)
+        except Exception as error:
+            return [_Failure(error)] * len(items)
+
+    def _render_all(self, items: List[tuple]) -> List[Any]:
+        from acestep.inference import RenderJob, render_music_batch
+
+        task_ids = [job.task_id for job, _ in items]
+        self._report(task_ids, "dit", 0.3, f"DiT batch of {len(items)} request(s)")
+
+        def progress(fraction: float, desc: str = "") -> None:
+            self._report(task_ids, "dit", 0.3 + 0.6 * min(max(float(fraction), 0.0), 1.0), str(desc))
+
+        with tempfile.TemporaryDirectory(prefix="acestep-upload-") as scratch:
+            jobs = [RenderJob(params=_with_uploads(job.params, job.uploads, os.path.join(scratch, str(k))),
+                               config=job.config, seeds=job.seeds, plans=outcome.plans,
+                               lm_time_costs=outcome.time_costs)
+                    for k, (job, outcome) in enumerate(items)]
+            results = render_music_batch(_CountingDiT(self.handler, self._dit_batch_sizes), jobs, progress)
+        self._report(task_ids, "encode", 0.92, "encoding audio")
+        return [self._output(job, outcome, result) for (job, outcome), result in zip(items, results)]
+
+    def _output(self, job: RenderRequest, outcome, result) -> Any:
+        if not result.success:
+            return _Failure(RuntimeError(result.error or result.status_message))
+        items = [self._encode(audio, job.config.audio_format) for audio in result.audios]
+        metadata = {"plans": [json_safe(p) for p in (outcome.plans or [])], "lm_status": outcome.status}
+        time_costs = json_safe(result.extra_outputs.get("time_costs", {}))
+        return RenderOutput(items, result.status_message, time_costs, metadata)
+
+    def _encode(self, audio: Dict[str, Any], audio_format: str) -> RenderedItem:
+        from acestep.audio import encode_audio
+
+        params = audio.get("params") or {}
+        params = json_safe(params if isinstance(params, dict) else dataclasses.asdict(params))
+        return RenderedItem(
+            key=audio["key"], data=encode_audio(audio["tensor"], audio_format),
+            format=audio_format, media_type=MEDIA_TYPES.get(audio_format, "application/octet-stream"),
+            sample_rate=int(audio.get("sample_rate", 48000)), seed=params.get("seed"), params=params,
+        )
+
+
+class _CountingDiT:
+    """The DiT handler, recording how many items each DiT forward batch carried."""
+
+    def __init__(self, handler, sizes: Counter):
+        self._handler, self._sizes = handler, sizes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handler, name)
+
+    def render_items(self, items, settings, progress=None):
+        self._sizes[len(items)] += 1
+        return self._handler.render_items(items, settings, progress)
+
+
+def _with_uploads(params, uploads: Dict[str, bytes], scratch: str):
+    """Write uploaded audio to files on this replica (the library reads paths; clients never name them)."""
+    import soundfile as sf
+
+    paths = {}
+    for name, data in uploads.items():
+        os.makedirs(scratch, exist_ok=True)
+        suffix = sf.info(io.BytesIO(data)).format.lower()
+        path = os.path.join(scratch, f"{name}.{suffix}")
+        with open(path, "wb") as handle:
+            handle.write(data)
+        paths[name] = path
+    return dataclasses.replace(params, **paths) if paths else params
+
+
+@serve.deployment(name="TaskStore")
+class TaskStoreDeployment(TaskStore):
+    """The single-replica task store (see serve.tasks)."""
+
+    def __init__(self, config: AppConfig):
+        settings = config.store
+        super().__init__(settings.max_active_tasks, settings.task_ttl_s, int(settings.max_audio_mb * 2**20))
+
+
+def load_lm(config: AppConfig):
+    from acestep.llm_inference import LLMHandler
+
+    handler = LLMHandler()
+    handler.initialize(str(config.checkpoint_root()), lm_model_path=config.lm.model,
+                       backend=config.lm.backend, device=config.lm.device)
+    return handler
+
+
+def load_dit(config: AppConfig):
+    from acestep.handler import AceStepHandler
+
+    handler = AceStepHandler()
+    handler.initialize_service(str(config.checkpoint_root()), config.dit.model, device=config.dit.device)
+    return handler

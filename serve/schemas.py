@@ -1,0 +1,180 @@
+"""HTTP shapes. The generate request is derived from the library's dataclasses (one source of defaults)
+and converted back to ``GenerationParams`` / ``GenerationConfig`` once, at the edge."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+import re
+from typing import Any, Dict, List, Optional, Tuple, get_type_hints
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from acestep.params import GenerationConfig, GenerationParams
+
+UPLOAD_FIELDS = ("src_audio", "reference_audio")
+# Library fields a client may not set: uploads arrive as bytes, cot_* are LM outputs.
+_HIDDEN = set(UPLOAD_FIELDS) | {f.name for f in dataclasses.fields(GenerationParams) if f.name.startswith("cot_")}
+_DESCRIPTIONS = {
+    "caption": "Text description of the music (genre, mood, instruments).",
+    "lyrics": "Lyrics with structure tags such as [verse]; empty for instrumental.",
+    "duration": "Seconds of audio; -1 lets the LM (or a default) decide.",
+    "batch_size": "How many songs to render for this request.",
+    "audio_format": "Encoded output format: flac, wav or mp3.",
+    "thinking": "Let the 5 Hz LM plan metadata and audio codes before the DiT renders.",
+    "seeds": "Seed list (or one seed); -1 or missing entries are random.",
+    "task_type": "text2music, cover, repaint, lego, extract or complete.",
+    "inference_steps": "DiT sampling steps (turbo: at most 8).",
+}
+
+
+class FieldError(ValueError):
+    """Bad client input, answered with 4xx naming ``field``."""
+
+    def __init__(self, field: str, message: str, status_code: int = 422):
+        super().__init__(message)
+        self.field, self.message, self.status_code = field, message, status_code
+
+    def detail(self) -> List[Dict[str, Any]]:
+        return [{"loc": ["body", self.field], "msg": self.message, "type": "value_error"}]
+
+
+class _RequestBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _fields_of(dataclass_type, skip=()) -> Dict[str, Tuple[Any, Any]]:
+    hints = get_type_hints(dataclass_type)
+    fields = {}
+    for f in dataclasses.fields(dataclass_type):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        fields[f.name] = (hints[f.name], Field(default, description=_DESCRIPTIONS.get(f.name)))
+    return fields
+
+
+PARAM_FIELDS = tuple(name for name in _fields_of(GenerationParams, _HIDDEN))
+CONFIG_FIELDS = tuple(name for name in _fields_of(GenerationConfig))
+
+GenerateRequest = create_model(
+    "GenerateRequest",
+    __base__=_RequestBase,
+    __doc__="GenerationParams + GenerationConfig fields (INFERENCE.md), flat; audio uploads as base64.",
+    **_fields_of(GenerationParams, _HIDDEN),
+    **_fields_of(GenerationConfig),
+    src_audio_base64=(Optional[str], Field(None, description="Source audio file (cover/repaint), base64.")),
+    reference_audio_base64=(Optional[str], Field(None, description="Reference (timbre) audio file, base64.")),
+)
+
+
+def to_library(request: BaseModel) -> Tuple[GenerationParams, GenerationConfig]:
+    """Request model → the library's dataclasses (uploads are handled separately)."""
+    data = request.model_dump()
+    params = GenerationParams(**{name: data[name] for name in PARAM_FIELDS if name in data})
+    config = GenerationConfig(**{name: data[name] for name in CONFIG_FIELDS if name in data})
+    return params, config
+
+
+def decode_base64_upload(field: str, text: str, max_bytes: int) -> bytes:
+    if len(text) > max_bytes * 4 // 3 + 8:
+        raise FieldError(field, f"upload larger than {max_bytes} bytes", 413)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise FieldError(field, "not valid base64") from None
+
+
+def check_audio_upload(field: str, data: bytes, max_bytes: int) -> bytes:
+    """Reject uploads that are too large or that soundfile cannot read (never a 5xx)."""
+    import soundfile as sf
+
+    if len(data) > max_bytes:
+        raise FieldError(field, f"upload of {len(data)} bytes is larger than {max_bytes} bytes", 413)
+    if not data:
+        raise FieldError(field, "empty upload")
+    try:
+        info = sf.info(io.BytesIO(data))
+    except Exception:  # soundfile raises several types for unreadable data
+        raise FieldError(field, "not a readable audio file (wav, flac, mp3, ogg)") from None
+    if info.frames <= 0:
+        raise FieldError(field, "audio file has no samples")
+    return data
+
+
+def field_from_message(message: str, names) -> str:
+    """The first known field name a library ValueError mentions (its messages name the field)."""
+    for token in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", message):
+        if token in names:
+            return token
+    return "body"
+
+
+class AudioItem(BaseModel):
+    key: str = Field(description="Audio key; fetch the file with GET /v1/audio/{key}.")
+    url: str
+    format: str
+    sample_rate: int
+    seed: Optional[int] = None
+    params: Dict[str, Any] = Field(default_factory=dict, description="The params this item was rendered with.")
+
+
+class GenerationOutput(BaseModel):
+    task_id: str
+    audios: List[AudioItem]
+    metadata: Dict[str, Any] = Field(default_factory=dict, description="LM metadata (bpm, keyscale, ...) and codes.")
+    time_costs: Dict[str, Any] = Field(default_factory=dict)
+    status_message: str = ""
+
+
+class TaskAccepted(BaseModel):
+    task_id: str
+    phase: str
+    status_url: str
+    events_url: str
+
+
+class TaskStatus(BaseModel):
+    task_id: str
+    phase: str = Field(description="queued, lm, dit, encode, done or failed.")
+    progress: float
+    message: str
+    finished: bool
+    created_at: float
+    updated_at: float
+    result: Optional[GenerationOutput] = None
+    error: Optional[str] = None
+
+
+class UnderstandRequest(_RequestBase):
+    audio_codes: str = Field(min_length=1, description="'<|audio_code_N|>...' string (5 codes per second).")
+    temperature: float = Field(0.85, gt=0, le=2)
+    top_k: Optional[int] = Field(None, ge=0)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    use_constrained_decoding: bool = True
+
+
+class CreateSampleRequest(_RequestBase):
+    query: str = Field(min_length=1, max_length=4096, description="Natural-language description of the song.")
+    instrumental: bool = False
+    vocal_language: Optional[str] = None
+    temperature: float = Field(0.85, gt=0, le=2)
+    top_k: Optional[int] = Field(None, ge=0)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    use_constrained_decoding: bool = True
+
+
+class FormatSampleRequest(_RequestBase):
+    caption: str = Field(max_length=4096)
+    lyrics: str = Field("", max_length=16384)
+    user_metadata: Optional[Dict[str, Any]] = Field(
+        None, description="bpm, duration, keyscale, timesignature, language.")
+    temperature: float = Field(0.85, gt=0, le=2)
+    top_k: Optional[int] = Field(None, ge=0)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    use_constrained_decoding: bool = True

@@ -1,0 +1,285 @@
+"""The Serve app end to end: real local Ray, demo checkpoints, real HTTP (httpx), audio read back (soundfile).
+
+All tests share one module-scoped app (tests/serve/conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from serve.tasks import PHASES
+
+SONG = {"caption": "calm piano with soft strings", "lyrics": "[verse]\nhello night", "duration": 10,
+        "inference_steps": 2, "batch_size": 1}
+
+
+def _read_audio(client, url):
+    response = client.get(url)
+    assert response.status_code == 200, response.text
+    data, rate = sf.read(io.BytesIO(response.content), dtype="float32", always_2d=True)
+    return data, rate, response.headers["content-type"]
+
+
+def _wav_bytes(seconds=3.0, rate=48000):
+    t = np.arange(int(seconds * rate)) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    buffer = io.BytesIO()
+    sf.write(buffer, np.stack([tone, tone], axis=1), rate, format="WAV")
+    return buffer.getvalue()
+
+
+def test_sync_generate_returns_files(client):
+    response = client.post("/v1/generate", json={**SONG, "batch_size": 2, "audio_format": "wav", "thinking": True,
+                                                 "use_random_seed": False, "seeds": [1, 2]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [a["seed"] for a in body["audios"]] == [1, 2]
+    assert body["metadata"]["plans"], "thinking=true: the LM planned each item"
+    for audio in body["audios"]:
+        data, rate, media = _read_audio(client, audio["url"])
+        assert rate == 48000 and data.shape[1] == 2 and media == "audio/wav"
+        assert abs(data.shape[0] / rate - 10.0) < 0.5
+        assert np.abs(data).max() > 0
+
+
+def test_async_task_progress_events_in_order(client):
+    response = client.post("/v1/tasks", json={**SONG, "audio_format": "flac"})
+    assert response.status_code == 202, response.text
+    task = response.json()
+    events = []
+    with client.stream("GET", task["events_url"]) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    phases = [e["phase"] for e in events]
+    assert phases[0] == "queued" and phases[-1] == "done"
+    assert {"lm", "dit", "encode"} <= set(phases)
+    ranks = [PHASES.index(p) for p in phases]
+    assert ranks == sorted(ranks), phases
+    assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
+    progress = [e["progress"] for e in events]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+
+    status = client.get(task["status_url"]).json()
+    assert status["phase"] == "done" and status["finished"] and status["progress"] == 1.0
+    data, rate, media = _read_audio(client, status["result"]["audios"][0]["url"])
+    assert media == "audio/flac" and rate == 48000 and data.shape[1] == 2
+
+
+def test_official_release_task_and_query_result(client):
+    # shaped like upstream's docs/en/API.md example
+    body = {"prompt": "upbeat pop with guitar", "lyrics": "[verse]\nla la la", "audio_duration": 10,
+            "inference_steps": 2, "batch_size": 1, "thinking": False, "key_scale": "C major",
+            "time_signature": "4", "param_obj": json.dumps({"bpm": 120})}
+    response = client.post("/release_task", json=body)
+    assert response.status_code == 200, response.text
+    envelope = response.json()
+    assert envelope["code"] == 200 and envelope["error"] is None and envelope["data"]["status"] == "queued"
+    task_id = envelope["data"]["task_id"]
+    item = _poll_query_result(client, task_id)
+    assert item["status"] == 1, item
+    files = json.loads(item["result"])
+    assert len(files) == 1 and files[0]["status"] == 1
+    assert files[0]["metas"]["bpm"] == 120 and files[0]["metas"]["keyscale"] == "C major"
+    data, rate, media = _read_audio(client, files[0]["file"])
+    assert media == "audio/mpeg" and rate == 48000 and data.shape[1] == 2  # upstream default format: mp3
+    # upstream-style download URL: only the file name is used, no path is read
+    assert client.get("/v1/audio", params={"path": "/tmp/x/" + files[0]["file"].rsplit("/", 1)[-1]}).status_code == 200
+
+
+def test_official_release_task_multipart_upload(client):
+    files = {"ctx_audio": ("source.wav", _wav_bytes(12.0), "audio/wav")}
+    form = {"prompt": "rework", "task_type": "repaint", "repainting_start": "2", "repainting_end": "6",
+            "inference_steps": "2", "batch_size": "1", "audio_format": "wav"}
+    response = client.post("/release_task", data=form, files=files)
+    assert response.status_code == 200, response.text
+    item = _poll_query_result(client, response.json()["data"]["task_id"])
+    assert item["status"] == 1, item
+    data, rate, _ = _read_audio(client, json.loads(item["result"])[0]["file"])
+    assert rate == 48000 and abs(data.shape[0] / rate - 12.0) < 0.5
+
+
+def test_v1_uploads_multipart_and_base64(client):
+    source = _wav_bytes(12.0)
+    request = {**SONG, "task_type": "cover", "thinking": False, "audio_format": "wav"}
+    response = client.post("/v1/generate", data={"request": json.dumps(request)},
+                           files={"src_audio": ("song.wav", source, "audio/wav")})
+    assert response.status_code == 200, response.text
+    data, rate, _ = _read_audio(client, response.json()["audios"][0]["url"])
+    assert rate == 48000 and abs(data.shape[0] / rate - 12.0) < 0.5, "cover follows the uploaded source's length"
+    body = {**SONG, "thinking": False, "reference_audio_base64": base64.b64encode(_wav_bytes(4.0)).decode()}
+    response = client.post("/v1/generate", json=body)
+    assert response.status_code == 200, response.text
+
+
+def _poll_query_result(client, task_id, timeout_s=240):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        response = client.post("/query_result", json={"task_id_list": [task_id]})
+        assert response.status_code == 200, response.text
+        item = response.json()["data"][0]
+        assert item["task_id"] == task_id
+        if item["status"] != 0:
+            return item
+        time.sleep(0.5)
+    raise TimeoutError(task_id)
+
+
+def test_handle_generate_matches_generate_music(serve_app, turbo_handler):
+    from ray import serve
+
+    from acestep.inference import GenerationConfig, GenerationParams, GenerationResult, generate_music
+
+    params = GenerationParams(caption="a short drum loop", duration=10, inference_steps=2, thinking=False,
+                              use_cot_metas=False, use_cot_caption=False, use_cot_language=False)
+    config = GenerationConfig(batch_size=1, use_random_seed=False, seeds=[7], audio_format="wav")
+    handle = serve.get_app_handle(serve_app.name)
+    result = handle.generate.remote(params, config).result(timeout_s=300)
+    local = generate_music(turbo_handler, None, params, config)
+    assert isinstance(result, GenerationResult) and result.success, result.error
+    assert local.success, local.error
+    assert len(result.audios) == len(local.audios) == 1
+    served, direct = result.audios[0], local.audios[0]
+    assert set(direct) - {"silent"} <= set(served)
+    assert served["key"] == direct["key"] and served["params"]["seed"] == 7
+    assert served["tensor"].shape == direct["tensor"].shape
+    assert np.allclose(served["tensor"].numpy(), direct["tensor"].numpy(), atol=1e-4)
+    # the deployments behind the ingress are reachable by name too
+    lm = serve.get_deployment_handle("LMDeployment", app_name=serve_app.name)
+    assert lm.info.remote().result(timeout_s=30)["enabled"] is True
+    # bad input comes back in the result, as generate_music does
+    bad = handle.generate.remote(GenerationParams(bpm=5), config).result(timeout_s=60)
+    assert not bad.success and "bpm" in bad.error
+
+
+def test_eight_concurrent_requests_batch_in_the_lm(serve_app):
+    async def run():
+        async with httpx.AsyncClient(base_url=serve_app.url, timeout=600) as http:
+            bodies = [{**SONG, "caption": f"song number {i}", "thinking": True, "audio_format": "flac"}
+                      for i in range(8)]
+            return await asyncio.gather(*(http.post("/v1/generate", json=b) for b in bodies))
+
+    before_stats = httpx.get(f"{serve_app.url}/v1/stats").json()["lm"]
+    before, before_engine = before_stats["batch_sizes"], before_stats["engine_batch_sizes"]
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses if r.status_code != 200]
+    with httpx.Client(base_url=serve_app.url) as http:
+        for response in responses:
+            _read_audio(http, response.json()["audios"][0]["url"])
+        stats = http.get("/v1/stats").json()
+    new = {int(size): count - before.get(size, 0) for size, count in stats["lm"]["batch_sizes"].items()}
+    assert sum(int(size) * count for size, count in new.items()) == 8
+    assert max(size for size, count in new.items() if count > 0) > 1, stats["lm"]
+    # ...and those requests decoded together: one engine call carried several LM requests
+    engine = {int(rows): count - before_engine.get(rows, 0) for rows, count in stats["lm"]["engine_batch_sizes"].items()}
+    assert max(rows for rows, count in engine.items() if count > 0) > 1, stats["lm"]
+
+
+def test_dit_batches_compatible_requests_together(serve_app):
+    body = {**SONG, "caption": "the same song", "thinking": False, "use_cot_metas": False, "use_cot_caption": False,
+            "use_cot_language": False, "audio_format": "flac"}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=serve_app.url, timeout=600) as http:
+            return await asyncio.gather(*(http.post("/v1/generate", json=body) for _ in range(4)))
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * 4
+    seeds = {r.json()["audios"][0]["seed"] for r in responses}
+    assert len(seeds) == 4, "each request keeps its own seed (and audio) when merged"
+    stats = httpx.get(f"{serve_app.url}/v1/stats").json()["dit"]
+    assert stats["max_batch_size"] > 1, stats  # requests met in one Serve batch...
+    assert stats["max_dit_batch_size"] > 1, stats  # ...and their items shared a DiT forward batch
+
+
+def test_serve_status_shows_each_deployments_bounds(serve_app):
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    app_status = serve.status().applications[serve_app.name]
+    assert app_status.status == "RUNNING"
+    expected = {"Ingress": serve_app.config.ingress, "LMDeployment": serve_app.config.lm,
+                "DiTDeployment": serve_app.config.dit, "TaskStore": serve_app.config.store}
+    assert set(app_status.deployments) == set(expected)
+    details = _get_global_client().get_serve_details()["applications"][serve_app.name]["deployments"]
+    bounds = set()
+    for name, settings in expected.items():
+        scaling = settings.deployment.autoscaling_config
+        running = app_status.deployments[name].replica_states.get("RUNNING", 0)
+        assert scaling.min_replicas <= running <= scaling.max_replicas
+        deployed = details[name]["deployment_config"]
+        assert deployed["autoscaling_config"]["min_replicas"] == scaling.min_replicas
+        assert deployed["autoscaling_config"]["max_replicas"] == scaling.max_replicas
+        assert deployed["max_ongoing_requests"] == settings.deployment.max_ongoing_requests
+        assert deployed["ray_actor_options"]["num_cpus"] == settings.deployment.ray_actor_options.num_cpus
+        bounds.add((scaling.min_replicas, scaling.max_replicas, settings.deployment.max_ongoing_requests))
+    assert len(bounds) == 4, "each deployment has its own bounds in serve_config.yaml"
+
+
+BAD_INPUTS = [
+    ("/v1/generate", {"bpm": 500}, 422, "bpm", "30 to 300"),
+    ("/v1/generate", {"duration": 5000}, 422, "duration", "600"),
+    ("/v1/generate", {"batch_size": 99}, 422, "batch_size", "1 to 8"),
+    ("/v1/generate", {"audio_format": "aiff"}, 422, "audio_format", "flac"),
+    ("/v1/generate", {"bpm": "fast"}, 422, "bpm", "integer"),
+    ("/v1/generate", {"captoin": "typo"}, 422, "captoin", "Extra inputs"),
+    ("/v1/generate", {"src_audio": "/etc/passwd", "task_type": "cover"}, 400, "src_audio", "path"),
+    ("/v1/generate", {"src_audio_base64": "@@notbase64@@"}, 422, "src_audio_base64", "base64"),
+    ("/v1/generate", {"src_audio_base64": base64.b64encode(b"not audio").decode()}, 422, "src_audio", "audio"),
+    ("/v1/generate", {"task_type": "repaint"}, 422, "src_audio", "required"),
+    ("/v1/tasks", {"inference_steps": 0}, 422, "inference_steps", "1 to 200"),
+    ("/release_task", {"prompt": "x", "bpm": "fast"}, 422, "bpm", "integer"),
+    ("/release_task", {"prompt": "x", "src_audio_path": "/etc/passwd"}, 400, "src_audio_path", "path"),
+    ("/release_task", {"prompt": "x", "batch_size": 50}, 422, "batch_size", "1 to 8"),
+    ("/v1/understand", {"audio_codes": ""}, 422, "audio_codes", "at least 1"),
+    ("/v1/create_sample", {"query": "x", "temperature": 9}, 422, "temperature", "less than or equal"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,field,hint", BAD_INPUTS, ids=[f"{p}:{f}" for p, _, _, f, _ in BAD_INPUTS])
+def test_bad_input_gets_4xx_naming_the_field(client, path, body, status, field, hint):
+    response = client.post(path, json=body)
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert any(field in str(item["loc"]) for item in detail), detail
+    assert hint in json.dumps(detail), detail
+
+
+def test_malformed_bodies_and_unknown_ids_are_4xx(client):
+    nan = client.post("/v1/generate", content=b'{"guidance_scale": NaN}', headers={"content-type": "application/json"})
+    assert nan.status_code == 422 and "guidance_scale" in nan.text
+    assert client.post("/v1/generate", content=b"{not json", headers={"content-type": "application/json"}).status_code == 400
+    assert client.post("/v1/generate", json=[1, 2]).status_code == 400
+    assert client.get("/v1/tasks/nope").status_code == 404
+    assert client.get("/v1/tasks/nope/events").status_code == 404
+    assert client.get("/v1/audio/nope.flac").status_code == 404
+    assert client.post("/query_result", json={"task_id_list": ["nope"]}).status_code == 404
+    assert client.post("/query_result", json={}).status_code == 400
+
+
+def test_lm_helpers_health_models_and_docs(client):
+    sample = client.post("/v1/create_sample", json={"query": "a quiet folk song", "temperature": 0.85})
+    assert sample.status_code == 200, sample.text
+    assert {"caption", "lyrics", "bpm", "duration", "success"} <= set(sample.json())
+    formatted = client.post("/v1/format_sample", json={"caption": "latin pop", "lyrics": "[verse]\nhola",
+                                                       "user_metadata": {"bpm": 95}})
+    assert formatted.status_code == 200, formatted.text
+    understood = client.post("/v1/understand", json={"audio_codes": "<|audio_code_1|><|audio_code_2|>" * 10})
+    assert understood.status_code == 200, understood.text
+    assert client.get("/health").json()["status"] == "ok"
+    models = client.get("/v1/models").json()
+    assert models["default_model"] == "acestep-v15-turbo" and models["lm"]["enabled"]
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/v1/generate", "/v1/tasks", "/v1/tasks/{task_id}", "/v1/tasks/{task_id}/events", "/release_task",
+                 "/query_result", "/v1/audio/{key}", "/v1/understand", "/v1/create_sample", "/v1/format_sample"):
+        assert path in paths

@@ -1,0 +1,172 @@
+"""serve/ pieces that need no Ray: the app config, the official-API compat layer, the task store,
+the cross-request LM batching proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import pytest
+from pydantic import ValidationError
+
+from acestep.params import GenerationParams
+from serve import compat
+from serve.cli import DEFAULT_CONFIG, apply_overrides, load_serve_config
+from serve.config import AppConfig
+from serve.lm_batching import CoalescingLM
+from serve.schemas import FieldError, GenerateRequest, to_library
+from serve.tasks import TaskStore
+
+
+def test_serve_config_yaml_is_a_valid_serve_config_and_app_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = load_serve_config()
+    ServeDeploySchema.model_validate(raw)
+    app = raw["applications"][0]
+    assert app["import_path"] == "serve.app:build_app"
+    config = AppConfig.model_validate(app["args"])
+    assert config.lm.deployment.ray_actor_options.num_gpus == 0  # the CPU profile runs on a laptop
+
+
+def test_app_config_names_bad_fields():
+    with pytest.raises(ValidationError, match="max_replicas"):
+        AppConfig.model_validate({"demo": True, "dit": {"deployment": {"autoscaling_config": {
+            "min_replicas": 3, "max_replicas": 1}}}})
+    with pytest.raises(ValidationError, match="backend"):
+        AppConfig.model_validate({"demo": True, "lm": {"backend": "tensorrt"}})
+    with pytest.raises(ValidationError, match="checkpoints"):
+        AppConfig.model_validate({})
+    with pytest.raises(ValidationError, match="min_replicas = max_replicas = 1"):
+        AppConfig.model_validate({"demo": True, "store": {"deployment": {"autoscaling_config": {"max_replicas": 2}}}})
+
+
+def test_cli_overrides_pick_the_checkpoint_source_and_address(tmp_path):
+    http, app = apply_overrides(load_serve_config(DEFAULT_CONFIG), checkpoints=str(tmp_path), port=9123)
+    assert http["port"] == 9123 and app["args"]["checkpoints"] == str(tmp_path) and app["args"]["demo"] is False
+    _, app = apply_overrides(load_serve_config(DEFAULT_CONFIG), demo=True)
+    assert app["args"]["demo"] is True
+
+
+def test_generate_request_defaults_come_from_the_library():
+    params, config = to_library(GenerateRequest(caption="x"))
+    assert params == GenerationParams(caption="x")
+    assert config.batch_size == 2 and config.audio_format == "flac"
+    with pytest.raises(ValidationError):
+        GenerateRequest(cot_caption="outputs are not inputs")
+
+
+def test_compat_aliases_lookup_order_and_upstream_defaults():
+    body = {"prompt": "pop", "keyScale": "A minor", "audioDuration": "30", "inferenceSteps": 4,
+            "param_obj": json.dumps({"bpm": "128", "time_signature": "3"}),
+            "metas": {"vocalLanguage": "ja", "bpm": 90}, "thinking": "yes", "seed": 5, "use_random_seed": "false"}
+    params, config, extras = compat.to_library(body)
+    assert (params.caption, params.keyscale, params.duration, params.inference_steps) == ("pop", "A minor", 30.0, 4)
+    assert params.bpm == 128, "param_obj is read before metas"
+    assert params.timesignature == "3" and params.vocal_language == "ja" and params.thinking is True
+    assert config.audio_format == "mp3" and params.shift == 3.0 and params.lm_cfg_scale == 2.5
+    assert config.use_random_seed is False and config.seeds == [5]
+    assert compat.to_library({"prompt": "x"})[0].thinking is False  # upstream default
+
+
+@pytest.mark.parametrize("body,field,status", [
+    ({"src_audio_path": "/etc/passwd"}, "src_audio_path", 400),
+    ({"refAudioPath": "/etc/passwd"}, "refAudioPath", 400),
+    ({"bpm": "fast"}, "bpm", 422),
+    ({"bpm": "120.5"}, "bpm", 422),
+    ({"full_analysis_only": True}, "full_analysis_only", 400),
+])
+def test_compat_rejects_paths_and_bad_values_naming_the_field(body, field, status):
+    with pytest.raises(FieldError) as raised:
+        compat.to_library(body)
+    assert raised.value.field == field and raised.value.status_code == status
+
+
+def test_compat_query_items_shapes():
+    base = {"created_at": 1.0, "progress": 0.5, "phase": "dit", "error": None, "message": ""}
+    assert compat.query_items(base, {})[0] == 0
+    assert compat.query_items({**base, "phase": "failed", "error": "boom"}, {})[1][0]["error"] == "boom"
+    done = {**base, "phase": "done", "result": {"audios": [{"url": "/v1/audio/k.mp3", "seed": 3,
+                                                           "params": {"bpm": 100, "caption": "c", "duration": 30}}],
+                                               "metadata": {"plans": []}, "status_message": "ok"}}
+    status, items = compat.query_items(done, {"lm": "lm", "dit": "dit"})
+    assert status == 1 and items[0]["file"] == "/v1/audio/k.mp3" and items[0]["metas"]["bpm"] == 100
+    assert items[0]["seed_value"] == "3" and items[0]["dit_model"] == "dit"
+    assert compat.task_ids_from({"task_id_list": '["a", "b"]'}) == ["a", "b"]
+
+
+def test_task_store_keeps_events_in_order_and_ignores_stale_updates():
+    async def run():
+        store = TaskStore(max_active_tasks=2)
+        task = await store.create({})
+        assert await store.update(task, "dit", 0.5)
+        assert not await store.update(task, "lm", 0.9), "a late LM update after the DiT started is stale"
+        assert not await store.update(task, "dit", 0.4)
+        waiter = asyncio.create_task(store.wait_events(task, after=1, timeout_s=5))
+        await asyncio.sleep(0.01)
+        await store.finish(task, {"ok": True})
+        assert [e["phase"] for e in await waiter] == ["done"]
+        assert not await store.update(task, "encode", 0.99)
+        events = await store.wait_events(task, timeout_s=0)
+        assert [e["phase"] for e in events] == ["queued", "dit", "done"]
+        assert await store.wait_events("unknown") is None
+        await store.create({})
+        assert await store.create({}) is not None and await store.create({}) is None  # 2 unfinished max
+        await store.put_audio("a.flac", b"x" * 10, "audio/flac")
+        assert await store.get_audio("a.flac") == (b"x" * 10, "audio/flac")
+
+    asyncio.run(run())
+
+
+def test_coalescing_lm_decodes_concurrent_calls_as_one_batch():
+    class Engine:
+        calls = []
+
+        def generate_texts(self, requests):
+            self.calls.append(list(requests))
+            return [f"out-{r}" for r in requests]
+
+    engine = Engine()
+    proxy = CoalescingLM(engine, planners=3)
+    results = {}
+
+    def planner(name, rounds):
+        for round_ in range(rounds):
+            results[(name, round_)] = proxy.generate_texts([f"{name}{round_}a", f"{name}{round_}b"])
+        proxy.finished()
+
+    threads = [threading.Thread(target=planner, args=(n, r)) for n, r in (("x", 2), ("y", 1), ("z", 2))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert [len(call) for call in engine.calls] == [6, 4], "round 1: all three planners; round 2: the two left"
+    assert results[("y", 0)] == ["out-y0a", "out-y0b"] and results[("z", 1)] == ["out-z1a", "out-z1b"]
+
+
+def test_plan_jobs_batches_across_requests_and_matches_planning_alone(demo_root):
+    """The LM deployment's batching: two requests decode in shared engine calls and each gets its own
+    plan (the metadata it gets alone, the code count its duration asks for).
+
+    Codes are not compared token for token: with the demo's random weights the logits are nearly flat,
+    and a left-padded row drifts from its solo run after ~25 codes (float32 batch non-invariance in the
+    pt engine, reported to the LM side), which flips samples."""
+    from types import SimpleNamespace
+
+    from acestep.inference import GenerationConfig, plan_music
+    from acestep.llm_inference import LLMHandler
+    from serve.lm_batching import plan_jobs
+
+    handler = LLMHandler()
+    handler.initialize(str(demo_root), lm_model_path="acestep-5Hz-lm-0.6B", device="cpu")
+    jobs = [SimpleNamespace(params=GenerationParams(caption=caption, duration=10), config=GenerationConfig(batch_size=1),
+                            seeds=[seed]) for caption, seed in (("slow piano ballad", 11), ("fast punk", 12))]
+    engine_calls = []
+    together = plan_jobs(handler, jobs, on_engine_batch=engine_calls.append)
+    alone = [plan_music(handler, job.params, job.config, job.seeds) for job in jobs]
+    assert engine_calls == [2, 2], "phase 1 of both requests in one engine call, then phase 2 of both"
+    for batched, single in zip(together, alone):
+        assert [p.metadata for p in batched.plans] == [p.metadata for p in single.plans]
+        assert [p.seed for p in batched.plans] == [p.seed for p in single.plans]
+        assert batched.plans[0].audio_codes.count("<|audio_code_") == 50  # 10 s at 5 codes per second
