@@ -1,0 +1,211 @@
+"""``acestep render`` / ``python -m pipelines.render``: offline batch rendering with Ray Data.
+
+    acestep render --input prompts.jsonl --output out/ --checkpoints ./checkpoints
+    acestep render --input prompts.parquet --output out/ --demo --no-lm
+    acestep render --input prompts.jsonl --output out/ --via-serve acestep   # a running Serve app
+
+Pipeline: input rows (driver: ids, resume) → ``LMStage`` (actor pool, batches of
+``--lm-batch-size`` rows) → ``DiTStage`` (its own actor pool; writes ``audio/{id}_{i}.{format}``) →
+the driver's writer (journal, then ``manifest.jsonl`` + ``manifest.parquet``). ``--via-serve`` replaces
+both model stages with ``ServeStage``. Rerunning the same command resumes: complete rows are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from pipelines.manifest import Manifest, ManifestRecord
+from pipelines.rows import InputRow, read_rows
+
+logger = logging.getLogger(__name__)
+DEMO_LM = "acestep-5Hz-lm-0.6B"
+DEFAULT_LM = "acestep-5Hz-lm-1.7B"
+
+
+@dataclass
+class RenderOptions:
+    """Everything the job needs; ``main`` fills it from the command line."""
+
+    input: str  # prompts.jsonl / prompts.parquet
+    output: str  # output folder: audio/, manifest.jsonl, manifest.parquet
+    checkpoints: Optional[str] = None  # checkpoints root (DiT folders, vae/, text encoder, LM folders)
+    demo: bool = False  # write the tiny demo checkpoints under {output}/.demo-checkpoints and use them
+    dit_config: str = "acestep-v15-turbo"  # DiT folder name under the checkpoints root
+    lm: Optional[str] = None  # LM folder name (default: the 1.7B LM, the 0.6B with --demo)
+    no_lm: bool = False  # no LM: render from the rows' captions and metadata only
+    lm_backend: str = "pt"
+    device: str = "auto"  # device for both models inside their actors
+    lm_actors: int = 1  # LM actor pool size
+    dit_actors: int = 1  # DiT actor pool size
+    lm_gpus: float = 0.0  # GPUs per LM actor
+    dit_gpus: float = 0.0  # GPUs per DiT actor
+    lm_cpus: float = 1.0  # CPUs per LM actor
+    dit_cpus: float = 1.0  # CPUs per DiT actor
+    lm_batch_size: int = 8  # rows per LM batch (lm_batch_chunk_size)
+    dit_batch_size: int = 1  # rows per DiT batch
+    via_serve: Optional[str] = None  # Serve app name: send rows to it instead of starting model actors
+    serve_actors: int = 1  # actors sending rows to the Serve app (each keeps a batch in flight)
+    serve_batch_size: int = 8  # rows in flight per sending actor
+    limit: Optional[int] = None  # render at most this many pending rows (then stop, resumable)
+    audio_format: str = "flac"  # default for rows without their own audio_format
+
+
+@dataclass
+class RenderSummary:
+    """What one run did (``total`` counts all input rows, complete from earlier runs included)."""
+
+    total: int
+    skipped: int  # complete from an earlier run
+    done: int  # rendered by this run
+    failed: int  # failed in this run (error in the manifest)
+    songs: int  # audio files this run wrote
+    seconds: float
+    records: List[ManifestRecord] = field(default_factory=list, repr=False)
+
+    @property
+    def songs_per_minute(self) -> float:
+        return self.songs / (self.seconds / 60.0) if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"render: {self.done} rows done, {self.failed} failed, {self.skipped} skipped "
+                f"(of {self.total}); {self.songs} songs in {self.seconds:.1f}s ({self.songs_per_minute:.1f} songs/min)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipelines.render", description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", required=True, help="prompts.jsonl or prompts.parquet (GenerationParams fields, "
+                                                  "optional id, seed, batch_size, audio_format)")
+    p.add_argument("--output", required=True, help="output folder (audio/ + manifest.jsonl + manifest.parquet)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--checkpoints", help="checkpoints root")
+    group.add_argument("--demo", action="store_true", help="use tiny demo checkpoints (written under --output)")
+    p.add_argument("--dit-config", default="acestep-v15-turbo", help="DiT folder under the checkpoints root")
+    lm = p.add_mutually_exclusive_group()
+    lm.add_argument("--lm", default=None, help=f"5 Hz LM folder (default {DEFAULT_LM}; {DEMO_LM} with --demo)")
+    lm.add_argument("--no-lm", action="store_true", help="no LM: DiT only")
+    p.add_argument("--lm-backend", default="pt", choices=("pt", "vllm"))
+    p.add_argument("--device", default="auto")
+    for stage in ("lm", "dit"):
+        p.add_argument(f"--{stage}-actors", type=int, default=1, help=f"{stage.upper()} actor pool size")
+        p.add_argument(f"--{stage}-gpus", type=float, default=0.0, help=f"GPUs per {stage.upper()} actor")
+        p.add_argument(f"--{stage}-cpus", type=float, default=1.0, help=f"CPUs per {stage.upper()} actor")
+    p.add_argument("--lm-batch-size", type=int, default=8, help="rows per LM batch (lm_batch_chunk_size)")
+    p.add_argument("--dit-batch-size", type=int, default=1, help="rows per DiT batch")
+    p.add_argument("--via-serve", metavar="APP", default=None, help="send rows to this running Serve app")
+    p.add_argument("--serve-actors", type=int, default=1)
+    p.add_argument("--serve-batch-size", type=int, default=8, help="rows in flight per --via-serve actor")
+    p.add_argument("--limit", type=int, default=None, help="render at most N pending rows (resume later)")
+    p.add_argument("--audio-format", default="flac", choices=("flac", "wav", "mp3"))
+    return p
+
+
+def parse_options(argv: List[str]) -> RenderOptions:
+    # `acestep render --input X --output Y -- --demo ...`: the "--" only shields our options from the
+    # acestep parser; drop it here.
+    args = build_parser().parse_args([arg for arg in argv if arg != "--"])
+    options = RenderOptions(**vars(args))
+    if not options.via_serve and not (options.checkpoints or options.demo):
+        build_parser().error("one of --checkpoints, --demo or --via-serve is required")
+    return options
+
+
+def _resolve_models(options: RenderOptions) -> None:
+    if options.demo:
+        from acestep.checkpoints.demo import write_demo_checkpoints
+
+        root = Path(options.output) / ".demo-checkpoints"
+        if not (root / options.dit_config).is_dir():
+            write_demo_checkpoints(root)
+        options.checkpoints = str(root)
+        options.lm = options.lm or DEMO_LM
+    options.checkpoints = str(Path(options.checkpoints).resolve()) if options.checkpoints else None
+    options.lm = None if options.no_lm else (options.lm or DEFAULT_LM)
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS (set in a RayJob) or a new local Ray
+
+
+def build_dataset(options: RenderOptions, pending: List[InputRow]):
+    """The lazy Dataset of manifest records (column ``record``, JSON) for the ``pending`` rows."""
+    import ray
+
+    rows = [{"id": r.id, "index": r.index, "fields": r.fields, "error": r.error} for r in pending]
+    ds = ray.data.from_items([{"row": json.dumps(r, ensure_ascii=False)} for r in rows],
+                             override_num_blocks=max(1, min(len(rows), 64)))
+    output = str(Path(options.output).resolve())
+    if options.via_serve:
+        from pipelines.stages import ServeStage
+
+        return ds.map_batches(ServeStage, batch_size=options.serve_batch_size,
+                              fn_constructor_kwargs={"app_name": options.via_serve, "output_dir": output,
+                                                     "audio_format": options.audio_format},
+                              compute=ray.data.ActorPoolStrategy(size=options.serve_actors), num_cpus=0.1)
+    from pipelines.stages import DiTStage, LMStage
+
+    ds = ds.map_batches(LMStage, batch_size=options.lm_batch_size,
+                        fn_constructor_kwargs={"checkpoints": options.checkpoints, "lm_model": options.lm,
+                                               "backend": options.lm_backend, "device": options.device,
+                                               "audio_format": options.audio_format},
+                        compute=ray.data.ActorPoolStrategy(size=options.lm_actors),
+                        num_cpus=options.lm_cpus, num_gpus=options.lm_gpus)
+    # LM batches come out as one block each; re-cut them (streaming) so every DiT actor gets work.
+    ds = ds.repartition(target_num_rows_per_block=options.dit_batch_size)
+    return ds.map_batches(DiTStage, batch_size=options.dit_batch_size,
+                          fn_constructor_kwargs={"checkpoints": options.checkpoints, "output_dir": output,
+                                                 "dit_config": options.dit_config, "device": options.device},
+                          compute=ray.data.ActorPoolStrategy(size=options.dit_actors),
+                          num_cpus=options.dit_cpus, num_gpus=options.dit_gpus)
+
+
+def run(options: RenderOptions) -> RenderSummary:
+    """Resume from the manifest, render the pending rows, write the manifest; returns the summary."""
+    started = time.perf_counter()
+    rows = read_rows(options.input)
+    manifest = Manifest(options.output)
+    previous = manifest.load()
+    pending = [row for row in rows if not manifest.is_complete(previous.get(row.id))]
+    skipped = len(rows) - len(pending)
+    if options.limit is not None:
+        pending = pending[:max(0, options.limit)]
+    done = failed = songs = 0
+    if pending:
+        if not options.via_serve:
+            _resolve_models(options)
+        _ensure_ray()
+        for item in build_dataset(options, pending).iter_rows():  # the writer: one journal line per row
+            record = ManifestRecord.from_dict(json.loads(item["record"]))
+            manifest.append(record)
+            if record.error:
+                logger.warning("row %s failed: %s", record.id, record.error)
+            failed += record.error is not None
+            done += record.error is None
+            songs += len(record.files) if record.error is None else 0
+    records = manifest.finalize([row.id for row in rows])
+    return RenderSummary(total=len(rows), skipped=skipped, done=done, failed=failed, songs=songs,
+                         seconds=time.perf_counter() - started, records=records)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """CLI entry: 0 when every row of the input is complete, 1 when some failed or are pending."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    options = parse_options(list(sys.argv[1:] if argv is None else argv))
+    summary = run(options)
+    print(summary.line())
+    print(f"manifest: {Path(options.output) / 'manifest.parquet'} (+ manifest.jsonl)")
+    complete = sum(1 for r in summary.records if r.error is None and r.files)
+    return 0 if complete == summary.total else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The job's Ray Data stages: callable classes for ``Dataset.map_batches`` (one actor per model copy).
+
+Batches carry one column of JSON text per stage (Arrow-friendly, whatever the rows hold):
+
+- input: ``row`` = {id, index, fields, error}
+- ``LMStage`` → ``row`` + {params, config, seeds, plans, lm_time_costs}: validates and resolves seeds
+  (``prepare_request``), then plans the whole batch with the 5 Hz LM (one engine batch across rows).
+- ``DiTStage`` → ``record`` (a ``ManifestRecord``): renders with DiT + VAE and writes the audio files
+  itself (``{output}/audio/{id}_{i}.{format}``), so raw audio never enters the object store.
+- ``ServeStage`` → ``record``: instead of both, sends each row to a running Serve app's ingress.
+
+A row that fails in any stage carries its error on; the later stages pass it through untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from acestep.audio import SAMPLE_RATE, save_audio
+from acestep.params import GenerationConfig, GenerationParams, GenerationResult, LMPlan
+from pipelines.manifest import ManifestRecord
+from pipelines.rows import to_request
+
+logger = logging.getLogger(__name__)
+AUDIO_DIR = "audio"
+
+
+class GenerationFailed(RuntimeError):
+    """A ``GenerationResult`` with ``success=False`` (the Serve ingress reports errors this way)."""
+
+
+def describe(error: BaseException) -> str:
+    """The manifest's error text: the exception type and message (ValidationError names the field)."""
+    return f"{type(error).__name__}: {error}"
+
+
+def audio_name(row_id: str, item: int, audio_format: str) -> str:
+    """An item's file, relative to the output folder."""
+    return f"{AUDIO_DIR}/{row_id}_{item}.{audio_format}"
+
+
+def write_audio(tensor, output_dir: Path, name: str, audio_format: str) -> None:
+    """Write through a temporary name and rename, so a killed job never leaves a torn file."""
+    target = output_dir / name
+    tmp = target.with_name(f".{target.name}.part")
+    save_audio(tensor, tmp, audio_format)
+    os.replace(tmp, target)
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda v: None))
+
+
+def _decode(batch: Dict[str, Any], column: str) -> List[Dict[str, Any]]:
+    return [json.loads(text) for text in batch[column]]
+
+
+def _encode(rows: List[Dict[str, Any]], column: str) -> Dict[str, List[str]]:
+    return {column: [json.dumps(row, ensure_ascii=False) for row in rows]}
+
+
+def new_record(row: Dict[str, Any]) -> ManifestRecord:
+    return ManifestRecord(id=row["id"], index=row["index"], params=row.get("fields") or {}, error=row.get("error"))
+
+
+def finish_record(record: ManifestRecord, result: GenerationResult, output_dir: Path,
+                  audio_format: str) -> ManifestRecord:
+    """Fill ``record`` from a successful ``GenerationResult``: write each item's file, note seeds,
+    codes, LM metadata, duration and time costs."""
+    if not result.success:
+        raise GenerationFailed(result.error or result.status_message or "generation failed")
+    files = []
+    for index, audio in enumerate(result.audios):
+        name = audio_name(record.id, index, audio_format)
+        write_audio(audio["tensor"], output_dir, name, audio_format)
+        files.append(name)
+    first = result.audios[0]
+    record.files = files
+    record.seeds = [int(a["params"]["seed"]) for a in result.audios]
+    record.codes = [str(a["params"].get("audio_codes") or "") for a in result.audios]
+    record.duration = first["tensor"].shape[-1] / float(first.get("sample_rate") or SAMPLE_RATE)
+    record.lm_metadata = _json_safe(result.extra_outputs.get("lm_metadata"))
+    record.time_costs = _json_safe(result.extra_outputs.get("time_costs") or {})
+    return record
+
+
+@dataclass
+class _Job:
+    """What ``serve.lm_batching.plan_jobs`` needs of a request."""
+
+    params: GenerationParams
+    config: GenerationConfig
+    seeds: List[int]
+
+
+class LMStage:
+    """Validate, resolve seeds and plan a batch of rows. ``lm_model=None``: no LM (rows pass on
+    with ``plans=None``, the DiT renders from the caption and the user's metadata)."""
+
+    def __init__(self, checkpoints: str, lm_model: Optional[str] = None, backend: str = "pt",
+                 device: str = "auto", audio_format: str = "flac"):
+        self.audio_format = audio_format
+        self.handler = None
+        if lm_model:
+            from acestep.llm_inference import LLMHandler
+
+            self.handler = LLMHandler()
+            self.handler.initialize(checkpoints, lm_model_path=lm_model, backend=backend, device=device)
+
+    def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[str]]:
+        from acestep.inference import prepare_request
+
+        rows = _decode(batch, "row")
+        jobs, live = [], []
+        for row in rows:
+            if row.get("error"):
+                continue
+            try:
+                params, config = to_request(row["fields"], self.audio_format)
+                jobs.append(_Job(*prepare_request(params, config)))
+                live.append(row)
+            except Exception as error:  # a bad row fails alone
+                row["error"] = describe(error)
+        for row, job, outcome in zip(live, jobs, self._plan(jobs), strict=True):
+            if isinstance(outcome, BaseException):
+                row["error"] = describe(outcome)
+                continue
+            row.update(params=job.params.to_dict(), config=job.config.to_dict(), seeds=job.seeds,
+                       plans=[dataclasses.asdict(p) for p in outcome.plans] if outcome.plans else None,
+                       lm_time_costs=outcome.time_costs)
+        return _encode(rows, "row")
+
+    def _plan(self, jobs: List[_Job]) -> List[Any]:
+        """One outcome (or exception) per job; with an LM, all rows decode as one engine batch."""
+        from acestep.inference import plan_music
+
+        if self.handler is not None and jobs:
+            from serve.lm_batching import plan_jobs
+
+            return plan_jobs(self.handler, jobs)
+        outcomes = []
+        for job in jobs:
+            try:
+                outcomes.append(plan_music(self.handler, job.params, job.config, job.seeds))
+            except Exception as error:
+                outcomes.append(error)
+        return outcomes
+
+
+class DiTStage:
+    """Render planned rows with DiT + VAE and write their audio files; emits manifest records."""
+
+    def __init__(self, checkpoints: str, output_dir: str, dit_config: str = "acestep-v15-turbo",
+                 device: str = "auto"):
+        from acestep.handler import AceStepHandler
+
+        self.output_dir = Path(output_dir)
+        (self.output_dir / AUDIO_DIR).mkdir(parents=True, exist_ok=True)
+        self.handler = AceStepHandler()
+        self.handler.initialize_service(checkpoints, dit_config, device=device)
+
+    def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[str]]:
+        records = [self._render(row).to_dict() for row in _decode(batch, "row")]
+        return _encode(records, "record")
+
+    def _render(self, row: Dict[str, Any]) -> ManifestRecord:
+        from acestep.inference import prepare_request, render_music
+
+        record = new_record(row)
+        if record.error is None:
+            try:
+                config = GenerationConfig(**{**row["config"], "seeds": row["seeds"], "use_random_seed": False})
+                params, config, seeds = prepare_request(GenerationParams(**row["params"]), config,
+                                                        is_turbo=self.handler.is_turbo)
+                plans = [LMPlan(**plan) for plan in row["plans"]] if row.get("plans") else None
+                result = render_music(self.handler, params, config, seeds, plans=plans,
+                                      lm_time_costs=row.get("lm_time_costs"))
+                finish_record(record, result, self.output_dir, config.audio_format)
+            except Exception as error:  # a bad row fails alone
+                logger.warning("row %s failed: %s", record.id, error)
+                record.error = describe(error)
+        record.finished_at = time.time()
+        return record
+
+
+def _library_shape(result: GenerationResult) -> GenerationResult:
+    """The ingress's ``extra_outputs['lm_metadata']`` is ``{"plans": [...], "lm_status": ...}``;
+    ``generate_music``'s is the first plan's metadata. The manifest keeps the library's shape."""
+    meta = result.extra_outputs.get("lm_metadata") if result.success else None
+    if isinstance(meta, dict) and "plans" in meta:
+        plans = meta.get("plans") or []
+        result.extra_outputs["lm_metadata"] = (plans[0] or {}).get("metadata") if plans else None
+    return result
+
+
+class ServeStage:
+    """Send rows to a running Serve app: ``serve.get_app_handle(app).generate.remote(params, config)``
+    (the ingress's Python method, same inputs and result as ``generate_music``); writes the files."""
+
+    def __init__(self, app_name: str, output_dir: str, audio_format: str = "flac", method: str = "generate"):
+        from ray import serve
+
+        self.output_dir = Path(output_dir)
+        (self.output_dir / AUDIO_DIR).mkdir(parents=True, exist_ok=True)
+        self.audio_format = audio_format
+        self.method = getattr(serve.get_app_handle(app_name), method)
+
+    def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[str]]:
+        rows = _decode(batch, "row")
+        records = [new_record(row) for row in rows]
+        calls = {}
+        for row, record in zip(rows, records, strict=True):
+            if record.error is None:
+                try:
+                    params, config = to_request(row["fields"], self.audio_format)
+                    calls[record.id] = (config.audio_format, self.method.remote(params, config))
+                except Exception as error:
+                    record.error = describe(error)
+        for record in records:  # all calls are in flight; the app batches them
+            if record.id in calls:
+                audio_format, response = calls[record.id]
+                try:
+                    finish_record(record, _library_shape(response.result()), self.output_dir, audio_format)
+                except Exception as error:
+                    record.error = describe(error)
+            record.finished_at = time.time()
+        return _encode([r.to_dict() for r in records], "record")

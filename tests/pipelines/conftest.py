@@ -1,0 +1,40 @@
+"""One local Ray per test module (2 CPUs, no dashboard); demo checkpoints from tests/conftest.py.
+
+Stage actors ask for 0.5 CPU each so the LM and DiT pools (and a Serve app) fit on 2 CPUs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SMALL_ACTORS = ["--lm-cpus", "0.5", "--dit-cpus", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def write_jsonl(path: Path, rows) -> str:
+    """Rows are dicts (written as JSON) or raw strings (written as given: malformed lines)."""
+    lines = [row if isinstance(row, str) else json.dumps(row) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def jsonl():
+    """``jsonl(path, rows)`` writes a prompts file (see ``write_jsonl``)."""
+    return write_jsonl

@@ -1,0 +1,161 @@
+"""The Ray Data job end to end on a local Ray (2 CPUs) and the tiny demo checkpoints.
+
+One 12-row job (text2music, cover, repaint; 10 s and 12 s; fixed seeds) runs once in full; the same job
+then runs again into a second folder in two parts (``--limit 5``, a simulated kill, the full rerun),
+which checks resume (no duplicate, no missing row) and determinism (identical files) together."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from pipelines.manifest import JOURNAL, read_manifest
+from pipelines.render import main
+
+SMALL = ["--lm-cpus", "0.5", "--dit-cpus", "0.5", "--dit-actors", "2"]
+
+
+def job_rows(source_audio: str):
+    rows = []
+    for i in range(12):
+        row = {"id": f"song-{i:02d}", "caption": f"test song {i}", "duration": 10 if i % 2 else 12,
+               "seed": 1000 + i, "batch_size": 1, "thinking": False}
+        if i in (6, 7, 8):
+            row.update(task_type="cover", src_audio=source_audio, audio_cover_strength=0.5)
+        elif i in (9, 10, 11):
+            row.update(task_type="repaint", src_audio=source_audio, repainting_start=2.0, repainting_end=6.0)
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory, source_audio):
+    path = tmp_path_factory.mktemp("input") / "prompts.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in job_rows(source_audio)))
+    return str(path)
+
+
+def render(prompts, output, checkpoints, *extra) -> int:
+    return main(["--input", prompts, "--output", str(output), "--checkpoints", str(checkpoints), "--no-lm",
+                 *SMALL, *extra])
+
+
+@pytest.fixture(scope="module")
+def full_run(ray_session, prompts, demo_root, tmp_path_factory):
+    output = tmp_path_factory.mktemp("full")
+    assert render(prompts, output, demo_root) == 0
+    return output
+
+
+def test_twelve_rows_give_twelve_files_and_manifest(full_run):
+    rows = read_manifest(full_run)
+    assert [r["id"] for r in rows] == [f"song-{i:02d}" for i in range(12)]
+    assert len((full_run / "manifest.jsonl").read_text().splitlines()) == 12
+    for row in rows:
+        assert row["error"] is None and row["seeds"] == [1000 + row["index"]]
+        (name,) = row["files"]
+        data, rate = sf.read(full_run / name)
+        assert rate == 48000 and data.shape[1] == 2
+        assert row["duration"] == pytest.approx(data.shape[0] / rate)
+        assert row["time_costs"]["dit_total_time_cost"] > 0
+    durations = {row["index"]: row["duration"] for row in rows}
+    assert durations[0] == pytest.approx(12.0) and durations[1] == pytest.approx(10.0)
+    assert sorted(p.name for p in (full_run / "audio").iterdir()) == sorted(Path(r["files"][0]).name for r in rows)
+
+
+def test_interrupted_run_resumes_without_duplicates_and_same_seeds_same_files(full_run, prompts, demo_root,
+                                                                               tmp_path, capsys):
+    assert render(prompts, tmp_path, demo_root, "--limit", "5") == 1  # stopped part-way
+    assert len(read_manifest(tmp_path)) == 5
+    # What a kill leaves behind: a torn journal line and a half-written file of a later row.
+    (tmp_path / JOURNAL).write_text('{"id": "song-07", "files": ["audio/so')
+    (tmp_path / "audio" / ".song-07_0.flac.part").write_bytes(b"partial")
+    capsys.readouterr()
+    assert render(prompts, tmp_path, demo_root) == 0
+    assert "7 rows done, 0 failed, 5 skipped (of 12)" in capsys.readouterr().out
+    rows = read_manifest(tmp_path)
+    assert [r["id"] for r in rows] == [f"song-{i:02d}" for i in range(12)]
+    assert all(r["error"] is None for r in rows)
+    assert len((tmp_path / "manifest.jsonl").read_text().splitlines()) == 12
+    assert not (tmp_path / JOURNAL).exists()
+    for row in rows:  # fixed seeds: byte-identical to the uninterrupted run
+        (name,) = row["files"]
+        assert (tmp_path / name).read_bytes() == (full_run / name).read_bytes(), name
+    # A rerun of a complete job renders nothing.
+    capsys.readouterr()
+    assert render(prompts, tmp_path, demo_root) == 0
+    assert "0 rows done, 0 failed, 12 skipped" in capsys.readouterr().out
+
+
+def test_bad_rows_fail_alone_and_the_lm_plans_the_good_one(ray_session, demo_root, tmp_path, jsonl, capsys):
+    """Through the ``acestep render`` CLI, with the demo 5 Hz LM planning the one good row."""
+    from acestep.cli import main as acestep_main
+
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(b"not audio at all")
+    prompts = jsonl(tmp_path / "prompts.jsonl", [
+        {"id": "good", "caption": "lofi piano", "duration": 10, "seed": 5, "thinking": True},
+        {"id": "bad-steps", "caption": "x", "duration": 10, "inference_steps": 0, "thinking": False},
+        {"id": "bad-audio", "task_type": "repaint", "src_audio": str(garbage), "duration": 10},
+        {"id": "bad-field", "caption": "x", "captoin": "typo"},
+        "{not json",
+    ])
+    output = tmp_path / "out"
+    code = acestep_main(["render", "--input", prompts, "--output", str(output), "--", "--checkpoints", str(demo_root),
+                         "--lm", "acestep-5Hz-lm-0.6B", *SMALL])
+    assert code == 1
+    assert "1 rows done, 4 failed" in capsys.readouterr().out
+    rows = {r["id"]: r for r in read_manifest(output)}
+    assert list(rows) == ["good", "bad-steps", "bad-audio", "bad-field", "row-000004"]
+    good = rows["good"]
+    assert good["error"] is None and sf.read(output / good["files"][0])[0].shape[1] == 2
+    assert good["lm_metadata"] and good["codes"][0].startswith("<|audio_code_")
+    assert good["time_costs"]["lm_total_time"] > 0
+    assert "inference_steps" in rows["bad-steps"]["error"]
+    assert "src_audio" in rows["bad-audio"]["error"] and "readable" in rows["bad-audio"]["error"]
+    assert "captoin" in rows["bad-field"]["error"]
+    assert "invalid JSON" in rows["row-000004"]["error"]
+    assert all(not rows[k]["files"] for k in rows if k != "good")
+    assert sorted(p.name for p in (output / "audio").iterdir()) == ["good_0.flac"]
+
+
+def test_via_serve_sends_rows_to_a_running_app(ray_session, tmp_path, jsonl):
+    """A tiny in-test app with the ingress's Python method ``generate(params, config, include_tensors)``."""
+    from ray import serve
+
+    from acestep.params import GenerationResult
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class FakeIngress:
+        async def generate(self, params, config, include_tensors=True):
+            import torch
+
+            from acestep.inference import prepare_request
+
+            try:
+                params, config, seeds = prepare_request(params, config)
+            except ValueError as error:
+                return GenerationResult(success=False, error=str(error), status_message=f"Error: {error}")
+            t = torch.arange(int(params.duration * 48000)) / 48000
+            audios = [{"path": "", "tensor": torch.stack([torch.sin(t * 440 + s % 7)] * 2) * 0.1, "key": str(s),
+                       "sample_rate": 48000, "params": {**params.to_dict(), "seed": s, "audio_codes": "<|audio_code_1|>"}}
+                      for s in seeds]
+            return GenerationResult(audios=audios, extra_outputs={"lm_metadata": {"bpm": 120},
+                                                                  "time_costs": {"pipeline_total_time": 0.1}})
+
+    serve.start(proxy_location="Disabled")
+    serve.run(FakeIngress.bind(), name="fake-acestep", route_prefix=None)
+    prompts = jsonl(tmp_path / "prompts.jsonl", [
+        {"id": "one", "caption": "a", "duration": 10, "seed": 7, "batch_size": 2},
+        {"id": "two", "caption": "b", "duration": 10, "bpm": 999},
+    ])
+    assert main(["--input", prompts, "--output", str(tmp_path / "out"), "--via-serve", "fake-acestep"]) == 1
+    rows = {r["id"]: r for r in read_manifest(tmp_path / "out")}
+    assert rows["one"]["error"] is None and rows["one"]["seeds"] == [7, 8]
+    assert rows["one"]["files"] == ["audio/one_0.flac", "audio/one_1.flac"]
+    assert rows["one"]["lm_metadata"] == {"bpm": 120} and rows["one"]["duration"] == pytest.approx(10.0)
+    assert all(sf.read(tmp_path / "out" / name)[0].shape == (480000, 2) for name in rows["one"]["files"])
+    assert "bpm" in rows["two"]["error"] and rows["two"]["files"] == []

@@ -1,0 +1,46 @@
+"""``--via-serve`` against the real Serve app (serve.app:build_app on the demo checkpoints).
+
+Starting the app costs ~40 s on 2 CPUs, so this runs only with ACESTEP_SLOW_TESTS=1; the always-on
+test (test_render.py) uses a tiny in-test deployment with the same ``generate`` method."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import soundfile as sf
+
+pytestmark = pytest.mark.skipif(os.environ.get("ACESTEP_SLOW_TESTS") != "1", reason="set ACESTEP_SLOW_TESTS=1")
+
+
+def test_rows_render_through_the_real_app(demo_root, tmp_path):
+    import ray
+    from ray import serve
+
+    from pipelines.manifest import read_manifest
+    from pipelines.render import main
+    from serve.app import build_app
+    from serve.cli import apply_overrides, load_serve_config
+
+    _, app = apply_overrides(load_serve_config(), checkpoints=str(demo_root), host="127.0.0.1", port=0)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(proxy_location="Disabled")
+        serve.run(build_app(app["args"]), name="acestep", route_prefix=None)
+        rows = [{"id": "lm", "caption": "lofi", "duration": 10, "seed": 3, "thinking": True},
+                {"id": "two", "caption": "jazz", "duration": 10, "seed": 4, "batch_size": 2},
+                {"id": "bad", "caption": "x", "duration": 10, "inference_steps": 0}]
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        assert main(["--input", str(prompts), "--output", str(tmp_path / "out"), "--via-serve", "acestep"]) == 1
+    finally:
+        ray.shutdown()
+    records = {r["id"]: r for r in read_manifest(tmp_path / "out")}
+    assert records["lm"]["error"] is None and records["lm"]["codes"][0].startswith("<|audio_code_")
+    assert isinstance(records["lm"]["lm_metadata"].get("bpm"), int)
+    assert records["two"]["seeds"] == [4, 5] and len(records["two"]["files"]) == 2
+    for record in (records["lm"], records["two"]):
+        for name in record["files"]:
+            assert sf.read(tmp_path / "out" / name)[0].shape == (480000, 2)
+    assert "inference_steps" in records["bad"]["error"] and not records["bad"]["files"]
