@@ -72,21 +72,11 @@ def run_generate(args) -> int:
     return 0
 
 
-def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="start a local Ray and the Serve app (HTTP)")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--checkpoints", default=None, help="checkpoints root with the real models")
-    group.add_argument("--demo", action="store_true", help="write and serve the tiny demo checkpoints")
-    p.add_argument("--config", default=None, help="serve config YAML (default: the packaged serve_config.yaml)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-
-
 def _add_render(sub) -> None:
-    p = sub.add_parser("render", help="offline batch rendering with Ray Data")
+    p = sub.add_parser("render", help="offline batch rendering with Ray Data (other options: "
+                                      "`python -m pipelines.render --help`)")
     p.add_argument("--input", required=True, help="prompts.jsonl or prompts.parquet")
     p.add_argument("--output", required=True, help="output folder (audio files + manifest)")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="further options of `python -m pipelines.render`")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,13 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
         add_prompt_parser = None
     if add_prompt_parser is not None:
         add_prompt_parser(sub)
-    _add_serve(sub)
+    try:  # serve/cli.py defines its own options; it imports Ray only when it runs
+        from serve.cli import add_serve_parser
+    except ImportError:
+        add_serve_parser = None
+    if add_serve_parser is not None:
+        add_serve_parser(sub)
     _add_render(sub)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "render":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "demo-checkpoints":
         from acestep.checkpoints.demo import write_demo_checkpoints
 
@@ -143,7 +141,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "render":
         from pipelines.render import main as render_main
 
-        return render_main(["--input", args.input, "--output", args.output, *args.rest])
+        return render_main(["--input", args.input, "--output", args.output, *extra])
     raise AssertionError(args.command)
 
 

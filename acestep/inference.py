@@ -139,8 +139,8 @@ def plan_music(llm_handler, params: GenerationParams, config: GenerationConfig, 
     return PlanOutcome(plans=plans, params=merge_plan(params, plans[0]), time_costs=costs, status=status)
 
 
-def plan_music_batch(llm_handler, jobs: List["RenderJob"], on_engine_batch: Optional[Callable[[int], None]] = None
-                     ) -> List[Any]:
+def plan_music_batch(llm_handler, jobs: List[Any], on_engine_batch: Optional[Callable[[int], None]] = None,
+                     on_done: Optional[Callable[[Any], None]] = None) -> List[Any]:
     """``plan_music`` for many requests at once (``.params``, ``.config``, ``.seeds`` each): every
     request plans on its own thread and their LM decodes coalesce into shared engine batches
     (``acestep.lm.coalescing``). A failed request gets its exception in place of a PlanOutcome."""
@@ -158,6 +158,8 @@ def plan_music_batch(llm_handler, jobs: List["RenderJob"], on_engine_batch: Opti
         finally:
             if lm is not None:
                 lm.finished()
+            if on_done is not None:
+                on_done(job)
 
     with ThreadPoolExecutor(max_workers=max(1, len(jobs)), thread_name_prefix="lm-planner") as pool:
         return list(pool.map(run, jobs))

@@ -93,7 +93,7 @@ def finish_record(record: ManifestRecord, result: GenerationResult, output_dir: 
 
 @dataclass
 class _Job:
-    """What ``serve.lm_batching.plan_jobs`` needs of a request."""
+    """What ``acestep.inference.plan_music_batch`` needs of a request."""
 
     params: GenerationParams
     config: GenerationConfig
@@ -142,9 +142,9 @@ class LMStage:
         from acestep.inference import plan_music
 
         if self.handler is not None and jobs:
-            from serve.lm_batching import plan_jobs
+            from acestep.inference import plan_music_batch
 
-            return plan_jobs(self.handler, jobs)
+            return plan_music_batch(self.handler, jobs)
         outcomes = []
         for job in jobs:
             try:
@@ -190,16 +190,6 @@ class DiTStage:
         return record
 
 
-def _library_shape(result: GenerationResult) -> GenerationResult:
-    """The ingress's ``extra_outputs['lm_metadata']`` is ``{"plans": [...], "lm_status": ...}``;
-    ``generate_music``'s is the first plan's metadata. The manifest keeps the library's shape."""
-    meta = result.extra_outputs.get("lm_metadata") if result.success else None
-    if isinstance(meta, dict) and "plans" in meta:
-        plans = meta.get("plans") or []
-        result.extra_outputs["lm_metadata"] = (plans[0] or {}).get("metadata") if plans else None
-    return result
-
-
 class ServeStage:
     """Send rows to a running Serve app: ``serve.get_app_handle(app).generate.remote(params, config)``
     (the ingress's Python method, same inputs and result as ``generate_music``); writes the files."""
@@ -227,7 +217,7 @@ class ServeStage:
             if record.id in calls:
                 audio_format, response = calls[record.id]
                 try:
-                    finish_record(record, _library_shape(response.result()), self.output_dir, audio_format)
+                    finish_record(record, response.result(), self.output_dir, audio_format)
                 except Exception as error:
                     record.error = describe(error)
             record.finished_at = time.time()

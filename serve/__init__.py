@@ -21,7 +21,8 @@ Python handle calls (inside the cluster, or a driver connected to it)::
     lm.stats.remote().result()      # batch sizes this LM replica has seen
 
 Modules: ``config`` (AppConfig, the ``args`` of serve_config.yaml), ``app`` (``build_app``), ``deployments``
-(LMDeployment, DiTDeployment, TaskStore), ``lm_batching`` (cross-request LM batches), ``api`` (FastAPI
+(LMDeployment, DiTDeployment, TaskStore; cross-request LM batching is the library's
+``acestep.inference.plan_music_batch``), ``api`` (FastAPI
 ingress), ``schemas`` (HTTP models), ``compat`` (the official /release_task, /query_result), ``tasks``
 (task store and progress events), ``cli`` (``acestep serve``).
 """

@@ -165,7 +165,10 @@ class Ingress:
             tensor = _decode(item.data) if include_tensors else None
             audios.append({"path": "", "tensor": tensor, "key": item.key, "sample_rate": item.sample_rate,
                            "params": item.params, "url": stored["url"], "format": item.format})
-        extra = {"time_costs": output["time_costs"], "lm_metadata": output["metadata"], "task_id": task_id,
+        plans = (output["metadata"] or {}).get("plans") or []
+        extra = {"time_costs": output["time_costs"], "task_id": task_id,
+                 "lm_metadata": (plans[0] or {}).get("metadata") if plans else None,  # as generate_music
+                 "lm_plans": plans,
                  "seed_value": ", ".join(str(a["seed"]) for a in output["audios"])}
         return GenerationResult(audios=audios, status_message=rendered.status_message, extra_outputs=extra)
 

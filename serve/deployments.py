@@ -150,12 +150,12 @@ class LMDeployment(_ModelReplica):
         return await self._run(self._plan_all, jobs)
 
     def _plan_all(self, jobs: List[PlanRequest]) -> List[Any]:
-        from serve.lm_batching import plan_jobs
+        from acestep.inference import plan_music_batch
 
         def engine_batch(rows: int) -> None:
             self._engine_batch_sizes[rows] += 1
 
-        outcomes = plan_jobs(self.handler, jobs, on_engine_batch=engine_batch,
+        outcomes = plan_music_batch(self.handler, jobs, on_engine_batch=engine_batch,
                              on_done=lambda job: self._report([job.task_id], "lm", 0.3, "LM done"))
         return [_Failure(o) if isinstance(o, BaseException) else o for o in outcomes]
 

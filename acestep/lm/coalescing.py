@@ -5,7 +5,9 @@ own thread, against a ``CoalescingLM`` proxy of the ``LLMHandler``. The planner 
 through ``generate_texts(requests)``; the proxy holds each call until every still-planning thread is
 waiting in one, then decodes all their requests as one engine batch and hands each thread its own
 texts. The pt engine computes every row as it would alone (left padding, per-row positions and
-seeded generators), so a request's plan does not depend on its batch-mates.
+seeded generators), so a request's plan does not depend on its batch-mates, up to the float
+rounding of differently shaped kernels (on CPU a row can drift from its solo run after tens of
+tokens, which flips later samples).
 """
 
 from __future__ import annotations

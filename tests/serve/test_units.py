@@ -14,7 +14,7 @@ from acestep.params import GenerationParams
 from serve import compat
 from serve.cli import DEFAULT_CONFIG, apply_overrides, load_serve_config
 from serve.config import AppConfig
-from serve.lm_batching import CoalescingLM
+from acestep.lm.coalescing import CoalescingLM
 from serve.schemas import FieldError, GenerateRequest, to_library
 from serve.tasks import TaskStore
 
@@ -156,7 +156,7 @@ def test_plan_jobs_batches_across_requests_and_matches_planning_alone(demo_root)
 
     from acestep.inference import GenerationConfig, plan_music
     from acestep.llm_inference import LLMHandler
-    from serve.lm_batching import plan_jobs
+    from acestep.inference import plan_music_batch as plan_jobs
 
     handler = LLMHandler()
     handler.initialize(str(demo_root), lm_model_path="acestep-5Hz-lm-0.6B", device="cpu")

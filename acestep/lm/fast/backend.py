@@ -1,0 +1,32 @@
+"""The fast path behind the backends' one call, on top of a loaded pt backend (same model, same
+token tables): ``FastBackend(pt_backend).generate(requests) -> list[list[int]]``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from acestep.lm.engine import LMRequest
+from acestep.lm.fast.engine import FastEngine
+
+
+class FastBackend:
+    """Drop-in for ``PtBackend`` (``name``, ``vocab_size``, ``generate``, ``close``). Not
+    re-entrant: one ``generate`` at a time (as the pt runner)."""
+
+    name = "fast"
+
+    def __init__(self, pt_backend, **engine_kwargs):
+        runner = pt_backend.runner
+        self.pt = pt_backend
+        self.engine = FastEngine(runner.model, runner.tables, runner.encode, runner.pad_id, **engine_kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.pt.vocab_size
+
+    def generate(self, requests: Sequence[LMRequest]) -> list[list[int]]:
+        return self.engine.generate(requests)
+
+    def close(self) -> None:
+        self.engine = None
+        self.pt.close()
