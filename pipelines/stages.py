@@ -167,27 +167,39 @@ class DiTStage:
         self.handler.initialize_service(checkpoints, dit_config, device=device)
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[str]]:
-        records = [self._render(row).to_dict() for row in _decode(batch, "row")]
-        return _encode(records, "record")
+        """All rows of the batch in one ``render_music_batch`` call: compatible items share DiT
+        batches; a row that fails (validation, unreadable audio) fails alone."""
+        from acestep.inference import render_music_batch
 
-    def _render(self, row: Dict[str, Any]) -> ManifestRecord:
-        from acestep.inference import prepare_request, render_music
-
-        record = new_record(row)
-        if record.error is None:
+        rows = _decode(batch, "row")
+        records = [new_record(row) for row in rows]
+        jobs, owners = [], []
+        for row, record in zip(rows, records):
+            if record.error is None:
+                try:
+                    jobs.append(self._job(row))
+                    owners.append(record)
+                except Exception as error:
+                    record.error = describe(error)
+        results = render_music_batch(self.handler, jobs) if jobs else []
+        for record, job, result in zip(owners, jobs, results):
             try:
-                config = GenerationConfig(**{**row["config"], "seeds": row["seeds"], "use_random_seed": False})
-                params, config, seeds = prepare_request(GenerationParams(**row["params"]), config,
-                                                        is_turbo=self.handler.is_turbo)
-                plans = [LMPlan(**plan) for plan in row["plans"]] if row.get("plans") else None
-                result = render_music(self.handler, params, config, seeds, plans=plans,
-                                      lm_time_costs=row.get("lm_time_costs"))
-                finish_record(record, result, self.output_dir, config.audio_format)
+                finish_record(record, result, self.output_dir, job.config.audio_format)
             except Exception as error:  # a bad row fails alone
                 logger.warning("row %s failed: %s", record.id, error)
                 record.error = describe(error)
-        record.finished_at = time.time()
-        return record
+        for record in records:
+            record.finished_at = time.time()
+        return _encode([r.to_dict() for r in records], "record")
+
+    def _job(self, row: Dict[str, Any]):
+        from acestep.inference import RenderJob, prepare_request
+
+        config = GenerationConfig(**{**row["config"], "seeds": row["seeds"], "use_random_seed": False})
+        params, config, seeds = prepare_request(GenerationParams(**row["params"]), config,
+                                                is_turbo=self.handler.is_turbo)
+        plans = [LMPlan(**plan) for plan in row["plans"]] if row.get("plans") else None
+        return RenderJob(params, config, seeds, plans, lm_time_costs=row.get("lm_time_costs"))
 
 
 class ServeStage:
