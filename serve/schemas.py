@@ -148,8 +148,9 @@ class TaskStatus(BaseModel):
     error: Optional[str] = None
 
 
-class UnderstandRequest(_RequestBase):
-    audio_codes: str = Field(min_length=1, description="'<|audio_code_N|>...' string (5 codes per second).")
+class _LMSamplingRequest(_RequestBase):
+    """Sampling knobs shared by the LM helper endpoints (the seed functions' keyword arguments)."""
+
     temperature: float = Field(0.85, gt=0, le=2)
     top_k: Optional[int] = Field(None, ge=0)
     top_p: Optional[float] = Field(None, gt=0, le=1)
@@ -157,24 +158,18 @@ class UnderstandRequest(_RequestBase):
     use_constrained_decoding: bool = True
 
 
-class CreateSampleRequest(_RequestBase):
+class UnderstandRequest(_LMSamplingRequest):
+    audio_codes: str = Field(min_length=1, description="'<|audio_code_N|>...' string (5 codes per second).")
+
+
+class CreateSampleRequest(_LMSamplingRequest):
     query: str = Field(min_length=1, max_length=4096, description="Natural-language description of the song.")
     instrumental: bool = False
     vocal_language: Optional[str] = None
-    temperature: float = Field(0.85, gt=0, le=2)
-    top_k: Optional[int] = Field(None, ge=0)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
-    use_constrained_decoding: bool = True
 
 
-class FormatSampleRequest(_RequestBase):
+class FormatSampleRequest(_LMSamplingRequest):
     caption: str = Field(max_length=4096)
     lyrics: str = Field("", max_length=16384)
     user_metadata: Optional[Dict[str, Any]] = Field(
         None, description="bpm, duration, keyscale, timesignature, language.")
-    temperature: float = Field(0.85, gt=0, le=2)
-    top_k: Optional[int] = Field(None, ge=0)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
-    use_constrained_decoding: bool = True
