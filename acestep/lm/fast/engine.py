@@ -47,14 +47,17 @@ class FastEngine:
 
     ``max_rows`` KV-cache slots (a CFG request takes two), ``max_len`` positions per slot, up to
     ``chunk_size`` requests join per step. CUDA graphs are used on CUDA unless
-    ``use_cuda_graphs=False``."""
+    ``use_cuda_graphs=False``; joining prompts prefill in one forward on CUDA unless
+    ``batch_prefill=False``; ``decode_attention`` picks the decode attention (``FastQwen3``:
+    "gqa" on CUDA, "sdpa" elsewhere). ``check_fsm`` re-checks every sampled token on the host."""
 
     def __init__(self, model, tables: TokenTables, encode: Callable[[str], list[int]], pad_id: int,
                  max_rows: int = 64, max_len: int = 4096, chunk_size: int = 8,
-                 use_cuda_graphs: bool | None = None):
+                 use_cuda_graphs: bool | None = None, check_fsm: bool = False,
+                 batch_prefill: bool | None = None, decode_attention: str | None = None):
         self.model = model
         self.device = next(model.parameters()).device
-        self.net = FastQwen3(model, max_rows, max_len)
+        self.net = FastQwen3(model, max_rows, max_len, decode_attention)
         graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         self.decoder = DecodeRunner(self.net, graphs)
         self.tables = tables.to("cpu")  # the FSM's bookkeeping stays on the host
@@ -65,6 +68,10 @@ class FastEngine:
         self.scheduler = Scheduler(max_rows, chunk_size)
         self.stop_ids = {tables.eos_id} | ({tables.pad_id} if tables.pad_id is not None else set())
         self.results: dict[int, list[int]] = {}
+        self.check_fsm = check_fsm  # verify every sampled token against the host FSM (tests)
+        # one forward for all prompts joining in a step (GPU); per prompt on CPU, where the plain
+        # path's fp32 results are reproduced most closely with one-row shapes
+        self.batch_prefill = self.device.type == "cuda" if batch_prefill is None else batch_prefill
         self._next_rid = 0
 
     # -- continuous API ------------------------------------------------------------------------
@@ -97,8 +104,9 @@ class FastEngine:
     @torch.inference_mode()
     def step(self) -> list[int]:
         """Admit, sample one token for every running request, decode; returns finished ids."""
-        for seq in self.scheduler.admit():
-            self._prefill(seq)
+        joined = self.scheduler.admit()
+        if joined:
+            self._prefill(joined)
         running = list(self.scheduler.running)
         if not running:
             return []
@@ -106,7 +114,7 @@ class FastEngine:
         done: list[int] = []
         for seq, (token, decision) in zip(running, picks):
             seq.tokens.append(token)
-            M.advance_row(seq.state.fsm, self.tables, token, decision)
+            M.advance_row(seq.state.fsm, self.tables, token, decision, self.check_fsm)
             if token in self.stop_ids or len(seq.tokens) >= seq.request.max_new_tokens:
                 self.scheduler.finish(seq)
                 self.results[seq.rid] = seq.tokens
@@ -133,14 +141,23 @@ class FastEngine:
         self.scheduler.waiting.clear()
 
     # -- tensor work ---------------------------------------------------------------------------
-    def _prefill(self, seq: Job) -> None:
-        req = seq.request
+    def _prefill(self, joined: list[Job]) -> None:
+        prompts, slots = [], []
+        for seq in joined:
+            prompts.append(seq.request.prompt_ids)
+            slots.append(seq.cond_slot)
+            if seq.uncond_slot is not None:
+                prompts.append(seq.request.uncond_ids)
+                slots.append(seq.uncond_slot)
         logits = self.decoder.logits
-        logits[seq.cond_slot] = self.net.prefill(self._ids(req.prompt_ids), seq.cond_slot)
-        if seq.uncond_slot is not None:
-            logits[seq.uncond_slot] = self.net.prefill(self._ids(req.uncond_ids), seq.uncond_slot)
-        self.seen[seq.cond_slot] = False
-        self.seen[seq.cond_slot, self._ids(req.prompt_ids)] = True
+        if self.batch_prefill:
+            logits[self._ids(slots)] = self.net.prefill_many(prompts, slots)
+        else:
+            for prompt, slot in zip(prompts, slots):
+                logits[slot] = self.net.prefill(self._ids(prompt), slot)
+        for seq in joined:
+            self.seen[seq.cond_slot] = False
+            self.seen[seq.cond_slot, self._ids(seq.request.prompt_ids)] = True
 
     def _ids(self, ids: Sequence[int]) -> torch.Tensor:
         return torch.tensor(list(ids), dtype=torch.long).to(self.device, non_blocking=True)

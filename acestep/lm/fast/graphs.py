@@ -44,6 +44,7 @@ class DecodeRunner:
         device = net.embed.device
         self.device = device
         self.use_graphs = bool(use_graphs) and device.type == "cuda"
+        self.bucketed = self.use_graphs  # bucketed shapes without graphs: the graph path's maths, eagerly
         self.tokens = torch.zeros(net.max_slots, dtype=torch.long, device=device)
         self.positions = torch.zeros(net.max_slots, dtype=torch.long, device=device)
         self.logits = torch.zeros((net.max_slots, net.dims.vocab), dtype=torch.float32, device=device)
@@ -68,12 +69,15 @@ class DecodeRunner:
         """Logits [len(tokens), V] for token ``tokens[i]`` at ``positions[i]`` in slot ``i``
         (idle slots: token 0 at position 0, results ignored)."""
         rows, needed = len(tokens), max(positions) + 1
-        if not self.use_graphs:
+        if not self.bucketed:
             self._load(tokens, positions, rows)
             self._step(rows, needed)
             return self.logits[:rows]
         width, kv_len = bucket_for(rows, self.rows), bucket_for(needed, self.lengths)
         self._load(tokens, positions, width)
+        if not self.use_graphs:
+            self._step(width, kv_len)
+            return self.logits[:rows]
         graph = self.graphs.get((width, kv_len))
         if graph is None:
             graph = self._capture(width, kv_len)

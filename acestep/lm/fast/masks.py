@@ -24,6 +24,7 @@ from acestep.lm import fsm as F
 from acestep.lm.vocab import TokenTables
 
 EMPTY, ALL = 0, 1  # fixed table rows
+MAX_ROWS = 4096
 CONTINUATION_MASK = "text_continuation"  # the caption-continuation predicate of fsm._text_allowed
 
 
@@ -37,13 +38,12 @@ class MaskTable:
         self.size = 2
         self.counts = [0, self.vocab]  # allowed ids per row
         self._rows: dict[object, int] = {}
-        self._keep = []  # large id tensors keyed by identity stay alive
+        self._keep: list[torch.Tensor] = []
 
     def _key(self, ids: torch.Tensor):
-        if ids.numel() <= 64:
-            return tuple(ids.tolist())
-        self._keep.append(ids)
-        return ("id", id(ids), ids.numel())
+        # Large sets are the FSM's precomputed tensors (tables.sets, trie nodes): keyed by identity,
+        # kept alive once stored so the id cannot be reused by another tensor.
+        return tuple(ids.tolist()) if ids.numel() <= 64 else ("id", id(ids), ids.numel())
 
     def row(self, ids: torch.Tensor | None) -> int:
         """Table row of the sorted id set ``ids`` (``None`` = everything)."""
@@ -52,13 +52,16 @@ class MaskTable:
         key = self._key(ids)
         found = self._rows.get(key)
         if found is not None:
-            if key[:1] == ("id",):
-                self._keep.pop()
             return found
+        if self.size >= MAX_ROWS:
+            raise RuntimeError(f"more than {MAX_ROWS} distinct allowed sets: is the FSM building new large "
+                               "id tensors per step? (the table keys them by identity)")
         if self.size == self.masks.shape[0]:
             grown = torch.zeros((2 * self.size, self.vocab), dtype=torch.bool, device=self.device)
             grown[: self.size] = self.masks
             self.masks = grown
+        if key[:1] == ("id",):
+            self._keep.append(ids)
         ids = ids.cpu()
         ids = ids[ids < self.vocab]
         self.masks[self.size, ids.to(self.device)] = True
@@ -140,9 +143,13 @@ def plan_row(state: F.FsmState | None, tables: TokenTables, table: MaskTable) ->
     return RowPlan(outcomes[True], outcomes[False], table.row_of_mask(CONTINUATION_MASK, cont), decide, False)
 
 
-def advance_row(state: F.FsmState | None, tables: TokenTables, token: int, decision: int) -> None:
-    """The host FSM's ``allowed`` (deciding as the device did) then ``advance`` with ``token``."""
+def advance_row(state: F.FsmState | None, tables: TokenTables, token: int, decision: int,
+                check: bool = False) -> None:
+    """The host FSM's ``allowed`` (deciding as the device did) then ``advance`` with ``token``.
+    ``check``: raise if the device sampled a token the host FSM does not allow (a plan bug)."""
     if state is None:
         return
-    F.allowed(state, tables, _pick(decision))
+    ids = F.allowed(state, tables, _pick(decision))
+    if check and ids is not None and not bool((ids == token).any()):
+        raise AssertionError(f"device sampled {token}, outside the FSM's allowed set at op {state.current}")
     F.advance(state, tables, token)

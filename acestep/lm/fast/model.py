@@ -1,11 +1,16 @@
 """Hand-written Qwen3 forward over a static, slot-indexed KV cache (gpt-fast style).
 
 The weights are the loaded transformers ``Qwen3ForCausalLM``'s own tensors (no copies). The KV cache
-is two module buffers ``[layers, slots, max_len, kv_heads, head_dim]``: row ``i`` of a decode step
-is cache slot ``i``, written in place with ``index_copy_`` at that row's own position, so rows at
-different positions share one step and a CUDA graph of the step only ever touches buffers.
-Ops follow transformers' Qwen3 (RMSNorm in fp32, q/k RMSNorm per head, RoPE from the model's
-``inv_freq``, SDPA with GQA, tied head), so fp32 logits match it to float rounding."""
+is two module buffers, ``[layers, slots, kv_heads, max_len, head_dim]`` stored flat per layer: row
+``i`` of a decode step is cache slot ``i``, written in place with ``index_copy_`` at that row's own
+position, so rows at different positions share one step and a CUDA graph of the step only ever
+touches buffers. Ops follow transformers' Qwen3 (RMSNorm in fp32, q/k RMSNorm per head, RoPE from
+the model's ``inv_freq``, GQA, tied head), so fp32 logits match it to float rounding.
+
+Decode attention: ``"sdpa"`` (``scaled_dot_product_attention`` with ``enable_gqa``, what
+transformers runs; default on CPU) or ``"gqa"`` (default on CUDA: the query heads of each KV head
+are one matrix, so both matmuls read the cache in place -- no repeat of K/V to all heads, no
+gather of the slots)."""
 
 from __future__ import annotations
 
@@ -59,7 +64,7 @@ class _Layer:
 class FastQwen3(nn.Module):
     """Qwen3 forward for prefill (one row, T tokens) and decode (rows = slots ``0..B-1``)."""
 
-    def __init__(self, hf_model, max_slots: int, max_len: int):
+    def __init__(self, hf_model, max_slots: int, max_len: int, decode_attention: str | None = None):
         super().__init__()
         core = hf_model.model
         self.dims = Qwen3Dims.of(hf_model.config)
@@ -73,9 +78,12 @@ class FastQwen3(nn.Module):
         self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
         d = self.dims
         dtype, device = self.embed.dtype, self.embed.device
-        shape = (d.layers, self.max_slots * self.max_len, d.kv_heads, d.head_dim)  # slot-major, flat
+        shape = (d.layers, self.max_slots * d.kv_heads * self.max_len, d.head_dim)  # [slot, kv head, pos] flat
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.decode_attention = decode_attention or ("gqa" if device.type == "cuda" else "sdpa")
+        if self.decode_attention not in ("sdpa", "gqa"):
+            raise ValueError(f"decode_attention must be 'sdpa' or 'gqa', got {decode_attention!r}")
 
     # -- pieces ------------------------------------------------------------------------------
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
@@ -95,18 +103,20 @@ class FastQwen3(nn.Module):
         k = k * cos + rotate_half(k) * sin
         return q, k.transpose(1, 2), v
 
-    def _write(self, index: int, flat: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        d = self.dims
-        self.k_cache[index].index_copy_(0, flat, k.reshape(-1, d.kv_heads, d.head_dim))
-        self.v_cache[index].index_copy_(0, flat, v.reshape(-1, d.kv_heads, d.head_dim))
+    def _flat(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Cache rows of (slot, every kv head, position) for ``slots``/``positions`` [N]: [N * KVH]."""
+        heads = torch.arange(self.dims.kv_heads, device=slots.device)
+        return ((slots[:, None] * self.dims.kv_heads + heads) * self.max_len + positions[:, None]).reshape(-1)
 
-    def _cached(self, index: int, rows: int, length: int, first_slot: int = 0):
-        """K/V of slots ``first_slot..first_slot+rows-1``, positions ``0..length-1``: [R, KVH, L, D]."""
-        d = self.dims
-        view = lambda c: c[index].view(self.max_slots, self.max_len, d.kv_heads, d.head_dim)
-        k = view(self.k_cache)[first_slot:first_slot + rows, :length].transpose(1, 2)
-        v = view(self.v_cache)[first_slot:first_slot + rows, :length].transpose(1, 2)
-        return k, v
+    def _write(self, index: int, flat: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k/v [R, T, KVH, D] into the rows ``flat`` (``_flat`` of the R*T tokens)."""
+        D = self.dims.head_dim
+        self.k_cache[index].index_copy_(0, flat, k.reshape(-1, D))
+        self.v_cache[index].index_copy_(0, flat, v.reshape(-1, D))
+
+    def _slots(self, cache: torch.Tensor, index: int) -> torch.Tensor:
+        """One layer's cache as [slots, KVH, max_len, D] (a view)."""
+        return cache[index].view(self.max_slots, self.dims.kv_heads, self.max_len, self.dims.head_dim)
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         return layer.down(F.silu(layer.gate(x)) * layer.up(x))
@@ -115,6 +125,16 @@ class FastQwen3(nn.Module):
         gqa = self.dims.heads != self.dims.kv_heads
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                               scale=self.dims.head_dim ** -0.5, enable_gqa=gqa)
+
+    def _attend_grouped(self, q, k, v, mask) -> torch.Tensor:
+        """One query token per row: q [B, H, 1, D], k/v [B, KVH, L, D] views of the cache, mask
+        [B, 1, 1, L]. transformers' eager attention (softmax in fp32), heads grouped per KV head."""
+        B, H, _, D = q.shape
+        kvh = k.shape[1]
+        scores = torch.matmul(q.reshape(B, kvh, H // kvh, D), k.transpose(-1, -2)) * self.dims.head_dim ** -0.5
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+        return torch.matmul(probs, v).reshape(B, H, 1, D)
 
     def _blocks(self, x, positions, flat, attend) -> torch.Tensor:
         cos, sin = self._rope(positions, x.dtype)
@@ -137,26 +157,49 @@ class FastQwen3(nn.Module):
         of its last token."""
         T = ids.numel()
         positions = torch.arange(T, device=ids.device)
-        flat = slot * self.max_len + positions
+        flat = self._flat(torch.full_like(positions, slot), positions)
 
         def attend(i, q):
-            k, v = self._cached(i, 1, T, first_slot=slot)
+            k, v = (self._slots(c, i)[slot:slot + 1, :, :T] for c in (self.k_cache, self.v_cache))
             return self._attend(q, k, v, None, causal=True)
 
         hidden = self._blocks(F.embedding(ids[None], self.embed), positions[None], flat, attend)
         return self.logits(hidden[0, -1])
+
+    def prefill_many(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """Several prompts in one forward (right-padded to the longest; causal attention never
+        sees the padding, whose cache writes land past each prompt and are overwritten before
+        any decode step attends to them). fp32 logits [len(prompts), V] of each last token."""
+        device = self.embed.device
+        R, T = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros((R, T), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        ids = ids.to(device, non_blocking=True)
+        slot_ids = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
+        positions = torch.arange(T, device=device).expand(R, T)
+        flat = self._flat(slot_ids[:, None].expand(R, T).reshape(-1), positions.reshape(-1))
+
+        def attend(i, q):
+            k, v = (self._slots(c, i)[slot_ids, :, :T] for c in (self.k_cache, self.v_cache))
+            return self._attend(q, k, v, None, causal=True)
+
+        hidden = self._blocks(F.embedding(ids, self.embed), positions, flat, attend)
+        last = torch.tensor([len(p) - 1 for p in prompts]).to(device, non_blocking=True)
+        return self.logits(hidden[torch.arange(R, device=device), last])
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """One token for each of slots ``0..B-1`` (``B = tokens.numel()``) at its own position;
         attends over cache positions ``< kv_len`` that are ``<=`` the row's position. fp32 logits
         [B, V]. Only static shapes and in-place buffer writes: CUDA-graph capturable."""
         B = tokens.numel()
-        slots = torch.arange(B, device=tokens.device)
-        flat = slots * self.max_len + positions
+        flat = self._flat(torch.arange(B, device=tokens.device), positions)
         mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
 
         def attend(i, q):
-            k, v = self._cached(i, B, kv_len)
+            k, v = (self._slots(c, i)[:B, :, :kv_len] for c in (self.k_cache, self.v_cache))
+            if self.decode_attention == "gqa":
+                return self._attend_grouped(q, k, v, mask)
             return self._attend(q, k, v, mask, causal=False)
 
         hidden = self._blocks(F.embedding(tokens[:, None], self.embed), positions[:, None], flat, attend)

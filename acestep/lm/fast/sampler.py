@@ -54,7 +54,7 @@ def allowed_masks(guided: torch.Tensor, table: torch.Tensor, x: SampleInputs):
     """The allowed mask [R, V] of each row and its decision token (argmax over ``decide``)."""
     decide = table[x.plan[:, 3]]
     decision = guided.masked_fill(~decide, NEG_INF).argmax(-1)
-    predicate = table[x.plan[:, 2]].gather(1, decision[:, None])[:, 0]
+    predicate = table[x.plan[:, 2], decision]
     rows = torch.where(predicate, x.plan[:, 0], x.plan[:, 1])
     vocab = torch.arange(guided.shape[1], device=guided.device)
     allowed = torch.where(x.argmax_one[:, None], vocab[None, :] == decision[:, None], table[rows])

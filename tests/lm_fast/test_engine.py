@@ -1,0 +1,154 @@
+"""``FastEngine`` gives the plain path's (``PtRunner``) tokens for the same seeds, in fp32 on CPU:
+CoT and codes phases with paired CFG and constraints, every sampling knob, requests joining a
+running batch, slots reused after requests leave."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from acestep.lm.fast import FastEngine
+from acestep.lm.fast import masks as M
+
+SAMPLING = [{}, {"lm_top_k": 50}, {"lm_top_p": 0.9}, {"lm_top_k": 30, "lm_top_p": 0.8},
+            {"lm_temperature": 0.0}, {"lm_temperature": 1.3, "lm_top_p": 0.95}]
+
+
+@pytest.fixture
+def plan_kinds(monkeypatch):
+    """Counts the kinds of device plans the engine builds (static / argmax_one / branch)."""
+    counts = collections.Counter()
+    real = M.plan_row
+
+    def spy(state, tables, table):
+        plan = real(state, tables, table)
+        counts["argmax_one" if plan.argmax_one else "branch" if plan.if_true != plan.if_false else "static"] += 1
+        return plan
+
+    monkeypatch.setattr(M, "plan_row", spy)
+    return counts
+
+
+def _first_difference(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _assert_same(plain, fast):
+    diffs = [(i, _first_difference(p, f)) for i, (p, f) in enumerate(zip(plain, fast)) if p != f]
+    assert not diffs, f"{len(diffs)}/{len(plain)} requests differ (request, first differing step): {diffs}"
+
+
+def test_cot_phase_matches_plain_path_for_20_seeds(runner, fast_engine, make_request, plan_kinds):
+    # seeds 22/27/30 at temperature 1.3 end their caption early: the device decides the branch
+    requests = [make_request("cot", seed, 2.0, 150, lm_temperature=1.3) for seed in (22, 27, 30)]
+    requests += [make_request("cot", seed, 2.0, 120, **SAMPLING[seed % len(SAMPLING)]) for seed in range(7)]
+    requests += [make_request("cot", seed, 2.5, 60, use_cot_caption=False, **SAMPLING[seed % len(SAMPLING)])
+                 for seed in range(10, 20)]
+    _assert_same(runner.generate(requests), fast_engine.generate(requests))
+    assert plan_kinds["argmax_one"] >= 10 and plan_kinds["branch"] >= 3  # the device made FSM decisions
+
+
+def test_codes_phase_matches_plain_path_for_20_seeds(runner, fast_engine, make_request):
+    requests = [make_request("codes", seed, 2.0, **SAMPLING[seed % len(SAMPLING)]) for seed in range(20)]
+    plain = runner.generate(requests)
+    assert all(len(t) == 51 for t in plain)  # 10 s: exactly 50 codes, then EOS
+    _assert_same(plain, fast_engine.generate(requests))
+
+
+def test_plain_rows_penalty_and_mixed_cfg(runner, fast_engine, make_request):
+    requests = [make_request("cot", 3, 1.0, 80), make_request("codes", 4, 1.0, lm_top_k=100),
+                make_request("cot", 5, 3.0, 80, use_cot_caption=False)]
+    for request in requests[:2]:
+        request.sampling = type(request.sampling)(**{**request.sampling.__dict__, "repetition_penalty": 1.5})
+    _assert_same(runner.generate(requests), fast_engine.generate(requests))
+
+
+def test_requests_joining_a_running_batch_get_their_solo_tokens(fast_engine, make_request):
+    requests = [make_request("cot", 30, 2.0, 70), make_request("codes", 31, 2.0),
+                make_request("cot", 32, 1.0, 70, use_cot_caption=False), make_request("codes", 33, 1.0)]
+    solo = [fast_engine.generate([r])[0] for r in requests]
+    joins = {0: [0], 3: [1], 11: [2, 3]}  # step -> requests that join before it
+    rids, step = {}, 0
+    while step <= max(joins) or fast_engine.has_unfinished():
+        for index in joins.get(step, []):
+            rids[index] = fast_engine.add_request(requests[index])
+        fast_engine.step()
+        step += 1
+    assert [fast_engine.pop_result(rids[i]) for i in range(len(requests))] == solo
+
+
+def test_small_engine_admits_in_chunks_and_reuses_slots(lm_handler, runner, make_request):
+    from acestep.lm.fast import build_fast_engine
+
+    engine = build_fast_engine(lm_handler, max_rows=4, max_len=1024, chunk_size=1)
+    requests = [make_request("codes", 40 + i, 2.0 if i % 2 else 1.0) for i in range(5)]
+    rids = [engine.add_request(r) for r in requests]
+    engine.step()
+    assert len(engine.scheduler.running) == 1  # chunk_size 1: one request joins per step
+    engine.step()
+    assert [s.slots for s in engine.scheduler.running] == [[0], [1, 2]]
+    while engine.has_unfinished():
+        engine.step()
+        assert engine.scheduler.span() <= 4
+    _assert_same(runner.generate(requests), [engine.pop_result(r) for r in rids])
+
+
+def test_gpu_shaped_steps_give_the_same_tokens(lm_handler, runner, make_request):
+    """The GPU path's shapes and kernels run eagerly on CPU -- joining prompts prefilled in one
+    forward, decode rows padded to a bucket (idle rows at position 0), grouped-query attention over
+    a length bucket: same tokens as the plain path."""
+    from acestep.lm.fast import build_fast_engine
+
+    engine = build_fast_engine(lm_handler, max_rows=12, max_len=700, chunk_size=2, batch_prefill=True,
+                               decode_attention="gqa", check_fsm=True)
+    engine.decoder.bucketed = True
+    assert engine.decoder.rows == [2, 4, 8, 12] and engine.decoder.lengths == [256, 512, 700]
+    requests = [make_request("codes", 70 + i, 2.0 if i % 2 else 1.0) for i in range(5)]
+    requests.append(make_request("cot", 75, 2.0, 60, use_cot_caption=False))
+    _assert_same(runner.generate(requests), engine.generate(requests))
+
+
+def test_rejects_requests_longer_than_the_cache(lm_handler, make_request):
+    engine = FastEngine(lm_handler.llm.model, lm_handler.llm.runner.tables, lm_handler.llm.runner.encode,
+                        lm_handler.llm.runner.pad_id, max_rows=2, max_len=16)
+    with pytest.raises(ValueError, match="max_len"):
+        engine.add_request(make_request("cot", 1, 2.0, 10))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_engine_matches_eager_engine(lm_handler, make_request):
+    """On a GPU: decode steps replayed from CUDA graphs (bucketed rows and lengths) give the
+    eager engine's tokens (fp32; bucketed lengths may change float rounding, hence 'most')."""
+    runner = lm_handler.llm.runner
+    model = runner.model.to("cuda")
+    try:
+        requests = [make_request("codes", 60 + i, 2.0) for i in range(4)]
+        make = lambda graphs: FastEngine(model, runner.tables, runner.encode, runner.pad_id,
+                                         max_rows=8, max_len=1024, use_cuda_graphs=graphs)
+        graphed, eager = make(True), make(False)
+        assert graphed.capture_cuda_graphs() == len(graphed.decoder.rows) * len(graphed.decoder.lengths)
+        got, want = graphed.generate(requests), eager.generate(requests)
+        assert sum(g == w for g, w in zip(got, want)) >= 3
+    finally:
+        runner.model.to("cpu")
+
+
+def test_fast_backend_is_a_drop_in_for_the_planner(lm_handler):
+    """Swapping the handler's backend for ``FastBackend`` leaves two-phase plans unchanged."""
+    from acestep.lm.fast import FastBackend
+    from acestep.params import GenerationConfig, GenerationParams
+
+    params = GenerationParams(caption="lofi beat", lyrics="[Instrumental]", duration=10, use_cot_caption=False,
+                              lm_cfg_scale=2.0)
+    config = GenerationConfig(batch_size=2, allow_lm_batch=True)
+    plain = lm_handler.plan(params, config, [5, 6])
+    pt_backend = lm_handler.llm
+    lm_handler.llm = FastBackend(pt_backend, max_rows=8, max_len=lm_handler.max_model_len)
+    try:
+        fast = lm_handler.plan(params, config, [5, 6])
+    finally:
+        lm_handler.llm = pt_backend
+    assert [(p.metadata, p.audio_codes) for p in fast] == [(p.metadata, p.audio_codes) for p in plain]
+    assert all(p.audio_codes for p in fast)
