@@ -61,6 +61,8 @@ class LLMHandler:
         self.max_model_len = C.DEFAULT_MAX_MODEL_LEN
         self.max_duration = C.DURATION_MAX
         self.model_path: Optional[Path] = None
+        self.fast_path: Optional[bool] = None  # None: on CUDA
+        self.max_rows = 64
         self._render = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -70,10 +72,14 @@ class LLMHandler:
 
     def initialize(self, checkpoint_dir: str, lm_model_path: Optional[str] = None, backend: str = "pt",
                    device: str = "auto", offload_to_cpu: bool = False, dtype: Optional[torch.dtype] = None,
-                   max_duration: Optional[int] = None, max_model_len: int = C.DEFAULT_MAX_MODEL_LEN) -> Tuple[str, bool]:
+                   max_duration: Optional[int] = None, max_model_len: int = C.DEFAULT_MAX_MODEL_LEN,
+                   fast_path: Optional[bool] = None, max_rows: int = 64) -> Tuple[str, bool]:
         """Load tokenizer + model from ``checkpoint_dir/lm_model_path``; returns (status, True).
 
+        ``fast_path`` (default: on CUDA) runs the pt backend on ``acestep.lm.fast`` (static KV cache
+        of ``max_rows`` slots, CUDA-graph decode steps, device-side constraints, continuous batching).
         Raises FileNotFoundError / ValueError / RuntimeError instead of upstream's (❌…, False)."""
+        self.fast_path, self.max_rows = fast_path, int(max_rows)
         if backend not in BACKENDS:
             raise ValueError(f"unknown LM backend {backend!r}; expected one of {BACKENDS}")
         if offload_to_cpu:
@@ -89,7 +95,8 @@ class LLMHandler:
             logger.warning("the vllm backend needs CUDA; falling back to the pt backend on %s", self.device)
             backend = "pt"
         self._load(path, backend)
-        status = f"✅ 5Hz LM initialized\nModel: {path}\nBackend: {backend}\nDevice: {self.device}"
+        engine = type(self.llm).__name__
+        status = f"✅ 5Hz LM initialized\nModel: {path}\nBackend: {backend} ({engine})\nDevice: {self.device}"
         return status, True
 
     def _load(self, path: Path, backend: str) -> None:
@@ -109,21 +116,32 @@ class LLMHandler:
         else:
             from acestep.lm.backends.pt_backend import PtBackend
 
-            self.llm = PtBackend(path, self.device, self.dtype, self.llm_tokenizer, self.max_duration)
+            self.llm = self._maybe_fast(PtBackend(path, self.device, self.dtype, self.llm_tokenizer,
+                                                  self.max_duration))
         self.llm_backend, self.model_path, self.llm_initialized = backend, path, True
 
-    def attach_model(self, model, tokenizer, max_duration: Optional[int] = None) -> None:
+    def attach_model(self, model, tokenizer, max_duration: Optional[int] = None,
+                     fast_path: Optional[bool] = None, max_rows: int = 64) -> None:
         """Use an in-memory causal LM + tokenizer (pt backend) instead of loading a folder."""
         from acestep.lm.backends.pt_backend import PtBackend
 
         self.unload()
+        self.fast_path, self.max_rows = fast_path, int(max_rows)
         self.llm_tokenizer = tokenizer
         self._render = P.chat_renderer(tokenizer)
         param = next(model.parameters())
         self.device, self.dtype = str(param.device), param.dtype
         self.max_duration = int(max_duration or C.max_duration_for_vram(_total_vram_gb(self.device)))
-        self.llm = PtBackend.from_model(model, tokenizer, self.max_duration)
+        self.llm = self._maybe_fast(PtBackend.from_model(model, tokenizer, self.max_duration))
         self.llm_backend, self.llm_initialized = "pt", True
+
+    def _maybe_fast(self, pt_backend):
+        use_fast = self.fast_path if self.fast_path is not None else self.device.startswith("cuda")
+        if not use_fast:
+            return pt_backend
+        from acestep.lm.fast.backend import FastBackend
+
+        return FastBackend(pt_backend, max_rows=self.max_rows, max_len=self.max_model_len)
 
     def unload(self) -> None:
         if self.llm is not None and hasattr(self.llm, "close"):

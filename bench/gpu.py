@@ -191,7 +191,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=480.0, help="global deadline for all sections")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--sections", default="dit,vae,encoders,lm,e2e")
+    parser.add_argument("--sections", default="dit,vae,encoders,lm,lm-ours,e2e")
     args = parser.parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -200,6 +200,10 @@ def main(argv: List[str] | None = None) -> int:
         try:
             if name == "lm":
                 bench_lm_baseline(bench, dtype)
+            elif name == "lm-ours":
+                from bench.lm import run as run_lm
+
+                run_lm(bench, dtype)
             elif name == "e2e":
                 from bench.e2e import run as run_e2e
 

@@ -75,7 +75,7 @@ class PtRunner:
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _new_row(self, req: LMRequest) -> _Row:
-        gen = torch.Generator(device=self.device)
+        gen = torch.Generator()  # CPU on every device: the fast path draws the same stream
         gen.manual_seed(int(req.seed) & 0xFFFF_FFFF_FFFF_FFFF)
         state = F.new_state(req.fsm, self.tables, self.encode) if req.fsm is not None else None
         return _Row(req, gen, state)

@@ -94,7 +94,9 @@ def top_p_filter(logits: torch.Tensor, p: Optional[float]) -> torch.Tensor:
 def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     """Inverse-CDF draw of one index from ``probs`` with one uniform from ``generator``."""
     cdf = probs.cumsum(0)
-    u = torch.rand((), generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[-1]
+    # The uniform comes from the row's CPU generator (one stream on every device, shared with the
+    # fast path); only the CDF lives on the model's device.
+    u = torch.rand((), generator=generator, dtype=cdf.dtype).to(cdf.device) * cdf[-1]
     return int(torch.searchsorted(cdf, u.reshape(1), right=True).clamp(max=probs.numel() - 1))
 
 

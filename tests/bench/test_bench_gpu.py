@@ -12,7 +12,8 @@ def test_bench_gpu_tiny_runs(tmp_path):
     assert main(["--tiny", "--out", str(out), "--iters", "1", "--budget-s", "300"]) == 0
     results = json.loads(out.read_text())
     assert set(results["sections"]) == {"dit ms/forward", "vae decode", "encoders", "lm decode (transformers generate)",
-                                        "generate_music end to end", "throughput (in-process batching engines)"}
+                                        "generate_music end to end", "throughput (in-process batching engines)",
+                                        "lm decode (our engines)"}
     throughput = results["sections"]["throughput (in-process batching engines)"][0]
     assert throughput["songs"] == 4 and throughput["max_lm_engine_batch"] > 1
     dit_rows = results["sections"]["dit ms/forward"]
