@@ -75,6 +75,9 @@ class LMSettings(_Strict):
     model: str = Field("acestep-5Hz-lm-0.6B", description="LM folder name under the checkpoints root.")
     backend: Literal["pt", "vllm"] = Field("pt", description="LM engine: 'pt' (transformers) or 'vllm' (GPU).")
     device: str = Field("auto", description="Torch device: auto, cpu, cuda, cuda:N, mps.")
+    fast_path: Optional[bool] = Field(None, description="Run the pt backend on the static-cache / CUDA-graph engine "
+                                                        "(acestep.lm.fast); null: on CUDA only.")
+    max_rows: int = Field(64, ge=2, le=512, description="KV-cache slots of the fast path (a CFG request takes two).")
     batch_chunk_size: int = Field(8, ge=1, le=64, description="Most requests one LM batch takes (lm_batch_chunk_size).")
     batch_wait_timeout_s: float = Field(0.05, ge=0, le=5, description="How long a batch waits to fill up.")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
@@ -85,6 +88,9 @@ class DiTSettings(_Strict):
 
     model: str = Field("acestep-v15-turbo", description="DiT folder name under the checkpoints root.")
     device: str = Field("auto", description="Torch device: auto, cpu, cuda, cuda:N, mps.")
+    attention: Literal["auto", "band", "dense"] = Field(
+        "auto", description="Sliding layers on FlexAttention ('band') or SDPA with a dense mask; auto: band on CUDA.")
+    compile_model: bool = Field(False, description="torch.compile each DiT block (fewer launches per step).")
     max_batch_size: int = Field(4, ge=1, le=64, description="Most requests one render batch takes.")
     batch_wait_timeout_s: float = Field(0.05, ge=0, le=5, description="How long a render batch waits to fill up.")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)

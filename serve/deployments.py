@@ -309,7 +309,8 @@ def load_lm(config: AppConfig):
 
     handler = LLMHandler()
     handler.initialize(str(config.checkpoint_root()), lm_model_path=config.lm.model,
-                       backend=config.lm.backend, device=config.lm.device)
+                       backend=config.lm.backend, device=config.lm.device, fast_path=config.lm.fast_path,
+                       max_rows=config.lm.max_rows)
     return handler
 
 
@@ -317,5 +318,6 @@ def load_dit(config: AppConfig):
     from acestep.handler import AceStepHandler
 
     handler = AceStepHandler()
-    handler.initialize_service(str(config.checkpoint_root()), config.dit.model, device=config.dit.device)
+    handler.initialize_service(str(config.checkpoint_root()), config.dit.model, device=config.dit.device,
+                               attention=config.dit.attention, compile_model=config.dit.compile_model)
     return handler
