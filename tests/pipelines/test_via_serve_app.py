@@ -1,7 +1,7 @@
 """``--via-serve`` against the real Serve app (serve.app:build_app on the demo checkpoints).
 
-Starting the app costs ~40 s on 2 CPUs, so this runs only with ACESTEP_SLOW_TESTS=1; the always-on
-test (test_render.py) uses a tiny in-test deployment with the same ``generate`` method."""
+Starting the app costs ~40 s on 2 CPUs; it runs by default (ACESTEP_FAST_TESTS=1 skips it), beside
+the quicker test in test_render.py that uses a tiny in-test deployment with the same ``generate``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import os
 import pytest
 import soundfile as sf
 
-pytestmark = pytest.mark.skipif(os.environ.get("ACESTEP_SLOW_TESTS") != "1", reason="set ACESTEP_SLOW_TESTS=1")
+pytestmark = pytest.mark.skipif(os.environ.get("ACESTEP_FAST_TESTS") == "1", reason="ACESTEP_FAST_TESTS=1")
 
 
 def test_rows_render_through_the_real_app(demo_root, tmp_path):
