@@ -56,14 +56,18 @@ def run_generate(args) -> int:
 
         llm = LLMHandler()
         llm.initialize(args.checkpoints, args.lm, backend="pt", device=args.device)
-    bar = tqdm(total=100, desc="diffusion", unit="%")
+    bars = {}
 
     def progress(fraction: float, desc: str = "") -> None:
-        bar.set_description(desc or "diffusion")
+        # one bar for the LM (its descriptions start with "LM"), one for the diffusion
+        name = "LM" if desc.startswith("LM") else "diffusion"
+        bar = bars.get(name) or bars.setdefault(name, tqdm(total=100, desc=name, unit="%"))
+        bar.set_description(desc or name)
         bar.update(int(fraction * 100) - bar.n)
 
     result = generate_music(dit, llm, params, config, save_dir=args.out, progress=progress)
-    bar.close()
+    for bar in bars.values():
+        bar.close()
     if not result.success:
         print(f"error: {result.error}", file=sys.stderr)
         return 2

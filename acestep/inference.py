@@ -126,40 +126,35 @@ def merge_plan(params: GenerationParams, plan: Optional[LMPlan]) -> GenerationPa
     return merged
 
 
-def plan_music(llm_handler, params: GenerationParams, config: GenerationConfig, seeds: List[int]) -> PlanOutcome:
-    """Run the LM when the params ask for it and one is loaded; otherwise pass through."""
+def plan_music(llm_handler, params: GenerationParams, config: GenerationConfig, seeds: List[int],
+               progress: Optional[Callable[[Any], None]] = None, cancel: Optional[Any] = None,
+               group: Optional[str] = None) -> PlanOutcome:
+    """Run the LM when the params ask for it and one is loaded; otherwise pass through.
+    ``progress`` receives ``acestep.lm.request.LMProgress`` events, ``cancel`` is an
+    ``acestep.lm.request.Cancellation``, ``group`` labels the engine requests (see the planner)."""
     if not uses_lm(llm_handler, params):
         return PlanOutcome(plans=None, params=params)
     started = time.perf_counter()
-    plans = llm_handler.plan(params, config, seeds)
-    phase1 = sum(p.phase1_time for p in plans)
-    phase2 = sum(p.phase2_time for p in plans)
+    plans = llm_handler.plan(params, config, seeds, progress=progress, cancel=cancel, group=group)
+    # items decode concurrently: a phase's time is its longest item's
+    phase1 = max(p.phase1_time for p in plans)
+    phase2 = max(p.phase2_time for p in plans)
     costs = {"lm_phase1_time": phase1, "lm_phase2_time": phase2, "lm_total_time": time.perf_counter() - started}
     status = f"LM planned {len(plans)} item(s): phase1 {phase1:.2f}s, phase2 {phase2:.2f}s"
     return PlanOutcome(plans=plans, params=merge_plan(params, plans[0]), time_costs=costs, status=status)
 
 
-def plan_music_batch(llm_handler, jobs: List[Any], on_engine_batch: Optional[Callable[[int], None]] = None,
-                     on_done: Optional[Callable[[Any], None]] = None) -> List[Any]:
-    """``plan_music`` for many requests at once (``.params``, ``.config``, ``.seeds`` each): every
-    request plans on its own thread and their LM decodes coalesce into shared engine batches
-    (``acestep.lm.coalescing``). A failed request gets its exception in place of a PlanOutcome."""
+def plan_music_batch(llm_handler, jobs: List[Any]) -> List[Any]:
+    """``plan_music`` for many requests at once (``.params``, ``.config``, ``.seeds`` each), one
+    thread per request: their engine requests meet in the LM engine's running batch. A failed
+    request gets its exception in place of a PlanOutcome."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from acestep.lm.coalescing import CoalescingLM
-
-    lm = CoalescingLM(llm_handler, len(jobs), on_engine_batch) if llm_handler is not None else None
 
     def run(job):
         try:
-            return plan_music(lm, job.params, job.config, job.seeds)
+            return plan_music(llm_handler, job.params, job.config, job.seeds)
         except Exception as error:  # reported per request
             return error
-        finally:
-            if lm is not None:
-                lm.finished()
-            if on_done is not None:
-                on_done(job)
 
     with ThreadPoolExecutor(max_workers=max(1, len(jobs)), thread_name_prefix="lm-planner") as pool:
         return list(pool.map(run, jobs))
@@ -278,13 +273,25 @@ def render_music(dit_handler, params: GenerationParams, config: GenerationConfig
     return result
 
 
+def _lm_progress(progress: Optional[Progress]):
+    """LM progress into the seed's ``progress(fraction, desc)`` callback, desc starting with "LM"."""
+    if progress is None:
+        return None
+
+    def report(event) -> None:
+        expected = event.tokens_expected or "?"
+        progress(event.fraction or 0.0, f"LM {event.phase} {event.tokens_done}/{expected} tokens")
+
+    return report
+
+
 def generate_music(dit_handler, llm_handler, params: GenerationParams, config: GenerationConfig,
                    save_dir: Optional[str] = None, progress: Optional[Progress] = None) -> GenerationResult:
     """The seed's entry point. Errors come back as ``success=False, error=...``, never raised."""
     try:
         is_turbo = dit_handler.is_turbo if getattr(dit_handler, "is_initialized", False) else None
         params, config, seeds = prepare_request(params, config, is_turbo=is_turbo)
-        outcome = plan_music(llm_handler, params, config, seeds)
+        outcome = plan_music(llm_handler, params, config, seeds, progress=_lm_progress(progress))
         result = render_music(dit_handler, params, config, seeds, outcome.plans, save_dir, progress,
                               outcome.time_costs)
         if outcome.status:

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Union
 DEFAULT_DIT_INSTRUCTION = "Fill the audio semantic mask based on the given conditions:"
 MAX_CAPTION_CHARS = 512  # INFERENCE.md limits on user text
 MAX_LYRICS_CHARS = 4096
+DEFAULT_LM_TEMPERATURE = 0.85  # generation and the LM helpers alike (INFERENCE.md)
 
 
 @dataclass
@@ -52,7 +53,7 @@ class GenerationParams:
     audio_cover_strength: float = 1.0
     # 5 Hz LM parameters
     thinking: bool = True
-    lm_temperature: float = 0.85
+    lm_temperature: float = DEFAULT_LM_TEMPERATURE
     lm_cfg_scale: float = 2.0
     lm_top_k: int = 0
     lm_top_p: float = 0.9
@@ -143,6 +144,22 @@ class FormatSampleResult:
     status_message: str = ""
     success: bool = True
     error: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class LMHelperOptions:
+    """Sampling knobs of the LM helpers (understand_music / create_sample / format_sample) with the
+    seed's defaults; the helper signatures and the HTTP schemas take their defaults from here."""
+
+    temperature: float = DEFAULT_LM_TEMPERATURE
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    repetition_penalty: float = 1.0
+    use_constrained_decoding: bool = True
+    constrained_decoding_debug: bool = False
+
+
+LM_HELPER_DEFAULTS = LMHelperOptions()
 
 
 @dataclass

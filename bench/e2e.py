@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from acestep.checkpoints.bundle import DiTBundle, load_tokenizer
-from acestep.checkpoints.demo import DEMO_LM_NAME, write_demo_checkpoints
+from acestep.checkpoints.demo import write_demo_checkpoints
+from acestep.checkpoints.demo_lm import DEMO_LM_DIRNAME
 from acestep.checkpoints.layout import resolve_dit_checkpoint
 from acestep.handler import AceStepHandler
 from acestep.inference import (
@@ -37,7 +38,7 @@ def build_handlers(tiny: bool, device: torch.device, dtype: torch.dtype):
     if tiny:
         dit, llm = AceStepHandler(), LLMHandler()
         dit.initialize_service(str(root), "acestep-v15-turbo", device=str(device), dtype=dtype)
-        llm.initialize(str(root), DEMO_LM_NAME, backend="pt", device=str(device), dtype=dtype)
+        llm.initialize(str(root), DEMO_LM_DIRNAME, backend="pt", device=str(device), dtype=dtype)
         return dit, llm
     checkpoint = resolve_dit_checkpoint(root, "acestep-v15-turbo")
     bundle = DiTBundle(vae=models.build_vae(False, device, dtype),
@@ -46,7 +47,7 @@ def build_handlers(tiny: bool, device: torch.device, dtype: torch.dtype):
                        **models.build_dit(False, device, dtype))
     dit = AceStepHandler.from_bundle(bundle)
     llm = LLMHandler()
-    llm.attach_model(models.build_lm(LM_NAME, False, device, dtype), load_tokenizer(root / DEMO_LM_NAME))
+    llm.attach_model(models.build_lm(LM_NAME, False, device, dtype), load_tokenizer(root / DEMO_LM_DIRNAME))
     return dit, llm
 
 

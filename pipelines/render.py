@@ -4,8 +4,9 @@
     acestep render --input prompts.parquet --output out/ --demo --no-lm
     acestep render --input prompts.jsonl --output out/ --via-serve acestep   # a running Serve app
 
-Pipeline: input rows (driver: ids, resume) → ``LMStage`` (actor pool, batches of
-``--lm-batch-size`` rows) → ``DiTStage`` (its own actor pool; writes ``audio/{id}_{i}.{format}``) →
+Pipeline: input rows (driver: ids, resume) → ``LMStage`` (actor pool; each actor keeps
+``--lm-rows-in-flight`` rows planning at once in its one LM engine, a stream of rows: a finished row
+leaves and the next joins) → ``DiTStage`` (its own actor pool; writes ``audio/{id}_{i}.{format}``) →
 the driver's writer (journal, then ``manifest.jsonl`` + ``manifest.parquet``). ``--via-serve`` replaces
 both model stages with ``ServeStage``. Rerunning the same command resumes: complete rows are skipped.
 """
@@ -24,9 +25,9 @@ from typing import List, Optional
 from pipelines.manifest import Manifest, ManifestRecord
 from pipelines.rows import InputRow, read_rows
 
+from acestep.lm.constants import DEFAULT_LM_MODEL
+
 logger = logging.getLogger(__name__)
-DEMO_LM = "acestep-5Hz-lm-0.6B"
-DEFAULT_LM = "acestep-5Hz-lm-1.7B"
 
 
 @dataclass
@@ -38,7 +39,7 @@ class RenderOptions:
     checkpoints: Optional[str] = None  # checkpoints root (DiT folders, vae/, text encoder, LM folders)
     demo: bool = False  # write the tiny demo checkpoints under {output}/.demo-checkpoints and use them
     dit_config: str = "acestep-v15-turbo"  # DiT folder name under the checkpoints root
-    lm: Optional[str] = None  # LM folder name (default: the 1.7B LM, the 0.6B with --demo)
+    lm: str = DEFAULT_LM_MODEL  # LM folder name under the checkpoints root
     no_lm: bool = False  # no LM: render from the rows' captions and metadata only
     lm_backend: str = "pt"
     device: str = "auto"  # device for both models inside their actors
@@ -48,7 +49,7 @@ class RenderOptions:
     dit_gpus: float = 0.0  # GPUs per DiT actor
     lm_cpus: float = 1.0  # CPUs per LM actor
     dit_cpus: float = 1.0  # CPUs per DiT actor
-    lm_batch_size: int = 8  # rows per LM batch (lm_batch_chunk_size)
+    lm_rows_in_flight: int = 8  # rows one LM actor plans at once (they share its engine's batch)
     dit_batch_size: int = 1  # rows per DiT batch
     via_serve: Optional[str] = None  # Serve app name: send rows to it instead of starting model actors
     serve_actors: int = 1  # actors sending rows to the Serve app (each keeps a batch in flight)
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--demo", action="store_true", help="use tiny demo checkpoints (written under --output)")
     p.add_argument("--dit-config", default="acestep-v15-turbo", help="DiT folder under the checkpoints root")
     lm = p.add_mutually_exclusive_group()
-    lm.add_argument("--lm", default=None, help=f"5 Hz LM folder (default {DEFAULT_LM}; {DEMO_LM} with --demo)")
+    lm.add_argument("--lm", default=DEFAULT_LM_MODEL, help=f"5 Hz LM folder (default {DEFAULT_LM_MODEL})")
     lm.add_argument("--no-lm", action="store_true", help="no LM: DiT only")
     p.add_argument("--lm-backend", default="pt", choices=("pt", "vllm"))
     p.add_argument("--device", default="auto")
@@ -96,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{stage}-actors", type=int, default=1, help=f"{stage.upper()} actor pool size")
         p.add_argument(f"--{stage}-gpus", type=float, default=0.0, help=f"GPUs per {stage.upper()} actor")
         p.add_argument(f"--{stage}-cpus", type=float, default=1.0, help=f"CPUs per {stage.upper()} actor")
-    p.add_argument("--lm-batch-size", type=int, default=8, help="rows per LM batch (lm_batch_chunk_size)")
+    p.add_argument("--lm-rows-in-flight", type=int, default=8,
+                   help="rows one LM actor plans at once; a finished row makes room for the next")
     p.add_argument("--dit-batch-size", type=int, default=1, help="rows per DiT batch")
     p.add_argument("--via-serve", metavar="APP", default=None, help="send rows to this running Serve app")
     p.add_argument("--serve-actors", type=int, default=1)
@@ -117,6 +119,10 @@ def parse_options(argv: List[str]) -> RenderOptions:
 
 
 def _resolve_models(options: RenderOptions) -> None:
+    """Demo checkpoints written when asked; the DiT and LM folders checked before Ray starts
+    (FileNotFoundError naming the folder and what exists)."""
+    from acestep.checkpoints.layout import resolve_dit_checkpoint, resolve_lm_dir
+
     if options.demo:
         from acestep.checkpoints.demo import write_demo_checkpoints
 
@@ -124,9 +130,12 @@ def _resolve_models(options: RenderOptions) -> None:
         if not (root / options.dit_config).is_dir():
             write_demo_checkpoints(root)
         options.checkpoints = str(root)
-        options.lm = options.lm or DEMO_LM
-    options.checkpoints = str(Path(options.checkpoints).resolve()) if options.checkpoints else None
-    options.lm = None if options.no_lm else (options.lm or DEFAULT_LM)
+    options.checkpoints = str(Path(options.checkpoints).resolve())
+    resolve_dit_checkpoint(options.checkpoints, options.dit_config)
+    if options.no_lm:
+        options.lm = None
+    else:
+        resolve_lm_dir(options.checkpoints, options.lm)
 
 
 def _ensure_ray() -> None:
@@ -153,13 +162,16 @@ def build_dataset(options: RenderOptions, pending: List[InputRow]):
                               compute=ray.data.ActorPoolStrategy(size=options.serve_actors), num_cpus=0.1)
     from pipelines.stages import DiTStage, LMStage
 
-    ds = ds.map_batches(LMStage, batch_size=options.lm_batch_size,
+    # One row per call, many calls running at once per actor (threads): rows stream through the
+    # actor's one engine, each leaving as soon as it is planned, instead of blocks finishing together.
+    in_flight = max(1, options.lm_rows_in_flight)
+    lm_pool = ray.data.ActorPoolStrategy(size=options.lm_actors, max_tasks_in_flight_per_actor=in_flight,
+                                         max_concurrent_calls_per_actor=in_flight, enable_true_multi_threading=True)
+    ds = ds.map_batches(LMStage, batch_size=1,
                         fn_constructor_kwargs={"checkpoints": options.checkpoints, "lm_model": options.lm,
                                                "backend": options.lm_backend, "device": options.device,
                                                "audio_format": options.audio_format},
-                        compute=ray.data.ActorPoolStrategy(size=options.lm_actors),
-                        num_cpus=options.lm_cpus, num_gpus=options.lm_gpus)
-    # LM batches come out as one block each; re-cut them (streaming) so every DiT actor gets work.
+                        compute=lm_pool, num_cpus=options.lm_cpus, num_gpus=options.lm_gpus)
     ds = ds.repartition(target_num_rows_per_block=options.dit_batch_size)
     return ds.map_batches(DiTStage, batch_size=options.dit_batch_size,
                           fn_constructor_kwargs={"checkpoints": options.checkpoints, "output_dir": output,
@@ -197,10 +209,15 @@ def run(options: RenderOptions) -> RenderSummary:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """CLI entry: 0 when every row of the input is complete, 1 when some failed or are pending."""
+    """CLI entry: 0 when every row of the input is complete, 1 when some failed or are pending,
+    2 when a model folder is missing (said in one line, before Ray starts)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     options = parse_options(list(sys.argv[1:] if argv is None else argv))
-    summary = run(options)
+    try:
+        summary = run(options)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(summary.line())
     print(f"manifest: {Path(options.output) / 'manifest.parquet'} (+ manifest.jsonl)")
     complete = sum(1 for r in summary.records if r.error is None and r.files)

@@ -144,7 +144,7 @@ class Ingress:
         self.lm, self.dit, self.store = lm, dit, store
         self.max_upload = int(config.ingress.max_upload_mb * 2**20)
         self._dit_info: Optional[Dict[str, Any]] = None
-        self._background: set = set()
+        self._background: Dict[str, asyncio.Task] = {}
 
     # -- Python handle API -------------------------------------------------------------------------
 
@@ -195,7 +195,7 @@ class Ingress:
         """Start a generation; poll ``GET /v1/tasks/{id}`` or stream ``/v1/tasks/{id}/events``."""
         params, config, seeds, uploads = await self._read_generate(request)
         task_id = await self._create_task({"source": "v1/tasks"})
-        self._start(self._execute(task_id, params, config, seeds, uploads))
+        self._start(task_id, self._execute(task_id, params, config, seeds, uploads))
         return TaskAccepted(task_id=task_id, phase="queued", status_url=f"/v1/tasks/{task_id}",
                             events_url=f"/v1/tasks/{task_id}/events")
 
@@ -204,6 +204,19 @@ class Ingress:
         record = await self.store.get.remote(task_id)
         if record is None:
             return JSONResponse({"detail": f"unknown task id {task_id!r}"}, status_code=404)
+        record.pop("request", None)
+        return record
+
+    @api.delete("/v1/tasks/{task_id}", response_model=TaskStatus)
+    async def cancel_task(self, task_id: str):
+        """Cancel an unfinished task: it ends ``failed`` with error ``cancelled``; its LM rows are
+        freed at the engine's next step. 404 for an unknown id, 409 for a task already finished."""
+        if not await self.store.fail.remote(task_id, "cancelled"):
+            record = await self.store.get.remote(task_id)
+            if record is None:
+                return JSONResponse({"detail": f"unknown task id {task_id!r}"}, status_code=404)
+            return JSONResponse({"detail": f"task {task_id!r} already {record['phase']}"}, status_code=409)
+        record = await self.store.get.remote(task_id)
         record.pop("request", None)
         return record
 
@@ -306,7 +319,7 @@ class Ingress:
         uploads = {name: check_audio_upload(name, data, self.max_upload) for name, data in files.items()}
         params, config, seeds = await self._prepare(params, config, uploads)
         task_id = await self._create_task({"source": "release_task"})
-        self._start(self._execute_compat(task_id, params, config, seeds, uploads, extras))
+        self._start(task_id, self._execute_compat(task_id, params, config, seeds, uploads, extras))
         queued = (await self.store.stats.remote())["tasks"]["queued"]
         return compat.envelope({"task_id": task_id, "status": "queued", "queue_position": max(queued, 1)})
 
@@ -416,16 +429,35 @@ class Ingress:
             raise FieldError("task", "server busy: too many unfinished tasks, retry later", 429)
         return task_id
 
-    def _start(self, coroutine) -> None:
-        task = asyncio.create_task(_swallow(coroutine))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _start(self, task_id: str, coroutine) -> None:
+        task = asyncio.create_task(_swallow(self._drive(task_id, coroutine)))
+        self._background[task_id] = task
+        task.add_done_callback(lambda _: self._background.pop(task_id, None))
+
+    async def _drive(self, task_id: str, coroutine) -> None:
+        """Run a task's pipeline until it ends or the task turns final elsewhere (DELETE on any
+        ingress replica marks it failed in the store), which cancels the pipeline."""
+        work = asyncio.ensure_future(coroutine)
+        watch = asyncio.ensure_future(self._until_final(task_id))
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pending in (work, watch):
+                if not pending.done():
+                    pending.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+
+    async def _until_final(self, task_id: str) -> None:
+        while await self.store.wait_final.remote(task_id, 60.0) not in (None, *FINAL_PHASES):
+            pass
 
     async def _execute(self, task_id, params, config, seeds, uploads) -> Tuple[Dict[str, Any], RenderOutput]:
+        calls = []
         try:
             plan = self.lm.plan.remote(PlanRequest(task_id, params, config, seeds))  # not awaited: an object ref
-            rendered: RenderOutput = await self.dit.render.remote(
-                RenderRequest(task_id, params, config, seeds, uploads), plan)
+            calls.append(plan)
+            calls.append(self.dit.render.remote(RenderRequest(task_id, params, config, seeds, uploads), plan))
+            rendered: RenderOutput = await calls[-1]
             audios = []
             for item in rendered.items:
                 file_key = f"{item.key}.{item.format}"
@@ -438,6 +470,9 @@ class Ingress:
             await self.store.finish.remote(task_id, output)
             return output, rendered
         except BaseException as error:
+            if isinstance(error, asyncio.CancelledError):
+                for call in calls:  # the LM aborts the task's engine rows; the DiT drops its part
+                    call.cancel()
             await asyncio.shield(self.store.fail.remote(task_id, _message(error)))
             if isinstance(_cause(error), ValueError):
                 raise _field_error_from(_cause(error)) from None

@@ -78,6 +78,11 @@ def run_serve(args: argparse.Namespace) -> int:
     config = AppConfig.model_validate(app.get("args") or {})
     if config.demo:  # write the demo set before any replica starts (each would otherwise race to do it)
         print(f"demo checkpoints: {config.checkpoint_root()}", flush=True)
+    try:  # a missing model folder: one line now, not a traceback from a replica later
+        config.check_model_folders()
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     # Ray workers inherit the environment: make this checkout importable by the replicas.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     ray.init(num_cpus=getattr(args, "num_cpus", None), num_gpus=getattr(args, "num_gpus", None),

@@ -13,6 +13,9 @@ from typing import Any, Dict, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from acestep.lm.constants import DEFAULT_LM_MODEL, DEFAULT_MAX_MODEL_LEN
+from acestep.lm.engine import ENGINE_DEFAULTS, EngineSettings
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -68,18 +71,33 @@ class DeploymentOptions(_Strict):
         }
 
 
+class LMEngineSettings(_Strict):
+    """The LM replica's one engine (``acestep.lm.engine.EngineSettings``): requests join its running
+    batch between decode steps; requests beyond its free rows wait inside it, first come first served."""
+
+    max_rows: int = Field(ENGINE_DEFAULTS.max_rows, ge=2, le=512,
+                          description="KV-cache rows; a CFG request (lm_cfg_scale > 1) takes two.")
+    max_admit_per_step: int = Field(ENGINE_DEFAULTS.max_admit_per_step, ge=1, le=64,
+                                    description="Most requests that join between two decode steps (each costs a prefill).")
+    max_model_len: int = Field(DEFAULT_MAX_MODEL_LEN, ge=256, le=32768,
+                               description="Positions per row: prompt + completion of one LM request.")
+    use_cuda_graphs: Optional[bool] = Field(None, description="Replay decode steps from CUDA graphs; null: on CUDA.")
+
+    def to_library(self) -> EngineSettings:
+        return EngineSettings(max_rows=self.max_rows, max_len=self.max_model_len,
+                              max_admit_per_step=self.max_admit_per_step, use_cuda_graphs=self.use_cuda_graphs)
+
+
 class LMSettings(_Strict):
-    """The 5 Hz LM replica: which checkpoint, which engine, how it batches."""
+    """The 5 Hz LM replica: which checkpoint, which backend, its engine's limits."""
 
     enabled: bool = Field(True, description="Load the LM; when false, requests run DiT-only (no thinking).")
-    model: str = Field("acestep-5Hz-lm-0.6B", description="LM folder name under the checkpoints root.")
-    backend: Literal["pt", "vllm"] = Field("pt", description="LM engine: 'pt' (transformers) or 'vllm' (GPU).")
+    model: str = Field(DEFAULT_LM_MODEL, description="LM folder name under the checkpoints root.")
+    backend: Literal["pt", "vllm"] = Field(
+        "pt", description="LM backend: 'pt' (transformers weights on our engine, CPU/GPU) or 'vllm' "
+                          "(GPU, lm_cfg_scale = 1 only).")
     device: str = Field("auto", description="Torch device: auto, cpu, cuda, cuda:N, mps.")
-    fast_path: Optional[bool] = Field(None, description="Run the pt backend on the static-cache / CUDA-graph engine "
-                                                        "(acestep.lm.fast); null: on CUDA only.")
-    max_rows: int = Field(64, ge=2, le=512, description="KV-cache slots of the fast path (a CFG request takes two).")
-    batch_chunk_size: int = Field(8, ge=1, le=64, description="Most requests one LM batch takes (lm_batch_chunk_size).")
-    batch_wait_timeout_s: float = Field(0.05, ge=0, le=5, description="How long a batch waits to fill up.")
+    engine: LMEngineSettings = Field(default_factory=LMEngineSettings)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
 
@@ -148,6 +166,15 @@ class AppConfig(_Strict):
         if not self.demo and not self.checkpoints:
             raise ValueError("set 'checkpoints' (a checkpoints root) or 'demo: true'")
         return self
+
+    def check_model_folders(self) -> None:
+        """FileNotFoundError naming the missing DiT or LM folder (and the LM folders that exist)."""
+        from acestep.checkpoints.layout import resolve_dit_checkpoint, resolve_lm_dir
+
+        root = self.checkpoint_root()
+        resolve_dit_checkpoint(root, self.dit.model)
+        if self.lm.enabled:
+            resolve_lm_dir(root, self.lm.model)
 
     def checkpoint_root(self) -> Path:
         """The checkpoints root on this node; demo checkpoints are written here on first use."""

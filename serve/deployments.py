@@ -1,13 +1,14 @@
 """Serve deployments: thin shells over the library's handlers (which also work without Ray).
 
-- ``LMDeployment``: ``LLMHandler`` + ``acestep.inference.plan_music``; ``@serve.batch`` groups concurrent
-  requests (up to ``lm.batch_chunk_size``) and records the batch sizes it saw (``stats()``).
+- ``LMDeployment``: ``LLMHandler`` + ``acestep.inference.plan_music``; every request goes straight
+  into the replica's one LM engine (continuous batching; ``stats()`` shows the engine's counters).
 - ``DiTDeployment``: ``AceStepHandler`` + ``render_music``; ``@serve.batch`` groups requests and merges
   compatible ones into one render call; encodes audio on the replica, so only encoded bytes leave it.
 - ``TaskStoreDeployment``: one replica holding ``serve.tasks.TaskStore`` (tasks, events, audio).
 
-Model work runs on one worker thread per replica (handlers are not thread-safe); progress goes to the
-store as fire-and-forget handle calls scheduled on the replica's event loop.
+DiT work runs on one worker thread per replica (the handler is not thread-safe); the LM's engine has
+its own loop thread and planners wait on it from a thread each. Progress goes to the store as
+fire-and-forget handle calls scheduled on the replica's event loop.
 """
 
 from __future__ import annotations
@@ -102,14 +103,15 @@ class _ModelReplica:
         self._loop = asyncio.get_running_loop()
         return await self._loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
-    def _report(self, task_ids: List[str], phase: str, progress: float, message: str = "") -> None:
-        """Fire-and-forget progress update for each task; callable from the loop or the model thread."""
+    def _report(self, task_ids: List[str], phase: str, progress: float, message: str = "",
+                detail: Optional[Dict[str, Any]] = None) -> None:
+        """Fire-and-forget progress update for each task; callable from the loop or any thread."""
         if self._store is None:
             return
 
         def send():
             for task_id in task_ids:
-                self._store.update.remote(task_id, phase, progress, message)
+                self._store.update.remote(task_id, phase, progress, message, detail)
 
         try:
             asyncio.get_running_loop()
@@ -119,65 +121,97 @@ class _ModelReplica:
                 self._loop.call_soon_threadsafe(send)
 
     def stats(self) -> Dict[str, Any]:
-        sizes = dict(sorted(self._batch_sizes.items()))
-        return {"replica": self._replica, "pid": os.getpid(), "batch_sizes": sizes,
-                "max_batch_size": max(sizes, default=0), "batches": sum(sizes.values())}
+        return {"replica": self._replica, "pid": os.getpid()}
+
+
+LM_START, LM_DONE = 0.05, 0.3  # the LM's share of a task's progress
+
+
+def lm_fraction(event) -> float:
+    """A task's progress for an ``LMProgress``: the CoT fills 0.05-0.10 (its length is the model's
+    choice, so it approaches 0.10), the codes 0.10-0.29 in proportion (0.30: LM done)."""
+    if event.phase == "cot":
+        return LM_START + 0.05 * event.tokens_done / (event.tokens_done + 100)
+    return 0.10 + (LM_DONE - 0.11) * (event.fraction or 0.0)
 
 
 @serve.deployment(name="LMDeployment")
 class LMDeployment(_ModelReplica):
-    """The 5 Hz LM: plans metadata + audio codes for many requests per batch."""
+    """The 5 Hz LM: one engine per replica (inside the ``LLMHandler``). Each request's items go
+    straight into it and join its running batch between decode steps -- no Serve batching, no waves.
+    Concurrency is bounded by ``max_ongoing_requests`` and by the engine's KV rows."""
 
     def __init__(self, config: AppConfig, store=None):
         self._setup(store)
         self.settings = config.lm
         self.handler = load_lm(config) if config.lm.enabled else None
-        self._engine_batch_sizes: Counter = Counter()
-        self._plan_batch.set_max_batch_size(self.settings.batch_chunk_size)
-        self._plan_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        # planners mostly wait on engine futures: one thread per request the replica may hold
+        self._planners = ThreadPoolExecutor(max_workers=config.lm.deployment.max_ongoing_requests,
+                                            thread_name_prefix="lm-planner")
+        self._requests = 0
 
     async def plan(self, job: PlanRequest):
-        """PlanOutcome for one request (plans, merged params, time_costs, status)."""
-        outcome = await self._plan_batch(job)
-        if isinstance(outcome, _Failure):
-            raise outcome.error
+        """PlanOutcome for one request (plans, merged params, time_costs, status). A cancelled call
+        (client gone, task deleted, timeout) aborts the request's engine rows at the next step."""
+        from acestep.inference import plan_music
+        from acestep.lm.request import Cancellation
+
+        self._loop = asyncio.get_running_loop()
+        self._requests += 1
+        cancel = Cancellation()
+        progress = self._progress_reporter(job.task_id) if self.handler is not None else None
+        work = self._loop.run_in_executor(self._planners, lambda: plan_music(
+            self.handler, job.params, job.config, job.seeds, progress=progress, cancel=cancel, group=job.task_id))
+        try:
+            outcome = await work
+        except asyncio.CancelledError:
+            cancel.cancel()
+            raise
+        if outcome.plans is not None:
+            self._report([job.task_id], "lm", LM_DONE, "LM done")
         return outcome
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _plan_batch(self, jobs: List[PlanRequest]) -> List[Any]:
-        self._batch_sizes[len(jobs)] += 1
-        self._report([job.task_id for job in jobs], "lm", 0.05, f"LM batch of {len(jobs)}")
-        return await self._run(self._plan_all, jobs)
+    def _progress_reporter(self, task_id: str):
+        def report(event) -> None:  # on the engine thread
+            detail = {"lm_phase": event.phase, "tokens_done": event.tokens_done,
+                      "tokens_expected": event.tokens_expected}
+            expected = event.tokens_expected or "?"
+            self._report([task_id], "lm", lm_fraction(event), f"LM {event.phase} {event.tokens_done}/{expected}",
+                         detail)
 
-    def _plan_all(self, jobs: List[PlanRequest]) -> List[Any]:
-        from acestep.inference import plan_music_batch
-
-        def engine_batch(rows: int) -> None:
-            self._engine_batch_sizes[rows] += 1
-
-        outcomes = plan_music_batch(self.handler, jobs, on_engine_batch=engine_batch,
-                             on_done=lambda job: self._report([job.task_id], "lm", 0.3, "LM done"))
-        return [_Failure(o) if isinstance(o, BaseException) else o for o in outcomes]
+        return report
 
     def stats(self) -> Dict[str, Any]:
-        """Requests per Serve batch (``batch_sizes``) and LM requests per engine call (``engine_batch_sizes``)."""
-        engine = dict(sorted(self._engine_batch_sizes.items()))
-        return {**super().stats(), "engine_batch_sizes": engine, "max_engine_batch_size": max(engine, default=0)}
+        """Plan requests taken, and the engine's rows, queue, steps and per-task peaks (``engine``)."""
+        engine = self.handler.stats() if self.handler is not None else {}
+        return {**super().stats(), "requests": self._requests, "engine": engine}
 
     async def understand(self, audio_codes: str, **kwargs):
         from acestep.inference import understand_music
 
-        return await self._run(understand_music, self._require_lm(), audio_codes, **kwargs)
+        return await self._helper(understand_music, audio_codes, **kwargs)
 
     async def create_sample(self, query: str, **kwargs):
         from acestep.inference import create_sample
 
-        return await self._run(create_sample, self._require_lm(), query, **kwargs)
+        return await self._helper(create_sample, query, **kwargs)
 
     async def format_sample(self, caption: str, lyrics: str, **kwargs):
         from acestep.inference import format_sample
 
-        return await self._run(format_sample, self._require_lm(), caption, lyrics, **kwargs)
+        return await self._helper(format_sample, caption, lyrics, **kwargs)
+
+    async def _helper(self, fn, *args, **kwargs):
+        from acestep.lm.request import Cancellation
+
+        handler, cancel = self._require_lm(), Cancellation()
+        work = asyncio.get_running_loop().run_in_executor(
+            self._planners, lambda: fn(handler, *args, cancel=cancel, **kwargs))
+        try:
+            return await work
+        except asyncio.CancelledError:
+            cancel.cancel()
+            raise
 
     def info(self) -> Dict[str, Any]:
         return {"enabled": self.handler is not None, "model": self.settings.model, "backend": self.settings.backend}
@@ -210,8 +244,9 @@ class DiTDeployment(_ModelReplica):
 
     def stats(self) -> Dict[str, Any]:
         """Requests per Serve batch (``batch_sizes``) and items per DiT forward batch (``dit_batch_sizes``)."""
-        dit = dict(sorted(self._dit_batch_sizes.items()))
-        return {**super().stats(), "dit_batch_sizes": dit, "max_dit_batch_size": max(dit, default=0)}
+        sizes, dit = dict(sorted(self._batch_sizes.items())), dict(sorted(self._dit_batch_sizes.items()))
+        return {**super().stats(), "batch_sizes": sizes, "max_batch_size": max(sizes, default=0),
+                "batches": sum(sizes.values()), "dit_batch_sizes": dit, "max_dit_batch_size": max(dit, default=0)}
 
     async def render(self, job: RenderRequest, outcome) -> RenderOutput:
         """``outcome`` is the LM's PlanOutcome; callers pass the LM call's DeploymentResponse unawaited."""
@@ -307,10 +342,10 @@ class TaskStoreDeployment(TaskStore):
 def load_lm(config: AppConfig):
     from acestep.llm_inference import LLMHandler
 
+    engine = config.lm.engine
     handler = LLMHandler()
-    handler.initialize(str(config.checkpoint_root()), lm_model_path=config.lm.model,
-                       backend=config.lm.backend, device=config.lm.device, fast_path=config.lm.fast_path,
-                       max_rows=config.lm.max_rows)
+    handler.initialize(str(config.checkpoint_root()), lm_model_path=config.lm.model, backend=config.lm.backend,
+                       device=config.lm.device, max_model_len=engine.max_model_len, engine=engine.to_library())
     return handler
 
 

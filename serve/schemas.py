@@ -146,6 +146,8 @@ class TaskStatus(BaseModel):
     updated_at: float
     result: Optional[GenerationOutput] = None
     error: Optional[str] = None
+    detail: Optional[Dict[str, Any]] = Field(
+        None, description="Phase detail, e.g. the LM's lm_phase, tokens_done and tokens_expected.")
 
 
 class _LMSamplingRequest(_RequestBase):

@@ -29,6 +29,7 @@ class TaskEvent:
     progress: float
     message: str
     time: float
+    detail: Optional[Dict[str, Any]] = None  # e.g. the LM's {lm_phase, tokens_done, tokens_expected}
 
 
 @dataclass
@@ -42,6 +43,7 @@ class TaskRecord:
     request: Dict[str, Any] = field(default_factory=dict)
     result: Optional[Dict[str, Any]] = None
     error: Optional[str] = None
+    detail: Optional[Dict[str, Any]] = None
     events: List[TaskEvent] = field(default_factory=list)
 
     def summary(self) -> Dict[str, Any]:
@@ -78,7 +80,8 @@ class TaskStore:
         self._tasks[task_id] = record
         return task_id
 
-    async def update(self, task_id: str, phase: str, progress: float, message: str = "") -> bool:
+    async def update(self, task_id: str, phase: str, progress: float, message: str = "",
+                     detail: Optional[Dict[str, Any]] = None) -> bool:
         """Move a task forward; stale or backward updates are ignored (returns False)."""
         record = self._tasks.get(task_id)
         if record is None or record.phase in FINAL_PHASES or phase not in _RANK:
@@ -87,7 +90,7 @@ class TaskStore:
         if _RANK[phase] < _RANK[record.phase] or (phase == record.phase and progress <= record.progress):
             return False
         progress = max(progress, record.progress)
-        await self._record(record, phase, progress, message)
+        await self._record(record, phase, progress, message, detail)
         return True
 
     async def finish(self, task_id: str, result: Dict[str, Any]) -> None:
@@ -96,11 +99,14 @@ class TaskStore:
             record.result = result
             await self._record(record, "done", 1.0, "done")
 
-    async def fail(self, task_id: str, error: str) -> None:
+    async def fail(self, task_id: str, error: str) -> bool:
+        """Mark an unfinished task failed with ``error`` (a cancellation too); False if already final."""
         record = self._tasks.get(task_id)
-        if record is not None and record.phase not in FINAL_PHASES:
-            record.error = error
-            await self._record(record, "failed", record.progress, error)
+        if record is None or record.phase in FINAL_PHASES:
+            return False
+        record.error = error
+        await self._record(record, "failed", record.progress, error)
+        return True
 
     async def get(self, task_id: str) -> Optional[Dict[str, Any]]:
         record = self._tasks.get(task_id)
@@ -125,16 +131,36 @@ class TaskStore:
                 pass
         return newer()
 
+    async def wait_final(self, task_id: str, timeout_s: float = 60.0) -> Optional[str]:
+        """The task's phase once it is final (done/failed), waiting up to ``timeout_s``; the current
+        phase on timeout; None for an unknown task."""
+        if task_id not in self._tasks:
+            return None
+
+        def final() -> bool:
+            record = self._tasks.get(task_id)
+            return record is None or record.phase in FINAL_PHASES
+
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(final), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        record = self._tasks.get(task_id)
+        return record.phase if record is not None else None
+
     async def stats(self) -> Dict[str, Any]:
         counts = {phase: 0 for phase in PHASES}
         for record in self._tasks.values():
             counts[record.phase] += 1
         return {"tasks": counts, "audio_files": len(self._audio), "audio_bytes": self._audio_bytes}
 
-    async def _record(self, record: TaskRecord, phase: str, progress: float, message: str) -> None:
+    async def _record(self, record: TaskRecord, phase: str, progress: float, message: str,
+                      detail: Optional[Dict[str, Any]] = None) -> None:
         now = time.time()
         record.phase, record.progress, record.message, record.updated_at = phase, progress, message, now
-        record.events.append(TaskEvent(next(self._seq), phase, progress, message, now))
+        record.detail = detail
+        record.events.append(TaskEvent(next(self._seq), phase, progress, message, now, detail))
         async with self._changed:
             self._changed.notify_all()
 

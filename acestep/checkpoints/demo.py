@@ -19,7 +19,6 @@ from acestep.checkpoints.mapping import unmap_name
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_TEXT_HIDDEN = 32
-DEMO_LM_NAME = "acestep-5Hz-lm-0.6B"
 
 # Overrides of the real 2B config: same keys, tiny sizes. FSQ levels (64,000 codes), the 5-frame
 # pooling and the 1920-sample hop stay real so codes, latents and audio lengths behave as in
@@ -111,7 +110,7 @@ def write_demo_checkpoints(directory: str | Path, seed: int = 0, with_lm: bool =
     write_vae_folder(root / VAE_DIR, seed + 2)
     write_text_encoder_folder(root / TEXT_ENCODER_DIR, seed + 3)
     if with_lm:
-        from acestep.checkpoints.demo_lm import write_demo_lm
+        from acestep.checkpoints.demo_lm import DEMO_LM_DIRNAME, write_demo_lm
 
-        write_demo_lm(root / DEMO_LM_NAME, seed=seed + 4)
+        write_demo_lm(root / DEMO_LM_DIRNAME, seed=seed + 4)
     return root

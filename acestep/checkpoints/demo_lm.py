@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from acestep.checkpoints.demo_tokenizer import build_qwen_tokenizer, save_pretrained_tokenizer
+from acestep.lm.constants import DEFAULT_LM_MODEL
 
-DEMO_LM_DIRNAME = "acestep-5Hz-lm-0.6B"
+DEMO_LM_DIRNAME = DEFAULT_LM_MODEL
 
 
 def qwen3_chat_template() -> str:

@@ -58,6 +58,18 @@ def resolve_dit_checkpoint(project_root: Optional[str | Path], config_path: str 
     )
 
 
+def resolve_lm_dir(checkpoint_dir: str | Path, name: str) -> Path:
+    """The 5 Hz LM folder ``name`` under ``checkpoint_dir``; the error names the LM folders there."""
+    from acestep.lm.constants import LM_DIR_PREFIX
+
+    root = Path(checkpoint_dir)
+    path = root / name
+    if (path / "config.json").is_file():
+        return path
+    found = sorted(p.name for p in root.iterdir() if p.name.startswith(LM_DIR_PREFIX)) if root.is_dir() else []
+    raise FileNotFoundError(f"5 Hz LM folder {path} not found; LM folders in {root}: {', '.join(found) or 'none'}")
+
+
 def _require(path: Path, what: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")

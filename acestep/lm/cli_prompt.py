@@ -6,8 +6,10 @@ without, the packaged stock Qwen3 template is rendered with jinja2 as transforme
 
 Input keys per mode (all optional unless noted):
   cot            caption, lyrics, lm_negative_prompt
-  codes          caption, lyrics, metadata (the CoT dict: bpm, caption, duration, keyscale,
-                 language, timesignature), lm_negative_prompt
+  codes          caption, lyrics, lm_negative_prompt, lm_cfg_scale, and the CoT the pipeline
+                 re-serialises: metadata (the phase-1 dict: bpm, caption, duration, keyscale,
+                 language, timesignature), or, when the user gave all of bpm, keyscale,
+                 timesignature and duration (phase 1 is skipped then), those four fields
   create_sample  query, instrumental
   format_sample  caption, lyrics
   understand     audio_codes
@@ -19,6 +21,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, Optional
 
 from acestep.lm import constants as C
@@ -35,9 +38,7 @@ def build_prompts(mode: str, data: Dict[str, Any], render: P.Render) -> Dict[str
         return {"prompt": P.cot_prompt(render, caption, lyrics),
                 "uncond_prompt": P.cot_uncond_prompt(render, lyrics, negative)}
     if mode == "codes":
-        cot = P.format_metadata_as_cot(data.get("metadata") or {})
-        return {"prompt": P.codes_prompt(render, caption, lyrics, cot),
-                "uncond_prompt": P.codes_uncond_prompt(render, caption, lyrics, negative)}
+        return _codes_prompts(data, render)
     if mode == "create_sample":
         return {"prompt": P.create_sample_prompt(render, data.get("query", ""), bool(data.get("instrumental", False))),
                 "uncond_prompt": None}
@@ -46,6 +47,23 @@ def build_prompts(mode: str, data: Dict[str, Any], render: P.Render) -> Dict[str
     if mode == "understand":
         return {"prompt": P.understand_prompt(render, data.get("audio_codes", "")), "uncond_prompt": None}
     raise ValueError(f"unknown prompt mode {mode!r}; expected one of {MODES}")
+
+
+def _codes_prompts(data: Dict[str, Any], render: P.Render) -> Dict[str, Optional[str]]:
+    """Phase 2's prompts built by the planner's own functions, from the metadata the pipeline would
+    have at that point: the CoT's, or the user's four values when phase 1 is skipped."""
+    from acestep.lm import planner
+    from acestep.params import GenerationParams
+
+    fields = {k: data[k] for k in ("caption", "lyrics", "lm_negative_prompt", "lm_cfg_scale", "bpm", "keyscale",
+                                   "timesignature", "duration") if data.get(k) is not None}
+    params = GenerationParams(**fields)
+    metadata = data.get("metadata") or planner.user_metadata_from_params(params)
+    if not data.get("metadata") and not planner.has_all_metas(metadata):
+        raise ValueError("mode 'codes' needs 'metadata' (the CoT written in phase 1) or all of bpm, keyscale, "
+                         "timesignature and duration (then the pipeline skips phase 1)")
+    prompt, uncond = planner.codes_prompts(SimpleNamespace(render=render), params, metadata)
+    return {"prompt": prompt, "uncond_prompt": uncond}
 
 
 def renderer_for(checkpoint: Optional[str]) -> P.Render:

@@ -37,6 +37,8 @@ COT_FIELD_ORDER = ("bpm", "caption", "duration", "genres", "keyscale", "language
 COT_YAML_KEYS = ("bpm", "caption", "duration", "keyscale", "language", "timesignature")
 
 DEFAULT_MAX_MODEL_LEN = 4096
+DEFAULT_LM_MODEL = "acestep-5Hz-lm-0.6B"  # the seed's example LM; the demo checkpoints write this folder
+LM_DIR_PREFIX = "acestep-5Hz-lm-"
 
 
 def max_duration_for_vram(total_gb: float | None) -> int:

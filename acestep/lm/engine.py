@@ -1,145 +1,307 @@
-"""Paired-CFG decoding on a transformers causal LM (the pt backend's tensor runner).
+"""``LMEngine``: the one LM engine -- continuous-batching paired-CFG decoding on a static KV cache.
 
-Every request is one conditional row, plus one unconditional row when its ``cfg_scale`` > 1.
-All rows decode together in one batch sharing one ``DynamicCache``: prompts are left-padded,
-masked, and given position ids that start at 0 on each row's first real token, so a row computes
-what it would compute alone. Per step the runner mixes ``uncond + s·(cond − uncond)``, applies the
-row's FSM and sampling, and feeds the one sampled token to both rows of the pair. Finished rows
-are dropped from the batch (and from the cache) as soon as they stop."""
+Requests join and leave between decode steps. Each request draws from its own ``torch.Generator``
+seeded with its seed (one uniform per sampled step, none when greedy, on the CPU), keeps its own
+positions and FSM, so its tokens do not depend on its batch-mates; they equal the plain path's
+(``acestep.lm.plain.PtRunner``, the test oracle). Per step:
+
+1. the scheduler admits up to ``max_admit_per_step`` waiting requests (first come first served,
+   while KV rows are free); each one's prompts are prefilled into its rows;
+2. the host plans each running row's allowed set (``masks.plan_row``) and the device samples every
+   row at once (``sampler.sample``); one sync fetches (token, decision) per row;
+3. the host advances the FSMs, finishes rows (freeing their slots), and runs one decode step (a
+   CUDA graph on GPU) feeding each token to both rows of its pair.
+
+The engine is single-threaded bookkeeping plus tensor work; ``acestep.lm.loop.EngineLoop`` is the
+one thread that drives it for concurrent callers."""
 
 from __future__ import annotations
 
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Optional
 
 import torch
-from transformers import DynamicCache
 
 from acestep.lm import fsm as F
-from acestep.lm.sampling import SamplingConfig, cfg_mix, sample_token
+from acestep.lm.fast import masks as M
+from acestep.lm.fast.graphs import DecodeRunner
+from acestep.lm.fast.model import FastQwen3
+from acestep.lm.fast.sampler import SampleInputs, sample
+from acestep.lm.fast.scheduler import Job, Scheduler
+from acestep.lm.request import LMRequest
 from acestep.lm.vocab import TokenTables
+
+UNIFORM_BLOCK = 64  # uniforms drawn per refill (the CPU stream equals one draw per step)
 
 
 @dataclass
-class LMRequest:
-    """One generation: prompt ids (+ the unconditional prompt when CFG is on), constraints,
-    sampling knobs, the seed of its private RNG and its token budget."""
+class _RowState:
+    generator: torch.Generator
+    fsm: F.FsmState | None
+    uniforms: list[float] = field(default_factory=list)
 
-    prompt_ids: List[int]
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    seed: int = 0
-    max_new_tokens: int = 256
-    uncond_ids: Optional[List[int]] = None
-    fsm: Optional[F.FsmSpec] = None
+    def next_uniform(self) -> float:
+        if not self.uniforms:
+            self.uniforms = torch.rand(UNIFORM_BLOCK, generator=self.generator, dtype=torch.float32).tolist()[::-1]
+        return self.uniforms.pop()
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Limits and kernels of one ``LMEngine`` (``serve/config.py`` exposes the same fields).
+
+    max_rows: KV-cache rows; a CFG request takes two, so ``max_rows // 2`` CFG requests decode at once.
+    max_len: positions per row (prompt + completion).
+    max_admit_per_step: most requests that join between two decode steps (each join costs a prefill).
+    use_cuda_graphs / batch_prefill / decode_attention: ``None`` = the device's default (graphs, one
+    prefill forward for all joiners and grouped-query decode attention on CUDA; eager, one prefill
+    per prompt and SDPA on CPU, where one-row shapes reproduce the plain path's rounding best).
+    check_fsm: re-check every sampled token against the host FSM (tests)."""
+
+    max_rows: int = 64
+    max_len: int = 4096
+    max_admit_per_step: int = 8
+    use_cuda_graphs: Optional[bool] = None
+    batch_prefill: Optional[bool] = None
+    decode_attention: Optional[str] = None
+    check_fsm: bool = False
 
     def __post_init__(self):
-        if self.sampling.uses_cfg and not self.uncond_ids:
-            raise ValueError("a request with cfg_scale > 1 needs an unconditional prompt")
-        if not self.prompt_ids:
-            raise ValueError("empty prompt")
+        if self.max_rows < 2:
+            raise ValueError(f"max_rows must be >= 2 (one CFG pair), got {self.max_rows}")
+        if self.max_len < 16:
+            raise ValueError(f"max_len must be >= 16, got {self.max_len}")
+        if self.max_admit_per_step < 1:
+            raise ValueError(f"max_admit_per_step must be >= 1, got {self.max_admit_per_step}")
 
 
-@dataclass(eq=False)  # rows compare by identity
-class _Row:
-    """Decoding state of one request (bookkeeping only, no tensors but its generator)."""
-
-    request: LMRequest
-    generator: torch.Generator
-    fsm: Optional[F.FsmState]
-    tokens: List[int] = field(default_factory=list)
-    finished: bool = False
+ENGINE_DEFAULTS = EngineSettings()
+_GROUPS_KEPT = 1024  # per-group peaks remembered for stats
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ids [R, L], attention mask [R, L] and position ids (0 at each row's first real token)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device)
+class LMEngine:
+    """Paired-CFG, FSM-constrained decoding of ``LMRequest``s on a ``Qwen3ForCausalLM``."""
 
-
-class PtRunner:
-    """Runs batches of ``LMRequest`` on a transformers ``*ForCausalLM``."""
-
-    def __init__(self, model, tables: TokenTables, encode: Callable[[str], List[int]], pad_id: int):
+    def __init__(self, model, tables: TokenTables, encode: Callable[[str], list[int]], pad_id: int,
+                 settings: EngineSettings = ENGINE_DEFAULTS):
+        self.settings = settings
         self.model = model
         self.device = next(model.parameters()).device
-        self.tables = tables.to(self.device)
-        self.encode = encode
-        self.pad_id = pad_id
+        self.net = FastQwen3(model, settings.max_rows, settings.max_len, settings.decode_attention)
+        graphs = self.device.type == "cuda" if settings.use_cuda_graphs is None else settings.use_cuda_graphs
+        self.decoder = DecodeRunner(self.net, graphs)
+        self.tables = tables.to("cpu")  # the FSM's bookkeeping stays on the host
+        self.encode, self.pad_id = encode, pad_id
+        self.vocab = self.net.dims.vocab
+        self.masks = M.MaskTable(self.vocab, self.device)
+        self.seen = torch.zeros((settings.max_rows, self.vocab), dtype=torch.bool, device=self.device)
+        self.scheduler = Scheduler(settings.max_rows, settings.max_admit_per_step)
         self.stop_ids = {tables.eos_id} | ({tables.pad_id} if tables.pad_id is not None else set())
+        self.results: dict[int, list[int]] = {}
+        self.check_fsm = settings.check_fsm
+        self.batch_prefill = self.device.type == "cuda" if settings.batch_prefill is None else settings.batch_prefill
+        self._jobs: dict[int, Job] = {}
+        self._next_rid = 0
+        self._counts: Counter = Counter()
+        self._group_live: Counter = Counter()
+        self._group_peak: OrderedDict[str, int] = OrderedDict()
 
-    # -- bookkeeping -----------------------------------------------------------------------
-    def _new_row(self, req: LMRequest) -> _Row:
-        gen = torch.Generator()  # CPU on every device: the fast path draws the same stream
-        gen.manual_seed(int(req.seed) & 0xFFFF_FFFF_FFFF_FFFF)
-        state = F.new_state(req.fsm, self.tables, self.encode) if req.fsm is not None else None
-        return _Row(req, gen, state)
+    # -- continuous API ------------------------------------------------------------------------
+    def check(self, request: LMRequest) -> None:
+        """Raise ValueError if ``request`` can never run here (thread-safe: reads settings only)."""
+        longest = request.longest_prompt
+        if longest + max(request.max_new_tokens, 1) > self.net.max_len:
+            raise ValueError(f"prompt ({longest}) + max_new_tokens ({request.max_new_tokens}) exceeds "
+                             f"the engine's max_len {self.net.max_len}")
+        if request.rows > self.settings.max_rows:
+            raise ValueError(f"request needs {request.rows} rows; the engine has {self.settings.max_rows}")
 
-    def _finish_step(self, live: List[_Row], tokens: torch.Tensor) -> None:
-        for row, tok in zip(live, tokens.tolist()):
-            row.tokens.append(tok)
-            if row.fsm is not None:
-                F.advance(row.fsm, self.tables, tok)
-            if tok in self.stop_ids or len(row.tokens) >= row.request.max_new_tokens:
-                row.finished = True
+    def add_request(self, request: LMRequest) -> int:
+        """Queue a request; returns its id (its tokens land in ``results[rid]`` when done)."""
+        self.check(request)
+        gen = torch.Generator()
+        gen.manual_seed(int(request.seed) & 0xFFFF_FFFF_FFFF_FFFF)
+        state = F.new_state(request.fsm, self.tables, self.encode) if request.fsm is not None else None
+        rid, self._next_rid = self._next_rid, self._next_rid + 1
+        job = Job(rid, request, request.rows, _RowState(gen, state))
+        self.scheduler.add(job)
+        self._jobs[rid] = job
+        self._counts["added"] += 1
+        self._enter_group(request.group)
+        return rid
 
-    # -- tensor work -------------------------------------------------------------------------
-    def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :]
+    def abort(self, rid: int) -> bool:
+        """Drop one waiting or running request (its rows are freed at once, no result)."""
+        job = self._jobs.pop(rid, None)
+        if job is None:
+            return False
+        self.scheduler.drop(job)
+        self._counts["aborted"] += 1
+        self._leave_group(job.request.group)
+        return True
 
-    def _sample_row(self, row: _Row, cond: torch.Tensor, uncond: Optional[torch.Tensor]) -> int:
-        cfg = row.request.sampling
+    def abort_all(self) -> list[int]:
+        """Drop every waiting and running request; returns their ids."""
+        rids = list(self._jobs)
+        for rid in rids:
+            self.abort(rid)
+        return rids
 
-        def scores_at(ids: Optional[torch.Tensor]) -> torch.Tensor:
-            c = cond if ids is None else cond[ids]
-            return c.float() if uncond is None else cfg_mix(c, uncond if ids is None else uncond[ids], cfg.cfg_scale)
+    def capture_cuda_graphs(self) -> int:
+        """Capture all decode graphs now instead of on first use (CUDA only; engine idle)."""
+        if self.has_unfinished():
+            raise RuntimeError("capture the CUDA graphs before adding requests")
+        return self.decoder.capture_all()
 
-        ids = F.allowed(row.fsm, self.tables, scores_at) if row.fsm is not None else None
-        history = None
-        if cfg.repetition_penalty != 1.0:
-            history = torch.tensor(row.request.prompt_ids + row.tokens, device=cond.device)
-        return sample_token(scores_at(ids), ids, cfg, row.generator, history)
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
 
-    def _sample(self, logits: torch.Tensor, live: List[_Row], paired: List[_Row]) -> torch.Tensor:
-        """One token per live row; a paired row's guided logits mix its cond and uncond rows."""
-        uncond_row = {id(r): len(live) + j for j, r in enumerate(paired)}
-        tokens = [self._sample_row(r, logits[i], logits[uncond_row[id(r)]] if id(r) in uncond_row else None)
-                  for i, r in enumerate(live)]
-        return torch.tensor(tokens, dtype=torch.long, device=logits.device)
+    def pop_result(self, rid: int) -> list[int]:
+        return self.results.pop(rid)
+
+    def progress(self) -> list[tuple[int, int]]:
+        """(request id, tokens generated so far) of every running request."""
+        return [(job.rid, len(job.tokens)) for job in self.scheduler.running]
 
     @torch.inference_mode()
-    def generate(self, requests: Sequence[LMRequest]) -> List[List[int]]:
-        """Generated token ids per request (stop token included, prompt excluded)."""
-        rows = [self._new_row(r) for r in requests]
-        live, paired = list(rows), [r for r in rows if r.request.sampling.uses_cfg]
-        prompts = [r.request.prompt_ids for r in live] + [r.request.uncond_ids for r in paired]
-        ids, mask, positions = left_pad(prompts, self.pad_id, self.device)
-        cache = DynamicCache()
-        logits = self._forward(ids, mask, positions, cache)
-        next_pos = positions[:, -1] + 1
-        while live:
-            tokens = self._sample(logits, live, paired)
-            self._finish_step(live, tokens)
-            keep = [i for i, r in enumerate(live) if not r.finished]
-            keep += [len(live) + j for j, r in enumerate(paired) if not r.finished]
-            if len(keep) < mask.shape[0]:
-                index = torch.tensor(keep, dtype=torch.long, device=self.device)
-                cache.batch_select_indices(index)
-                mask, next_pos = mask[index], next_pos[index]
-                step_tokens = torch.cat([tokens, tokens[[live.index(r) for r in paired]]])[index]
-                live, paired = [r for r in live if not r.finished], [r for r in paired if not r.finished]
-            else:
-                step_tokens = torch.cat([tokens, tokens[[live.index(r) for r in paired]]])
-            if not live:
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            logits = self._forward(step_tokens.unsqueeze(1), mask, next_pos.unsqueeze(1), cache)
-            next_pos = next_pos + 1
-        return [r.tokens for r in rows]
+    def step(self) -> list[int]:
+        """Admit, sample one token for every running request, decode; returns finished ids."""
+        joined = self.scheduler.admit()
+        if joined:
+            self._prefill(joined)
+        running = list(self.scheduler.running)
+        if not running:
+            return []
+        picks = self._sample(running)  # the step's one host sync
+        done: list[int] = []
+        for seq, (token, decision) in zip(running, picks):
+            seq.tokens.append(token)
+            M.advance_row(seq.state.fsm, self.tables, token, decision, self.check_fsm)
+            if token in self.stop_ids or len(seq.tokens) >= seq.request.max_new_tokens:
+                self._finish(seq)
+                done.append(seq.rid)
+        self._counts["steps"] += 1
+        self._counts["tokens"] += len(running)
+        self._counts["peak_rows_in_use"] = max(self._counts["peak_rows_in_use"],
+                                               sum(seq.slots_needed for seq in running))
+        if self.scheduler.running:
+            self._decode(self.scheduler.running)
+        return done
+
+    def generate(self, requests: Sequence[LMRequest]) -> list[list[int]]:
+        """Generated token ids per request (stop token included, prompt excluded); single caller."""
+        rids = [self.add_request(r) for r in requests]
+        try:
+            while self.has_unfinished():
+                self.step()
+        except BaseException:
+            self.abort_all()
+            raise
+        return [self.pop_result(rid) for rid in rids]
+
+    def stats(self) -> dict[str, Any]:
+        """Rows in use and their peak, running / waiting requests, steps, tokens, and the peak number
+        of requests each recent group held in the engine at once (``group_peaks``)."""
+        counts = dict(self._counts)
+        return {
+            "max_rows": self.settings.max_rows, "max_admit_per_step": self.settings.max_admit_per_step,
+            "rows_in_use": self.scheduler.rows_in_use, "peak_rows_in_use": counts.get("peak_rows_in_use", 0),
+            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+            "steps": counts.get("steps", 0), "tokens": counts.get("tokens", 0),
+            "requests_added": counts.get("added", 0), "requests_finished": counts.get("finished", 0),
+            "requests_aborted": counts.get("aborted", 0), "group_peaks": dict(self._group_peak),
+        }
+
+    def _finish(self, seq: Job) -> None:
+        self.scheduler.finish(seq)
+        self._jobs.pop(seq.rid, None)
+        self.results[seq.rid] = seq.tokens
+        self._counts["finished"] += 1
+        self._leave_group(seq.request.group)
+
+    def _enter_group(self, group: Optional[str]) -> None:
+        if group is None:
+            return
+        self._group_live[group] += 1
+        self._group_peak[group] = max(self._group_peak.get(group, 0), self._group_live[group])
+        self._group_peak.move_to_end(group)
+        while len(self._group_peak) > _GROUPS_KEPT:
+            self._group_peak.popitem(last=False)
+
+    def _leave_group(self, group: Optional[str]) -> None:
+        if group is not None:
+            self._group_live[group] -= 1
+            if self._group_live[group] <= 0:
+                del self._group_live[group]
+
+    # -- tensor work ---------------------------------------------------------------------------
+    def _prefill(self, joined: list[Job]) -> None:
+        prompts, slots = [], []
+        for seq in joined:
+            prompts.append(seq.request.prompt_ids)
+            slots.append(seq.cond_slot)
+            if seq.uncond_slot is not None:
+                prompts.append(seq.request.uncond_ids)
+                slots.append(seq.uncond_slot)
+        logits = self.decoder.logits
+        if self.batch_prefill:
+            logits[self._ids(slots)] = self.net.prefill_many(prompts, slots)
+        else:
+            for prompt, slot in zip(prompts, slots):
+                logits[slot] = self.net.prefill(self._ids(prompt), slot)
+        for seq in joined:
+            self.seen[seq.cond_slot] = False
+            self.seen[seq.cond_slot, self._ids(seq.request.prompt_ids)] = True
+
+    def _ids(self, ids: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(list(ids), dtype=torch.long).to(self.device, non_blocking=True)
+
+    def _inputs(self, running: list[Job]) -> SampleInputs:
+        ints, floats, flags = [], [], []
+        use_k = use_p = False
+        width = 1
+        for seq in running:
+            cfg, row = seq.request.sampling, seq.state
+            plan = M.plan_row(row.fsm, self.tables, self.masks)
+            greedy = cfg.temperature <= 0
+            width = max(width, plan.width(self.masks))
+            k, p = cfg.effective_top_k, cfg.effective_top_p
+            use_k, use_p = use_k or k is not None, use_p or p is not None
+            uncond = seq.uncond_slot if seq.uncond_slot is not None else seq.cond_slot
+            ints.append([seq.cond_slot, uncond, plan.if_true, plan.if_false, plan.predicate, plan.decide,
+                         k if k is not None else self.vocab])
+            floats.append([cfg.cfg_scale, 1.0 if greedy else cfg.temperature, cfg.repetition_penalty,
+                           p if p is not None else 2.0, 0.0 if greedy else row.next_uniform()])
+            flags.append([plan.argmax_one, greedy])
+        i = self._upload(torch.tensor(ints, dtype=torch.long).T)
+        f = self._upload(torch.tensor(floats, dtype=torch.float32).T)
+        b = self._upload(torch.tensor(flags, dtype=torch.bool).T)
+        return SampleInputs(cond=i[0], uncond=i[1], plan=i[2:6].T, argmax_one=b[0], greedy=b[1], scale=f[0],
+                            temperature=f[1], penalty=f[2], top_k=i[6], top_p=f[3], uniform=f[4], width=width,
+                            use_top_k=use_k, use_top_p=use_p)
+
+    def _upload(self, host: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return host.contiguous().pin_memory().to(self.device, non_blocking=True)
+        return host.contiguous()
+
+    def _sample(self, running: list[Job]):
+        x = self._inputs(running)
+        out = sample(self.decoder.logits, self.masks.masks[: self.masks.size], self.seen[x.cond], x)
+        self.seen[x.cond, out[:, 0]] = True
+        return out.tolist()
+
+    def _decode(self, running: list[Job]) -> None:
+        span = self.scheduler.span()
+        tokens, positions = [0] * span, [0] * span
+        for seq in running:
+            n = len(seq.tokens) - 1  # the new token's index in the completion
+            tokens[seq.cond_slot] = seq.tokens[-1]
+            positions[seq.cond_slot] = len(seq.request.prompt_ids) + n
+            if seq.uncond_slot is not None:
+                tokens[seq.uncond_slot] = seq.tokens[-1]
+                positions[seq.uncond_slot] = len(seq.request.uncond_ids) + n
+        self.decoder.run(tokens, positions)
+

@@ -7,21 +7,22 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 from acestep.lm import prompts as P
-from acestep.lm.engine import LMRequest
 from acestep.lm.fsm import FsmSpec
 from acestep.lm.parsing import extract_lyrics, parse_lm_output
 from acestep.lm.planner import LMContext, token_budget
-from acestep.lm.sampling import SamplingConfig
+from acestep.lm.request import Cancellation, LMRequest, SamplingConfig
 
 
 def _run(lm: LMContext, prompt: str, sampling: SamplingConfig, seed: int, constrained: bool,
-         user_metadata: Optional[Dict[str, Any]] = None, skip_language: bool = False) -> str:
+         user_metadata: Optional[Dict[str, Any]] = None, skip_language: bool = False,
+         cancel: Optional[Cancellation] = None) -> str:
     ids = lm.tokenize(prompt)
     spec = FsmSpec(phase="understand", skip_genres=False, skip_language=skip_language,
                    user_metadata=user_metadata or None)
     request = LMRequest(ids, sampling, seed, token_budget(None, len(ids), lm.max_model_len),
                         fsm=spec if constrained else None)
-    text = lm.generate_texts([request])[0]
+    future = lm.submit(request)
+    text = lm.decode((cancel.track(future) if cancel is not None else future).result())
     if not text:
         raise RuntimeError("the LM produced no output")
     return text
@@ -34,9 +35,10 @@ def _metadata_and_lyrics(text: str) -> tuple[Dict[str, Any], str]:
     return metadata, extract_lyrics(text)
 
 
-def understand(lm: LMContext, audio_codes: str, sampling: SamplingConfig, seed: int, constrained: bool = True) -> Dict[str, Any]:
+def understand(lm: LMContext, audio_codes: str, sampling: SamplingConfig, seed: int, constrained: bool = True,
+               cancel: Optional[Cancellation] = None) -> Dict[str, Any]:
     """Codes → metadata + lyrics (blank codes → ``NO USER INPUT``: the LM invents a sample)."""
-    text = _run(lm, P.understand_prompt(lm.render, audio_codes), sampling, seed, constrained)
+    text = _run(lm, P.understand_prompt(lm.render, audio_codes), sampling, seed, constrained, cancel=cancel)
     metadata, lyrics = _metadata_and_lyrics(text)
     if lyrics:
         metadata["lyrics"] = lyrics
@@ -44,11 +46,13 @@ def understand(lm: LMContext, audio_codes: str, sampling: SamplingConfig, seed: 
 
 
 def create_sample(lm: LMContext, query: str, instrumental: bool, vocal_language: Optional[str],
-                  sampling: SamplingConfig, seed: int, constrained: bool = True) -> Dict[str, Any]:
+                  sampling: SamplingConfig, seed: int, constrained: bool = True,
+                  cancel: Optional[Cancellation] = None) -> Dict[str, Any]:
     """Query → caption, metadata, lyrics; a given language (not ``unknown``) is injected."""
     language = (vocal_language or "").strip()
     user = {"language": language} if language and language.lower() != "unknown" else None
-    text = _run(lm, P.create_sample_prompt(lm.render, query, instrumental), sampling, seed, constrained, user)
+    text = _run(lm, P.create_sample_prompt(lm.render, query, instrumental), sampling, seed, constrained, user,
+                cancel=cancel)
     metadata, lyrics = _metadata_and_lyrics(text)
     if lyrics:
         metadata["lyrics"] = lyrics
@@ -75,14 +79,15 @@ def _format_constraints(user_metadata: Optional[Dict[str, Any]]) -> Optional[Dic
 
 
 def format_sample(lm: LMContext, caption: str, lyrics: str, user_metadata: Optional[Dict[str, Any]],
-                  sampling: SamplingConfig, seed: int, constrained: bool = True) -> Dict[str, Any]:
+                  sampling: SamplingConfig, seed: int, constrained: bool = True,
+                  cancel: Optional[Cancellation] = None) -> Dict[str, Any]:
     """Caption + lyrics → enhanced caption, metadata, formatted lyrics (input lyrics if none).
 
     A given language is not injected: its line is skipped (upstream sets ``skip_language``)."""
     constraints = _format_constraints(user_metadata)
     skip_language = bool(constraints and constraints.get("language") is not None)
     text = _run(lm, P.format_sample_prompt(lm.render, caption, lyrics), sampling, seed, constrained,
-                constraints, skip_language)
+                constraints, skip_language, cancel)
     metadata, formatted = _metadata_and_lyrics(text)
     metadata["lyrics"] = formatted or (lyrics if lyrics and lyrics.strip() else "[Instrumental]")
     return metadata

@@ -42,7 +42,8 @@ def tokenizer(lm_handler):
 
 @pytest.fixture(scope="session")
 def runner(lm_handler):
-    return lm_handler.llm.runner
+    """The plain transformers path on the handler's model (the oracle the engine is held to)."""
+    return lm_handler.llm.plain_runner()
 
 
 @pytest.fixture(scope="session")

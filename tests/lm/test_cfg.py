@@ -7,7 +7,7 @@ import torch
 
 from acestep.lm import fsm as F
 from acestep.lm import planner
-from acestep.lm.engine import LMRequest
+from acestep.lm.request import LMRequest
 from acestep.lm.sampling import cfg_mix, sample_token
 from acestep.params import GenerationParams
 
@@ -71,7 +71,7 @@ def test_cfg_scale_one_is_plain_decoding_without_uncond_rows(lm_handler, runner,
         tokens = runner.generate([request])[0]
     finally:
         spy.close()
-    assert all(call.shape[0] == 1 for call in spy.calls)  # one row: no unconditional row
+    assert all(call.shape[0] == 1 + runner.ghost_rows for call in spy.calls)  # no unconditional row
     assert tokens == reference_decode(runner.model, tables, _encode(tokenizer), request, runner.stop_ids)
 
 
@@ -84,8 +84,10 @@ def test_cfg_pairs_share_tokens_and_match_reference(lm_handler, runner, tables, 
     finally:
         spy.close()
     prefill, steps = spy.calls[0], spy.calls[1:]
-    assert prefill.shape[0] == 4  # [cond_0, cond_1, uncond_0, uncond_1]
+    ghosts = runner.ghost_rows  # idle rows at the end (see PtRunner.ghost_rows)
+    assert prefill.shape[0] == 4 + ghosts  # [cond_0, cond_1, uncond_0, uncond_1, ghosts...]
     for step in steps:
+        step = step[: step.shape[0] - ghosts]
         n = step.shape[0] // 2
         assert step.shape[0] == 2 * n and torch.equal(step[:n], step[n:])  # each pair got one token
     for request, tokens in zip(requests, outputs):

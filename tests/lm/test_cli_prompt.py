@@ -41,6 +41,22 @@ def test_codes_prompts_with_checkpoint_template(tmp_path, capsys, lm_dir):
                                     "<|im_end|>\n")
 
 
+def test_codes_prompt_from_the_users_metas_is_the_one_the_pipeline_sends(tmp_path, capsys, lm_handler):
+    from acestep.lm import planner
+    from acestep.params import GenerationParams
+
+    data = {"caption": "calm piano", "lyrics": "la", "bpm": 90, "keyscale": "D minor", "timesignature": "3",
+            "duration": 20}
+    out = _run(tmp_path, capsys, "codes", data, checkpoint=str(lm_handler.model_path))
+    assert "<think>\nbpm: 90\nduration: 20\nkeyscale: D minor\ntimesignature: 3\n</think>" in out["prompt"]
+    params = GenerationParams(**data)  # the pipeline skips phase 1 and re-serialises the user's values
+    request = planner.codes_request(lm_handler, params, planner.user_metadata_from_params(params), 20.0, 1)
+    assert lm_handler.tokenize(out["prompt"]) == request.prompt_ids
+    assert lm_handler.tokenize(out["uncond_prompt"]) == request.uncond_ids
+    with pytest.raises(ValueError, match="metadata"):
+        _run(tmp_path, capsys, "codes", {"caption": "x", "bpm": 90})  # phase 1 would run: no CoT to show
+
+
 @pytest.mark.parametrize("mode,data,needle", [
     ("create_sample", {"query": "sad song", "instrumental": True}, "<|im_start|>user\nsad song\n\ninstrumental: true"),
     ("format_sample", {"caption": "pop", "lyrics": ""}, "# Caption\npop\n\n# Lyric\n[Instrumental]<|im_end|>"),

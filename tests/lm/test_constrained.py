@@ -8,10 +8,9 @@ import pytest
 
 from acestep.lm import constants as C
 from acestep.lm import planner
-from acestep.lm.engine import LMRequest
+from acestep.lm.request import LMRequest, SamplingConfig
 from acestep.lm.fsm import FsmSpec
 from acestep.lm.parsing import count_codes, parse_lm_output
-from acestep.lm.sampling import SamplingConfig
 from acestep.params import GenerationConfig, GenerationParams
 
 TS = {"2", "3", "4", "6"}
@@ -31,7 +30,8 @@ def fifty_cots(lm_handler):
     params = GenerationParams(caption="upbeat electronic dance music", lyrics="[Verse]\nWalking down the street")
     requests = [planner.cot_request(lm_handler, params, {}, seed) for seed in range(50)]
     assert all(r.sampling.cfg_scale == 2.0 and r.uncond_ids for r in requests)  # defaults: CFG on
-    return lm_handler.generate_texts(requests)
+    futures = [lm_handler.submit(r) for r in requests]  # 50 CoTs decode together in the engine
+    return [lm_handler.decode(f.result()) for f in futures]
 
 
 def test_fifty_seeds_phase1_parses_in_range(fifty_cots, lm_handler):

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from acestep.lm.sampling import (SamplingConfig, apply_allowed, cfg_mix, draw, repetition_penalty, sample_token,
+from acestep.lm.request import SamplingConfig
+from acestep.lm.sampling import (apply_allowed, cfg_mix, draw, repetition_penalty, sample_token,
                                  top_p_filter)
 
 

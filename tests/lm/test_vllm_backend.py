@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from acestep.lm import planner
-from acestep.lm.backends import vllm_backend as V
+from acestep.lm import vllm_backend as V
 from acestep.lm.fsm import FsmSpec
 from acestep.lm.sampling import sample_token
 from acestep.params import GenerationParams

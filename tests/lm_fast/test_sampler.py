@@ -7,7 +7,8 @@ import torch
 
 from acestep.lm.fast import masks as M
 from acestep.lm.fast.sampler import SampleInputs, sample
-from acestep.lm.sampling import SamplingConfig, cfg_mix, sample_token
+from acestep.lm.request import SamplingConfig
+from acestep.lm.sampling import cfg_mix, sample_token
 
 V = 3000
 CONFIGS = [

@@ -13,7 +13,7 @@ def _jobs(*slots_needed):
 
 
 def test_admits_in_chunks_fifo_lowest_slots_first():
-    sched = Scheduler(max_slots=6, chunk_size=2)
+    sched = Scheduler(max_slots=6, max_admit=2)
     jobs = _jobs(2, 1, 2, 2)
     for job in jobs:
         sched.add(job)
@@ -29,7 +29,7 @@ def test_admits_in_chunks_fifo_lowest_slots_first():
 
 def test_rejects_what_can_never_fit():
     with pytest.raises(ValueError):
-        Scheduler(max_slots=1, chunk_size=1)
-    sched = Scheduler(max_slots=2, chunk_size=1)
+        Scheduler(max_slots=1, max_admit=1)
+    sched = Scheduler(max_slots=2, max_admit=1)
     with pytest.raises(ValueError):
         sched.add(Job(0, None, 3))

@@ -28,11 +28,9 @@ def _free_port() -> int:
 
 
 def app_config_for_tests(checkpoints: str, port: int):
-    """serve_config.yaml's app, pointed at the demo checkpoints, with short batch waits for tests."""
+    """serve_config.yaml's app, pointed at the demo checkpoints."""
     http, app = apply_overrides(load_serve_config(), checkpoints=checkpoints, host="127.0.0.1", port=port)
-    args = app["args"]
-    args["lm"]["batch_wait_timeout_s"] = 0.5  # let concurrent test requests meet in one LM batch
-    return http, app, AppConfig.model_validate(args)
+    return http, app, AppConfig.model_validate(app["args"])
 
 
 @pytest.fixture(scope="module")

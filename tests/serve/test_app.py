@@ -68,6 +68,11 @@ def test_async_task_progress_events_in_order(client):
     assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
     progress = [e["progress"] for e in events]
     assert progress == sorted(progress) and progress[-1] == 1.0
+    codes = [e["detail"]["tokens_done"] for e in events if (e.get("detail") or {}).get("lm_phase") == "codes"]
+    assert len(codes) >= 10 and codes == sorted(set(codes)), codes  # token-level LM progress, rising
+    last_lm = max(i for i, e in enumerate(events) if e["phase"] == "lm")
+    dit = [i for i, e in enumerate(events) if e["phase"] == "dit"]
+    assert len(dit) >= 2 and min(dit) > last_lm  # then the DiT's steps, then done
 
     status = client.get(task["status_url"]).json()
     assert status["phase"] == "done" and status["finished"] and status["progress"] == 1.0
@@ -161,27 +166,72 @@ def test_handle_generate_matches_generate_music(serve_app, turbo_handler):
     assert not bad.success and "bpm" in bad.error
 
 
-def test_eight_concurrent_requests_batch_in_the_lm(serve_app):
+def test_eight_concurrent_requests_share_the_lm_engine(serve_app):
     async def run():
         async with httpx.AsyncClient(base_url=serve_app.url, timeout=600) as http:
             bodies = [{**SONG, "caption": f"song number {i}", "thinking": True, "audio_format": "flac"}
                       for i in range(8)]
             return await asyncio.gather(*(http.post("/v1/generate", json=b) for b in bodies))
 
-    before_stats = httpx.get(f"{serve_app.url}/v1/stats").json()["lm"]
-    before, before_engine = before_stats["batch_sizes"], before_stats["engine_batch_sizes"]
     responses = asyncio.run(run())
     assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses if r.status_code != 200]
     with httpx.Client(base_url=serve_app.url) as http:
         for response in responses:
             _read_audio(http, response.json()["audios"][0]["url"])
-        stats = http.get("/v1/stats").json()
-    new = {int(size): count - before.get(size, 0) for size, count in stats["lm"]["batch_sizes"].items()}
-    assert sum(int(size) * count for size, count in new.items()) == 8
-    assert max(size for size, count in new.items() if count > 0) > 1, stats["lm"]
-    # ...and those requests decoded together: one engine call carried several LM requests
-    engine = {int(rows): count - before_engine.get(rows, 0) for rows, count in stats["lm"]["engine_batch_sizes"].items()}
-    assert max(rows for rows, count in engine.items() if count > 0) > 1, stats["lm"]
+        engine = http.get("/v1/stats").json()["lm"]["engine"]
+    assert engine["peak_rows_in_use"] > 2, engine  # several requests' CFG pairs decoded in one step
+    assert engine["rows_in_use"] == 0 and engine["waiting"] == 0
+
+
+def test_lm_deployment_requests_joining_mid_decode_get_their_solo_plans(serve_app):
+    """Through the Serve LM deployment: 10 requests (CoT + codes, CFG and constraints on) joining the
+    engine while a long request decodes get exactly the plans they get alone."""
+    from ray import serve
+
+    from acestep.inference import GenerationConfig, GenerationParams
+    from serve.deployments import PlanRequest
+
+    lm = serve.get_deployment_handle("LMDeployment", app_name=serve_app.name)
+    config = GenerationConfig(batch_size=1)
+
+    def job(name, seed, duration):
+        params = GenerationParams(caption=f"{name} song", lyrics="[verse]\nla", duration=duration)
+        return PlanRequest(f"join-{name}-{seed}", params, config, [seed])
+
+    def key(outcome):
+        return [(p.metadata, p.audio_codes) for p in outcome.plans]
+
+    jobs = [job("joiner", seed, 10) for seed in range(10)]
+    solo = [key(lm.plan.remote(j).result(timeout_s=300)) for j in jobs]
+    long = lm.plan.remote(job("long", 99, 120))
+    _wait_for(lambda: lm.stats.remote().result()["engine"]["running"] >= 1)
+    joined = [lm.plan.remote(j) for j in jobs]
+    assert [key(r.result(timeout_s=300)) for r in joined] == solo
+    assert long.result(timeout_s=300).plans[0].audio_codes.count("<|audio_code_") == 600
+
+
+def test_deleting_a_task_frees_its_lm_rows(client, serve_app):
+    from ray import serve
+
+    lm = serve.get_deployment_handle("LMDeployment", app_name=serve_app.name)
+    aborted = lm.stats.remote().result()["engine"]["requests_aborted"]
+    task = client.post("/v1/tasks", json={**SONG, "duration": 240, "thinking": True}).json()
+    _wait_for(lambda: (client.get(task["status_url"]).json().get("detail") or {}).get("tokens_done", 0) > 0)
+    response = client.delete(task["status_url"])
+    assert response.status_code == 200, response.text
+    assert response.json()["phase"] == "failed" and response.json()["error"] == "cancelled"
+    _wait_for(lambda: lm.stats.remote().result()["engine"]["requests_aborted"] == aborted + 1)
+    _wait_for(lambda: lm.stats.remote().result()["engine"]["rows_in_use"] == 0)
+    assert client.delete(task["status_url"]).status_code == 409
+    assert client.delete("/v1/tasks/nope").status_code == 404
+
+
+def _wait_for(condition, timeout_s=120.0):
+    """Poll a condition with a generous bound (it guards against hangs; no timing is asserted)."""
+    deadline = time.time() + timeout_s
+    while not condition():
+        assert time.time() < deadline, "condition never held"
+        time.sleep(0.05)
 
 
 def test_dit_batches_compatible_requests_together(serve_app):

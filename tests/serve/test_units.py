@@ -1,11 +1,9 @@
-"""serve/ pieces that need no Ray: the app config, the official-API compat layer, the task store,
-the cross-request LM batching proxy."""
+"""serve/ pieces that need no Ray: the app config, the official-API compat layer, the task store."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
 
 import pytest
 from pydantic import ValidationError
@@ -14,7 +12,6 @@ from acestep.params import GenerationParams
 from serve import compat
 from serve.cli import DEFAULT_CONFIG, apply_overrides, load_serve_config
 from serve.config import AppConfig
-from acestep.lm.coalescing import CoalescingLM
 from serve.schemas import FieldError, GenerateRequest, to_library
 from serve.tasks import TaskStore
 
@@ -119,54 +116,3 @@ def test_task_store_keeps_events_in_order_and_ignores_stale_updates():
     asyncio.run(run())
 
 
-def test_coalescing_lm_decodes_concurrent_calls_as_one_batch():
-    class Engine:
-        calls = []
-
-        def generate_texts(self, requests):
-            self.calls.append(list(requests))
-            return [f"out-{r}" for r in requests]
-
-    engine = Engine()
-    proxy = CoalescingLM(engine, planners=3)
-    results = {}
-
-    def planner(name, rounds):
-        for round_ in range(rounds):
-            results[(name, round_)] = proxy.generate_texts([f"{name}{round_}a", f"{name}{round_}b"])
-        proxy.finished()
-
-    threads = [threading.Thread(target=planner, args=(n, r)) for n, r in (("x", 2), ("y", 1), ("z", 2))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=10)
-    assert [len(call) for call in engine.calls] == [6, 4], "round 1: all three planners; round 2: the two left"
-    assert results[("y", 0)] == ["out-y0a", "out-y0b"] and results[("z", 1)] == ["out-z1a", "out-z1b"]
-
-
-def test_plan_jobs_batches_across_requests_and_matches_planning_alone(demo_root):
-    """The LM deployment's batching: two requests decode in shared engine calls and each gets its own
-    plan (the metadata it gets alone, the code count its duration asks for).
-
-    Codes are not compared token for token: with the demo's random weights the logits are nearly flat,
-    and a left-padded row drifts from its solo run after ~25 codes (float32 batch non-invariance in the
-    pt engine, reported to the LM side), which flips samples."""
-    from types import SimpleNamespace
-
-    from acestep.inference import GenerationConfig, plan_music
-    from acestep.llm_inference import LLMHandler
-    from acestep.inference import plan_music_batch as plan_jobs
-
-    handler = LLMHandler()
-    handler.initialize(str(demo_root), lm_model_path="acestep-5Hz-lm-0.6B", device="cpu")
-    jobs = [SimpleNamespace(params=GenerationParams(caption=caption, duration=10), config=GenerationConfig(batch_size=1),
-                            seeds=[seed]) for caption, seed in (("slow piano ballad", 11), ("fast punk", 12))]
-    engine_calls = []
-    together = plan_jobs(handler, jobs, on_engine_batch=engine_calls.append)
-    alone = [plan_music(handler, job.params, job.config, job.seeds) for job in jobs]
-    assert engine_calls == [2, 2], "phase 1 of both requests in one engine call, then phase 2 of both"
-    for batched, single in zip(together, alone):
-        assert [p.metadata for p in batched.plans] == [p.metadata for p in single.plans]
-        assert [p.seed for p in batched.plans] == [p.seed for p in single.plans]
-        assert batched.plans[0].audio_codes.count("<|audio_code_") == 50  # 10 s at 5 codes per second

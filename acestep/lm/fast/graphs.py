@@ -15,6 +15,9 @@ from acestep.lm.fast.model import FastQwen3
 
 ROW_BUCKETS = (2, 4, 8, 16, 32, 64)
 MIN_LENGTH_BUCKET = 256
+# CPU GEMMs with fewer than 4 rows take other kernels (other rounding) than 4 or more, so an eager
+# step covers at least 4 slots: a request's logits then do not depend on how many rows run with it.
+MIN_EAGER_ROWS = 4
 
 
 def row_buckets(max_slots: int) -> list[int]:
@@ -70,8 +73,9 @@ class DecodeRunner:
         (idle slots: token 0 at position 0, results ignored)."""
         rows, needed = len(tokens), max(positions) + 1
         if not self.bucketed:
-            self._load(tokens, positions, rows)
-            self._step(rows, needed)
+            width = min(max(rows, MIN_EAGER_ROWS), self.net.max_slots)
+            self._load(tokens, positions, width)
+            self._step(width, needed)
             return self.logits[:rows]
         width, kv_len = bucket_for(rows, self.rows), bucket_for(needed, self.lengths)
         self._load(tokens, positions, width)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from acestep.lm.sampling import sort_descending
+
 NEG_INF = float("-inf")
 
 
@@ -74,7 +76,7 @@ def compact(allowed: torch.Tensor, width: int):
 
 def top_k_top_p(t: torch.Tensor, k: torch.Tensor, p: torch.Tensor, use_k: bool, use_p: bool) -> torch.Tensor:
     """``top_p_filter(top_k_filter(t, k), p)`` per row, from one descending sort."""
-    sorted_t, order = t.sort(-1, descending=True)
+    sorted_t, order = sort_descending(t)
     if use_k:
         kth = sorted_t.gather(1, (k.clamp(max=t.shape[1]) - 1)[:, None])
         t, sorted_t = t.masked_fill(t < kth, NEG_INF), sorted_t.masked_fill(sorted_t < kth, NEG_INF)

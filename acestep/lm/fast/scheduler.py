@@ -1,8 +1,8 @@
 """Continuous batching bookkeeping: which requests run, in which KV-cache slots (no tensors).
 
 A request takes one slot (two with CFG: cond + uncond). Waiting requests join the running batch
-between steps, at most ``chunk_size`` per step (``lm_batch_chunk_size``), first come first served,
-while slots are free; a finished request frees its slots at once. Slots are handed out lowest
+between steps, at most ``max_admit`` per step, first come first served (a request that does not fit
+yet holds back the ones behind it), while slots are free; a finished request frees its slots at once. Slots are handed out lowest
 first, so the running rows stay packed near slot 0 and a decode step covers few idle slots."""
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, max_slots: int, chunk_size: int):
+    def __init__(self, max_slots: int, max_admit: int):
         if max_slots < 2:
             raise ValueError("max_rows must be >= 2 (one CFG pair)")
         self.max_slots = int(max_slots)
-        self.chunk_size = max(1, int(chunk_size))
+        self.max_admit = max(1, int(max_admit))
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []
         self._free = list(range(self.max_slots))
@@ -53,9 +53,9 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def admit(self) -> list[Job]:
-        """Move up to ``chunk_size`` waiting sequences into the running batch (slots assigned)."""
+        """Move up to ``max_admit`` waiting sequences into the running batch (slots assigned)."""
         joined: list[Job] = []
-        while self.waiting and len(joined) < self.chunk_size and self.waiting[0].slots_needed <= len(self._free):
+        while self.waiting and len(joined) < self.max_admit and self.waiting[0].slots_needed <= len(self._free):
             seq = self.waiting.popleft()
             seq.cond_slot = heapq.heappop(self._free)
             if seq.slots_needed == 2:
@@ -63,6 +63,18 @@ class Scheduler:
             self.running.append(seq)
             joined.append(seq)
         return joined
+
+    def drop(self, seq: Job) -> None:
+        """Remove a waiting or running sequence (a running one frees its slots)."""
+        if seq in self.running:
+            self.finish(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+            seq.finished = True
+
+    @property
+    def rows_in_use(self) -> int:
+        return self.max_slots - len(self._free)
 
     def finish(self, seq: Job) -> None:
         seq.finished = True

@@ -25,12 +25,13 @@ import os
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from concurrent.futures import Future
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from acestep.lm import fsm as F
-from acestep.lm.engine import LMRequest
+from acestep.lm.request import LMRequest
 from acestep.lm.sampling import apply_allowed
 from acestep.lm.vocab import TokenTables, build_token_tables
 
@@ -148,21 +149,27 @@ class VllmBackend:
             max_tokens=request.max_new_tokens, stop_token_ids=self.stop_token_ids, skip_special_tokens=False, spaces_between_special_tokens=False,
             detokenize=False, extra_args=extra)
 
-    async def _one(self, request: LMRequest) -> List[int]:
+    async def _one(self, request: LMRequest, on_step: Optional[Callable[[int], None]]) -> List[int]:
+        # Cancelling the task (the caller cancelled its future) closes the stream; AsyncLLM then
+        # aborts the request and frees its KV blocks.
         final = None
         async for out in self.engine.generate(request_id=uuid.uuid4().hex,
                                               prompt={"prompt_token_ids": list(request.prompt_ids)},
                                               sampling_params=self._sampling_params(request)):
             final = out
+            if on_step is not None:
+                on_step(len(out.outputs[0].token_ids))
         return list(final.outputs[0].token_ids) if final is not None else []
 
-    async def _all(self, requests: Sequence[LMRequest]) -> List[List[int]]:
-        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+    def submit(self, request: LMRequest, on_step: Optional[Callable[[int], None]] = None) -> Future:
+        check_vllm_request(request)
+        return asyncio.run_coroutine_threadsafe(self._one(request, on_step), self._loop)
 
     def generate(self, requests: Sequence[LMRequest]) -> List[List[int]]:
-        for request in requests:
-            check_vllm_request(request)
-        return self._call(self._all(requests))
+        return [future.result() for future in [self.submit(r) for r in requests]]
+
+    def stats(self) -> Dict[str, Any]:
+        return {"backend": self.name}
 
     def close(self) -> None:
         if getattr(self, "engine", None) is not None:

@@ -1,0 +1,84 @@
+"""LM backends behind one interface: ``submit(request, on_step) -> Future[list[int]]`` (generated ids,
+stop token included), ``stats()``, ``close()``.
+
+- ``PtBackend`` (default, CPU and CUDA): a transformers ``Qwen3ForCausalLM`` (stock classes, never
+  trust_remote_code) driven by our ``LMEngine`` through one ``EngineLoop`` thread.
+- ``acestep.lm.vllm_backend.VllmBackend`` (optional extra, CUDA only, ``lm_cfg_scale == 1`` only)."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Protocol, Sequence
+
+import torch
+
+from acestep.lm.engine import ENGINE_DEFAULTS, EngineSettings, LMEngine
+from acestep.lm.loop import EngineLoop, StepCallback
+from acestep.lm.plain import PtRunner
+from acestep.lm.request import LMRequest
+from acestep.lm.vocab import build_token_tables
+
+
+class LMBackend(Protocol):
+    name: str
+
+    def submit(self, request: LMRequest, on_step: Optional[StepCallback] = None) -> Future: ...
+    def stats(self) -> Dict[str, Any]: ...
+    def close(self) -> None: ...
+
+
+def load_causal_lm(model_dir: Path, device: str, dtype: torch.dtype):
+    """Stock transformers Qwen3 classes only: never trust_remote_code."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=False)
+    return model.to(device).eval()
+
+
+class PtBackend:
+    """A loaded causal LM, its token tables, and the one engine (plus loop) that decodes on it."""
+
+    name = "pt"
+
+    def __init__(self, model, tokenizer, max_duration: int, settings: EngineSettings = ENGINE_DEFAULTS,
+                 tokenizer_lock: Optional[threading.Lock] = None):
+        self.model = model.eval()
+        self.tables = build_token_tables(tokenizer, int(self.model.config.vocab_size), max_duration)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.tables.eos_id
+        lock = tokenizer_lock or threading.Lock()  # shared with the handler's planner threads
+
+        def encode(text: str) -> List[int]:
+            with lock:
+                return tokenizer.encode(text, add_special_tokens=False)
+
+        self.encode = encode
+        self.engine = LMEngine(self.model, self.tables, self.encode, self.pad_id, settings)
+        self.loop = EngineLoop(self.engine)
+
+    @classmethod
+    def load(cls, model_dir: Path, device: str, dtype: torch.dtype, tokenizer, max_duration: int,
+             settings: EngineSettings = ENGINE_DEFAULTS, tokenizer_lock: Optional[threading.Lock] = None) -> "PtBackend":
+        return cls(load_causal_lm(model_dir, device, dtype), tokenizer, max_duration, settings, tokenizer_lock)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    def submit(self, request: LMRequest, on_step: Optional[StepCallback] = None) -> Future:
+        return self.loop.submit(request, on_step)
+
+    def plain_runner(self) -> PtRunner:
+        """The plain transformers path on the same model and tables (the tests' oracle, bench's baseline)."""
+        return PtRunner(self.model, self.tables, self.encode, self.pad_id)
+
+    def generate(self, requests: Sequence[LMRequest]) -> List[List[int]]:
+        """Submit all, wait for all (they decode together, joining as rows free up)."""
+        return [future.result() for future in [self.submit(r) for r in requests]]
+
+    def stats(self) -> Dict[str, Any]:
+        return self.loop.stats()
+
+    def close(self) -> None:
+        self.loop.close()
