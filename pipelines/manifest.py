@@ -39,6 +39,7 @@ class ManifestRecord:
     duration: Optional[float] = None  # seconds of audio per item
     time_costs: Dict[str, float] = field(default_factory=dict)
     error: Optional[str] = None
+    planned_at: float = 0.0  # unix time the LM stage finished the row (0 without the LM)
     finished_at: float = 0.0  # unix time the row finished
 
     @classmethod
@@ -140,7 +141,7 @@ def write_parquet(records: List[ManifestRecord], path: Path) -> None:
         ("id", pa.string()), ("index", pa.int64()), ("params", pa.string()), ("seeds", pa.list_(pa.int64())),
         ("lm_metadata", pa.string()), ("codes", pa.list_(pa.string())), ("files", pa.list_(pa.string())),
         ("duration", pa.float64()), ("time_costs", pa.string()), ("error", pa.string()),
-        ("finished_at", pa.float64()),
+        ("planned_at", pa.float64()), ("finished_at", pa.float64()),
     ])
     rows = []
     for record in records:

@@ -4,7 +4,8 @@ Batches carry one column of JSON text per stage (Arrow-friendly, whatever the ro
 
 - input: ``row`` = {id, index, fields, error}
 - ``LMStage`` → ``row`` + {params, config, seeds, plans, lm_time_costs}: validates and resolves seeds
-  (``prepare_request``), then plans the whole batch with the 5 Hz LM (one engine batch across rows).
+  (``prepare_request``), then plans the rows with the 5 Hz LM. The job calls it with one row per
+  call and several calls at once per actor (threads), so rows stream through the actor's one engine.
 - ``DiTStage`` → ``record`` (a ``ManifestRecord``): renders with DiT + VAE and writes the audio files
   itself (``{output}/audio/{id}_{i}.{format}``), so raw audio never enters the object store.
 - ``ServeStage`` → ``record``: instead of both, sends each row to a running Serve app's ingress.
@@ -67,7 +68,8 @@ def _encode(rows: List[Dict[str, Any]], column: str) -> Dict[str, List[str]]:
 
 
 def new_record(row: Dict[str, Any]) -> ManifestRecord:
-    return ManifestRecord(id=row["id"], index=row["index"], params=row.get("fields") or {}, error=row.get("error"))
+    return ManifestRecord(id=row["id"], index=row["index"], params=row.get("fields") or {}, error=row.get("error"),
+                          planned_at=row.get("planned_at") or 0.0)
 
 
 def finish_record(record: ManifestRecord, result: GenerationResult, output_dir: Path,
@@ -134,11 +136,11 @@ class LMStage:
                 continue
             row.update(params=job.params.to_dict(), config=job.config.to_dict(), seeds=job.seeds,
                        plans=[dataclasses.asdict(p) for p in outcome.plans] if outcome.plans else None,
-                       lm_time_costs=outcome.time_costs)
+                       lm_time_costs=outcome.time_costs, planned_at=time.time() if outcome.plans else 0.0)
         return _encode(rows, "row")
 
     def _plan(self, jobs: List[_Job]) -> List[Any]:
-        """One outcome (or exception) per job; with an LM, all rows decode as one engine batch."""
+        """One outcome (or exception) per job; with an LM, the rows join the engine's running batch."""
         from acestep.inference import plan_music
 
         if self.handler is not None and jobs:

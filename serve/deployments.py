@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
+import torch
 from ray import serve
 
 from serve.config import AppConfig
@@ -92,7 +93,10 @@ def _is_plain(value: Any) -> bool:
 class _ModelReplica:
     """Shared plumbing: one model thread, progress reports to the store, batch-size stats."""
 
-    def _setup(self, store) -> None:
+    def _setup(self, store, options) -> None:
+        # as many torch threads as CPUs the replica reserved: no oversubscription of a shared node,
+        # and the LM engine's CPU rows stay batch-invariant (see acestep/lm/fast/graphs.py)
+        torch.set_num_threads(max(1, int(options.ray_actor_options.num_cpus)))
         self._store = store
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=type(self).__name__)
@@ -142,7 +146,7 @@ class LMDeployment(_ModelReplica):
     Concurrency is bounded by ``max_ongoing_requests`` and by the engine's KV rows."""
 
     def __init__(self, config: AppConfig, store=None):
-        self._setup(store)
+        self._setup(store, config.lm.deployment)
         self.settings = config.lm
         self.handler = load_lm(config) if config.lm.enabled else None
         # planners mostly wait on engine futures: one thread per request the replica may hold
@@ -232,7 +236,7 @@ class DiTDeployment(_ModelReplica):
     ``render_music_batch`` call, which lets items that can share a DiT batch share it."""
 
     def __init__(self, config: AppConfig, store=None):
-        self._setup(store)
+        self._setup(store, config.dit.deployment)
         self.settings = config.dit
         self.handler = load_dit(config)
         self._dit_batch_sizes: Counter = Counter()

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from acestep.params import GenerationConfig, GenerationParams
+from acestep.params import LM_HELPER_DEFAULTS, GenerationConfig, GenerationParams
 
 UPLOAD_FIELDS = ("src_audio", "reference_audio")
 # Library fields a client may not set: uploads arrive as bytes, cot_* are LM outputs.
@@ -151,13 +151,14 @@ class TaskStatus(BaseModel):
 
 
 class _LMSamplingRequest(_RequestBase):
-    """Sampling knobs shared by the LM helper endpoints (the seed functions' keyword arguments)."""
+    """Sampling knobs shared by the LM helper endpoints (the seed functions' keyword arguments;
+    defaults from ``acestep.params.LM_HELPER_DEFAULTS``)."""
 
-    temperature: float = Field(0.85, gt=0, le=2)
-    top_k: Optional[int] = Field(None, ge=0)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
-    use_constrained_decoding: bool = True
+    temperature: float = Field(LM_HELPER_DEFAULTS.temperature, gt=0, le=2)
+    top_k: Optional[int] = Field(LM_HELPER_DEFAULTS.top_k, ge=0)
+    top_p: Optional[float] = Field(LM_HELPER_DEFAULTS.top_p, gt=0, le=1)
+    repetition_penalty: float = Field(LM_HELPER_DEFAULTS.repetition_penalty, gt=0)
+    use_constrained_decoding: bool = LM_HELPER_DEFAULTS.use_constrained_decoding
 
 
 class UnderstandRequest(_LMSamplingRequest):

@@ -62,7 +62,8 @@ class PtRunner:
     @property
     def ghost_rows(self) -> int:
         """Idle copies of the first prompt decoded along: they keep every CPU GEMM at >= 4 rows, as
-        in the engine, so a row's rounding never depends on its batch's size."""
+        in the engine, so at one torch thread (as the tests run) a row's rounding never depends on
+        its batch's size."""
         return MIN_EAGER_ROWS - 1 if self.device.type == "cpu" else 0
 
     # -- bookkeeping -----------------------------------------------------------------------

@@ -23,3 +23,13 @@ def test_generate_command_rejects_bad_input(demo_root, tmp_path, capsys):
     code = main(["generate", "--checkpoints", str(demo_root), "--duration", "5", "--out", str(tmp_path)])
     assert code == 2
     assert "duration" in capsys.readouterr().err
+
+
+def test_generate_command_shows_lm_progress(demo_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["generate", "--checkpoints", str(demo_root), "--lm", "acestep-5Hz-lm-0.6B", "--caption", "cli song",
+                 "--duration", "10", "--seed", "4", "--out", str(out), "--device", "cpu"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "LM codes" in err and "51/51 tokens" in err  # the LM bar reached its 50 codes + stop
+    assert "diffusion" in err or "step" in err.lower()

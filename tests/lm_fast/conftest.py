@@ -1,9 +1,13 @@
 """Engine fixtures: the tiny demo LM and one pt ``LLMHandler`` on it, built once per session.
 
-Token equality between the engine and the plain path (and between a request's solo run and its
-run among batch-mates) holds on the raw random demo LM, whose near-uniform logits would let any
-1e-7 rounding difference flip a sample: both paths run CPU GEMMs with at least 4 rows
-(``graphs.MIN_EAGER_ROWS``), where the kernels' rounding no longer depends on the row count."""
+Two kinds of equality are tested:
+- a request's tokens among batch-mates equal its solo run, exactly, on the raw random demo LM
+  (whose near-uniform logits would let any 1e-7 rounding difference flip a sample): the engine's
+  eager steps are batch-invariant by construction (``fast/graphs.py``);
+- the engine's tokens equal the plain transformers path's (same sampling, FSM and CFG maths). The
+  plain path pads prompts and attends over padded ranges, which rounds differently, so this runs
+  on ``peaked``: a copy of the demo LM whose tied embedding is scaled by 16 (exact), giving
+  peaked, trained-like distributions that still produce varied codes."""
 
 from __future__ import annotations
 
@@ -32,22 +36,40 @@ def lm_handler(tmp_path_factory):
     return handler
 
 
-@pytest.fixture(scope="session")
-def runner(lm_handler):
-    """The plain path (``PtRunner``) the engine must agree with."""
-    return lm_handler.llm.plain_runner()
+PEAK = 16.0
 
 
 @pytest.fixture(scope="session")
-def fast_engine(lm_handler):
-    return make_engine(lm_handler, max_rows=48, max_len=1024, max_admit_per_step=64, check_fsm=True)
+def peaked(lm_handler):
+    """The demo LM's weights with the tied embedding scaled by ``PEAK``, and the handler's tables."""
+    import copy
+    from types import SimpleNamespace
+
+    backend = lm_handler.llm
+    model = copy.deepcopy(backend.model)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(PEAK)
+    return SimpleNamespace(model=model, tables=backend.tables, encode=backend.encode, pad_id=backend.pad_id)
 
 
-def make_engine(handler, **settings):
-    """A fresh ``LMEngine`` on the handler's model and tables (the handler's own engine keeps running)."""
+@pytest.fixture(scope="session")
+def runner(peaked):
+    """The plain path (``PtRunner``) the engine must agree with, on the peaked model."""
+    from acestep.lm.plain import PtRunner
+
+    return PtRunner(peaked.model, peaked.tables, peaked.encode, peaked.pad_id)
+
+
+@pytest.fixture(scope="session")
+def fast_engine(peaked):
+    return make_engine(peaked, max_rows=48, max_len=1024, max_admit_per_step=64, check_fsm=True)
+
+
+def make_engine(backend, **settings):
+    """A fresh ``LMEngine`` on a backend's (or ``peaked``'s) model and tables; the handler's own
+    engine keeps running."""
     from acestep.lm.engine import EngineSettings, LMEngine
 
-    backend = handler.llm
     return LMEngine(backend.model, backend.tables, backend.encode, backend.pad_id, EngineSettings(**settings))
 
 

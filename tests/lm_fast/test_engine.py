@@ -5,7 +5,6 @@ running batch, slots reused after requests leave."""
 from __future__ import annotations
 
 import collections
-import copy
 
 import pytest
 import torch
@@ -43,8 +42,8 @@ def _assert_same(plain, fast):
 
 
 def test_cot_phase_matches_plain_path_for_20_seeds(runner, fast_engine, make_request, plan_kinds):
-    # seeds 22/27/30 at temperature 1.3 end their caption early: the device decides the branch
-    requests = [make_request("cot", seed, 2.0, 150, lm_temperature=1.3) for seed in (22, 27, 30)]
+    # seeds 13/41/48 at temperature 1.3 end their caption early: the device decides the branch
+    requests = [make_request("cot", seed, 2.0, 150, lm_temperature=1.3) for seed in (13, 41, 48)]
     requests += [make_request("cot", seed, 2.0, 120, **SAMPLING[seed % len(SAMPLING)]) for seed in range(7)]
     requests += [make_request("cot", seed, 2.5, 60, use_cot_caption=False, **SAMPLING[seed % len(SAMPLING)])
                  for seed in range(10, 20)]
@@ -81,8 +80,8 @@ def test_requests_joining_a_running_batch_get_their_solo_tokens(fast_engine, mak
     assert [fast_engine.pop_result(rids[i]) for i in range(len(requests))] == solo
 
 
-def test_small_engine_admits_in_chunks_and_reuses_slots(lm_handler, runner, make_request):
-    engine = make_engine(lm_handler, max_rows=4, max_len=1024, max_admit_per_step=1)
+def test_small_engine_admits_in_chunks_and_reuses_slots(peaked, runner, make_request):
+    engine = make_engine(peaked, max_rows=4, max_len=1024, max_admit_per_step=1)
     requests = [make_request("codes", 40 + i, 2.0 if i % 2 else 1.0) for i in range(5)]
     rids = [engine.add_request(r) for r in requests]
     engine.step()
@@ -95,34 +94,23 @@ def test_small_engine_admits_in_chunks_and_reuses_slots(lm_handler, runner, make
     _assert_same(runner.generate(requests), [engine.pop_result(r) for r in rids])
 
 
-def test_gpu_shaped_steps_give_the_same_tokens(lm_handler, make_request):
+def test_gpu_shaped_steps_give_the_same_tokens(peaked, runner, make_request):
     """The GPU path's shapes and kernels run eagerly on CPU -- joining prompts prefilled in one
     forward, decode rows padded to a bucket (idle rows at position 0), grouped-query attention over
-    a length bucket: same tokens as the plain path. Attending over a padded length rounds
-    differently (1e-7), which flips samples of the near-uniform demo LM, so this runs on a copy
-    whose tied embedding is scaled by 16 (exact): peaked, trained-like distributions that still
-    give varied codes."""
-    from acestep.lm.engine import EngineSettings
-    from acestep.lm.plain import PtRunner
-
-    backend = lm_handler.llm
-    model = copy.deepcopy(backend.model)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(16.0)
-    settings = EngineSettings(max_rows=12, max_len=700, max_admit_per_step=2, batch_prefill=True,
-                              decode_attention="gqa", check_fsm=True)
-    engine = LMEngine(model, backend.tables, backend.encode, backend.pad_id, settings)
+    a length bucket: same tokens as the plain path."""
+    engine = make_engine(peaked, max_rows=12, max_len=700, max_admit_per_step=2, batch_prefill=True,
+                         decode_attention="gqa", check_fsm=True)
     engine.decoder.bucketed = True
     assert engine.decoder.rows == [2, 4, 8, 12] and engine.decoder.lengths == [256, 512, 700]
     requests = [make_request("codes", 70 + i, 2.0 if i % 2 else 1.0) for i in range(5)]
     requests.append(make_request("cot", 75, 2.0, 60, use_cot_caption=False))
-    plain = PtRunner(model, backend.tables, backend.encode, backend.pad_id).generate(requests)
+    plain = runner.generate(requests)
     assert sum(len(set(tokens)) for tokens in plain[:5]) > 25  # varied codes, not one repeated token
     _assert_same(plain, engine.generate(requests))
 
 
 def test_rejects_requests_longer_than_the_cache(lm_handler, make_request):
-    engine = make_engine(lm_handler, max_rows=2, max_len=16)
+    engine = make_engine(lm_handler.llm, max_rows=2, max_len=16)
     with pytest.raises(ValueError, match="max_len"):
         engine.add_request(make_request("cot", 1, 2.0, 10))
 

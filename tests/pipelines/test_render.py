@@ -159,3 +159,18 @@ def test_via_serve_sends_rows_to_a_running_app(ray_session, tmp_path, jsonl):
     assert rows["one"]["lm_metadata"] == {"bpm": 120} and rows["one"]["duration"] == pytest.approx(10.0)
     assert all(sf.read(tmp_path / "out" / name)[0].shape == (480000, 2) for name in rows["one"]["files"])
     assert "bpm" in rows["two"]["error"] and rows["two"]["files"] == []
+
+
+def test_lm_rows_stream_through_the_engine(ray_session, demo_root, tmp_path, jsonl):
+    """One LM actor with 4 rows in flight: the three short rows leave the LM (and reach the manifest)
+    while the long one is still decoding, instead of the four finishing together as one block."""
+    rows = [{"id": "long", "caption": "long ambient piece", "duration": 120, "seed": 1, "thinking": True}]
+    rows += [{"id": f"short-{i}", "caption": f"short jingle {i}", "duration": 10, "seed": 2 + i, "thinking": True}
+             for i in range(3)]
+    prompts = jsonl(tmp_path / "prompts.jsonl", rows)
+    output = tmp_path / "out"
+    assert main(["--input", prompts, "--output", str(output), "--checkpoints", str(demo_root),
+                 "--lm-rows-in-flight", "4", *SMALL]) == 0
+    planned = {r["id"]: r["planned_at"] for r in read_manifest(output)}
+    assert set(planned) == {r["id"] for r in rows} and all(planned.values())
+    assert max(planned, key=planned.get) == "long", planned  # the order the LM finished them, not a time

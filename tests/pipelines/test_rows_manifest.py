@@ -6,6 +6,7 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from pipelines.manifest import JOURNAL, Manifest, ManifestRecord, read_manifest
 from pipelines.rows import RowError, read_rows, to_request
@@ -62,3 +63,18 @@ def test_manifest_resume_rules(tmp_path):
     assert not (tmp_path / JOURNAL).exists()
     assert [json.loads(line)["id"] for line in (tmp_path / "manifest.jsonl").read_text().splitlines()] == ["c", "b", "a"]
     assert [row["id"] for row in read_manifest(tmp_path)] == ["c", "b", "a"]
+
+
+def test_a_missing_lm_folder_is_one_line_before_ray_starts(tmp_path, jsonl, capsys, monkeypatch, demo_root):
+    import pipelines.render as render
+    from acestep.lm.constants import DEFAULT_LM_MODEL
+
+    monkeypatch.setattr(render, "_ensure_ray", lambda: pytest.fail("Ray was started"))
+    prompts = jsonl(tmp_path / "prompts.jsonl", [{"id": "a", "caption": "x", "duration": 10}])
+    args = ["--input", prompts, "--output", str(tmp_path / "out"), "--checkpoints", str(demo_root)]
+    assert render.parse_options(args).lm == DEFAULT_LM_MODEL  # the folder the demo checkpoints hold
+    assert render.main(args + ["--lm", "acestep-5Hz-lm-1.7B"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "acestep-5Hz-lm-1.7B" in line and f"LM folders in {demo_root}: {DEFAULT_LM_MODEL}" in line

@@ -116,3 +116,12 @@ def test_task_store_keeps_events_in_order_and_ignores_stale_updates():
     asyncio.run(run())
 
 
+
+
+def test_a_missing_model_folder_is_named_before_anything_starts(demo_root):
+    config = AppConfig(checkpoints=str(demo_root), lm={"model": "acestep-5Hz-lm-4B"})
+    with pytest.raises(FileNotFoundError, match="acestep-5Hz-lm-4B not found; LM folders in .*acestep-5Hz-lm-0.6B"):
+        config.check_model_folders()
+    AppConfig(checkpoints=str(demo_root)).check_model_folders()  # the defaults name what the demo writes
+    with pytest.raises(FileNotFoundError, match="acestep-v15-sft"):
+        AppConfig(checkpoints=str(demo_root), dit={"model": "acestep-v15-sft"}).check_model_folders()

@@ -3,7 +3,8 @@
 Inputs and outputs live in static buffers (token and position per slot, fp32 logits per slot);
 a step covers slots ``0..B-1`` for the smallest row bucket ``B`` holding the running rows, and
 attends over the smallest length bucket holding every row's position. On CPU (or with graphs
-off) the step runs eagerly over exactly the rows and length it needs."""
+off) the step runs eagerly: GEMMs over a padded number of rows (``eager_rows``), attention per
+row over exactly its own keys, so a row's logits never depend on its batch-mates."""
 
 from __future__ import annotations
 
@@ -15,9 +16,16 @@ from acestep.lm.fast.model import FastQwen3
 
 ROW_BUCKETS = (2, 4, 8, 16, 32, 64)
 MIN_LENGTH_BUCKET = 256
-# CPU GEMMs with fewer than 4 rows take other kernels (other rounding) than 4 or more, so an eager
-# step covers at least 4 slots: a request's logits then do not depend on how many rows run with it.
+# CPU GEMMs round a row differently when fewer than 4 rows reach a thread's kernel, so an eager step
+# covers a multiple of 4 rows per torch thread: a row's logits then do not depend on how many rows
+# run with it (checked at 1 and 2 threads).
 MIN_EAGER_ROWS = 4
+
+
+def eager_rows(rows: int, max_slots: int) -> int:
+    """Rows an eager decode step covers for ``rows`` running slots (idle slots pad it)."""
+    block = MIN_EAGER_ROWS * max(1, torch.get_num_threads())
+    return min(max_slots, -(-rows // block) * block)
 
 
 def row_buckets(max_slots: int) -> list[int]:
@@ -56,8 +64,8 @@ class DecodeRunner:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = None
 
-    def _step(self, rows: int, kv_len: int) -> None:
-        self.logits[:rows].copy_(self.net.decode(self.tokens[:rows], self.positions[:rows], kv_len))
+    def _step(self, rows: int, kv_len: int, row_lengths: list[int] | None = None) -> None:
+        self.logits[:rows].copy_(self.net.decode(self.tokens[:rows], self.positions[:rows], kv_len, row_lengths))
 
     def _load(self, tokens: list[int], positions: list[int], width: int) -> None:
         pad = width - len(tokens)
@@ -73,9 +81,10 @@ class DecodeRunner:
         (idle slots: token 0 at position 0, results ignored)."""
         rows, needed = len(tokens), max(positions) + 1
         if not self.bucketed:
-            width = min(max(rows, MIN_EAGER_ROWS), self.net.max_slots)
+            width = eager_rows(rows, self.net.max_slots)
             self._load(tokens, positions, width)
-            self._step(width, needed)
+            # idle slots (token 0 at position 0) attend over one key, as on the graph path
+            self._step(width, needed, [p + 1 for p in positions])
             return self.logits[:rows]
         width, kv_len = bucket_for(rows, self.rows), bucket_for(needed, self.lengths)
         self._load(tokens, positions, width)

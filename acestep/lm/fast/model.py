@@ -188,16 +188,28 @@ class FastQwen3(nn.Module):
         last = torch.tensor([len(p) - 1 for p in prompts]).to(device, non_blocking=True)
         return self.logits(hidden[torch.arange(R, device=device), last])
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int,
+               row_lengths: list[int] | None = None) -> torch.Tensor:
         """One token for each of slots ``0..B-1`` (``B = tokens.numel()``) at its own position;
         attends over cache positions ``< kv_len`` that are ``<=`` the row's position. fp32 logits
-        [B, V]. Only static shapes and in-place buffer writes: CUDA-graph capturable."""
+        [B, V]. Only static shapes and in-place buffer writes: CUDA-graph capturable.
+
+        ``row_lengths`` (eager steps): row ``r`` attends over exactly its own ``row_lengths[r]``
+        keys in a call of its own (rows beyond the list are idle padding and attend to nothing).
+        Attention reductions round differently over a longer, masked key range, so this keeps a
+        row's result independent of its batch-mates' positions."""
         B = tokens.numel()
         flat = self._flat(torch.arange(B, device=tokens.device), positions)
         mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
 
         def attend(i, q):
             k, v = (self._slots(c, i)[:B, :, :kv_len] for c in (self.k_cache, self.v_cache))
+            if row_lengths is not None:
+                out = torch.zeros_like(q)
+                for r, length in enumerate(row_lengths):
+                    out[r:r + 1] = self._attend(q[r:r + 1], k[r:r + 1, :, :length], v[r:r + 1, :, :length],
+                                                None, causal=False)
+                return out
             if self.decode_attention == "gqa":
                 return self._attend_grouped(q, k, v, mask)
             return self._attend(q, k, v, mask, causal=False)
