@@ -1,4 +1,4 @@
-"""``python -m bench.gpu [--tiny] [--out FILE.json] [--budget-s N]``
+"""``python -m bench.gpu [--tiny] [--out FILE.json] [--budget-s N] [--sections dit,vae,...]``
 
 Every model built from its real config with random weights on the device; each figure is printed
 beside its off-the-shelf baseline measured in the same run, so ratios are comparable. Results are
@@ -156,32 +156,26 @@ def bench_encoders(bench: Bench, dtype: torch.dtype, iters: int) -> None:
     bench.add("encoders", {"text_encoder_256_tokens_ms": text_ms, "condition_encoder_ms": cond_ms})
 
 
-@torch.no_grad()
-def bench_lm_baseline(bench: Bench, dtype: torch.dtype) -> None:
-    """transformers ``generate`` decode cost per step (dynamic and static cache): the baseline the
-    LM fast path is measured against."""
-    name = "acestep-5Hz-lm-1.7B"
-    model = models.build_lm(name, bench.tiny, bench.device, dtype)
-    prompt_len, new_tokens = (32, 16) if bench.tiny else (600, 64)
-    for rows in ([2] if bench.tiny else [2, 16]):
-        for cache in ("dynamic", "static"):
-            bench.check_time()
-            ids = torch.randint(0, 1000, (rows, prompt_len), device=bench.device)
+def bench_lm(bench: Bench, dtype: torch.dtype, iters: int) -> None:
+    from bench.lm import run
 
-            def run(n):
-                kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-                if cache == "static":
-                    kwargs["cache_implementation"] = "static"
-                return model.generate(ids, **kwargs)
-
-            prefill = median_ms(lambda: run(1), bench.device, 2)
-            total = median_ms(lambda: run(new_tokens), bench.device, 2)
-            bench.add("lm decode (transformers generate)", {
-                "model": name + (" (tiny)" if bench.tiny else ""), "rows": rows, "cache": cache,
-                "ms_per_step": round((total - prefill) / (new_tokens - 1), 3), "prefill_ms": prefill})
+    run(bench, dtype)
 
 
-SECTIONS = {"dit": bench_dit, "vae": bench_vae, "encoders": bench_encoders}
+def bench_lm_serving(bench: Bench, dtype: torch.dtype, iters: int) -> None:
+    from bench.serving import run
+
+    run(bench, dtype, quick=bench.tiny)
+
+
+def bench_e2e(bench: Bench, dtype: torch.dtype, iters: int) -> None:
+    from bench.e2e import run
+
+    run(bench, dtype)
+
+
+SECTIONS = {"dit": bench_dit, "vae": bench_vae, "encoders": bench_encoders, "lm": bench_lm,
+            "lm-serving": bench_lm_serving, "e2e": bench_e2e}
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -191,25 +185,17 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=480.0, help="global deadline for all sections")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--sections", default="dit,vae,encoders,lm,lm-ours,e2e")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of: {', '.join(SECTIONS)}")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.sections.split(",") if name not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     bench = Bench(Path(args.out), args.budget_s, device, args.tiny)
     for name in args.sections.split(","):
         try:
-            if name == "lm":
-                bench_lm_baseline(bench, dtype)
-            elif name == "lm-ours":
-                from bench.lm import run as run_lm
-
-                run_lm(bench, dtype)
-            elif name == "e2e":
-                from bench.e2e import run as run_e2e
-
-                run_e2e(bench, dtype)
-            else:
-                SECTIONS[name](bench, dtype, args.iters)
+            SECTIONS[name](bench, dtype, args.iters)
         except Deadline:
             bench.results.setdefault("skipped", []).append(f"{name}: deadline")
             bench.save()

@@ -1,0 +1,255 @@
+"""What Serve adds on top of the library for one request: the same demo request (10 s,
+inference_steps 8, batch_size 1, flac, fixed seed) through ``generate_music`` in-process and through
+``POST /v1/generate`` (plus fetching the file) against the Serve app on a local Ray, with thinking on
+and off; medians of repeated runs and the HTTP / in-process ratio.
+
+Standalone only (it starts Ray): ``python bench/serve_overhead.py [--repeats 5] [--device cuda]``.
+It only uses APIs an older checkout has too (``generate_music``, ``serve.app.build_app``,
+``serve.cli.load_serve_config`` / ``apply_overrides``, ``serve.config.AppConfig``, the
+``/v1/generate`` route), so it measures that checkout when it comes first on PYTHONPATH:
+``PYTHONPATH=/path/to/old/checkout python /work/main/bench/serve_overhead.py``.
+The Serve replicas import the checkout the driver imported. Both sides use the same checkpoints
+(written once) and the same intra-op thread count (``--threads``; Ray would otherwise give the
+CPU profile's fractional-CPU replicas one thread while the in-process run took every core)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Run by file path, this folder is sys.path[0]: drop it so nothing here shadows a top-level module
+# and the workers Ray starts do not inherit it.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+REQUEST = {"caption": "calm piano with soft strings", "lyrics": "[verse]\nhello night\n[chorus]\nstay a while",
+           "duration": 10, "inference_steps": 8, "batch_size": 1, "audio_format": "flac",
+           "use_random_seed": False, "seeds": [1]}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="serve_overhead.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (at least 5)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads, in-process and in the replicas")
+    parser.add_argument("--num-cpus", type=int, default=4, help="CPUs of the local Ray")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="override the config's LM and DiT device (cuda: half a GPU each)")
+    parser.add_argument("--config", type=Path, default=None, help="Serve config file (default: the checkout's)")
+    parser.add_argument("--port", type=int, default=None, help="HTTP port (default: a free one)")
+    parser.add_argument("--demo-dir", default=None, help="demo checkpoints folder (default: a fresh temp folder)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error("--repeats must be at least 5")
+    return args
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def app_entry(args: argparse.Namespace, port: int):
+    """(http options, application entry, AppConfig) from the checkout's serve config + overrides."""
+    from serve.cli import apply_overrides, load_serve_config
+    from serve.config import AppConfig
+
+    http, app = apply_overrides(load_serve_config(args.config), demo=True, host="127.0.0.1", port=port)
+    app_args = app.setdefault("args", {})
+    app_args["demo_dir"] = args.demo_dir
+    if args.device:
+        for part in ("lm", "dit"):
+            settings = app_args.setdefault(part, {})
+            settings["device"] = args.device
+            options = settings.setdefault("deployment", {}).setdefault("ray_actor_options", {})
+            options["num_gpus"] = 0.5 if args.device == "cuda" else 0
+    return http, app, AppConfig.model_validate(app_args)
+
+
+def _median(values):
+    import statistics
+
+    return round(statistics.median(values), 3)
+
+
+def _timed(fn, repeats: int) -> float:
+    """Median ms of ``repeats`` runs after one untimed warm-up run."""
+    import time
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return _median(times)
+
+
+def load_handlers(config):
+    """The LM and DiT handlers exactly as the Serve replicas load them."""
+    try:
+        from serve.deployments import load_dit, load_lm
+    except ImportError:  # a checkout without these helpers: the same loaders by hand
+        load_lm = load_dit = None
+    if load_lm is not None:
+        return (load_lm(config) if config.lm.enabled else None), load_dit(config)
+    from acestep.handler import AceStepHandler
+    from acestep.llm_inference import LLMHandler
+
+    root = str(config.checkpoint_root())
+    dit = AceStepHandler()
+    dit.initialize_service(root, config.dit.model, device=config.dit.device)
+    llm = None
+    if config.lm.enabled:
+        llm = LLMHandler()
+        llm.initialize(root, lm_model_path=config.lm.model, backend=config.lm.backend, device=config.lm.device)
+    return llm, dit
+
+
+def library_inputs(thinking: bool):
+    """The request body split into the library's GenerationParams / GenerationConfig."""
+    import dataclasses
+
+    from acestep.inference import GenerationConfig, GenerationParams
+
+    body = {**REQUEST, "thinking": thinking}
+    config_fields = {f.name for f in dataclasses.fields(GenerationConfig)}
+    params = GenerationParams(**{k: v for k, v in body.items() if k not in config_fields})
+    return params, GenerationConfig(**{k: v for k, v in body.items() if k in config_fields})
+
+
+def measure_in_process(config, repeats: int, scratch: Path) -> dict:
+    from acestep.inference import generate_music
+
+    llm, dit = load_handlers(config)
+    figures = {}
+    for thinking in (True, False):
+        params, gen_config = library_inputs(thinking)
+
+        def once():
+            result = generate_music(dit, llm, params, gen_config, save_dir=str(scratch))
+            if not result.success:
+                raise RuntimeError(f"generate_music failed: {result.error}")
+
+        figures[thinking] = _timed(once, repeats)
+    if llm is not None and hasattr(llm, "unload"):
+        llm.unload()  # frees the device before the replicas load their copies
+    return figures
+
+
+def start_serve(args: argparse.Namespace, http: dict, app: dict, config) -> str:
+    import ray
+    from ray import serve
+
+    import serve as serve_package
+    from serve.app import build_app
+
+    checkout = str(Path(serve_package.__file__).resolve().parents[1])
+    # replicas inherit the environment: make them import the checkout this driver imported
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")]))
+    ray.init(num_cpus=args.num_cpus, num_gpus=1 if args.device == "cuda" else None,
+             include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": http["port"]})
+    serve.run(build_app(config), name=app.get("name", "acestep"), route_prefix=app.get("route_prefix", "/"))
+    url = f"http://127.0.0.1:{http['port']}"
+    _wait_healthy(url)
+    return url
+
+
+def _wait_healthy(url: str, timeout_s: float = 300.0) -> None:
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/health did not answer within {timeout_s}s")
+
+
+def measure_http(url: str, repeats: int) -> dict:
+    """Median ms of POST /v1/generate alone and of POST plus fetching the audio file."""
+    import time
+
+    import httpx
+
+    figures = {}
+    with httpx.Client(base_url=url, timeout=900) as client:
+        for thinking in (True, False):
+            post, total = [], []
+            for run in range(repeats + 1):  # run 0 warms up
+                start = time.perf_counter()
+                response = client.post("/v1/generate", json={**REQUEST, "thinking": thinking})
+                if response.status_code != 200:
+                    raise RuntimeError(f"/v1/generate answered {response.status_code}: {response.text[:300]}")
+                posted = time.perf_counter()
+                audio = client.get(response.json()["audios"][0]["url"])
+                audio.raise_for_status()
+                done = time.perf_counter()
+                if run:
+                    post.append((posted - start) * 1000)
+                    total.append((done - start) * 1000)
+            figures[thinking] = {"post": _median(post), "total": _median(total)}
+    return figures
+
+
+def report(in_process: dict, http: dict) -> list:
+    rows = []
+    for thinking in (True, False):
+        local, remote = in_process[thinking], http[thinking]
+        rows.append({"thinking": thinking, "in_process_ms": local, "http_post_ms": remote["post"],
+                     "http_post_and_fetch_ms": remote["total"],
+                     "http_over_in_process": round(remote["total"] / local, 3),
+                     "http_post_over_in_process": round(remote["post"] / local, 3)})
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(str(row[k]) for k in keys) + " |")
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by torch at import, here and in the replicas
+    import json
+    import tempfile
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    scratch = Path(tempfile.mkdtemp(prefix="acestep-serve-overhead-"))
+    args.demo_dir = args.demo_dir or str(scratch / "demo_checkpoints")
+    http, app, config = app_entry(args, args.port or _free_port())
+    print(f"checkpoints: {config.checkpoint_root()}; threads: {args.threads}; repeats: {args.repeats}", flush=True)
+    in_process = measure_in_process(config, args.repeats, scratch / "audio")
+    import ray
+    from ray import serve
+
+    try:
+        url = start_serve(args, http, app, config)
+        over_http = measure_http(url, args.repeats)
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+    rows = report(in_process, over_http)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"rows": rows, "request": REQUEST, "threads": args.threads}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
