@@ -126,7 +126,7 @@ def ms_per_step(device: torch.device, run, tokens: int) -> float:
 @torch.no_grad()
 def run(bench, dtype: torch.dtype) -> None:
     rows_list = [2, 8] if bench.tiny else [2, 16, 32]
-    tokens = 8 if bench.tiny else 64
+    tokens = 24 if bench.tiny else 64
     handler = lm_handler(bench.tiny, bench.device, dtype, EngineSettings(max_rows=max(rows_list)))
     try:
         backend = handler.llm

@@ -259,12 +259,13 @@ class LMEngine:
         return torch.tensor(list(ids), dtype=torch.long).to(self.device, non_blocking=True)
 
     def _inputs(self, running: list[Job]) -> SampleInputs:
-        ints, floats, flags = [], [], []
+        ints, floats, flags, plans = [], [], [], []
         use_k = use_p = False
         width = 1
         for seq in running:
             cfg, row = seq.request.sampling, seq.state
             plan = M.plan_row(row.fsm, self.tables, self.masks)
+            plans.append(plan)
             greedy = cfg.temperature <= 0
             width = max(width, plan.width(self.masks))
             k, p = cfg.effective_top_k, cfg.effective_top_p
@@ -278,9 +279,14 @@ class LMEngine:
         i = self._upload(torch.tensor(ints, dtype=torch.long).T)
         f = self._upload(torch.tensor(floats, dtype=torch.float32).T)
         b = self._upload(torch.tensor(flags, dtype=torch.bool).T)
+        static = {p.if_true for p in plans if not p.argmax_one and p.if_true == p.if_false}
+        any_decision = any(p.argmax_one or p.if_true != p.if_false for p in plans)
+        shared = self.masks.ids(static.pop()) if len(static) == 1 and not any_decision else None
         return SampleInputs(cond=i[0], uncond=i[1], plan=i[2:6].T, argmax_one=b[0], greedy=b[1], scale=f[0],
                             temperature=f[1], penalty=f[2], top_k=i[6], top_p=f[3], uniform=f[4], width=width,
-                            use_top_k=use_k, use_top_p=use_p)
+                            use_top_k=use_k, use_top_p=use_p, any_decision=any_decision,
+                            any_penalty=any(row[2] != 1.0 for row in floats),
+                            any_greedy=any(flag[1] for flag in flags), shared_ids=shared)
 
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":

@@ -39,6 +39,7 @@ class MaskTable:
         self.counts = [0, self.vocab]  # allowed ids per row
         self._rows: dict[object, int] = {}
         self._keep: list[torch.Tensor] = []
+        self._ids: dict[int, torch.Tensor] = {}
 
     def _key(self, ids: torch.Tensor):
         # Large sets are the FSM's precomputed tensors (tables.sets, trie nodes): keyed by identity,
@@ -69,6 +70,13 @@ class MaskTable:
         self._rows[key] = self.size
         self.size += 1
         return self.size - 1
+
+    def ids(self, row: int) -> torch.Tensor:
+        """The ascending allowed ids of table row ``row`` (on the device, computed once)."""
+        found = self._ids.get(row)
+        if found is None:
+            found = self._ids[row] = torch.nonzero(self.masks[row]).flatten()
+        return found
 
     def row_of_mask(self, name: str, mask: torch.Tensor) -> int:
         key = ("mask", name)

@@ -44,6 +44,11 @@ class SampleInputs:
     width: int
     use_top_k: bool = False
     use_top_p: bool = False
+    # what the host knows about all rows at once (each lets a step skip whole-batch passes)
+    any_decision: bool = True  # some row's allowed set depends on an argmax decision
+    any_penalty: bool = True  # some row has a repetition penalty != 1
+    any_greedy: bool = True
+    shared_ids: torch.Tensor | None = None  # every row allows exactly these ids (ascending)
 
 
 def guided_logits(logits: torch.Tensor, x: SampleInputs) -> torch.Tensor:
@@ -88,18 +93,31 @@ def top_k_top_p(t: torch.Tensor, k: torch.Tensor, p: torch.Tensor, use_k: bool, 
     return t.masked_fill(remove.scatter(1, order, remove), NEG_INF)
 
 
-def sample(logits: torch.Tensor, table: torch.Tensor, seen: torch.Tensor, x: SampleInputs) -> torch.Tensor:
-    """[R, 2] long: the sampled token and the FSM decision token of each row. ``seen`` [R, V] bool
-    marks the ids in the row's prompt + completion (repetition penalty)."""
-    guided = guided_logits(logits, x)
+def _candidates(guided: torch.Tensor, table: torch.Tensor, x: SampleInputs):
+    """Each row's allowed ids (ascending, padded), their guided logits (-inf padding), a validity
+    mask, the count per row and the decision token."""
+    if x.shared_ids is not None and not x.any_decision:
+        ids = x.shared_ids.expand(guided.shape[0], -1)
+        vals = guided.index_select(1, x.shared_ids)
+        count = torch.full((guided.shape[0],), ids.shape[1], dtype=torch.long, device=guided.device)
+        return ids, vals, None, count, torch.zeros_like(count)
     allowed, decision = allowed_masks(guided, table, x)
     ids, count = compact(allowed, x.width)
     width = torch.arange(ids.shape[1], device=ids.device)
     valid = width[None, :] < count[:, None]
-    vals = guided.gather(1, ids).masked_fill(~valid, NEG_INF)
-    pen = x.penalty[:, None]
-    vals = torch.where(seen.gather(1, ids) & valid, torch.where(vals < 0, vals * pen, vals / pen), vals)
-    greedy_pick = vals.argmax(-1)
+    return ids, guided.gather(1, ids).masked_fill(~valid, NEG_INF), valid, count, decision
+
+
+def sample(logits: torch.Tensor, table: torch.Tensor, seen: torch.Tensor, x: SampleInputs) -> torch.Tensor:
+    """[R, 2] long: the sampled token and the FSM decision token of each row. ``seen`` [R, V] bool
+    marks the ids in the row's prompt + completion (repetition penalty)."""
+    guided = guided_logits(logits, x)
+    ids, vals, valid, count, decision = _candidates(guided, table, x)
+    if x.any_penalty:
+        pen = x.penalty[:, None]
+        hit = seen.gather(1, ids) if valid is None else seen.gather(1, ids) & valid
+        vals = torch.where(hit, torch.where(vals < 0, vals * pen, vals / pen), vals)
+    greedy_pick = vals.argmax(-1) if x.any_greedy else None
     t = vals / x.temperature[:, None]
     if x.use_top_k or x.use_top_p:
         t = top_k_top_p(t, x.top_k, x.top_p, x.use_top_k, x.use_top_p)
@@ -107,5 +125,5 @@ def sample(logits: torch.Tensor, table: torch.Tensor, seen: torch.Tensor, x: Sam
     u = x.uniform * cdf[:, -1]
     drawn = torch.searchsorted(cdf, u[:, None], right=True)[:, 0]
     drawn = torch.minimum(drawn, count - 1)
-    pick = torch.where(x.greedy, greedy_pick, drawn)
+    pick = torch.where(x.greedy, greedy_pick, drawn) if x.any_greedy else drawn
     return torch.stack([ids.gather(1, pick[:, None])[:, 0], decision], dim=1)
