@@ -1,22 +1,24 @@
 """AceStepHandler: owns the DiT side's loaded modules (DiT, condition encoder, audio tokenizer /
-detokenizer, VAE, text encoder). Thin: loading is in ``acestep.checkpoints``, sampling in
-``acestep.dit``."""
+detokenizer, VAE, text encoder) and the one ``WorkerLoop`` thread that uses them. Thin: loading is
+in ``acestep.checkpoints``, sampling in ``acestep.dit``. Every call is safe from any thread: calls
+made at the same time share the worker's running batch (``acestep.dit.batch`` says what may)."""
 
 from __future__ import annotations
 
 import logging
-import threading
-from typing import List, Optional, Tuple
+from concurrent.futures import Future
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from acestep.checkpoints.bundle import DiTBundle, load_dit_bundle
 from acestep.checkpoints.layout import resolve_dit_checkpoint
 from acestep.dit.attention import use_band_attention
+from acestep.dit.batch import DiTLimits
 from acestep.dit.codes import format_audio_codes, latents_to_codes
+from acestep.dit.loop import WorkerLoop
 from acestep.dit.prepare import build_items, encode_source, sampling_settings
-from acestep.dit.conditioning import encoder_lengths
-from acestep.dit.runner import DiTItem, Progress, RenderOutput, SamplingSettings, render
+from acestep.dit.runner import DiTItem, Progress, RenderOutput, SamplingSettings
 from acestep.params import GenerationParams
 
 logger = logging.getLogger(__name__)
@@ -41,25 +43,27 @@ class AceStepHandler:
     def __init__(self):
         self.bundle: Optional[DiTBundle] = None
         self.config_path: Optional[str] = None
-        self._lock = threading.Lock()  # one batch at a time per handler; Serve batches across requests
+        self.loop: Optional[WorkerLoop] = None
 
     def initialize_service(self, project_root: str, config_path: str = "acestep-v15-turbo", device: str = "auto",
                            use_flash_attention: bool = False, compile_model: bool = False,
                            offload_to_cpu: bool = False, offload_dit_to_cpu: bool = False,
-                           dtype: Optional[torch.dtype] = None, attention: str = "auto") -> Tuple[str, bool]:
+                           dtype: Optional[torch.dtype] = None, attention: str = "auto",
+                           limits: Optional[DiTLimits] = None) -> Tuple[str, bool]:
         """Load ``config_path`` (a DiT folder under ``project_root``/checkpoints, under
         ``project_root``, an absolute path, or a diffusers repo folder). Returns (status, True);
         raises FileNotFoundError / CheckpointMismatchError when it cannot load.
 
         ``attention``: "band" runs sliding layers on FlexAttention, "dense" on SDPA with the dense
         mask, "auto" picks band on CUDA (``use_flash_attention=True`` forces band).
-        ``compile_model`` compiles each DiT block with torch.compile (fewer launches per step)."""
-        resolved = resolve_device(device)
-        checkpoint = resolve_dit_checkpoint(project_root, config_path)
-        self.bundle = load_dit_bundle(checkpoint, dtype=dtype or default_dtype(resolved), device=resolved)
-        self.config_path = str(config_path)
+        ``compile_model`` compiles each DiT block with torch.compile (fewer launches per step).
+        ``limits`` bounds the worker's running batch (``DiTLimits``)."""
         if attention not in ("auto", "band", "dense"):
             raise ValueError(f"attention={attention!r}: expected 'auto', 'band' or 'dense'")
+        resolved = resolve_device(device)
+        checkpoint = resolve_dit_checkpoint(project_root, config_path)
+        self._start(load_dit_bundle(checkpoint, dtype=dtype or default_dtype(resolved), device=resolved), limits)
+        self.config_path = str(config_path)
         if use_flash_attention or attention == "band" or (attention == "auto" and resolved.type == "cuda"):
             use_band_attention(self.bundle.transformer)
         if compile_model:
@@ -72,11 +76,17 @@ class AceStepHandler:
         return status, True
 
     @classmethod
-    def from_bundle(cls, bundle: DiTBundle) -> "AceStepHandler":
+    def from_bundle(cls, bundle: DiTBundle, limits: Optional[DiTLimits] = None) -> "AceStepHandler":
         """A handler around already-loaded modules (benchmarks build random full-size ones)."""
         handler = cls()
-        handler.bundle = bundle
+        handler._start(bundle, limits)
         return handler
+
+    def _start(self, bundle: DiTBundle, limits: Optional[DiTLimits]) -> None:
+        if self.loop is not None:
+            self.loop.close()
+        self.bundle = bundle
+        self.loop = WorkerLoop(bundle, limits or DiTLimits())
 
     @property
     def is_initialized(self) -> bool:
@@ -98,29 +108,37 @@ class AceStepHandler:
     def render(self, item_params: List[GenerationParams], seeds: List[int],
                progress: Optional[Progress] = None) -> RenderOutput:
         """Render one audio per (params, seed); all items share the first params' sampling settings."""
-        return self.render_items(self.prepare(item_params, seeds), sampling_settings(item_params[0]), progress)
+        return self.submit(item_params, seeds, progress=progress).result()
+
+    def submit(self, item_params: List[GenerationParams], seeds: List[int],
+               settings: Optional[SamplingSettings] = None, progress: Optional[Progress] = None) -> Future:
+        """``render`` without waiting: a Future of the ``RenderOutput``. Its items are prepared
+        (audio read and encoded) on the worker thread and join the running batch; what preparing
+        raises (unreadable audio, bad codes) fails this future only. ``future.cancel()`` drops them."""
+        bundle = self._require()
+        settings = settings or sampling_settings(item_params[0])
+        return self._worker().submit(lambda: build_items(bundle, item_params, seeds), settings, progress)
 
     def prepare(self, item_params: List[GenerationParams], seeds: List[int]) -> List[DiTItem]:
         """Read and encode audio inputs, decode codes, build task contexts: one DiTItem per seed."""
         bundle = self._require()
-        with self._lock:
-            return build_items(bundle, item_params, seeds)
+        return self._worker().call(lambda: build_items(bundle, item_params, seeds)).result()
 
     def render_items(self, items: List[DiTItem], settings: SamplingSettings,
                      progress: Optional[Progress] = None) -> RenderOutput:
-        bundle = self._require()
-        with self._lock:
-            return render(bundle, items, settings, progress)
+        """Sample and decode prepared items (sharing the running batch with concurrent calls)."""
+        return self._worker().submit(items, settings, progress).result()
 
-    def batch_key(self, item: DiTItem, settings: SamplingSettings) -> Tuple:
-        """Items with equal keys can share one DiT batch and give the results they give alone:
-        same sampling settings, latent length and encoder length (the DiT masks no padding)."""
-        return (settings, item.frames, item.cover_fallback is not None,
-                encoder_lengths(self._require().tokenizer, item.text))
+    def stats(self) -> Dict[str, Any]:
+        """The worker's requests, queue and batch sizes (``items_per_forward``, ``rows_per_forward``)."""
+        return self._worker().stats()
+
+    def _worker(self) -> WorkerLoop:
+        self._require()
+        return self.loop
 
     def convert_src_audio_to_codes(self, audio_path: str, seed: int = 0) -> str:
         """Source audio → 5 Hz code string (VAE encode, then the FSQ tokenizer)."""
         bundle = self._require()
-        with self._lock:
-            source = encode_source(bundle, audio_path, seed)
-            return format_audio_codes(latents_to_codes(bundle, source.latents))
+        return self._worker().call(
+            lambda: format_audio_codes(latents_to_codes(bundle, encode_source(bundle, audio_path, seed).latents))).result()

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import torch
 
 from acestep.audio import AudioLoadError, audio_duration, is_silent, params_key, save_audio
 from acestep.dit.tasks import SOURCE_TASKS, TASK_INSTRUCTIONS
@@ -189,33 +188,40 @@ class RenderJob:
     save_dir: Optional[str] = None
     lm_time_costs: Optional[Dict[str, float]] = None
 
+    def item_params(self) -> List[GenerationParams]:
+        """One GenerationParams per item: the request's, with each item's LM plan merged in."""
+        return [merge_plan(self.params, p) for p in self.plans] if self.plans else [self.params] * len(self.seeds)
+
 
 def _failure(error: Exception) -> GenerationResult:
     return GenerationResult(audios=[], status_message=f"Error: {error}", extra_outputs={}, success=False,
                             error=str(error))
 
 
-def _stack_padded(rows: List["torch.Tensor"]) -> "torch.Tensor":
-    """Stack per-item tensors, zero-padding dim 0 to the longest (items of different lengths)."""
-    longest = max(r.shape[0] for r in rows)
-    return torch.stack([torch.nn.functional.pad(r, (0, 0) * (r.dim() - 1) + (0, longest - r.shape[0]))
-                        for r in rows])
+def submit_render(dit_handler, job: RenderJob, progress: Optional[Progress] = None):
+    """Start ``job`` on the DiT worker without waiting: a ``concurrent.futures.Future`` of its
+    ``RenderOutput`` (``render_result`` turns it into the seed's result). Concurrent jobs share
+    the worker's running batch whatever their lengths and settings, each getting the audio it
+    would get alone; ``future.cancel()`` drops the job's items."""
+    from acestep.dit.prepare import sampling_settings
+
+    return dit_handler.submit(job.item_params(), job.seeds, sampling_settings(job.params), progress)
 
 
-def _job_result(job: RenderJob, item_params, outputs) -> GenerationResult:
-    """outputs: per item (audio [2,S], latents [T,C], extras row dict, time costs dict)."""
-    audios, warnings = _save_items([o[0] for o in outputs], item_params, job.seeds, job.plans,
-                                   job.config.audio_format, job.save_dir)
+def render_result(job: RenderJob, output) -> GenerationResult:
+    """The seed's ``GenerationResult`` for a rendered job (writes its files when ``save_dir`` is set)."""
+    item_params = job.item_params()
+    audios, warnings = _save_items(output.audios, item_params, job.seeds, job.plans, job.config.audio_format,
+                                   job.save_dir)
     lm_costs = dict(job.lm_time_costs or {})
-    dit_costs = {f"dit_{k}": v for k, v in outputs[0][3].items()}
+    dit_costs = {f"dit_{k}": v for k, v in output.time_costs.items()}
     time_costs = {**lm_costs, **dit_costs}
     time_costs["pipeline_total_time"] = lm_costs.get("lm_total_time", 0.0) + dit_costs["dit_total_time_cost"]
-    latents = _stack_padded([o[1] for o in outputs])
-    extras = {name: _stack_padded([o[2][name] for o in outputs]) for name in outputs[0][2]}
+    latents = output.latents
     extra: Dict[str, Any] = {
         "lm_metadata": job.plans[0].metadata if job.plans else None, "time_costs": time_costs,
-        "latents": latents, "masks": extras.get("chunk_masks"), "pred_latents": latents,
-        "seed_value": ", ".join(str(s) for s in job.seeds), **extras,
+        "latents": latents, "masks": output.extras.get("chunk_masks"), "pred_latents": latents,
+        "seed_value": ", ".join(str(s) for s in job.seeds), **output.extras,
     }
     status = "; ".join([f"Generated {len(audios)} audio(s) in {time_costs['dit_total_time_cost']:.2f}s"] + warnings)
     return GenerationResult(audios=audios, status_message=status, extra_outputs=extra, success=True, error=None)
@@ -223,40 +229,15 @@ def _job_result(job: RenderJob, item_params, outputs) -> GenerationResult:
 
 def render_music_batch(dit_handler, jobs: List[RenderJob], progress: Optional[Progress] = None
                        ) -> List[GenerationResult]:
-    """Render many requests' items, sharing DiT batches between items that can share them
-    (``dit_handler.batch_key``: same settings, latent length and encoder length), so each item
-    gets the audio it would get alone. A job that fails to prepare fails alone."""
-    from acestep.dit.prepare import sampling_settings
-
-    prepared: Dict[int, Tuple[List[GenerationParams], list]] = {}
-    results: List[Optional[GenerationResult]] = [None] * len(jobs)
-    groups: Dict[Any, List[Tuple[int, int]]] = {}
-    for j, job in enumerate(jobs):
-        item_params = [merge_plan(job.params, p) for p in job.plans] if job.plans else [job.params] * len(job.seeds)
+    """Render many requests at once: all are submitted to the DiT worker, whose running batch they
+    share (``submit_render``). A job that fails (unreadable audio, say) fails alone."""
+    futures = [submit_render(dit_handler, job, progress) for job in jobs]
+    results = []
+    for job, future in zip(jobs, futures):
         try:
-            items = dit_handler.prepare(item_params, job.seeds)
-        except Exception as error:  # bad audio etc.: this job only
-            results[j] = _failure(error)
-            continue
-        prepared[j] = (item_params, items)
-        settings = sampling_settings(job.params)
-        for i, item in enumerate(items):
-            groups.setdefault(dit_handler.batch_key(item, settings), []).append((j, i))
-    outputs: Dict[Tuple[int, int], tuple] = {}
-    for key, members in groups.items():
-        items = [prepared[j][1][i] for j, i in members]
-        try:
-            rendered = dit_handler.render_items(items, key[0], progress)
-        except Exception as error:
-            for j, _ in members:
-                results[j] = _failure(error)
-            continue
-        for b, (j, i) in enumerate(members):
-            row = {name: value[b] for name, value in rendered.extras.items()}
-            outputs[(j, i)] = (rendered.audios[b], rendered.latents[b], row, rendered.time_costs)
-    for j, (item_params, items) in prepared.items():
-        if results[j] is None:
-            results[j] = _job_result(jobs[j], item_params, [outputs[(j, i)] for i in range(len(items))])
+            results.append(render_result(job, future.result()))
+        except Exception as error:  # this job only
+            results.append(_failure(error))
     return results
 
 
@@ -267,10 +248,7 @@ def render_music(dit_handler, params: GenerationParams, config: GenerationConfig
     """DiT + VAE for every item (one per seed); writes ``{save_dir}/{key}.{format}`` files.
     Failures raise (generate_music turns them into results)."""
     job = RenderJob(params, config, seeds, plans, save_dir, lm_time_costs)
-    result = render_music_batch(dit_handler, [job], progress)[0]
-    if not result.success:
-        raise RuntimeError(result.error)
-    return result
+    return render_result(job, submit_render(dit_handler, job, progress).result())
 
 
 def _lm_progress(progress: Optional[Progress]):

@@ -15,6 +15,7 @@ from acestep.checkpoints.bundle import DiTBundle, load_tokenizer
 from acestep.checkpoints.demo import write_demo_checkpoints
 from acestep.checkpoints.demo_lm import DEMO_LM_DIRNAME
 from acestep.checkpoints.layout import resolve_dit_checkpoint
+from acestep.dit.attention import use_band_attention
 from acestep.handler import AceStepHandler
 from acestep.inference import (
     GenerationConfig,
@@ -32,24 +33,39 @@ LM_NAME = "acestep-5Hz-lm-1.7B"
 
 
 def build_handlers(tiny: bool, device: torch.device, dtype: torch.dtype):
-    """Tiny: the demo checkpoints through the real loaders. Full: random full-size models from the
-    real configs in memory, with the demo tokenizers (same special tokens as the real ones)."""
+    """The DiT handler (``build_dit_handler``) and an LM handler: the demo LM (tiny) or a random
+    full-size 1.7B model with the demo tokenizer (same special tokens as the real one)."""
+    root = demo_root()
+    dit, llm = build_dit_handler(tiny, device, dtype), LLMHandler()
+    if tiny:
+        llm.initialize(str(root), DEMO_LM_DIRNAME, backend="pt", device=str(device), dtype=dtype)
+    else:
+        llm.attach_model(models.build_lm(LM_NAME, False, device, dtype), load_tokenizer(root / DEMO_LM_DIRNAME))
+    return dit, llm
+
+
+def demo_root() -> Path:
     root = Path(tempfile.mkdtemp(prefix="acestep-bench-"))
     write_demo_checkpoints(root)
+    return root
+
+
+def build_dit_handler(tiny: bool, device: torch.device, dtype: torch.dtype) -> AceStepHandler:
+    """Tiny: the demo checkpoints through the real loaders. Full: random full-size DiT, VAE and
+    text encoder from the real configs in memory, with the demo text tokenizer."""
+    root = demo_root()
     if tiny:
-        dit, llm = AceStepHandler(), LLMHandler()
+        dit = AceStepHandler()
         dit.initialize_service(str(root), "acestep-v15-turbo", device=str(device), dtype=dtype)
-        llm.initialize(str(root), DEMO_LM_DIRNAME, backend="pt", device=str(device), dtype=dtype)
-        return dit, llm
+        return dit
     checkpoint = resolve_dit_checkpoint(root, "acestep-v15-turbo")
     bundle = DiTBundle(vae=models.build_vae(False, device, dtype),
                        text_encoder=models.build_text_encoder(False, device, dtype),
                        tokenizer=load_tokenizer(checkpoint.tokenizer_dir), checkpoint=checkpoint,
                        **models.build_dit(False, device, dtype))
-    dit = AceStepHandler.from_bundle(bundle)
-    llm = LLMHandler()
-    llm.attach_model(models.build_lm(LM_NAME, False, device, dtype), load_tokenizer(root / DEMO_LM_DIRNAME))
-    return dit, llm
+    if device.type == "cuda":
+        use_band_attention(bundle.transformer)
+    return AceStepHandler.from_bundle(bundle)
 
 
 def _song(seconds: int, index: int = 0) -> GenerationParams:

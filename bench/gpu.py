@@ -168,6 +168,12 @@ def bench_lm_serving(bench: Bench, dtype: torch.dtype, iters: int) -> None:
     run(bench, dtype, quick=bench.tiny)
 
 
+def bench_dit_serving(bench: Bench, dtype: torch.dtype, iters: int) -> None:
+    from bench.dit_serving import run
+
+    run(bench, dtype, quick=bench.tiny)
+
+
 def bench_e2e(bench: Bench, dtype: torch.dtype, iters: int) -> None:
     from bench.e2e import run
 
@@ -175,7 +181,28 @@ def bench_e2e(bench: Bench, dtype: torch.dtype, iters: int) -> None:
 
 
 SECTIONS = {"dit": bench_dit, "vae": bench_vae, "encoders": bench_encoders, "lm": bench_lm,
-            "lm-serving": bench_lm_serving, "e2e": bench_e2e}
+            "lm-serving": bench_lm_serving, "dit-serving": bench_dit_serving, "e2e": bench_e2e}
+
+
+def standalone(argv, prog: str, description: str, out: str, run) -> int:
+    """The command line of a serving section run on its own: ``run(bench, dtype, quick=...)``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter requests (a smoke run)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--tiny", dest="tiny", action="store_true", default=None, help="demo models (default on CPU)")
+    size.add_argument("--full", dest="tiny", action="store_false", help="full-size configs (default on CUDA)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--budget-s", type=float, default=1800.0)
+    args = parser.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    tiny = device.type != "cuda" if args.tiny is None else args.tiny
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bench = Bench(Path(args.out), args.budget_s, device, tiny)
+    run(bench, dtype, quick=args.quick)
+    bench.save()
+    print(to_markdown(bench.results))
+    return 0
 
 
 def main(argv: List[str] | None = None) -> int:

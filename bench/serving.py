@@ -16,14 +16,12 @@ figures differ by scheduling alone. Two workloads: mixed durations arriving over
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
 import torch
@@ -221,25 +219,9 @@ def run(bench, dtype: torch.dtype, quick: bool = False) -> None:
 
 
 def main(argv: List[str] | None = None) -> int:
-    from bench.gpu import Bench, to_markdown
+    from bench.gpu import standalone
 
-    parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter requests (a smoke run)")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--tiny", dest="tiny", action="store_true", default=None, help="the demo LM (default on CPU)")
-    size.add_argument("--full", dest="tiny", action="store_false", help="the 1.7B config (default on CUDA)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", default="bench/results/serving.json")
-    parser.add_argument("--budget-s", type=float, default=1800.0)
-    args = parser.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    tiny = device.type != "cuda" if args.tiny is None else args.tiny
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    bench = Bench(Path(args.out), args.budget_s, device, tiny)
-    run(bench, dtype, quick=args.quick)
-    bench.save()
-    print(to_markdown(bench.results))
-    return 0
+    return standalone(argv, "python -m bench.serving", __doc__.split("\n\n")[0], "bench/results/serving.json", run)
 
 
 if __name__ == "__main__":

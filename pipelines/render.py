@@ -6,7 +6,9 @@
 
 Pipeline: input rows (driver: ids, resume) → ``LMStage`` (actor pool; each actor keeps
 ``--lm-rows-in-flight`` rows planning at once in its one LM engine, a stream of rows: a finished row
-leaves and the next joins) → ``DiTStage`` (its own actor pool; writes ``audio/{id}_{i}.{format}``) →
+leaves and the next joins) → ``DiTStage`` (its own actor pool; each actor keeps ``--dit-rows-in-flight``
+rows in its one DiT worker, joining its running batch between sampling steps; writes
+``audio/{id}_{i}.{format}``) →
 the driver's writer (journal, then ``manifest.jsonl`` + ``manifest.parquet``). ``--via-serve`` replaces
 both model stages with ``ServeStage``. Rerunning the same command resumes: complete rows are skipped.
 """
@@ -50,7 +52,7 @@ class RenderOptions:
     lm_cpus: float = 1.0  # CPUs per LM actor
     dit_cpus: float = 1.0  # CPUs per DiT actor
     lm_rows_in_flight: int = 8  # rows one LM actor plans at once (they share its engine's batch)
-    dit_batch_size: int = 1  # rows per DiT batch
+    dit_rows_in_flight: int = 8  # rows one DiT actor renders at once (they share its worker's batch)
     via_serve: Optional[str] = None  # Serve app name: send rows to it instead of starting model actors
     serve_actors: int = 1  # actors sending rows to the Serve app (each keeps a batch in flight)
     serve_batch_size: int = 8  # rows in flight per sending actor
@@ -99,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{stage}-cpus", type=float, default=1.0, help=f"CPUs per {stage.upper()} actor")
     p.add_argument("--lm-rows-in-flight", type=int, default=8,
                    help="rows one LM actor plans at once; a finished row makes room for the next")
-    p.add_argument("--dit-batch-size", type=int, default=1, help="rows per DiT batch")
+    p.add_argument("--dit-rows-in-flight", type=int, default=8,
+                   help="rows one DiT actor renders at once; a finished row makes room for the next")
     p.add_argument("--via-serve", metavar="APP", default=None, help="send rows to this running Serve app")
     p.add_argument("--serve-actors", type=int, default=1)
     p.add_argument("--serve-batch-size", type=int, default=8, help="rows in flight per --via-serve actor")
@@ -163,21 +166,28 @@ def build_dataset(options: RenderOptions, pending: List[InputRow]):
     from pipelines.stages import DiTStage, LMStage
 
     # One row per call, many calls running at once per actor (threads): rows stream through the
-    # actor's one engine, each leaving as soon as it is planned, instead of blocks finishing together.
-    in_flight = max(1, options.lm_rows_in_flight)
-    lm_pool = ray.data.ActorPoolStrategy(size=options.lm_actors, max_tasks_in_flight_per_actor=in_flight,
-                                         max_concurrent_calls_per_actor=in_flight, enable_true_multi_threading=True)
+    # actor's one LM engine / DiT worker, each leaving as soon as it is done, instead of blocks
+    # finishing together.
     ds = ds.map_batches(LMStage, batch_size=1,
                         fn_constructor_kwargs={"checkpoints": options.checkpoints, "lm_model": options.lm,
                                                "backend": options.lm_backend, "device": options.device,
                                                "audio_format": options.audio_format},
-                        compute=lm_pool, num_cpus=options.lm_cpus, num_gpus=options.lm_gpus)
-    ds = ds.repartition(target_num_rows_per_block=options.dit_batch_size)
-    return ds.map_batches(DiTStage, batch_size=options.dit_batch_size,
+                        compute=_streaming_pool(options.lm_actors, options.lm_rows_in_flight),
+                        num_cpus=options.lm_cpus, num_gpus=options.lm_gpus)
+    return ds.map_batches(DiTStage, batch_size=1,
                           fn_constructor_kwargs={"checkpoints": options.checkpoints, "output_dir": output,
                                                  "dit_config": options.dit_config, "device": options.device},
-                          compute=ray.data.ActorPoolStrategy(size=options.dit_actors),
+                          compute=_streaming_pool(options.dit_actors, options.dit_rows_in_flight),
                           num_cpus=options.dit_cpus, num_gpus=options.dit_gpus)
+
+
+def _streaming_pool(actors: int, in_flight: int):
+    """An actor pool whose actors each run ``in_flight`` one-row calls at once, on threads."""
+    import ray
+
+    in_flight = max(1, in_flight)
+    return ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=in_flight,
+                                      max_concurrent_calls_per_actor=in_flight, enable_true_multi_threading=True)
 
 
 def run(options: RenderOptions) -> RenderSummary:

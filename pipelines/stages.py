@@ -7,7 +7,8 @@ Batches carry one column of JSON text per stage (Arrow-friendly, whatever the ro
   (``prepare_request``), then plans the rows with the 5 Hz LM. The job calls it with one row per
   call and several calls at once per actor (threads), so rows stream through the actor's one engine.
 - ``DiTStage`` → ``record`` (a ``ManifestRecord``): renders with DiT + VAE and writes the audio files
-  itself (``{output}/audio/{id}_{i}.{format}``), so raw audio never enters the object store.
+  itself (``{output}/audio/{id}_{i}.{format}``), so raw audio never enters the object store. Called
+  the same way, one row per call and several at once: the rows join the actor's one DiT worker.
 - ``ServeStage`` → ``record``: instead of both, sends each row to a running Serve app's ingress.
 
 A row that fails in any stage carries its error on; the later stages pass it through untouched.
@@ -169,8 +170,8 @@ class DiTStage:
         self.handler.initialize_service(checkpoints, dit_config, device=device)
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[str]]:
-        """All rows of the batch in one ``render_music_batch`` call: compatible items share DiT
-        batches; a row that fails (validation, unreadable audio) fails alone."""
+        """All rows of the batch in one ``render_music_batch`` call (concurrent calls' rows share the
+        worker's running batch too); a row that fails (validation, unreadable audio) fails alone."""
         from acestep.inference import render_music_batch
 
         rows = _decode(batch, "row")

@@ -14,6 +14,7 @@ from typing import Any, Dict, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from acestep.lm.constants import DEFAULT_LM_MODEL, DEFAULT_MAX_MODEL_LEN
+from acestep.dit.batch import DiTLimits
 from acestep.lm.engine import ENGINE_DEFAULTS, EngineSettings
 
 
@@ -101,6 +102,25 @@ class LMSettings(_Strict):
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
 
+DIT_LIMITS = DiTLimits()
+
+
+class DiTBatchSettings(_Strict):
+    """The DiT replica's one worker (``acestep.dit.batch.DiTLimits``): requests join its running batch
+    between sampling steps whatever their lengths; those beyond these bounds wait inside it, in order."""
+
+    max_rows: int = Field(DIT_LIMITS.max_rows, ge=1, le=512,
+                          description="Rows in one DiT forward; a guided item (base/sft model, CFG) takes two.")
+    max_row_frames: int = Field(DIT_LIMITS.max_row_frames, ge=8, le=1 << 24,
+                                description="Rows x padded latent frames (25 per second) in the running batch.")
+    max_padding: float = Field(DIT_LIMITS.max_padding, ge=0, le=100,
+                               description="Padding one forward may carry, as a fraction of its real frames; "
+                                           "running songs of very different lengths take separate forwards.")
+
+    def to_library(self) -> DiTLimits:
+        return DiTLimits(max_rows=self.max_rows, max_row_frames=self.max_row_frames, max_padding=self.max_padding)
+
+
 class DiTSettings(_Strict):
     """The DiT + text encoder + VAE replica."""
 
@@ -109,8 +129,7 @@ class DiTSettings(_Strict):
     attention: Literal["auto", "band", "dense"] = Field(
         "auto", description="Sliding layers on FlexAttention ('band') or SDPA with a dense mask; auto: band on CUDA.")
     compile_model: bool = Field(False, description="torch.compile each DiT block (fewer launches per step).")
-    max_batch_size: int = Field(4, ge=1, le=64, description="Most requests one render batch takes.")
-    batch_wait_timeout_s: float = Field(0.05, ge=0, le=5, description="How long a render batch waits to fill up.")
+    batch: DiTBatchSettings = Field(default_factory=DiTBatchSettings)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
 

@@ -2,12 +2,13 @@
 
 - ``LMDeployment``: ``LLMHandler`` + ``acestep.inference.plan_music``; every request goes straight
   into the replica's one LM engine (continuous batching; ``stats()`` shows the engine's counters).
-- ``DiTDeployment``: ``AceStepHandler`` + ``render_music``; ``@serve.batch`` groups requests and merges
-  compatible ones into one render call; encodes audio on the replica, so only encoded bytes leave it.
+- ``DiTDeployment``: ``AceStepHandler`` + ``acestep.inference.submit_render``; every request goes
+  straight into the replica's one DiT worker (step-level batching; ``stats()`` shows forward sizes);
+  encodes audio on the replica, so only encoded bytes leave it.
 - ``TaskStoreDeployment``: one replica holding ``serve.tasks.TaskStore`` (tasks, events, audio).
 
-DiT work runs on one worker thread per replica (the handler is not thread-safe); the LM's engine has
-its own loop thread and planners wait on it from a thread each. Progress goes to the store as
+The DiT handler's worker and the LM's engine each have their own loop thread; LM planners wait on
+the engine from a thread each, audio encoding runs on one more thread. Progress goes to the store as
 fire-and-forget handle calls scheduled on the replica's event loop.
 """
 
@@ -17,8 +18,8 @@ import asyncio
 import dataclasses
 import io
 import os
+import shutil
 import tempfile
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -68,11 +69,6 @@ class RenderOutput:
     metadata: Dict[str, Any]
 
 
-@dataclass
-class _Failure:
-    error: BaseException
-
-
 def json_safe(value: Any) -> Any:
     """Drop what JSON cannot carry (tensors, arrays); keep plain data."""
     if isinstance(value, dict):
@@ -91,7 +87,7 @@ def _is_plain(value: Any) -> bool:
 
 
 class _ModelReplica:
-    """Shared plumbing: one model thread, progress reports to the store, batch-size stats."""
+    """Shared plumbing: a helper thread, progress reports to the store, replica stats."""
 
     def _setup(self, store, options) -> None:
         # as many torch threads as CPUs the replica reserved: no oversubscription of a shared node,
@@ -100,7 +96,6 @@ class _ModelReplica:
         self._store = store
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=type(self).__name__)
-        self._batch_sizes: Counter = Counter()
         self._replica = f"{type(self).__name__}-pid{os.getpid()}"
 
     async def _run(self, fn: Callable, *args, **kwargs):
@@ -232,63 +227,52 @@ class LMDisabled(RuntimeError):
 
 @serve.deployment(name="DiTDeployment")
 class DiTDeployment(_ModelReplica):
-    """DiT + text encoder + VAE: renders a Serve batch of planned requests with one
-    ``render_music_batch`` call, which lets items that can share a DiT batch share it."""
+    """DiT + text encoder + VAE: one worker per replica (inside the ``AceStepHandler``). Each
+    request's items go straight into it and join its running batch between sampling steps, whatever
+    their lengths and settings -- no Serve batching, no waves. Items finishing together are decoded
+    together; audio is encoded here, so only encoded bytes leave the replica."""
 
     def __init__(self, config: AppConfig, store=None):
         self._setup(store, config.dit.deployment)
         self.settings = config.dit
         self.handler = load_dit(config)
-        self._dit_batch_sizes: Counter = Counter()
-        self._render_batch.set_max_batch_size(self.settings.max_batch_size)
-        self._render_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
     def info(self) -> Dict[str, Any]:
         return {"model": self.settings.model, "is_turbo": bool(getattr(self.handler, "is_turbo", False))}
 
     def stats(self) -> Dict[str, Any]:
-        """Requests per Serve batch (``batch_sizes``) and items per DiT forward batch (``dit_batch_sizes``)."""
-        sizes, dit = dict(sorted(self._batch_sizes.items())), dict(sorted(self._dit_batch_sizes.items()))
-        return {**super().stats(), "batch_sizes": sizes, "max_batch_size": max(sizes, default=0),
-                "batches": sum(sizes.values()), "dit_batch_sizes": dit, "max_dit_batch_size": max(dit, default=0)}
+        """The worker's requests, queue and forward sizes (``worker.items_per_forward``, ``rows_per_forward``)."""
+        return {**super().stats(), "worker": self.handler.stats()}
 
     async def render(self, job: RenderRequest, outcome) -> RenderOutput:
-        """``outcome`` is the LM's PlanOutcome; callers pass the LM call's DeploymentResponse unawaited."""
-        output = await self._render_batch((job, outcome))
-        if isinstance(output, _Failure):
-            raise output.error
-        return output
+        """``outcome`` is the LM's PlanOutcome; callers pass the LM call's DeploymentResponse unawaited.
+        A cancelled call (client gone, task deleted) drops the request's items at the next step."""
+        from acestep.inference import RenderJob, submit_render
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def _render_batch(self, items: List[tuple]) -> List[Any]:
-        self._batch_sizes[len(items)] += 1
+        self._loop = asyncio.get_running_loop()
+        scratch = tempfile.mkdtemp(prefix="acestep-upload-")
         try:
-            return await self._run(self._render_all, items)
-        except Exception as error:
-            return [_Failure(error)] * len(items)
+            params = await self._run(_with_uploads, job.params, job.uploads, scratch)
+            render_job = RenderJob(params=params, config=job.config, seeds=job.seeds, plans=outcome.plans,
+                                   lm_time_costs=outcome.time_costs)
+            self._report([job.task_id], "dit", 0.3, "DiT queued")
+            output = await asyncio.wrap_future(submit_render(self.handler, render_job, self._progress(job.task_id)))
+            self._report([job.task_id], "encode", 0.92, "encoding audio")
+            return await self._run(self._output, render_job, outcome, output)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
-    def _render_all(self, items: List[tuple]) -> List[Any]:
-        from acestep.inference import RenderJob, render_music_batch
+    def _progress(self, task_id: str):
+        def report(fraction: float, desc: str = "") -> None:  # on the worker thread
+            self._report([task_id], "dit", 0.3 + 0.6 * min(max(float(fraction), 0.0), 1.0), str(desc))
 
-        task_ids = [job.task_id for job, _ in items]
-        self._report(task_ids, "dit", 0.3, f"DiT batch of {len(items)} request(s)")
+        return report
 
-        def progress(fraction: float, desc: str = "") -> None:
-            self._report(task_ids, "dit", 0.3 + 0.6 * min(max(float(fraction), 0.0), 1.0), str(desc))
+    def _output(self, render_job, outcome, output) -> RenderOutput:
+        from acestep.inference import render_result
 
-        with tempfile.TemporaryDirectory(prefix="acestep-upload-") as scratch:
-            jobs = [RenderJob(params=_with_uploads(job.params, job.uploads, os.path.join(scratch, str(k))),
-                               config=job.config, seeds=job.seeds, plans=outcome.plans,
-                               lm_time_costs=outcome.time_costs)
-                    for k, (job, outcome) in enumerate(items)]
-            results = render_music_batch(_CountingDiT(self.handler, self._dit_batch_sizes), jobs, progress)
-        self._report(task_ids, "encode", 0.92, "encoding audio")
-        return [self._output(job, outcome, result) for (job, outcome), result in zip(items, results)]
-
-    def _output(self, job: RenderRequest, outcome, result) -> Any:
-        if not result.success:
-            return _Failure(RuntimeError(result.error or result.status_message))
-        items = [self._encode(audio, job.config.audio_format) for audio in result.audios]
+        result = render_result(render_job, output)
+        items = [self._encode(audio, render_job.config.audio_format) for audio in result.audios]
         metadata = {"plans": [json_safe(p) for p in (outcome.plans or [])], "lm_status": outcome.status}
         time_costs = json_safe(result.extra_outputs.get("time_costs", {}))
         return RenderOutput(items, result.status_message, time_costs, metadata)
@@ -303,20 +287,6 @@ class DiTDeployment(_ModelReplica):
             format=audio_format, media_type=MEDIA_TYPES.get(audio_format, "application/octet-stream"),
             sample_rate=int(audio.get("sample_rate", 48000)), seed=params.get("seed"), params=params,
         )
-
-
-class _CountingDiT:
-    """The DiT handler, recording how many items each DiT forward batch carried."""
-
-    def __init__(self, handler, sizes: Counter):
-        self._handler, self._sizes = handler, sizes
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._handler, name)
-
-    def render_items(self, items, settings, progress=None):
-        self._sizes[len(items)] += 1
-        return self._handler.render_items(items, settings, progress)
 
 
 def _with_uploads(params, uploads: Dict[str, bytes], scratch: str):
@@ -358,5 +328,6 @@ def load_dit(config: AppConfig):
 
     handler = AceStepHandler()
     handler.initialize_service(str(config.checkpoint_root()), config.dit.model, device=config.dit.device,
-                               attention=config.dit.attention, compile_model=config.dit.compile_model)
+                               attention=config.dit.attention, compile_model=config.dit.compile_model,
+                               limits=config.dit.batch.to_library())
     return handler

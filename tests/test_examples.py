@@ -110,7 +110,8 @@ def test_example_8_batch_with_specific_seeds(handlers, tmp_path):
     again = generate_music(*handlers, params, config, save_dir=str(tmp_path / "again"))
     assert [a["params"]["audio_codes"] for a in again.audios[:3]] == [a["params"]["audio_codes"]
                                                                      for a in result.audios[:3]]
-    assert all(torch.equal(a["tensor"], b["tensor"]) for a, b in zip(again.audios[:3], result.audios[:3]))
+    # the fourth (random-seed) item differs, so the first three shared other DiT forwards: fp32 rounding
+    assert all(torch.allclose(a["tensor"], b["tensor"], atol=1e-4) for a, b in zip(again.audios[:3], result.audios[:3]))
 
 
 def test_example_10_understand_codes(handlers, tmp_path):

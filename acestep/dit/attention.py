@@ -52,7 +52,10 @@ class BandAttnProcessor(AceStepAttnProcessor2_0):
             query = apply_rotary_emb(query, image_rotary_emb, use_real=True, use_real_unbind_dim=-2, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, use_real=True, use_real_unbind_dim=-2, sequence_dim=1)
         length = hidden_states.shape[1]
-        mask = band_block_mask(length, int(window), str(hidden_states.device))
+        if isinstance(attention_mask, BlockMask):  # padded rows' band (acestep.dit.batch)
+            mask = attention_mask
+        else:
+            mask = band_block_mask(length, int(window), str(hidden_states.device))
         query, key, value = (x.transpose(1, 2) for x in (query, key, value))
         out = _flex_kernel(hidden_states.device)(query, key, value, block_mask=mask, scale=attn.scaling,
                                                  enable_gqa=attn.heads != attn.kv_heads)

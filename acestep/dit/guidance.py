@@ -49,6 +49,14 @@ def adg(x: torch.Tensor, t: float, v_cond: torch.Tensor, v_uncond: torch.Tensor,
     return ((x.double() - x0) / t).to(v_cond.dtype)
 
 
+def combine(x: torch.Tensor, t: float, v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float,
+            use_adg: bool, momentum: MomentumBuffer) -> torch.Tensor:
+    """The guided velocity from a (cond, uncond) pair: ADG, or APG with ``momentum``."""
+    if use_adg:
+        return adg(x, t, v_cond, v_uncond, scale)
+    return apg(v_cond, v_uncond, scale, momentum)
+
+
 def guided(pair_fn: PairFn, cond_fn: CondFn, scale: float, interval: Tuple[float, float],
            use_adg: bool = False) -> CondFn:
     """Wrap a model with APG (default) or ADG between ``interval``; cond-only outside it.
@@ -60,9 +68,7 @@ def guided(pair_fn: PairFn, cond_fn: CondFn, scale: float, interval: Tuple[float
         if not in_cfg_interval(t, *interval):
             return cond_fn(x, t)
         v_cond, v_uncond = pair_fn(x, t)
-        if use_adg:
-            return adg(x, t, v_cond, v_uncond, scale)
-        return apg(v_cond, v_uncond, scale, momentum)
+        return combine(x, t, v_cond, v_uncond, scale, use_adg, momentum)
 
     return model_fn
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -22,37 +22,71 @@ UNTILED_BYTES_PER_FRAME = 2.7e6
 UNTILED_MEMORY_FRACTION = 0.5
 
 
+def decode_budget(device: torch.device) -> int:
+    """Latent frames one VAE decode call may carry (summed over its batch): half the free memory
+    on CUDA, four CPU windows elsewhere."""
+    if device.type != "cuda":
+        return 4 * CPU_DECODE_WINDOW
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(GPU_DECODE_WINDOW, int(UNTILED_MEMORY_FRACTION * free / UNTILED_BYTES_PER_FRAME))
+
+
 def decode_window(device: torch.device, frames: int = 0, batch: int = 1) -> int:
-    """Untiled on CUDA when the decode fits in half the free memory (faster: no overlap work);
-    otherwise windows of 512 frames (256 on CPU, as upstream)."""
+    """Untiled on CUDA when ``batch`` decodes of ``frames`` fit the budget (faster: no overlap
+    work); otherwise windows of 512 frames (256 on CPU, as upstream)."""
     if device.type != "cuda":
         return CPU_DECODE_WINDOW
-    free, _ = torch.cuda.mem_get_info(device)
-    if frames and frames * UNTILED_BYTES_PER_FRAME <= UNTILED_MEMORY_FRACTION * free:
+    if frames and frames * batch <= decode_budget(device):
         return frames
     return GPU_DECODE_WINDOW
 
 
-@torch.no_grad()
 def decode(vae, latents: torch.Tensor, window: Optional[int] = None, overlap: int = DECODE_OVERLAP) -> torch.Tensor:
     """Latents [B, T, C] → audio [B, 2, T·1920] fp32, in windows of ``window`` frames whose
     ``overlap`` frames on each inner side are decoded and thrown away (as upstream)."""
-    x = latents.transpose(1, 2).to(vae.dtype)
-    frames = x.shape[-1]
-    window = window or decode_window(latents.device, frames)
+    window = window or decode_window(latents.device, latents.shape[1], latents.shape[0])
+    return torch.stack(decode_batch(vae, list(latents), window, overlap))
+
+
+def tile_plan(frames: int, window: int, overlap: int = DECODE_OVERLAP) -> List[Tuple[int, int, int, int]]:
+    """An item's tiles: (lo, hi) frames decoded, (keep_from, keep_to) samples kept."""
     if frames <= window:
-        return torch.cat([vae.decode(item).sample.float() for item in x.split(1)])
+        return [(0, frames, 0, frames * HOP)]
     while window <= 2 * overlap:
         overlap //= 2
-    core = window - 2 * overlap
-    pieces = []
+    core, plan = window - 2 * overlap, []
     for start in range(0, frames, core):
         lo, hi = max(start - overlap, 0), min(start + core + overlap, frames)
-        audio = vae.decode(x[..., lo:hi]).sample.float()
         keep_from = (start - lo) * HOP
-        keep_to = keep_from + (min(start + core, frames) - start) * HOP
-        pieces.append(audio[..., keep_from:keep_to])
-    return torch.cat(pieces, dim=-1)
+        plan.append((lo, hi, keep_from, keep_from + (min(start + core, frames) - start) * HOP))
+    return plan
+
+
+@torch.no_grad()
+def decode_batch(vae, latents: List[torch.Tensor], window: Optional[int] = None,
+                 overlap: int = DECODE_OVERLAP) -> List[torch.Tensor]:
+    """Latents [T_i, C] of several items → audio [2, T_i·1920] fp32 each, as each decodes alone:
+    every item's tiles are planned alone, and tiles of equal length (whatever item they come
+    from) are decoded together, at most ``decode_budget`` frames per call, so no tile ever sees
+    another item's frames or any padding."""
+    device = latents[0].device
+    window = window or decode_window(device, max(x.shape[0] for x in latents), len(latents))
+    plans = [tile_plan(x.shape[0], window, overlap) for x in latents]
+    groups: Dict[int, List[Tuple[int, int]]] = {}
+    for i, plan in enumerate(plans):
+        for j, (lo, hi, _, _) in enumerate(plan):
+            groups.setdefault(hi - lo, []).append((i, j))
+    budget = decode_budget(device)
+    pieces: Dict[Tuple[int, int], torch.Tensor] = {}
+    for length, members in groups.items():
+        per_call = max(1, budget // length)
+        for k in range(0, len(members), per_call):
+            chunk = members[k:k + per_call]
+            x = torch.stack([latents[i][plans[i][j][0]:plans[i][j][1]] for i, j in chunk]).transpose(1, 2)
+            audio = vae.decode(x.to(vae.dtype)).sample.float()
+            for (i, j), wav in zip(chunk, audio):
+                pieces[(i, j)] = wav[..., plans[i][j][2]:plans[i][j][3]]
+    return [torch.cat([pieces[(i, j)] for j in range(len(plan))], dim=-1) for i, plan in enumerate(plans)]
 
 
 @torch.no_grad()

@@ -1,40 +1,65 @@
-"""Many requests rendered together share DiT batches only where that changes nothing."""
+"""Concurrent requests share the DiT worker's running batch, whatever their lengths and settings,
+and each gets the audio it gets alone; a failing or cancelled request leaves the others alone."""
 
 from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
 
 import torch
 
 from acestep.inference import GenerationConfig, GenerationParams, RenderJob, prepare_request, render_music_batch
 
 
-def _job(caption, seed, **fields):
+def _job(caption, seed, duration=10, **fields):
     params, config, seeds = prepare_request(
-        GenerationParams(thinking=False, caption=caption, duration=10, **fields),
+        GenerationParams(thinking=False, caption=caption, duration=duration, **fields),
         GenerationConfig(batch_size=1, seeds=[seed], use_random_seed=False))
     return RenderJob(params, config, seeds)
 
 
-def test_requests_share_batches_and_match_their_solo_results(turbo_handler):
-    calls = []
-    original = turbo_handler.render_items
+def _wait_for(condition, timeout_s: float = 120.0) -> None:
+    """Poll with a generous bound (a guard against hangs; nothing is timed)."""
+    deadline = time.time() + timeout_s
+    while not condition():
+        assert time.time() < deadline, "condition never held"
+        time.sleep(0.01)
 
-    def counting(items, settings, progress=None):
-        calls.append(len(items))
-        return original(items, settings, progress)
 
-    jobs = [_job("song 1", 1), _job("song 2", 2), _job("song 3 with a much longer caption than the others", 3),
-            _job("song 4", 4, shift=3.0)]
-    turbo_handler.render_items = counting
+@contextmanager
+def held(handler):
+    """Keep the handler's worker thread busy until the block ends, so everything submitted inside
+    it is admitted together."""
+    release = threading.Event()
+    blocker = handler.loop.call(release.wait)
     try:
-        together = render_music_batch(turbo_handler, jobs)
+        yield
     finally:
-        turbo_handler.render_items = original
+        release.set()
+        blocker.result()
+
+
+def test_requests_of_any_length_and_settings_share_forwards_and_match_their_solo_results(turbo_handler):
+    jobs = [_job("song 1", 1), _job("song 2", 2, duration=11),
+            _job("song 3 with a much longer caption than the others", 3, duration=12),
+            _job("song 4", 4, shift=3.0)]
+    before = dict(turbo_handler.stats()["items_per_forward"])
+    with held(turbo_handler):
+        results = {}
+        thread = threading.Thread(target=lambda: results.update(together=render_music_batch(turbo_handler, jobs)))
+        thread.start()
+        _wait_for(lambda: turbo_handler.stats()["waiting"] == 4)  # submitted; the worker is still held
+    thread.join()
+    together = results["together"]
     assert all(r.success for r in together)
-    assert sorted(calls) == [1, 1, 2]  # digits are single tokens: "song N" captions batch; longer caption and other shift alone
+    after = turbo_handler.stats()["items_per_forward"]
+    assert after.get(4, 0) - before.get(4, 0) == 8  # all four in every one of the 8 turbo steps
     for job, result in zip(jobs, together):
         alone = render_music_batch(turbo_handler, [job])[0]
         assert torch.allclose(alone.audios[0]["tensor"], result.audios[0]["tensor"], atol=1e-4)
         assert result.audios[0]["params"]["seed"] == job.seeds[0]
+        assert result.audios[0]["tensor"].shape[-1] == job.params.duration * 48000
 
 
 def test_a_bad_job_fails_alone(turbo_handler, tmp_path):
@@ -46,3 +71,19 @@ def test_a_bad_job_fails_alone(turbo_handler, tmp_path):
     results = render_music_batch(turbo_handler, [good, broken])
     assert results[0].success and len(results[0].audios) == 1
     assert not results[1].success and "broken.wav" in results[1].error
+
+
+def test_a_cancelled_request_leaves_the_batch_and_its_mates_finish(turbo_handler):
+    from acestep.inference import submit_render
+
+    long, short = _job("long", 7, duration=30), _job("short", 8)
+    steps = []
+    with held(turbo_handler):
+        doomed = submit_render(turbo_handler, long, progress=lambda f, desc: steps.append(desc))
+        kept = submit_render(turbo_handler, short)
+    _wait_for(lambda: steps)
+    assert doomed.cancel()
+    output = kept.result(timeout=120)
+    assert len(output.audios) == 1 and doomed.cancelled()
+    stats = turbo_handler.stats()
+    assert stats["running"] == 0 and stats["waiting"] == 0

@@ -1,0 +1,223 @@
+"""``DiTWorker``: a running batch of DiT items, each at its own sampling step.
+
+Items join at any step boundary and leave when their schedule ends; one DiT forward per step covers
+every running item (padded and masked, ``acestep.dit.batch``). Each item keeps its own schedule,
+timestep index, latents (fp32), seeded generator, guidance state (APG momentum) and conditions, so
+its latents equal its solo run's to float rounding whoever it shares steps with. Guidance wraps
+the velocity per row (``acestep.dit.guidance.combine``) and the sampler steps per row
+(``acestep.dit.samplers``), as in a solo run.
+
+The worker is single-threaded tensor work; a caller that serves many requests drives it from one
+thread (``serve.deployments.DiTDeployment``)."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+import torch
+from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer
+
+from acestep.dit.batch import DiTLimits, bucket_frames, forward_groups, velocity
+from acestep.dit.conditioning import encode_conditions
+from acestep.dit.guidance import APG_MOMENTUM, combine, in_cfg_interval
+from acestep.dit.samplers import ode_step, sde_step
+from acestep.dit.schedules import build_schedule
+from acestep.dit.tasks import REPAINT_CROSSFADE_FRAMES, REPAINT_INJECT_RATIO, crossfade_mask, silence_frames
+
+StepHook = Callable[["Track"], None]
+
+
+@dataclass(eq=False)
+class Track:
+    """One item's sampling state in the worker (``owner``: whatever the caller attached)."""
+
+    item: Any  # DiTItem
+    settings: Any  # SamplingSettings
+    timesteps: List[float]
+    x: torch.Tensor  # [T, C] fp32
+    noise: torch.Tensor  # the initial noise (repaint re-injects it)
+    clean: torch.Tensor  # [T, C] fp32 source latents
+    generator: torch.Generator
+    main: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # encoder states [S, D], mask [S], context [T, 2C]
+    fallback: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+    switch_at: int = 0  # the step from which the fallback condition applies
+    use_cfg: bool = False
+    momentum: Optional[MomentumBuffer] = None
+    keep: Optional[torch.Tensor] = None  # [T, 1] repaint: 1 outside the window
+    inject_steps: int = 0
+    step: int = 0
+    owner: Any = None
+    on_step: Optional[StepHook] = field(default=None, repr=False)
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps) - 1
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.steps
+
+    @property
+    def rows(self) -> int:
+        return 2 if self.use_cfg else 1
+
+    def condition(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.fallback if self.fallback is not None and self.step >= self.switch_at else self.main
+
+
+def _context(item, frames: int, silence: torch.Tensor, use_hints: bool) -> torch.Tensor:
+    """[T, 2C]: (hints if cover else source latents) | chunk mask repeated over channels."""
+    src = item.hints if use_hints and item.hints is not None else item.src_latents
+    src = _fit(src.to(silence.device), frames, silence_frames(silence, frames))
+    ones = torch.ones((frames,), device=silence.device, dtype=silence.dtype)
+    mask = _fit(item.chunk_mask.to(device=silence.device, dtype=silence.dtype).unsqueeze(-1),
+                frames, ones.unsqueeze(-1))
+    return torch.cat([src, mask.expand_as(src).to(src)], dim=-1)
+
+
+def _condition(bundle, item, text, use_hints: bool):
+    """Encoder states and mask of one item, encoded alone (so padding never reaches the encoders)."""
+    silence = bundle.silence_latent.to(device=bundle.device, dtype=bundle.dtype)
+    states, mask = encode_conditions(bundle, [text], item.timbre.unsqueeze(0))
+    return states[0], mask[0], _context(item, item.frames, silence, use_hints)
+
+
+class DiTWorker:
+    """Running items plus a queue of waiting ones, admitted while ``limits`` allow."""
+
+    def __init__(self, bundle, limits: DiTLimits = DiTLimits()):
+        self.bundle, self.limits = bundle, limits
+        self.waiting: Deque[Track] = deque()
+        self.running: List[Track] = []
+        self.items_per_forward: Dict[int, int] = {}  # items in one forward -> forwards
+        self.rows_per_forward: Dict[int, int] = {}  # rows (CFG items take two while guided) -> forwards
+
+    # -- admission -----------------------------------------------------------------------------
+    def track(self, item, settings, owner: Any = None, on_step: Optional[StepHook] = None) -> Track:
+        """Prepare an item's sampling state (conditions encoded, noise drawn) and queue it."""
+        bundle, device = self.bundle, self.bundle.device
+        silence = bundle.silence_latent.to(device)
+        generator = torch.Generator(device=device).manual_seed(int(item.seed))
+        channels = silence.shape[-1]
+        noise = torch.randn((1, item.frames, channels), generator=generator, device=device)[0]
+        clean = _fit(item.src_latents.float().to(device), item.frames, silence_frames(silence, item.frames).float())
+        timesteps = build_schedule(is_turbo=bundle.is_turbo, steps=settings.steps, shift=settings.shift,
+                                   timesteps=settings.timesteps, dtype=bundle.dtype)
+        track = Track(item, settings, timesteps, noise.clone(), noise, clean, generator,
+                      _condition(bundle, item, item.text, True), owner=owner, on_step=on_step)
+        if settings.cover_strength < 1.0 and item.cover_fallback is not None:
+            track.fallback = _condition(bundle, item, item.cover_fallback, False)
+            track.switch_at = int(track.steps * settings.cover_strength)
+        track.use_cfg = not bundle.is_turbo and settings.guidance_scale > 1.0
+        track.momentum = MomentumBuffer(APG_MOMENTUM) if track.use_cfg else None
+        if item.repaint:
+            track.keep = crossfade_mask(item.repaint, item.frames, 0, device).unsqueeze(-1)
+            track.inject_steps = round(REPAINT_INJECT_RATIO * track.steps)
+        self.waiting.append(track)
+        return track
+
+    def _admit(self) -> None:
+        while self.waiting:
+            candidate = self.running + [self.waiting[0]]
+            rows = sum(t.rows for t in candidate)
+            if self.running and not self.limits.fits(rows, rows * bucket_frames(max(t.item.frames for t in candidate))):
+                return
+            self.running.append(self.waiting.popleft())
+
+    def drop(self, track: Track) -> None:
+        """Remove a waiting or running track (its owner went away)."""
+        if track in self.running:
+            self.running.remove(track)
+        elif track in self.waiting:
+            self.waiting.remove(track)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> List[Track]:
+        """Admit, run one DiT forward for every running track's current step; returns finished tracks."""
+        self._admit()
+        tracks = list(self.running)
+        if not tracks:
+            return []
+        velocities = self._velocities(tracks)
+        finished = []
+        for track, (v_cond, v_uncond) in zip(tracks, velocities):
+            self._advance(track, v_cond, v_uncond)
+            if track.on_step is not None:
+                track.on_step(track)
+            if track.done:
+                self.running.remove(track)
+                finished.append(_finish_repaint(track))
+        return finished
+
+    def _velocities(self, tracks: List[Track]) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """(v_cond, v_uncond or None) per track: one forward per group of similar lengths
+        (``forward_groups``), each holding its tracks' cond rows, then the null rows of those
+        whose guidance applies at this step."""
+        out: Dict[int, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+        for group in forward_groups([t.item.frames for t in tracks], self.limits.max_padding):
+            members = [tracks[i] for i in group]
+            guided = [t for t in members
+                      if t.use_cfg and in_cfg_interval(t.timesteps[t.step], *t.settings.cfg_interval)]
+            rows = [(t, False) for t in members] + [(t, True) for t in guided]
+            _count(self.items_per_forward, len(members))
+            _count(self.rows_per_forward, len(rows))
+            v = velocity(self.bundle.transformer, *self._rows(rows))
+            for k, (i, track) in enumerate(zip(group, members)):
+                out[i] = (v[k], v[len(members) + guided.index(track)] if track in guided else None)
+        return [out[i] for i in range(len(tracks))]
+
+    def _rows(self, rows: List[Tuple[Track, bool]]):
+        """``velocity``'s inputs for (track, null condition?) rows."""
+        null_emb = self.bundle.condition_encoder.null_condition_emb
+        hidden, times, states, contexts = [], [], [], []
+        for track, null in rows:
+            cond_states, _, context = track.condition()
+            hidden.append(track.x)
+            times.append(track.timesteps[track.step])
+            states.append(null_emb.to(cond_states).reshape(1, -1).expand_as(cond_states) if null else cond_states)
+            contexts.append(context)
+        return hidden, times, states, contexts
+
+    def _advance(self, track: Track, v_cond: torch.Tensor, v_uncond: Optional[torch.Tensor]) -> None:
+        t, t_next = track.timesteps[track.step], track.timesteps[track.step + 1]
+        x = track.x.unsqueeze(0)
+        v = v_cond.unsqueeze(0)
+        if v_uncond is not None:
+            s = track.settings
+            v = combine(x, t, v, v_uncond.unsqueeze(0), s.guidance_scale, s.use_adg, track.momentum)
+        velocity_fn = lambda _x, _t: v  # noqa: E731  (this step's guided velocity)
+        if track.settings.method == "sde":
+            noise_fn = lambda x0: torch.randn(x0.shape, generator=track.generator, device=x0.device)  # noqa: E731
+            x = sde_step(velocity_fn, x, t, t_next, noise_fn)
+        else:
+            x = ode_step(velocity_fn, x, t, t_next)
+        x = x[0]
+        if track.keep is not None and track.step < track.inject_steps and t_next > 0:
+            x = track.keep * x + (1 - track.keep) * (t_next * track.noise + (1 - t_next) * track.clean)
+        track.x, track.step = x, track.step + 1
+
+
+def _count(counter: Dict[int, int], size: int) -> None:
+    counter[size] = counter.get(size, 0) + 1
+
+
+def _fit(rows: torch.Tensor, frames: int, filler: torch.Tensor) -> torch.Tensor:
+    if rows.shape[0] >= frames:
+        return rows[:frames]
+    return torch.cat([rows, filler[: frames - rows.shape[0]].to(rows)], 0)
+
+
+def _finish_repaint(track: Track) -> Track:
+    """Blend the source back outside the repaint window (soft edges), as the solo path does."""
+    if track.item.repaint:
+        soft = crossfade_mask(track.item.repaint, track.item.frames, REPAINT_CROSSFADE_FRAMES,
+                              track.x.device).unsqueeze(-1)
+        track.x = soft * track.x + (1 - soft) * track.clean
+    return track

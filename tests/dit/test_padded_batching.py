@@ -1,0 +1,136 @@
+"""Items of different lengths, captions, tasks and steps share DiT forwards (padding + masks) and
+get their solo results: latents within 1e-5 (fp32, demo checkpoints)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from acestep.dit import vae as vae_ops
+from acestep.dit.prepare import sampling_settings
+from acestep.dit.batch import DiTLimits, forward_groups
+from acestep.dit.worker import DiTWorker
+from acestep.handler import AceStepHandler
+from acestep.params import GenerationParams
+
+TOL = 1e-5
+ONE_FORWARD = DiTLimits(max_padding=100.0)  # never split by length: every row in one padded forward
+
+
+@pytest.fixture(scope="module")
+def turbo_mixer(turbo_handler):
+    """The turbo modules behind a worker that puts every running item into one forward."""
+    handler = AceStepHandler.from_bundle(turbo_handler.bundle, ONE_FORWARD)
+    yield handler
+    handler.loop.close()
+
+
+@pytest.fixture(scope="module")
+def base_mixer(base_handler):
+    handler = AceStepHandler.from_bundle(base_handler.bundle, ONE_FORWARD)
+    yield handler
+    handler.loop.close()
+
+
+def _items(handler, specs, source_audio=None):
+    params = []
+    for spec in specs:
+        spec = dict(spec)
+        if spec.get("task_type") in ("cover", "repaint"):
+            spec["src_audio"] = source_audio
+        params.append(GenerationParams(thinking=False, **spec))
+    return handler.prepare(params, [100 + i for i in range(len(specs))]), sampling_settings(params[0])
+
+
+def _solo(handler, item, settings):
+    return handler.render_items([item], settings).latents[0, : item.frames]
+
+
+def _assert_solo(handler, items, settings, together):
+    for b, item in enumerate(items):
+        diff = (together.latents[b, : item.frames] - _solo(handler, item, settings)).abs().max()
+        assert diff <= TOL, f"item {b} ({item.frames} frames) differs from its solo run by {diff}"
+
+
+MIXED = [{"caption": "a", "duration": 10},
+         {"caption": "a far longer caption about strings, brass and a choir over thunder", "duration": 30,
+          "lyrics": "[verse]\nla la la\n[chorus]\noh oh oh"},
+         {"caption": "lofi beat", "duration": 47}]
+
+
+def test_mixed_durations_and_captions_equal_their_solo_runs(turbo_mixer):
+    items, settings = _items(turbo_mixer, MIXED)
+    assert len({i.frames for i in items}) == 3
+    before = turbo_mixer.stats()["items_per_forward"].get(3, 0)
+    together = turbo_mixer.render_items(items, settings)
+    assert turbo_mixer.stats()["items_per_forward"][3] == before + settings.steps  # one forward per step
+    _assert_solo(turbo_mixer, items, settings, together)
+    for item, audio in zip(items, together.audios):  # cropped back to each item's own length
+        assert audio.shape[-1] == item.frames * vae_ops.HOP
+
+
+def test_cover_and_repaint_share_a_batch_with_text2music(turbo_mixer, source_audio):
+    specs = [MIXED[0], {"task_type": "cover", "caption": "rework", "audio_cover_strength": 0.5},
+             {"task_type": "repaint", "caption": "fill", "repainting_start": 2.0, "repainting_end": 6.0},
+             MIXED[2]]
+    items, settings = _items(turbo_mixer, specs, source_audio)
+    settings = type(settings)(**{**settings.__dict__, "cover_strength": 0.5})
+    together = turbo_mixer.render_items(items, settings)
+    _assert_solo(turbo_mixer, items, settings, together)
+
+
+@pytest.mark.parametrize("use_adg", [False, True])
+def test_guided_base_model_rows_keep_their_own_guidance(base_mixer, use_adg):
+    specs = [{**spec, "inference_steps": 6, "guidance_scale": 4.0, "shift": 3.0, "use_adg": use_adg,
+              "cfg_interval_start": 0.1, "cfg_interval_end": 0.9} for spec in MIXED]
+    items, settings = _items(base_mixer, specs)
+    together = base_mixer.render_items(items, settings)
+    _assert_solo(base_mixer, items, settings, together)
+
+
+def test_an_item_joining_at_step_3_equals_its_solo_run(turbo_mixer):
+    items, settings = _items(turbo_mixer, MIXED[:2])
+    worker = DiTWorker(turbo_mixer.bundle, ONE_FORWARD)
+    first = worker.track(items[0], settings)
+    for _ in range(3):
+        worker.step()
+    assert first.step == 3
+    second = worker.track(items[1], settings)
+    while worker.has_work:
+        worker.step()
+    assert worker.items_per_forward == {1: 6, 2: 5}  # 3 alone, 5 shared, then the second's last 3 alone
+    for track, item in ((first, items[0]), (second, items[1])):
+        assert (track.x - _solo(turbo_mixer, item, settings)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("window", [None, 256])
+def test_batched_vae_decode_equals_per_item_decode(turbo_handler, window):
+    vae = turbo_handler.bundle.vae
+    generator = torch.Generator().manual_seed(0)
+    latents = [torch.randn(frames, vae.config.decoder_input_channels, generator=generator)
+               for frames in (250, 300, 750)]
+    together = vae_ops.decode_batch(vae, latents, window)
+    for x, audio in zip(latents, together):
+        alone = vae_ops.decode(vae, x.unsqueeze(0), window=window)[0]
+        assert audio.shape == alone.shape and (audio - alone).abs().max() <= TOL
+
+
+def test_forward_groups_bound_the_padding_of_each_forward():
+    assert forward_groups([250, 750, 1175], 100.0) == [[2, 1, 0]]
+    assert forward_groups([250, 750, 1175], 0.25) == [[2, 1], [0]]  # 2 x 1176 <= 1.25 x 1925; 3 x 1176 is not
+    songs = [600, 550, 500, 450, 400, 350, 300, 250]  # 24 s down to 10 s
+    groups = forward_groups(songs, 0.25)
+    assert sorted(i for g in groups for i in g) == list(range(8)) and len(groups) == 2
+    for group in groups:
+        padded = len(group) * max(songs[i] for i in group)
+        assert padded <= 1.25 * sum(songs[i] for i in group)
+
+
+def test_default_limits_split_very_different_lengths_and_still_equal_solo_runs(turbo_handler):
+    items, settings = _items(turbo_handler, MIXED)
+    before = dict(turbo_handler.stats()["items_per_forward"])
+    together = turbo_handler.render_items(items, settings)
+    after = turbo_handler.stats()["items_per_forward"]
+    # per step: 47 s and 30 s in one forward, 10 s alone (it would more than double its padding)
+    assert [after.get(k, 0) - before.get(k, 0) for k in (1, 2, 3)] == [settings.steps, settings.steps, 0]
+    _assert_solo(turbo_handler, items, settings, together)
