@@ -64,3 +64,15 @@ def test_bench_gpu_deadline_still_writes_results(tmp_path):
     assert main(["--tiny", "--out", str(out), "--iters", "1", "--budget-s", "0"]) == 0
     results = json.loads(out.read_text())
     assert results["skipped"] and results["sections"] == {}
+
+
+def test_bench_dit_serving_quick_runs_both_modes(tmp_path):
+    from bench.dit_serving import SECTION
+
+    out = tmp_path / "gpu.json"
+    assert main(["--tiny", "--out", str(out), "--budget-s", "600", "--sections", "dit-serving"]) == 0
+    rows = {row["mode"]: row for row in json.loads(out.read_text())["sections"][SECTION]}
+    assert set(rows) == {"worker", "serial batch 1"}
+    assert rows["worker"]["concurrent"] == rows["serial batch 1"]["concurrent"] == 4
+    assert rows["worker"]["max_items_per_forward"] > 1 and rows["serial batch 1"]["max_items_per_forward"] == 1
+    assert "songs_per_min_vs_serial" in rows["worker"]
