@@ -7,7 +7,7 @@ Standalone only (it starts Ray): ``python bench/serve_overhead.py [--repeats 5] 
 It only uses APIs an older checkout has too (``generate_music``, ``serve.app.build_app``,
 ``serve.cli.load_serve_config`` / ``apply_overrides``, ``serve.config.AppConfig``, the
 ``/v1/generate`` route), so it measures that checkout when it comes first on PYTHONPATH:
-``PYTHONPATH=/path/to/old/checkout python /work/main/bench/serve_overhead.py``.
+``PYTHONPATH=/path/to/old/checkout python /path/to/this/checkout/bench/serve_overhead.py``.
 The Serve replicas import the checkout the driver imported. Both sides use the same checkpoints
 (written once) and the same intra-op thread count (``--threads``; Ray would otherwise give the
 CPU profile's fractional-CPU replicas one thread while the in-process run took every core)."""
