@@ -62,13 +62,6 @@ def _tokenize(tokenizer, texts: Sequence[str], max_length: int, device) -> Tuple
     return ids.to(device), mask.to(device)
 
 
-def encoder_lengths(tokenizer, cond: TextCondition) -> Tuple[int, int]:
-    """(caption tokens, lyric tokens) after truncation: equal lengths mean no padding in a batch."""
-    caption = tokenizer(cond.caption_prompt(), truncation=True, max_length=MAX_CAPTION_TOKENS)["input_ids"]
-    lyric = tokenizer(cond.lyric_prompt(), truncation=True, max_length=MAX_LYRIC_TOKENS)["input_ids"]
-    return len(caption), len(lyric)
-
-
 @torch.no_grad()
 def encode_text(text_encoder, tokenizer, conditions: List[TextCondition], device, dtype):
     """→ (caption states [B,Lt,H], caption mask, lyric embeddings [B,Ll,H], lyric mask).

@@ -13,7 +13,7 @@ Differences from upstream, on purpose:
 - each phase draws from a generator seeded with the item's seed (phase 2 does not depend on how
   many tokens phase 1 drew);
 - phase 2 stops after exactly ``int(duration·5)`` codes for the user's duration or, when the user
-  gave none, for the CoT duration (upstream B4: the LM-chosen duration was ignored and the code
+  gave none, for the CoT duration (upstream: the LM-chosen duration was ignored and the code
   count was whatever the LM emitted);
 - the token budget is also capped so prompt + completion fit ``max_model_len``.
 ``LMPlan.phase1_time``/``phase2_time`` are the item's own wall time in each phase."""

@@ -1,4 +1,4 @@
-"""understand_music / create_sample / format_sample return the seed's result classes (issue §6)."""
+"""understand_music / create_sample / format_sample return the seed's result classes."""
 
 from __future__ import annotations
 

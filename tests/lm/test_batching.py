@@ -1,4 +1,4 @@
-"""Batching and seeds: per-item seeds make the LM deterministic whatever the chunking (issue §5)."""
+"""Batching and seeds: per-item seeds make the LM deterministic whatever the chunking."""
 
 from __future__ import annotations
 

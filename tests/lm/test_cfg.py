@@ -1,5 +1,5 @@
 """Paired CFG: cond and uncond rows decode together, share each sampled token, and the result
-equals an independent, uncached, unbatched reference decoder (issue §4)."""
+equals an independent, uncached, unbatched reference decoder."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Constrained decoding makes the random demo LM emit valid CoT and codes (issue §3)."""
+"""Constrained decoding makes the random demo LM emit valid CoT and codes."""
 
 from __future__ import annotations
 

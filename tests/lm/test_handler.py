@@ -1,4 +1,4 @@
-"""LLMHandler.initialize / plan: which phases run, what each LMPlan holds, errors (issue §1, §7)."""
+"""LLMHandler.initialize / plan: which phases run, what each LMPlan holds, errors."""
 
 from __future__ import annotations
 
@@ -83,12 +83,12 @@ def test_thinking_off_or_user_codes_skip_phase2(lm_handler):
 def test_no_cot_metas_and_no_user_metas_is_not_an_error(lm_handler):
     params = GenerationParams(use_cot_metas=False, thinking=False)
     (plan,) = lm_handler.plan(params, GenerationConfig(batch_size=1), [9])
-    assert plan.metadata == {} and plan.audio_codes == "" and plan.phase1_time == 0.0  # upstream B5 crashed
+    assert plan.metadata == {} and plan.audio_codes == "" and plan.phase1_time == 0.0  # upstream crashed here (use_cot_metas=False without metas)
 
 
 def test_codes_follow_the_cot_duration_when_user_gave_none(lm_handler):
     (plan,) = lm_handler.plan(GenerationParams(caption="short jingle"), GenerationConfig(batch_size=1), [4])
     duration = plan.metadata["duration"]
     assert C.DURATION_MIN <= duration <= lm_handler.max_duration
-    assert count_codes(plan.audio_codes) == duration * 5  # upstream B4 ignored the CoT duration
-    assert plan.metadata["vocal_language"] == plan.metadata["language"]  # upstream B2
+    assert count_codes(plan.audio_codes) == duration * 5  # upstream ignored the CoT duration
+    assert plan.metadata["vocal_language"] == plan.metadata["language"]  # upstream never passed the LM's language on
