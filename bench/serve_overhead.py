@@ -3,6 +3,10 @@ inference_steps 8, batch_size 1, flac, fixed seed) through ``generate_music`` in
 ``POST /v1/generate`` (plus fetching the file) against the Serve app on a local Ray, with thinking on
 and off; medians of repeated runs and the HTTP / in-process ratio.
 
+With ``--concurrent N`` it measures serving instead: N thinking requests of mixed durations
+(``DURATIONS`` cycled, distinct seeds) posted to ``/v1/generate`` at once; wall time, songs/min,
+p50/p95 latency and the DiT's forward sharing when the checkout reports it.
+
 Standalone only (it starts Ray): ``python bench/serve_overhead.py [--repeats 5] [--device cuda]``.
 It only uses APIs an older checkout has too (``generate_music``, ``serve.app.build_app``,
 ``serve.cli.load_serve_config`` / ``apply_overrides``, ``serve.config.AppConfig``, the
@@ -27,6 +31,7 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 REQUEST = {"caption": "calm piano with soft strings", "lyrics": "[verse]\nhello night\n[chorus]\nstay a while",
            "duration": 10, "inference_steps": 8, "batch_size": 1, "audio_format": "flac",
            "use_random_seed": False, "seeds": [1]}
+DURATIONS = (10, 12, 15, 18, 20, 24, 27, 30)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default: a free one)")
     parser.add_argument("--demo-dir", default=None, help="demo checkpoints folder (default: a fresh temp folder)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--concurrent", type=int, default=0,
+                        help="serving mode: this many thinking requests of mixed durations at once")
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error("--repeats must be at least 5")
@@ -203,6 +210,43 @@ def measure_http(url: str, repeats: int) -> dict:
     return figures
 
 
+def concurrent_bodies(count: int) -> list:
+    return [{**REQUEST, "thinking": True, "duration": DURATIONS[i % len(DURATIONS)], "seeds": [100 + i]}
+            for i in range(count)]
+
+
+def measure_concurrent(url: str, count: int) -> dict:
+    """One warm-up request, then ``count`` requests posted at once, each fetched when answered."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    def one(client, body):
+        start = time.perf_counter()
+        response = client.post("/v1/generate", json=body)
+        if response.status_code != 200:
+            raise RuntimeError(f"/v1/generate answered {response.status_code}: {response.text[:300]}")
+        client.get(response.json()["audios"][0]["url"]).raise_for_status()
+        return time.perf_counter() - start
+
+    limits = httpx.Limits(max_connections=count + 2)
+    with httpx.Client(base_url=url, timeout=1800, limits=limits) as client:
+        one(client, concurrent_bodies(1)[0])
+        start = time.perf_counter()
+        with ThreadPoolExecutor(count) as pool:
+            latencies = sorted(pool.map(lambda body: one(client, body), concurrent_bodies(count)))
+        wall = time.perf_counter() - start
+        stats = client.get("/v1/stats").json()
+    dit = stats.get("dit", stats.get("data", {}).get("dit", {})) if isinstance(stats, dict) else {}
+    worker = dit.get("worker", {}) if isinstance(dit, dict) else {}
+    return {"requests": count, "durations_s": sorted(b["duration"] for b in concurrent_bodies(count)),
+            "wall_s": round(wall, 2), "songs_per_min": round(count * 60 / wall, 2),
+            "p50_s": round(latencies[len(latencies) // 2], 2),
+            "p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 2),
+            "dit_items_per_forward": worker.get("items_per_forward"), "dit_stats": dit}
+
+
 def report(in_process: dict, http: dict) -> list:
     rows = []
     for thinking in (True, False):
@@ -233,21 +277,25 @@ def main(argv=None) -> int:
     args.demo_dir = args.demo_dir or str(scratch / "demo_checkpoints")
     http, app, config = app_entry(args, args.port or _free_port())
     print(f"checkpoints: {config.checkpoint_root()}; threads: {args.threads}; repeats: {args.repeats}", flush=True)
-    in_process = measure_in_process(config, args.repeats, scratch / "audio")
+    in_process = None if args.concurrent else measure_in_process(config, args.repeats, scratch / "audio")
     import ray
     from ray import serve
 
     try:
         url = start_serve(args, http, app, config)
-        over_http = measure_http(url, args.repeats)
+        measured = measure_concurrent(url, args.concurrent) if args.concurrent else measure_http(url, args.repeats)
     finally:
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
-    rows = report(in_process, over_http)
+    if args.concurrent:
+        print(json.dumps(measured, indent=2))
+        result = {"concurrent": measured, "request": REQUEST, "threads": args.threads}
+    else:
+        result = {"rows": report(in_process, measured), "request": REQUEST, "threads": args.threads}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"rows": rows, "request": REQUEST, "threads": args.threads}, indent=2))
+        args.out.write_text(json.dumps(result, indent=2))
     return 0
 
 
