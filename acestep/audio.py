@@ -1,38 +1,129 @@
-"""Audio files in and out (soundfile), and the result key (a hash of the params)."""
+"""Audio in and out (soundfile), and the result key (a hash of the params).
+
+Audio inputs (``AudioSource``) are a path, the file's bytes (``bytes``/``bytearray``/``memoryview``)
+or a seekable binary file object; callers holding an upload in memory need no temporary file.
+Messages about in-memory audio call it "uploaded audio" and never include its bytes.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import os
 import uuid
+from contextlib import contextmanager
 from math import gcd
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import soundfile as sf
 import torch
 
+from acestep.params import AudioSource
+
 SAMPLE_RATE = 48000
 AUDIO_FORMATS = ("flac", "wav", "mp3")
 _SUBTYPES = {"flac": "PCM_24", "wav": "FLOAT", "mp3": None}
+_BYTES_TYPES = (bytes, bytearray, memoryview)
 
 
 class AudioLoadError(ValueError):
-    """A source or reference audio file cannot be read or holds no sound."""
+    """A source or reference audio input cannot be read or holds no sound."""
 
 
-def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> Tuple[torch.Tensor, int]:
-    """Read any file soundfile reads → stereo float32 [2, S] at ``sample_rate``, clamped to [−1, 1].
+def is_audio_path(source: Any) -> bool:
+    return isinstance(source, (str, os.PathLike))
 
-    Mono is duplicated, channels beyond two are dropped (as upstream)."""
+
+def is_audio_bytes(source: Any) -> bool:
+    return isinstance(source, _BYTES_TYPES)
+
+
+def is_audio_file(source: Any) -> bool:
+    """A binary file object: ``read`` and ``seek``, and not a text stream."""
+    return (hasattr(source, "read") and hasattr(source, "seek") and not isinstance(source, io.TextIOBase)
+            and not is_audio_bytes(source))
+
+
+def describe_source(source: Any) -> str:
+    """How messages name an audio input: the path, or "uploaded audio" (never the bytes)."""
+    return f"audio file {source}" if is_audio_path(source) else "uploaded audio"
+
+
+def _seekable(stream) -> bool:
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as error:  # soundfile raises several types for unreadable input
-        raise AudioLoadError(f"cannot read audio file {path}: {error}") from error
+        return bool(stream.seekable())
+    except (AttributeError, ValueError, OSError):  # closed, or a stream without seekable()
+        return False
+
+
+@contextmanager
+def _opened(source: AudioSource) -> Iterator[Any]:
+    """What soundfile reads for ``source``: a path string or a stream at its start. A caller's
+    file object is read from its beginning and left at the position it had."""
+    if is_audio_path(source):
+        yield os.fspath(source)
+    elif is_audio_bytes(source):
+        yield io.BytesIO(source)
+    elif is_audio_file(source):
+        if not _seekable(source):
+            raise AudioLoadError("uploaded audio must be a seekable binary file object")
+        position = source.tell()
+        source.seek(0)
+        try:
+            yield source
+        finally:
+            source.seek(position)
+    else:
+        raise AudioLoadError(f"audio must be a path, bytes or a binary file object, not {type(source).__name__}")
+
+
+def _read_failure(source: AudioSource, error: Exception) -> AudioLoadError:
+    # soundfile's text for a stream names the Python object; its error_string is the reason alone
+    reason = str(error) if is_audio_path(source) else getattr(error, "error_string", None) or "unreadable data"
+    return AudioLoadError(f"cannot read {describe_source(source)}: {reason}")
+
+
+def read_source_bytes(source: AudioSource) -> bytes:
+    """The whole input as bytes: a path's file, a buffer, or a file object from its start (left at
+    the position it had)."""
+    if is_audio_bytes(source):
+        return bytes(source)
+    try:
+        with _opened(source) as target:
+            if isinstance(target, str):
+                return Path(target).read_bytes()
+            data = target.read()
+    except OSError as error:
+        raise AudioLoadError(f"cannot read {describe_source(source)}: {error.strerror or 'I/O error'}") from None
+    if not isinstance(data, bytes):
+        raise AudioLoadError("uploaded audio must be a binary file object")
+    return data
+
+
+def source_key(source: Optional[AudioSource]) -> Any:
+    """A dict key standing for an audio input (buffers and file objects by identity when unhashable)."""
+    if source is None or is_audio_path(source):
+        return None if source is None else ("path", os.fspath(source))
+    if isinstance(source, bytes):
+        return ("bytes", source)  # bytes cache their hash: equal uploads share one encode
+    return ("object", id(source))
+
+
+def load_audio(source: AudioSource, sample_rate: int = SAMPLE_RATE) -> Tuple[torch.Tensor, int]:
+    """Read anything soundfile reads → stereo float32 [2, S] at ``sample_rate``, clamped to [−1, 1].
+
+    ``source``: a path, bytes or a binary file object. Mono is duplicated, channels beyond two are
+    dropped (as upstream)."""
+    with _opened(source) as target:
+        try:
+            data, rate = sf.read(target, dtype="float32", always_2d=True)
+        except Exception as error:  # soundfile raises several types for unreadable input
+            raise _read_failure(source, error) from None
     if data.shape[0] == 0:
-        raise AudioLoadError(f"audio file {path} is empty")
+        raise AudioLoadError(f"{describe_source(source)} is empty")
     if data.shape[1] == 1:
         data = np.repeat(data, 2, axis=1)
     data = data[:, :2].T
@@ -44,11 +135,15 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> Tuple[torch.
     return torch.from_numpy(np.clip(data, -1.0, 1.0)).contiguous(), sample_rate
 
 
-def audio_duration(path: str | Path) -> float:
-    try:
-        info = sf.info(str(path))
-    except Exception as error:
-        raise AudioLoadError(f"cannot read audio file {path}: {error}") from error
+def audio_duration(source: AudioSource) -> float:
+    """Seconds of audio in ``source`` (a path, bytes or a binary file object), from its header."""
+    with _opened(source) as target:
+        try:
+            info = sf.info(target)
+        except Exception as error:
+            raise _read_failure(source, error) from None
+    if info.samplerate <= 0:
+        raise AudioLoadError(f"{describe_source(source)} has no valid sample rate")
     return info.frames / info.samplerate
 
 
@@ -74,8 +169,15 @@ def encode_audio(audio: torch.Tensor, audio_format: str, sample_rate: int = SAMP
 
 def params_key(params: Dict[str, Any]) -> str:
     """UUID-shaped sha256 of the params (sorted JSON), as upstream's generate_uuid_from_params."""
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
-    return str(uuid.UUID(digest[:32]))
+    text = json.dumps(params, sort_keys=True, ensure_ascii=False, default=_key_default)
+    return str(uuid.UUID(hashlib.sha256(text.encode()).hexdigest()[:32]))
+
+
+def _key_default(value: Any) -> str:
+    # in-memory audio enters the key as a digest: its repr would be huge and its bytes are the client's
+    if is_audio_bytes(value):
+        return "sha256:" + hashlib.sha256(value).hexdigest()
+    return f"<{type(value).__name__}>" if is_audio_file(value) else str(value)
 
 
 def is_silent(audio: torch.Tensor, threshold: float = 1e-5) -> bool:

@@ -19,7 +19,7 @@ from acestep.dit.codes import format_audio_codes, latents_to_codes
 from acestep.dit.loop import WorkerLoop
 from acestep.dit.prepare import build_items, encode_source, sampling_settings
 from acestep.dit.runner import DiTItem, Progress, RenderOutput, SamplingSettings
-from acestep.params import GenerationParams
+from acestep.params import AudioSource, GenerationParams
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +137,9 @@ class AceStepHandler:
         self._require()
         return self.loop
 
-    def convert_src_audio_to_codes(self, audio_path: str, seed: int = 0) -> str:
-        """Source audio → 5 Hz code string (VAE encode, then the FSQ tokenizer)."""
+    def convert_src_audio_to_codes(self, audio_path: AudioSource, seed: int = 0) -> str:
+        """Source audio (a path, bytes or binary file object) → 5 Hz code string (VAE encode, then
+        the FSQ tokenizer)."""
         bundle = self._require()
         return self._worker().call(
             lambda: format_audio_codes(latents_to_codes(bundle, encode_source(bundle, audio_path, seed).latents))).result()

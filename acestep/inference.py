@@ -18,7 +18,17 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 
-from acestep.audio import AudioLoadError, audio_duration, is_silent, params_key, save_audio
+from acestep.audio import (
+    AudioLoadError,
+    audio_duration,
+    is_audio_bytes,
+    is_audio_file,
+    is_audio_path,
+    is_silent,
+    params_key,
+    read_source_bytes,
+    save_audio,
+)
 from acestep.dit.tasks import SOURCE_TASKS, TASK_INSTRUCTIONS
 from acestep.params import (  # noqa: F401  (re-exported: the seed's import path)
     CreateSampleResult,
@@ -61,27 +71,54 @@ def resolve_seeds(params: GenerationParams, config: GenerationConfig) -> List[in
     return [explicit[i] if i < len(explicit) and explicit[i] >= 0 else secrets.randbelow(2**32) for i in range(count)]
 
 
-def _check_file(field_name: str, path: Optional[str]) -> None:
-    if path and not os.path.isfile(path):
-        raise ValidationError(field_name, path, "an existing audio file")
+AUDIO_FIELDS = ("src_audio", "reference_audio")
+
+
+def _check_file(field_name: str, source: Any) -> None:
+    """A path must name an existing file, bytes must be non-empty; file objects were read already."""
+    if source is None or (is_audio_path(source) and not os.fspath(source)):
+        return
+    if is_audio_path(source):
+        if not os.path.isfile(source):
+            raise ValidationError(field_name, os.fspath(source), "an existing audio file")
+    elif not is_audio_bytes(source):
+        raise ValidationError(field_name, type(source).__name__, "a path, bytes or a binary file object")
+    elif not memoryview(source).nbytes:
+        raise ValidationError(field_name, "uploaded audio", "non-empty audio data")
+
+
+def _read_audio_objects(params: GenerationParams) -> GenerationParams:
+    """File objects (which cannot be deep-copied, and which several steps read) and mutable
+    buffers become bytes, read once; paths and bytes are kept as they are."""
+    changes = {}
+    for name in AUDIO_FIELDS:
+        source = getattr(params, name)
+        if is_audio_file(source) or isinstance(source, (bytearray, memoryview)):
+            try:
+                changes[name] = read_source_bytes(source)
+            except AudioLoadError as error:
+                raise ValidationError(name, "uploaded audio", f"a readable binary file object ({error})") from None
+    return dataclasses.replace(params, **changes) if changes else params
 
 
 def prepare_request(params: GenerationParams, config: GenerationConfig, *,
                     is_turbo: Optional[bool] = None) -> Tuple[GenerationParams, GenerationConfig, List[int]]:
-    """Validate (ValidationError naming the field) and resolve seeds, on copies of the inputs."""
-    params, config = copy.deepcopy(params), copy.deepcopy(config)
+    """Validate (ValidationError naming the field) and resolve seeds, on copies of the inputs.
+    Audio inputs may be paths, bytes or binary file objects; the copies hold paths or bytes."""
+    params, config = copy.deepcopy(_read_audio_objects(params)), copy.deepcopy(config)
+    for name in AUDIO_FIELDS:
+        _check_file(name, getattr(params, name))
     if params.task_type == "cover" and not params.src_audio and not params.audio_codes.strip():
         params.task_type = "text2music"  # as upstream: nothing to cover
         if params.instruction == TASK_INSTRUCTIONS["cover"]:
             params.instruction = TASK_INSTRUCTIONS["text2music"]
-    _check_file("src_audio", params.src_audio)
-    _check_file("reference_audio", params.reference_audio)
     src_duration = None
     if params.src_audio and params.task_type in SOURCE_TASKS:
         try:
             src_duration = audio_duration(params.src_audio)
         except AudioLoadError as error:
-            raise ValidationError("src_audio", params.src_audio, f"a readable audio file ({error})") from error
+            shown = os.fspath(params.src_audio) if is_audio_path(params.src_audio) else "uploaded audio"
+            raise ValidationError("src_audio", shown, f"a readable audio file ({error})") from error
     validate(params, config, is_turbo=is_turbo, src_duration=src_duration)
     return params, config, resolve_seeds(params, config)
 

@@ -7,13 +7,17 @@ half, the DiT half and ``acestep.inference`` can all import them without import 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, BinaryIO, Dict, List, Optional, Union
 
 DEFAULT_DIT_INSTRUCTION = "Fill the audio semantic mask based on the given conditions:"
 MAX_CAPTION_CHARS = 512  # INFERENCE.md limits on user text
 MAX_LYRICS_CHARS = 4096
 DEFAULT_LM_TEMPERATURE = 0.85  # generation and the LM helpers alike (INFERENCE.md)
+
+# An audio input: a path, the file's bytes, or a seekable binary file object (see acestep.audio)
+AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
 
 @dataclass
@@ -23,9 +27,10 @@ class GenerationParams:
     # Task & instruction
     task_type: str = "text2music"
     instruction: str = DEFAULT_DIT_INSTRUCTION
-    # Audio uploads (file paths, read by the library; the HTTP layer writes uploads to files)
-    reference_audio: Optional[str] = None
-    src_audio: Optional[str] = None
+    # Audio inputs: path, bytes or binary file object (an upload needs no temporary file).
+    # prepare_request reads file objects into bytes, so its copies of the params deep-copy cheaply.
+    reference_audio: Optional[AudioSource] = None
+    src_audio: Optional[AudioSource] = None
     # LM code hints: "<|audio_code_N|>..." (5 codes per second)
     audio_codes: str = ""
     # Text inputs

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
 from acestep.audio import AUDIO_FORMATS
+from acestep.lm.constants import VALID_KEYSCALES, VALID_LANGUAGES, VALID_TIME_SIGNATURES
 from acestep.dit.tasks import BASE_ONLY_TASKS, SOURCE_TASKS, TASK_TYPES, TRACK_NAMES, instruction_tracks
 from acestep.params import MAX_CAPTION_CHARS, MAX_LYRICS_CHARS, GenerationConfig, GenerationParams
 
@@ -16,7 +17,40 @@ MAX_SEED = 2**32 - 1
 class ValidationError(ValueError):
     def __init__(self, field: str, value: Any, allowed: str):
         self.field, self.value, self.allowed = field, value, allowed
-        super().__init__(f"{field}={value!r} is not allowed: {allowed}")
+        super().__init__(f"{field}{_shown(value)} is not allowed: {allowed}")
+
+
+def _shown(value: Any) -> str:
+    """The value in a message only when short and not free text: a server must not echo client
+    text (a 10 MB caption would come back in the error)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return f"={value!r}"
+    return ""
+
+
+_KEYSCALES = {k.lower() for k in VALID_KEYSCALES}
+_UNSET = ("", "n/a")
+
+
+def _keyscale(value) -> bool:
+    if not isinstance(value, str) or len(value) > 16:
+        return False
+    text = " ".join(value.split()).lower()
+    return text in _UNSET or text in _KEYSCALES
+
+
+def _timesignature(value) -> bool:
+    if not isinstance(value, str) or len(value) > 8:
+        return False
+    text = value.strip().lower()
+    beats, _, unit = text.partition("/")
+    if text in _UNSET:
+        return True
+    return beats.isdigit() and int(beats) in VALID_TIME_SIGNATURES and unit in ("", "2", "4", "8", "16")
+
+
+def _language(value) -> bool:
+    return isinstance(value, str) and len(value) <= 16 and value.strip().lower() in ("",) + VALID_LANGUAGES
 
 
 def _number(value) -> bool:
@@ -72,6 +106,10 @@ RULES: List[Rule] = [
          f"a string of at most {MAX_CAPTION_CHARS} characters"),
     Rule("params", "lyrics", lambda v: isinstance(v, str) and len(v) <= MAX_LYRICS_CHARS,
          f"a string of at most {MAX_LYRICS_CHARS} characters"),
+    Rule("params", "keyscale", _keyscale, "a key such as 'C major' or 'F# minor' (notes A-G, #/b, major/minor), "
+         "or empty for auto"),
+    Rule("params", "timesignature", _timesignature, "beats per bar 2, 3, 4 or 6 (e.g. '4' or '6/8'), or empty for auto"),
+    Rule("params", "vocal_language", _language, "an ISO 639-1 code the LM knows (en, zh, ja, ...), or 'unknown'"),
     Rule("params", "lm_temperature", _between(0.0, 2.0), "0.0 to 2.0"),
     Rule("params", "lm_cfg_scale", _between(1.0, 10.0), "1.0 to 10.0"),
     Rule("params", "lm_top_k", _int_between(0, 1000), "an integer from 0 (off) to 1000"),

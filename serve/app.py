@@ -12,13 +12,13 @@ from ray.serve import Application
 
 from serve.api import Ingress
 from serve.config import AppConfig
-from serve.deployments import DiTDeployment, LMDeployment, TaskStoreDeployment
+from serve.deployments import DiTDeployment, LMDeployment
 
 
 def build_app(args: Union[Dict[str, Any], AppConfig, None] = None) -> Application:
-    """Bind the task store, LM, DiT and the ingress, each with its own Serve options from the config."""
+    """Bind the LM, the DiT and the ingress, each with its own Serve options from the config (task
+    records and audio live in the stores the config names, outside every replica)."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
-    store = TaskStoreDeployment.options(**config.store.deployment.to_serve()).bind(config)
-    lm = LMDeployment.options(**config.lm.deployment.to_serve()).bind(config, store)
-    dit = DiTDeployment.options(**config.dit.deployment.to_serve()).bind(config, store)
-    return Ingress.options(**config.ingress.deployment.to_serve()).bind(config, lm, dit, store)
+    lm = LMDeployment.options(**config.lm.deployment.to_serve()).bind(config)
+    dit = DiTDeployment.options(**config.dit.deployment.to_serve()).bind(config)
+    return Ingress.options(**config.ingress.deployment.to_serve()).bind(config, lm, dit)

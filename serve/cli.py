@@ -29,6 +29,13 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, default=None, help=f"Serve config file (default: {DEFAULT_CONFIG.name})")
     parser.add_argument("--host", default=None, help="HTTP host (default: from the config, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default: from the config, 8000)")
+    parser.add_argument("--api-key", default=None,
+                        help="require this key as 'Authorization: Bearer <key>' (default: $ACESTEP_API_KEY)")
+    parser.add_argument("--api-keys-file", default=None, help="file of 'name:key' lines (ingress.api_keys_file)")
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="allow a non-loopback --host without any key (anyone who reaches it may use it)")
+    parser.add_argument("--state-dir", default=None,
+                        help="task database and audio (default ~/.local/state/acestep); a restart resumes its queue")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     parser.add_argument("--num-gpus", type=int, default=None, help="GPUs for the local Ray (default: detected)")
     parser.set_defaults(func=run_serve)
@@ -66,16 +73,46 @@ def apply_overrides(serve_config: Dict[str, Any], checkpoints: Optional[str] = N
     return http, app
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def auth_problem(host: str, has_keys: bool, insecure: bool) -> Optional[str]:
+    """Why this address may not be served without a key, or None."""
+    if has_keys or insecure or host in LOOPBACK_HOSTS or host.startswith("127."):
+        return None
+    return (f"--host {host} is reachable from other machines: give --api-key (or ACESTEP_API_KEY, or "
+            f"ingress.api_keys_file), or --insecure-no-auth to serve it without keys")
+
+
+def _app_args(args: argparse.Namespace) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    http, app = apply_overrides(load_serve_config(args.config), args.checkpoints, args.demo,
+                                getattr(args, "host", None), getattr(args, "port", None))
+    values = app.setdefault("args", {})
+    if getattr(args, "state_dir", None):
+        values["state_dir"] = str(Path(args.state_dir).expanduser().resolve())
+    if getattr(args, "api_keys_file", None):
+        values.setdefault("ingress", {})["api_keys_file"] = str(Path(args.api_keys_file).expanduser().resolve())
+    return http, app
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    import signal
+
     import ray
     from ray import serve
 
     from serve.app import build_app
     from serve.config import AppConfig
 
-    http, app = apply_overrides(load_serve_config(args.config), args.checkpoints, args.demo,
-                                 getattr(args, "host", None), getattr(args, "port", None))
+    http, app = _app_args(args)
     config = AppConfig.model_validate(app.get("args") or {})
+    if getattr(args, "api_key", None):
+        os.environ["ACESTEP_API_KEY"] = args.api_key  # replicas inherit it; it is never in a config or log
+    has_keys = bool(os.environ.get("ACESTEP_API_KEY") or config.ingress.api_keys_file)
+    problem = auth_problem(http.get("host", "127.0.0.1"), has_keys, getattr(args, "insecure_no_auth", False))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if config.demo:  # write the demo set before any replica starts (each would otherwise race to do it)
         print(f"demo checkpoints: {config.checkpoint_root()}", flush=True)
     try:  # a missing model folder: one line now, not a traceback from a replica later
@@ -91,14 +128,40 @@ def run_serve(args: argparse.Namespace) -> int:
     serve.run(build_app(config), name=app.get("name", "acestep"), route_prefix=app.get("route_prefix", "/"))
     url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
     print(f"acestep serve: ready at {url} (OpenAPI at {url}/docs); Ctrl-C to stop", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("stopping", file=sys.stderr)
+        print("stopping: draining tasks in flight", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the drain short
+        drain(app.get("name", "acestep"), config.ingress.drain_grace_s)
     finally:
+        serve.shutdown()
         ray.shutdown()
+    print("stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def drain(app_name: str, grace_s: float) -> None:
+    """Ask the ingress replicas to stop admitting and finish or release their tasks. Best effort: a
+    replica this misses keeps its leases, which lapse, and the next start re-drives those tasks."""
+    from ray import serve
+
+    try:
+        status = serve.status().applications[app_name].deployments["Ingress"]
+        replicas = max(1, int((status.replica_states or {}).get("RUNNING", 1)))
+        handle = serve.get_app_handle(app_name)
+        calls = [handle.drain.remote(grace_s) for _ in range(2 * replicas)]
+        for call in calls:
+            print(f"drained: {call.result(timeout_s=grace_s + 30)}", file=sys.stderr, flush=True)
+    except Exception as error:  # shutting down anyway; the store keeps every task
+        print(f"drain incomplete ({type(error).__name__}); unfinished tasks resume on the next start",
+              file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,8 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from acestep.params import GenerationConfig, GenerationParams
-from serve.schemas import FieldError
+from serve.errors import FieldError
+from serve.safejson import check_text, parse_json
 
 # canonical name -> accepted spellings (first is the upstream name)
 ALIASES: Dict[str, Tuple[str, ...]] = {
@@ -74,13 +75,16 @@ async def read_body(request: Request, max_upload_bytes: int) -> Tuple[Dict[str, 
     """JSON, multipart or urlencoded body (sniffed when untyped) → (fields, uploaded file bytes)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type.startswith("multipart/") or content_type == "application/x-www-form-urlencoded":
-        form = await request.form(max_part_size=max_upload_bytes)
+        try:
+            form = await request.form(max_part_size=max_upload_bytes)
+        except Exception:  # malformed multipart/urlencoded: starlette raises several types
+            raise FieldError("body", "malformed form body", 400) from None
         fields, uploads = {}, {}
         for name, value in form.multi_items():
             if isinstance(value, UploadFile):
                 uploads[name] = await value.read(max_upload_bytes + 1)
             else:
-                fields[name] = value
+                fields[name] = check_text(name, value)
         return fields, _named_uploads(uploads)
     raw = await request.body()
     if content_type and not (content_type == "application/json" or content_type.endswith("+json")):
@@ -90,20 +94,17 @@ async def read_body(request: Request, max_upload_bytes: int) -> Tuple[Dict[str, 
 
 
 def _parse_untyped(raw: bytes) -> Dict[str, Any]:
-    text = raw.decode("utf-8", errors="replace").strip()
+    text = raw.decode("utf-8", errors="surrogateescape").strip()
     if not text:
         return {}
     if text.startswith("{") or text.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise FieldError("body", f"invalid JSON: {error.msg}", 400) from None
+        data = parse_json(raw)
         if not isinstance(data, dict):
             raise FieldError("body", "JSON body must be an object", 400)
         return data
     from urllib.parse import parse_qsl
 
-    return dict(parse_qsl(text))
+    return {name: check_text(name, value) for name, value in parse_qsl(text)}
 
 
 def _named_uploads(files: Dict[str, bytes]) -> Dict[str, bytes]:

@@ -61,12 +61,20 @@ class DeploymentOptions(_Strict):
     """Serve options for one deployment; applied with ``Deployment.options(...)`` in ``build_app``."""
 
     max_ongoing_requests: int = Field(8, ge=1, description="Requests one replica takes at once (batching needs room).")
+    max_queued_requests: int = Field(
+        256, ge=1, description="Requests a caller's router holds for this deployment beyond the replicas' "
+                               "max_ongoing_requests; more are refused (the ingress answers 503 + Retry-After).")
+    health_check_period_s: float = Field(10.0, gt=0, description="How often Serve calls the replica's check_health.")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="A check_health slower than this fails the replica.")
     autoscaling_config: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
 
     def to_serve(self) -> Dict[str, Any]:
         return {
             "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
             "autoscaling_config": self.autoscaling_config.model_dump(exclude_none=True),
             "ray_actor_options": self.ray_actor_options.to_ray(),
         }
@@ -133,33 +141,52 @@ class DiTSettings(_Strict):
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
 
-class IngressSettings(_Strict):
-    """The HTTP ingress: limits on what clients may send."""
+class PhaseTimeouts(_Strict):
+    """How long a task may stay in one phase before it fails with ``timeout:<phase>``."""
 
-    max_upload_mb: float = Field(50.0, gt=0, description="Largest accepted audio upload (multipart or base64).")
-    request_timeout_s: float = Field(1800.0, gt=0, description="How long POST /v1/generate waits for a result.")
+    queue_s: float = Field(3600.0, gt=0, description="Accepted but not yet started (waiting for a free driver).")
+    lm_s: float = Field(900.0, gt=0, description="In the LM (planning, audio codes).")
+    dit_s: float = Field(1800.0, gt=0, description="In the DiT (waiting for batch room, sampling, VAE decode).")
+    encode_s: float = Field(300.0, gt=0, description="Encoding and storing the audio files.")
+
+
+class IngressSettings(_Strict):
+    """The HTTP ingress: keys, admission, limits on what clients send, and how tasks are driven."""
+
+    api_keys_file: Optional[str] = Field(
+        None, description="File of 'name:key' lines; the name identifies a key in limits and logs. "
+                          "--api-key / ACESTEP_API_KEY add a key named 'default'. No keys: no auth.")
+    public_docs: bool = Field(False, description="Serve /docs and /openapi.json without a key.")
+    max_upload_mb: float = Field(50.0, gt=0, le=1024, description="Largest accepted audio upload (multipart or base64).")
+    max_unfinished_tasks: int = Field(200, ge=1, description="Unfinished tasks in the store before new ones get 429.")
+    max_sync_requests: int = Field(16, ge=1, description="POST /v1/generate calls waiting at once (their own bound).")
+    per_key_unfinished: Optional[int] = Field(None, ge=1, description="Unfinished tasks one key may hold; null: no cap.")
+    per_key_rpm: Optional[float] = Field(None, gt=0, description="Task submissions per minute per key; null: no cap.")
+    request_timeout_s: float = Field(1800.0, gt=0, description="How long POST /v1/generate waits (then 504 + task id).")
+    max_drives: int = Field(32, ge=1, description="Tasks one ingress replica drives at once; the rest wait in the store.")
+    lease_s: float = Field(30.0, ge=1, description="A driven task's lease; one not renewed in time is re-driven elsewhere.")
+    retries: int = Field(2, ge=0, le=10, description="Retries of a task's LM/DiT calls after replica death or overload.")
+    retry_backoff_s: float = Field(1.0, ge=0, description="First retry's delay; doubles for each further retry.")
+    drain_grace_s: float = Field(30.0, ge=0, description="On shutdown, how long phases in flight may finish.")
+    timeouts: PhaseTimeouts = Field(default_factory=PhaseTimeouts)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
 
 class StoreSettings(_Strict):
-    """The task store: task records, progress events and encoded audio, shared by every ingress replica."""
+    """Where task records and audio live: outside every replica, so they survive replica deaths and restarts."""
 
-    max_active_tasks: int = Field(200, ge=1, description="Unfinished tasks accepted before new ones get 429.")
+    redis_url: Optional[str] = Field(
+        None, description="redis://host:port/db for clusters; null: SQLite in the state directory (one machine).")
+    audio_url: Optional[str] = Field(
+        None, description="Audio store: a directory or an fsspec URL (s3://..., gs://...); null: the state directory.")
     task_ttl_s: float = Field(86400.0, gt=0, description="How long finished tasks and their audio are kept.")
-    max_audio_mb: float = Field(2048.0, gt=0, description="Encoded audio kept in memory; oldest dropped first.")
-    deployment: DeploymentOptions = Field(
-        default_factory=lambda: DeploymentOptions(
-            max_ongoing_requests=1000, ray_actor_options=ActorOptions(num_cpus=0.1)
-        ),
-        description="Must stay at one replica (min = max = 1): the store is the single source of task state.",
-    )
+    max_records: int = Field(10000, ge=10, description="Finished task records kept at most (oldest dropped first).")
+    max_audio_mb: float = Field(10240.0, gt=0, description="Audio kept at most in the audio store (oldest dropped first).")
 
-    @model_validator(mode="after")
-    def _single_replica(self) -> "StoreSettings":
-        bounds = self.deployment.autoscaling_config
-        if bounds.min_replicas != 1 or bounds.max_replicas != 1:
-            raise ValueError("store.deployment.autoscaling_config must have min_replicas = max_replicas = 1")
-        return self
+
+def default_state_dir() -> Path:
+    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return state / "acestep"
 
 
 def default_demo_dir() -> Path:
@@ -179,12 +206,24 @@ class AppConfig(_Strict):
     dit: DiTSettings = Field(default_factory=DiTSettings)
     ingress: IngressSettings = Field(default_factory=IngressSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    state_dir: Optional[str] = Field(
+        None, description="Task database and audio on this machine (default ~/.local/state/acestep); "
+                          "a restart on the same directory resumes queued tasks.")
 
     @model_validator(mode="after")
     def _checkpoint_source(self) -> "AppConfig":
         if not self.demo and not self.checkpoints:
             raise ValueError("set 'checkpoints' (a checkpoints root) or 'demo: true'")
         return self
+
+    def state_path(self) -> Path:
+        return Path(self.state_dir).expanduser() if self.state_dir else default_state_dir()
+
+    def task_store_url(self) -> str:
+        return self.store.redis_url or f"sqlite:///{self.state_path() / 'tasks.db'}"
+
+    def audio_store_url(self) -> str:
+        return self.store.audio_url or str(self.state_path() / "audio")
 
     def check_model_folders(self) -> None:
         """FileNotFoundError naming the missing DiT or LM folder (and the LM folders that exist)."""

@@ -4,22 +4,19 @@
   into the replica's one LM engine (continuous batching; ``stats()`` shows the engine's counters).
 - ``DiTDeployment``: ``AceStepHandler`` + ``acestep.inference.submit_render``; every request goes
   straight into the replica's one DiT worker (step-level batching; ``stats()`` shows forward sizes);
-  encodes audio on the replica, so only encoded bytes leave it.
-- ``TaskStoreDeployment``: one replica holding ``serve.tasks.TaskStore`` (tasks, events, audio).
+  reads uploads from the audio store and writes the encoded files there, so no audio bytes travel
+  through other actors.
 
-The DiT handler's worker and the LM's engine each have their own loop thread; LM planners wait on
-the engine from a thread each, audio encoding runs on one more thread. Progress goes to the store as
-fire-and-forget handle calls scheduled on the replica's event loop.
+Task records and audio live outside every replica (``serve.tasks``, ``serve.audio_store``); the
+replicas write progress there themselves (``serve.replica.ProgressSink``). ``check_health`` fails a
+replica that holds requests without progress, so Serve replaces it and the ingress re-drives.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import io
 import os
-import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -27,10 +24,10 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from ray import serve
 
+from serve.audio_store import AudioStore
 from serve.config import AppConfig
-from serve.tasks import TaskStore
-
-MEDIA_TYPES = {"flac": "audio/flac", "wav": "audio/wav", "mp3": "audio/mpeg", "ogg": "audio/ogg"}
+from serve.replica import ProgressSink, StallWatch, json_safe
+from serve.tasks import open_task_store
 
 
 @dataclass
@@ -45,15 +42,18 @@ class PlanRequest:
 
 @dataclass
 class RenderRequest(PlanRequest):
-    """One request for the DiT; ``uploads`` maps 'src_audio' / 'reference_audio' to file bytes."""
+    """One request for the DiT; ``uploads`` maps 'src_audio' / 'reference_audio' to audio-store keys."""
 
-    uploads: Dict[str, bytes] = field(default_factory=dict)
+    uploads: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class RenderedItem:
+    """One encoded file, already in the audio store under ``file_key``."""
+
     key: str
-    data: bytes
+    file_key: str
+    size: int
     format: str
     media_type: str
     sample_rate: int
@@ -62,65 +62,64 @@ class RenderedItem:
 
 
 @dataclass
-class RenderOutput:
+class RenderReply:
+    """What a DiT render call answers: the stored files and the request's metadata."""
+
     items: List[RenderedItem]
     status_message: str
     time_costs: Dict[str, Any]
     metadata: Dict[str, Any]
 
 
-def json_safe(value: Any) -> Any:
-    """Drop what JSON cannot carry (tensors, arrays); keep plain data."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items() if _is_plain(v)}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value if _is_plain(v)]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return json_safe(dataclasses.asdict(value))
-    return value
-
-
-def _is_plain(value: Any) -> bool:
-    if isinstance(value, (str, int, float, bool, type(None), dict, list, tuple)):
-        return True
-    return dataclasses.is_dataclass(value) and not isinstance(value, type)
-
-
 class _ModelReplica:
-    """Shared plumbing: a helper thread, progress reports to the store, replica stats."""
+    """Shared plumbing: a helper thread, progress reports to the task store, health, replica stats."""
 
-    def _setup(self, store, options) -> None:
+    def _setup(self, config: AppConfig, options) -> None:
         # as many torch threads as CPUs the replica reserved: no oversubscription of a shared node,
         # and the LM engine's CPU rows stay batch-invariant (see acestep/lm/fast/graphs.py)
         torch.set_num_threads(max(1, int(options.ray_actor_options.num_cpus)))
-        self._store = store
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        url, ttl = config.task_store_url(), config.store.task_ttl_s
+        self._progress = ProgressSink(lambda: open_task_store(url, ttl_s=ttl, max_records=config.store.max_records))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=type(self).__name__)
         self._replica = f"{type(self).__name__}-pid{os.getpid()}"
+        self._health = StallWatch()
+        self._inflight = 0
 
     async def _run(self, fn: Callable, *args, **kwargs):
-        self._loop = asyncio.get_running_loop()
-        return await self._loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
     def _report(self, task_ids: List[str], phase: str, progress: float, message: str = "",
                 detail: Optional[Dict[str, Any]] = None) -> None:
-        """Fire-and-forget progress update for each task; callable from the loop or any thread."""
-        if self._store is None:
-            return
+        for task_id in task_ids:
+            self._progress.report(task_id, phase, progress, message, detail)
 
-        def send():
-            for task_id in task_ids:
-                self._store.update.remote(task_id, phase, progress, message, detail)
+    async def _report_now(self, task_id: str, phase: str, progress: float, message: str = "") -> None:
+        """A phase change, written before the work goes on (coalescing must not drop it: the task
+        may finish before the sink's next flush)."""
+        self._progress.report(task_id, phase, progress, message)
+        await asyncio.to_thread(self._progress.flush)
 
+    async def _tracked(self, work):
+        """Await ``work`` counted as in flight; a CUDA error marks the replica unhealthy."""
+        self._inflight += 1
         try:
-            asyncio.get_running_loop()
-            send()
-        except RuntimeError:  # model thread: hop onto the replica's loop
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(send)
+            return await work
+        except Exception as error:
+            self._health.note_error(error)
+            raise
+        finally:
+            self._inflight -= 1
+
+    def check_health(self) -> None:
+        """Serve's health check: raises when busy without progress for 60 s or after a CUDA error."""
+        counters = self._counters()
+        self._health.check(self._inflight > 0, (counters.get("steps"), counters.get("requests")))
+
+    def _counters(self) -> Dict[str, Any]:
+        return {}
 
     def stats(self) -> Dict[str, Any]:
-        return {"replica": self._replica, "pid": os.getpid()}
+        return {"replica": self._replica, "pid": os.getpid(), "inflight": self._inflight}
 
 
 LM_START, LM_DONE = 0.05, 0.3  # the LM's share of a task's progress
@@ -140,8 +139,8 @@ class LMDeployment(_ModelReplica):
     straight into it and join its running batch between decode steps -- no Serve batching, no waves.
     Concurrency is bounded by ``max_ongoing_requests`` and by the engine's KV rows."""
 
-    def __init__(self, config: AppConfig, store=None):
-        self._setup(store, config.lm.deployment)
+    def __init__(self, config: AppConfig):
+        self._setup(config, config.lm.deployment)
         self.settings = config.lm
         self.handler = load_lm(config) if config.lm.enabled else None
         # planners mostly wait on engine futures: one thread per request the replica may hold
@@ -155,19 +154,18 @@ class LMDeployment(_ModelReplica):
         from acestep.inference import plan_music
         from acestep.lm.request import Cancellation
 
-        self._loop = asyncio.get_running_loop()
         self._requests += 1
         cancel = Cancellation()
         progress = self._progress_reporter(job.task_id) if self.handler is not None else None
-        work = self._loop.run_in_executor(self._planners, lambda: plan_music(
+        work = asyncio.get_running_loop().run_in_executor(self._planners, lambda: plan_music(
             self.handler, job.params, job.config, job.seeds, progress=progress, cancel=cancel, group=job.task_id))
         try:
-            outcome = await work
+            outcome = await self._tracked(work)
         except asyncio.CancelledError:
             cancel.cancel()
             raise
         if outcome.plans is not None:
-            self._report([job.task_id], "lm", LM_DONE, "LM done")
+            await self._report_now(job.task_id, "lm", LM_DONE, "LM done")
         return outcome
 
     def _progress_reporter(self, task_id: str):
@@ -184,6 +182,10 @@ class LMDeployment(_ModelReplica):
         """Plan requests taken, and the engine's rows, queue, steps and per-task peaks (``engine``)."""
         engine = self.handler.stats() if self.handler is not None else {}
         return {**super().stats(), "requests": self._requests, "engine": engine}
+
+    def _counters(self) -> Dict[str, Any]:
+        engine = self.handler.stats() if self.handler is not None else {}
+        return {"steps": engine.get("steps"), "requests": engine.get("requests_finished")}
 
     async def understand(self, audio_codes: str, **kwargs):
         from acestep.inference import understand_music
@@ -207,7 +209,7 @@ class LMDeployment(_ModelReplica):
         work = asyncio.get_running_loop().run_in_executor(
             self._planners, lambda: fn(handler, *args, cancel=cancel, **kwargs))
         try:
-            return await work
+            return await self._tracked(work)
         except asyncio.CancelledError:
             cancel.cancel()
             raise
@@ -232,9 +234,11 @@ class DiTDeployment(_ModelReplica):
     their lengths and settings -- no Serve batching, no waves. Items finishing together are decoded
     together; audio is encoded here, so only encoded bytes leave the replica."""
 
-    def __init__(self, config: AppConfig, store=None):
-        self._setup(store, config.dit.deployment)
+    def __init__(self, config: AppConfig):
+        self._setup(config, config.dit.deployment)
         self.settings = config.dit
+        self.audio = AudioStore(config.audio_store_url(), ttl_s=config.store.task_ttl_s,
+                                max_bytes=int(config.store.max_audio_mb * 2**20))
         self.handler = load_dit(config)
 
     def info(self) -> Dict[str, Any]:
@@ -244,73 +248,66 @@ class DiTDeployment(_ModelReplica):
         """The worker's requests, queue and forward sizes (``worker.items_per_forward``, ``rows_per_forward``)."""
         return {**super().stats(), "worker": self.handler.stats()}
 
-    async def render(self, job: RenderRequest, outcome) -> RenderOutput:
+    def _counters(self) -> Dict[str, Any]:
+        worker = self.handler.stats()
+        return {"steps": worker.get("steps"), "requests": worker.get("requests")}
+
+    async def render(self, job: RenderRequest, outcome) -> RenderReply:
         """``outcome`` is the LM's PlanOutcome; callers pass the LM call's DeploymentResponse unawaited.
         A cancelled call (client gone, task deleted) drops the request's items at the next step."""
+        return await self._tracked(self._render(job, outcome))
+
+    async def _render(self, job: RenderRequest, outcome) -> RenderReply:
         from acestep.inference import RenderJob, submit_render
 
-        self._loop = asyncio.get_running_loop()
-        scratch = tempfile.mkdtemp(prefix="acestep-upload-")
-        try:
-            params = await self._run(_with_uploads, job.params, job.uploads, scratch)
-            render_job = RenderJob(params=params, config=job.config, seeds=job.seeds, plans=outcome.plans,
-                                   lm_time_costs=outcome.time_costs)
-            self._report([job.task_id], "dit", 0.3, "DiT queued")
-            output = await asyncio.wrap_future(submit_render(self.handler, render_job, self._progress(job.task_id)))
-            self._report([job.task_id], "encode", 0.92, "encoding audio")
-            return await self._run(self._output, render_job, outcome, output)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        params = await self._run(self._with_uploads, job.params, job.uploads)
+        render_job = RenderJob(params=params, config=job.config, seeds=job.seeds, plans=outcome.plans,
+                               lm_time_costs=outcome.time_costs)
+        await self._report_now(job.task_id, "dit", 0.3, "DiT queued")
+        output = await asyncio.wrap_future(submit_render(self.handler, render_job, self._progress_of(job.task_id)))
+        await self._report_now(job.task_id, "encode", 0.92, "encoding audio")
+        return await self._run(self._output, render_job, outcome, output)
 
-    def _progress(self, task_id: str):
+    def _with_uploads(self, params, uploads: Dict[str, str]):
+        """Upload bytes from the audio store into the params (the library takes bytes; no temp files)."""
+        values = {}
+        for name, key in uploads.items():
+            data = self.audio.read(key)
+            if data is None:
+                raise FileNotFoundError(f"uploaded {name} has expired from the audio store")
+            values[name] = data
+        return dataclasses.replace(params, **values) if values else params
+
+    def _progress_of(self, task_id: str):
         def report(fraction: float, desc: str = "") -> None:  # on the worker thread
             self._report([task_id], "dit", 0.3 + 0.6 * min(max(float(fraction), 0.0), 1.0), str(desc))
 
         return report
 
-    def _output(self, render_job, outcome, output) -> RenderOutput:
+    def _output(self, render_job, outcome, output) -> RenderReply:
         from acestep.inference import render_result
 
         result = render_result(render_job, output)
-        items = [self._encode(audio, render_job.config.audio_format) for audio in result.audios]
+        items = [self._store_file(audio, render_job.config.audio_format) for audio in result.audios]
         metadata = {"plans": [json_safe(p) for p in (outcome.plans or [])], "lm_status": outcome.status}
         time_costs = json_safe(result.extra_outputs.get("time_costs", {}))
-        return RenderOutput(items, result.status_message, time_costs, metadata)
+        return RenderReply(items, result.status_message, time_costs, metadata)
 
-    def _encode(self, audio: Dict[str, Any], audio_format: str) -> RenderedItem:
+    def _store_file(self, audio: Dict[str, Any], audio_format: str) -> RenderedItem:
+        """Encode one song and put it in the audio store; its key is a hash of the params, so a
+        re-driven task writes the same file again (idempotent)."""
         from acestep.audio import encode_audio
 
         params = audio.get("params") or {}
         params = json_safe(params if isinstance(params, dict) else dataclasses.asdict(params))
+        data = encode_audio(audio["tensor"], audio_format)
+        file_key = f"{audio['key']}.{audio_format}"
+        self.audio.put(file_key, data)
         return RenderedItem(
-            key=audio["key"], data=encode_audio(audio["tensor"], audio_format),
-            format=audio_format, media_type=MEDIA_TYPES.get(audio_format, "application/octet-stream"),
+            key=audio["key"], file_key=file_key, size=len(data), format=audio_format,
+            media_type=self.audio.media_type(file_key),
             sample_rate=int(audio.get("sample_rate", 48000)), seed=params.get("seed"), params=params,
         )
-
-
-def _with_uploads(params, uploads: Dict[str, bytes], scratch: str):
-    """Write uploaded audio to files on this replica (the library reads paths; clients never name them)."""
-    import soundfile as sf
-
-    paths = {}
-    for name, data in uploads.items():
-        os.makedirs(scratch, exist_ok=True)
-        suffix = sf.info(io.BytesIO(data)).format.lower()
-        path = os.path.join(scratch, f"{name}.{suffix}")
-        with open(path, "wb") as handle:
-            handle.write(data)
-        paths[name] = path
-    return dataclasses.replace(params, **paths) if paths else params
-
-
-@serve.deployment(name="TaskStore")
-class TaskStoreDeployment(TaskStore):
-    """The single-replica task store (see serve.tasks)."""
-
-    def __init__(self, config: AppConfig):
-        settings = config.store
-        super().__init__(settings.max_active_tasks, settings.task_ttl_s, int(settings.max_audio_mb * 2**20))
 
 
 def load_lm(config: AppConfig):

@@ -3,10 +3,7 @@ and converted back to ``GenerationParams`` / ``GenerationConfig`` once, at the e
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
-import io
 import re
 from typing import Any, Dict, List, Optional, Tuple, get_type_hints
 
@@ -28,17 +25,6 @@ _DESCRIPTIONS = {
     "task_type": "text2music, cover, repaint, lego, extract or complete.",
     "inference_steps": "DiT sampling steps (turbo: at most 8).",
 }
-
-
-class FieldError(ValueError):
-    """Bad client input, answered with 4xx naming ``field``."""
-
-    def __init__(self, field: str, message: str, status_code: int = 422):
-        super().__init__(message)
-        self.field, self.message, self.status_code = field, message, status_code
-
-    def detail(self) -> List[Dict[str, Any]]:
-        return [{"loc": ["body", self.field], "msg": self.message, "type": "value_error"}]
 
 
 class _RequestBase(BaseModel):
@@ -76,32 +62,6 @@ def to_library(request: BaseModel) -> Tuple[GenerationParams, GenerationConfig]:
     params = GenerationParams(**{name: data[name] for name in PARAM_FIELDS if name in data})
     config = GenerationConfig(**{name: data[name] for name in CONFIG_FIELDS if name in data})
     return params, config
-
-
-def decode_base64_upload(field: str, text: str, max_bytes: int) -> bytes:
-    if len(text) > max_bytes * 4 // 3 + 8:
-        raise FieldError(field, f"upload larger than {max_bytes} bytes", 413)
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise FieldError(field, "not valid base64") from None
-
-
-def check_audio_upload(field: str, data: bytes, max_bytes: int) -> bytes:
-    """Reject uploads that are too large or that soundfile cannot read (never a 5xx)."""
-    import soundfile as sf
-
-    if len(data) > max_bytes:
-        raise FieldError(field, f"upload of {len(data)} bytes is larger than {max_bytes} bytes", 413)
-    if not data:
-        raise FieldError(field, "empty upload")
-    try:
-        info = sf.info(io.BytesIO(data))
-    except Exception:  # soundfile raises several types for unreadable data
-        raise FieldError(field, "not a readable audio file (wav, flac, mp3, ogg)") from None
-    if info.frames <= 0:
-        raise FieldError(field, "audio file has no samples")
-    return data
 
 
 def field_from_message(message: str, names) -> str:
@@ -145,7 +105,9 @@ class TaskStatus(BaseModel):
     created_at: float
     updated_at: float
     result: Optional[GenerationOutput] = None
-    error: Optional[str] = None
+    error: Optional[str] = Field(None, description="Failure code: cancelled, replica_died, overloaded, "
+                                                   "invalid_audio, internal or timeout:<phase>.")
+    attempts: int = Field(0, description="How many times a driver started this task (re-driven after a crash).")
     detail: Optional[Dict[str, Any]] = Field(
         None, description="Phase detail, e.g. the LM's lm_phase, tokens_done and tokens_expected.")
 

@@ -1,25 +1,33 @@
-"""The task store: task records, ordered progress events and encoded audio.
+"""Durable task records and the store interface they live behind.
 
-Plain asyncio, no Ray: ``serve.deployments.TaskStoreDeployment`` runs one instance as a single-replica
-deployment so that every ingress replica (and the LM/DiT replicas reporting progress) see the same
-tasks. Progress only moves forward (phase order, then fraction), so events read back are in order
-even when updates from different replicas arrive out of order.
+A task is one asynchronous generation request: its record holds the request (enough to re-run it),
+forward-only progress, the result or a failure code, and a lease saying which ingress replica drives
+it. ``TaskStore`` is plain and synchronous so that any process can use it; two backends implement it:
+``serve.store_sqlite`` (one file shared by the processes of one machine, the default) and
+``serve.store_redis`` (shared by a cluster). ``open_task_store`` picks one from a URL, and
+``wait_events`` / ``wait_final`` let async callers poll without blocking their event loop.
+
+The state rules (what an update, finish, fail or claim may change) are written once here as
+``apply_*`` functions over a ``TaskRecord``; a backend only has to run them atomically.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
-import itertools
 import time
 import uuid
-from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 PHASES = ("queued", "lm", "dit", "encode", "done", "failed")
 FINAL_PHASES = ("done", "failed")
 _RANK = {name: rank for rank, name in enumerate(PHASES)}
 _RANK["failed"] = _RANK["done"]
+
+# Events kept per task: the first (queued) one plus the newest, so an LM that reports every few
+# tokens cannot grow a record without bound.
+MAX_EVENTS = 256
 
 
 @dataclass
@@ -35,154 +43,312 @@ class TaskEvent:
 @dataclass
 class TaskRecord:
     task_id: str
+    key_name: str = ""
     phase: str = "queued"
     progress: float = 0.0
     message: str = ""
-    created_at: float = field(default_factory=time.time)
-    updated_at: float = field(default_factory=time.time)
-    request: Dict[str, Any] = field(default_factory=dict)
+    detail: Optional[Dict[str, Any]] = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    request: Optional[Dict[str, Any]] = None
     result: Optional[Dict[str, Any]] = None
     error: Optional[str] = None
-    detail: Optional[Dict[str, Any]] = None
-    events: List[TaskEvent] = field(default_factory=list)
+    attempts: int = 0
+    owner: Optional[str] = None
+    lease_until: float = 0.0
+    idempotency_key: Optional[str] = None
+    body_digest: Optional[str] = None
+    last_seq: int = 0  # seq of the newest event, so the next one is numbered without reading events
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in FINAL_PHASES
 
     def summary(self) -> Dict[str, Any]:
-        data = asdict(self)
-        data.pop("events")
-        data["finished"] = self.phase in FINAL_PHASES
-        return data
+        """The public view: no request, lease, owner, key name or digests."""
+        return {
+            "task_id": self.task_id, "phase": self.phase, "progress": self.progress,
+            "message": self.message, "finished": self.finished, "created_at": self.created_at,
+            "updated_at": self.updated_at, "result": self.result, "error": self.error,
+            "detail": self.detail, "attempts": self.attempts,
+        }
 
 
-class TaskStore:
-    """In-memory tasks + audio with a TTL and a byte budget; one instance per application."""
+class StoreFull(Exception):
+    """A create refused by its bounds; ``scope`` is "global" or "key", ``unfinished`` the count."""
 
-    def __init__(self, max_active_tasks: int = 200, task_ttl_s: float = 86400.0, max_audio_bytes: int = 2 << 30):
-        self.max_active_tasks = max_active_tasks
-        self.task_ttl_s = task_ttl_s
-        self.max_audio_bytes = max_audio_bytes
-        self._tasks: Dict[str, TaskRecord] = {}
-        self._audio: "OrderedDict[str, tuple[bytes, str, float]]" = OrderedDict()
-        self._audio_bytes = 0
-        self._changed = asyncio.Condition()
-        self._seq = itertools.count()
+    def __init__(self, scope: str, unfinished: int):
+        super().__init__(f"{scope} bound reached at {unfinished} unfinished tasks")
+        self.scope, self.unfinished = scope, unfinished
 
-    # -- tasks ---------------------------------------------------------------------------------
 
-    async def create(self, request: Optional[Dict[str, Any]] = None, task_id: Optional[str] = None) -> Optional[str]:
-        """A new queued task's id, or None when ``max_active_tasks`` unfinished tasks exist."""
-        self._purge()
-        active = sum(1 for t in self._tasks.values() if t.phase not in FINAL_PHASES)
-        if active >= self.max_active_tasks:
-            return None  # full: the ingress answers 429 with Retry-After
-        task_id = task_id or uuid.uuid4().hex
-        record = TaskRecord(task_id=task_id, request=dict(request or {}))
-        record.events.append(TaskEvent(next(self._seq), "queued", 0.0, "queued", record.created_at))
-        self._tasks[task_id] = record
-        return task_id
+def check_bounds(bounds: Tuple[Optional[int], Optional[int]], count_all: Callable[[], int],
+                 count_key: Callable[[], int]) -> None:
+    """Raise StoreFull when one more unfinished task would pass a bound (None: no bound)."""
+    limit, key_limit = bounds
+    if limit is not None:
+        unfinished = count_all()
+        if unfinished >= limit:
+            raise StoreFull("global", unfinished)
+    if key_limit is not None:
+        mine = count_key()
+        if mine >= key_limit:
+            raise StoreFull("key", mine)
 
-    async def update(self, task_id: str, phase: str, progress: float, message: str = "",
-                     detail: Optional[Dict[str, Any]] = None) -> bool:
-        """Move a task forward; stale or backward updates are ignored (returns False)."""
-        record = self._tasks.get(task_id)
-        if record is None or record.phase in FINAL_PHASES or phase not in _RANK:
-            return False
-        progress = min(max(float(progress), 0.0), 1.0)
-        if _RANK[phase] < _RANK[record.phase] or (phase == record.phase and progress <= record.progress):
-            return False
-        progress = max(progress, record.progress)
-        await self._record(record, phase, progress, message, detail)
-        return True
 
-    async def finish(self, task_id: str, result: Dict[str, Any]) -> None:
-        record = self._tasks.get(task_id)
-        if record is not None and record.phase not in FINAL_PHASES:
-            record.result = result
-            await self._record(record, "done", 1.0, "done")
+class IdempotencyConflict(Exception):
+    """The idempotency key was already used (by the same key name) with a different body."""
 
-    async def fail(self, task_id: str, error: str) -> bool:
-        """Mark an unfinished task failed with ``error`` (a cancellation too); False if already final."""
-        record = self._tasks.get(task_id)
-        if record is None or record.phase in FINAL_PHASES:
-            return False
-        record.error = error
-        await self._record(record, "failed", record.progress, error)
-        return True
+    def __init__(self, task_id: str):
+        super().__init__(f"idempotency key already used for task {task_id} with a different body")
+        self.task_id = task_id
 
-    async def get(self, task_id: str) -> Optional[Dict[str, Any]]:
-        record = self._tasks.get(task_id)
-        return None if record is None else record.summary()
 
-    async def get_many(self, task_ids: List[str]) -> Dict[str, Optional[Dict[str, Any]]]:
-        return {task_id: await self.get(task_id) for task_id in task_ids}
+# -- state rules shared by the backends ---------------------------------------------------------
 
-    async def wait_events(self, task_id: str, after: int = -1, timeout_s: float = 15.0) -> Optional[List[Dict]]:
-        """Events with ``seq > after``; waits up to ``timeout_s`` for one. None for an unknown task."""
-        if task_id not in self._tasks:
-            return None
+def new_record(request: Dict[str, Any], *, key_name: str = "", task_id: Optional[str] = None,
+               idempotency_key: Optional[str] = None, body_digest: Optional[str] = None,
+               owner: Optional[str] = None, lease_s: float = 0.0,
+               now: Optional[float] = None) -> Tuple[TaskRecord, TaskEvent]:
+    """A queued record and its first event; claimed already when ``owner`` is given."""
+    now = time.time() if now is None else now
+    record = TaskRecord(
+        task_id=task_id or uuid.uuid4().hex, key_name=key_name or "", message="queued",
+        created_at=now, updated_at=now, request=dict(request or {}),
+        idempotency_key=idempotency_key, body_digest=body_digest,
+    )
+    if owner is not None:
+        record.owner, record.lease_until, record.attempts = owner, now + lease_s, 1
+    return record, TaskEvent(0, "queued", 0.0, "queued", now)
 
-        def newer() -> List[Dict]:
-            record = self._tasks.get(task_id)
-            return [asdict(e) for e in record.events if e.seq > after] if record else []
 
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: bool(newer())), timeout_s)
-            except asyncio.TimeoutError:
-                pass
-        return newer()
+def same_body(stored_digest: Optional[str], digest: Optional[str]) -> bool:
+    return (stored_digest or "") == (digest or "")
 
-    async def wait_final(self, task_id: str, timeout_s: float = 60.0) -> Optional[str]:
-        """The task's phase once it is final (done/failed), waiting up to ``timeout_s``; the current
-        phase on timeout; None for an unknown task."""
-        if task_id not in self._tasks:
-            return None
 
-        def final() -> bool:
-            record = self._tasks.get(task_id)
-            return record is None or record.phase in FINAL_PHASES
+def _advance(record: TaskRecord, phase: str, progress: float, message: str,
+             detail: Optional[Dict[str, Any]], now: float) -> TaskEvent:
+    record.phase, record.progress, record.message = phase, progress, message
+    record.detail, record.updated_at = detail, now
+    record.last_seq += 1
+    return TaskEvent(record.last_seq, phase, progress, message, now, detail)
 
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(final), timeout_s)
-            except asyncio.TimeoutError:
-                pass
-        record = self._tasks.get(task_id)
-        return record.phase if record is not None else None
 
-    async def stats(self) -> Dict[str, Any]:
-        counts = {phase: 0 for phase in PHASES}
-        for record in self._tasks.values():
-            counts[record.phase] += 1
-        return {"tasks": counts, "audio_files": len(self._audio), "audio_bytes": self._audio_bytes}
+def apply_update(record: TaskRecord, phase: str, progress: float, message: str,
+                 detail: Optional[Dict[str, Any]], now: float) -> Optional[TaskEvent]:
+    """Move forward (phase order, then fraction); None for a stale, backward or final update."""
+    if record.finished or phase not in _RANK:
+        return None
+    progress = float(progress)
+    if progress != progress:  # NaN compares false both ways and would slip past the checks
+        return None
+    progress = min(max(progress, 0.0), 1.0)
+    if _RANK[phase] < _RANK[record.phase] or (phase == record.phase and progress <= record.progress):
+        return None
+    return _advance(record, phase, max(progress, record.progress), message, detail, now)
 
-    async def _record(self, record: TaskRecord, phase: str, progress: float, message: str,
-                      detail: Optional[Dict[str, Any]] = None) -> None:
-        now = time.time()
-        record.phase, record.progress, record.message, record.updated_at = phase, progress, message, now
-        record.detail = detail
-        record.events.append(TaskEvent(next(self._seq), phase, progress, message, now, detail))
-        async with self._changed:
-            self._changed.notify_all()
 
-    # -- audio ---------------------------------------------------------------------------------
+def apply_finish(record: TaskRecord, result: Dict[str, Any], now: float) -> Optional[TaskEvent]:
+    if record.finished:
+        return None
+    record.result = result
+    return _advance(record, "done", 1.0, "done", None, now)
 
-    async def put_audio(self, key: str, data: bytes, media_type: str) -> None:
-        if key in self._audio:
-            self._audio_bytes -= len(self._audio.pop(key)[0])
-        self._audio[key] = (data, media_type, time.time())
-        self._audio_bytes += len(data)
-        while self._audio_bytes > self.max_audio_bytes and len(self._audio) > 1:
-            _, (old, _, _) = self._audio.popitem(last=False)
-            self._audio_bytes -= len(old)
 
-    async def get_audio(self, key: str) -> Optional[tuple]:
-        item = self._audio.get(key)
-        return None if item is None else (item[0], item[1])
+def apply_fail(record: TaskRecord, code: str, message: str, now: float) -> Optional[TaskEvent]:
+    if record.finished:
+        return None
+    record.error = code
+    return _advance(record, "failed", record.progress, message or code, None, now)
 
-    def _purge(self) -> None:
-        cutoff = time.time() - self.task_ttl_s
-        for task_id in [t for t, r in self._tasks.items() if r.phase in FINAL_PHASES and r.updated_at < cutoff]:
-            del self._tasks[task_id]
-        while self._audio and next(iter(self._audio.values()))[2] < cutoff:
-            _, (old, _, _) = self._audio.popitem(last=False)
-            self._audio_bytes -= len(old)
+
+def lease_free(record: TaskRecord, owner: Optional[str], now: float) -> bool:
+    return record.owner is None or record.lease_until < now or record.owner == owner
+
+
+def apply_claim(record: TaskRecord, owner: str, lease_s: float, now: float) -> bool:
+    if record.finished or not lease_free(record, owner, now):
+        return False
+    record.owner, record.lease_until = owner, now + lease_s
+    record.attempts += 1
+    return True
+
+
+def apply_renew(record: TaskRecord, owner: str, lease_s: float, now: float) -> bool:
+    if record.finished or record.owner != owner:
+        return False
+    record.lease_until = now + lease_s
+    return True
+
+
+def apply_release(record: TaskRecord, owner: str, now: float) -> bool:
+    if record.finished or record.owner != owner:
+        return False
+    record.owner, record.lease_until = None, 0.0
+    return True
+
+
+# A rule run inside a backend's transaction: returns (changed, event to append or None).
+Mutation = Callable[[TaskRecord, float], Tuple[bool, Optional[TaskEvent]]]
+
+
+def _event_rule(rule: Callable[..., Optional[TaskEvent]], *args) -> Mutation:
+    def run(record: TaskRecord, now: float):
+        event = rule(record, *args, now)
+        return event is not None, event
+    return run
+
+
+def _lease_rule(rule: Callable[..., bool], *args) -> Mutation:
+    def run(record: TaskRecord, now: float):
+        return rule(record, *args, now), None
+    return run
+
+
+# -- the interface ------------------------------------------------------------------------------
+
+class TaskStore(abc.ABC):
+    """Tasks, their events and leases. Synchronous; safe from many threads and processes at once.
+
+    Finished records live ``ttl_s`` seconds and at most ``max_records`` records are kept (unfinished
+    ones are never deleted); ``create`` purges every ``purge_every`` calls so storage stays flat.
+    """
+
+    def __init__(self, ttl_s: float = 86400.0, max_records: int = 10000):
+        self.ttl_s = float(ttl_s)
+        self.max_records = int(max_records)
+        self.purge_every = max(1, min(100, self.max_records // 10))
+        self._creates = 0
+
+    def _maybe_purge(self) -> None:
+        self._creates += 1  # a lost increment from a thread race only delays one purge
+        if self._creates % self.purge_every == 0:
+            self.purge()
+
+    @abc.abstractmethod
+    def _mutate(self, task_id: str, mutation: Mutation) -> bool:
+        """Run ``mutation`` on the stored record atomically; store it (and its event) if changed."""
+
+    @abc.abstractmethod
+    def create(self, request: Dict[str, Any], *, key_name: str = "", task_id: Optional[str] = None,
+               idempotency_key: Optional[str] = None, body_digest: Optional[str] = None,
+               owner: Optional[str] = None, lease_s: float = 0.0,
+               bounds: Tuple[Optional[int], Optional[int]] = (None, None)) -> Tuple[str, bool]:
+        """(task_id, created). An idempotency key already used by ``key_name`` gives the earlier id
+        (same body digest) or raises IdempotencyConflict; an existing ``task_id`` gives (id, False).
+        ``bounds`` = (most unfinished tasks in all, most for ``key_name``): a new record that would
+        pass either raises StoreFull, checked in the same transaction as the insert, so concurrent
+        creators on any replica never overshoot."""
+
+    @abc.abstractmethod
+    def count_unfinished(self, key_name: Optional[str] = None) -> int:
+        """Unfinished tasks, all of them or one key name's."""
+
+    def update(self, task_id: str, phase: str, progress: float, message: str = "",
+               detail: Optional[Dict[str, Any]] = None) -> bool:
+        """Move a task forward; unknown, final, backward or not-newer updates return False."""
+        return self._mutate(task_id, _event_rule(apply_update, phase, progress, message, detail))
+
+    def finish(self, task_id: str, result: Dict[str, Any]) -> bool:
+        """Mark an unfinished task done with ``result``; written once."""
+        return self._mutate(task_id, _event_rule(apply_finish, result))
+
+    def fail(self, task_id: str, code: str, message: str = "") -> bool:
+        """Mark an unfinished task failed with error ``code``."""
+        return self._mutate(task_id, _event_rule(apply_fail, code, message))
+
+    def claim(self, task_id: str, owner: str, lease_s: float) -> bool:
+        """Take an unfinished task whose lease is free; exactly one concurrent claimer wins."""
+        return self._mutate(task_id, _lease_rule(apply_claim, owner, lease_s))
+
+    def renew(self, task_id: str, owner: str, lease_s: float) -> bool:
+        return self._mutate(task_id, _lease_rule(apply_renew, owner, lease_s))
+
+    def release(self, task_id: str, owner: str) -> bool:
+        """Give an unfinished task back, phase unchanged, so that another replica re-drives it."""
+        return self._mutate(task_id, _lease_rule(apply_release, owner))
+
+    @abc.abstractmethod
+    def get(self, task_id: str) -> Optional[TaskRecord]:
+        ...
+
+    @abc.abstractmethod
+    def get_many(self, task_ids: Iterable[str]) -> Dict[str, Optional[TaskRecord]]:
+        ...
+
+    @abc.abstractmethod
+    def events(self, task_id: str, after: int = -1) -> Optional[List[TaskEvent]]:
+        """Stored events with ``seq > after`` in order; None for an unknown task."""
+
+    @abc.abstractmethod
+    def expired(self, limit: int = 100) -> List[str]:
+        """Unfinished tasks whose lease is free or expired, oldest created first."""
+
+    @abc.abstractmethod
+    def stats(self) -> Dict[str, Any]:
+        """{"tasks": {phase: count for every phase}, "records": total}."""
+
+    @abc.abstractmethod
+    def purge(self, now: Optional[float] = None) -> int:
+        """Delete finished records past the TTL, then the oldest finished beyond the record cap."""
+
+    @abc.abstractmethod
+    def ping(self) -> bool:
+        ...
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        ...
+
+
+def open_task_store(url: str, *, ttl_s: float = 86400.0, max_records: int = 10000) -> TaskStore:
+    """``sqlite:///abs/path/tasks.db`` or a plain path → SQLite; ``redis://host:port/db`` → Redis."""
+    scheme, sep, rest = str(url).partition("://")
+    if not sep:
+        scheme, rest = "sqlite", str(url)
+    scheme = scheme.lower()
+    if scheme == "sqlite":
+        if not rest:
+            raise ValueError(f"sqlite task store URL {url!r} names no file: use sqlite:///path/tasks.db")
+        from serve.store_sqlite import SQLiteTaskStore
+
+        # sqlite:///abs and sqlite:////abs both mean /abs (POSIX would keep a leading "//").
+        path = "/" + rest.lstrip("/") if rest.startswith("/") else rest
+        return SQLiteTaskStore(path, ttl_s=ttl_s, max_records=max_records)
+    if scheme in ("redis", "rediss", "unix"):
+        from serve.store_redis import RedisTaskStore
+
+        return RedisTaskStore(url, ttl_s=ttl_s, max_records=max_records)
+    raise ValueError(f"unsupported task store URL scheme {scheme!r} in {url!r}: "
+                     "use sqlite:///path/tasks.db, a file path, or redis://host:port/db")
+
+
+# -- polling helpers for async callers ----------------------------------------------------------
+
+async def wait_events(store: TaskStore, task_id: str, after: int = -1, timeout_s: float = 15.0,
+                      poll_s: float = 0.2) -> Optional[List[TaskEvent]]:
+    """Events with ``seq > after``, waiting up to ``timeout_s`` for one ([] on timeout); None for
+    an unknown task."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        events = await asyncio.to_thread(store.events, task_id, after)
+        if events is None or events:
+            return events
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return []
+        await asyncio.sleep(min(poll_s, left))
+
+
+async def wait_final(store: TaskStore, task_id: str, timeout_s: float,
+                     poll_s: float = 0.2) -> Optional[str]:
+    """The phase once final, or the current phase after ``timeout_s``; None for an unknown task."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        record = await asyncio.to_thread(store.get, task_id)
+        if record is None or record.finished:
+            return None if record is None else record.phase
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return record.phase
+        await asyncio.sleep(min(poll_s, left))

@@ -1,15 +1,15 @@
-"""GenerationParams (one per item, LM metadata already merged) → DiTItems: audio files read and
-VAE-encoded, codes decoded to hints, task contexts built."""
+"""GenerationParams (one per item, LM metadata already merged) → DiTItems: audio inputs (paths,
+bytes or file objects) read and VAE-encoded, codes decoded to hints, task contexts built."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from acestep.audio import load_audio
+from acestep.audio import load_audio, source_key
 from acestep.dit import vae as vae_ops
 from acestep.dit.codes import codes_to_hints, latents_to_hints, parse_audio_codes
 from acestep.dit.conditioning import INSTRUMENTAL_LYRICS, TextCondition
@@ -23,7 +23,7 @@ from acestep.dit.tasks import (
     silence_frames,
     task_context,
 )
-from acestep.params import GenerationParams
+from acestep.params import AudioSource, GenerationParams
 
 DEFAULT_DURATION_S = 30.0  # no duration, no LM, no source: 30 s, which is also what the metas say
 REFERENCE_SEGMENT_S = 10
@@ -39,20 +39,20 @@ class SourceAudio:
         return self.audio.shape[-1] / vae_ops.SAMPLE_RATE
 
 
-def encode_source(bundle, path: str, seed: int) -> SourceAudio:
-    audio, _ = load_audio(path)
+def encode_source(bundle, source: AudioSource, seed: int) -> SourceAudio:
+    audio, _ = load_audio(source)
     generator = torch.Generator(device=bundle.device).manual_seed(int(seed))
     return SourceAudio(audio, vae_ops.encode(bundle.vae, audio, generator).to(bundle.dtype))
 
 
-def reference_timbre(bundle, path: Optional[str], seed: int) -> torch.Tensor:
+def reference_timbre(bundle, source: Optional[AudioSource], seed: int) -> torch.Tensor:
     """[750, C]: three 10 s segments (front, middle, back) of the reference, tiled to ≥ 30 s and
     VAE-encoded; the silence latent when there is none. Fixed segments (upstream picks random
     offsets) keep results reproducible."""
     silence = bundle.silence_latent
-    if not path:
+    if not source:
         return silence_frames(silence, TIMBRE_FRAMES).to(bundle.dtype)
-    audio, rate = load_audio(path)
+    audio, rate = load_audio(source)
     target = 3 * REFERENCE_SEGMENT_S * rate
     if audio.shape[-1] < target:
         audio = audio.repeat(1, math.ceil(target / audio.shape[-1]))
@@ -112,17 +112,19 @@ def build_item(bundle, params: GenerationParams, seed: int, source: Optional[Sou
 
 
 def build_items(bundle, item_params: List[GenerationParams], seeds: List[int]) -> List[DiTItem]:
-    """One DiTItem per (params, seed). Files shared by the items are read and encoded once."""
-    sources: Dict[str, SourceAudio] = {}
-    timbres: Dict[Optional[str], torch.Tensor] = {}
+    """One DiTItem per (params, seed). Audio inputs shared by the items are read and encoded once."""
+    sources: Dict[Any, SourceAudio] = {}
+    timbres: Dict[Any, torch.Tensor] = {}
     items = []
     for params, seed in zip(item_params, seeds):
         source = None
         if params.task_type in SOURCE_TASKS and params.src_audio and not parse_audio_codes(params.audio_codes):
-            if params.src_audio not in sources:
-                sources[params.src_audio] = encode_source(bundle, params.src_audio, seeds[0])
-            source = sources[params.src_audio]
-        if params.reference_audio not in timbres:
-            timbres[params.reference_audio] = reference_timbre(bundle, params.reference_audio, seeds[0])
-        items.append(build_item(bundle, params, seed, source, timbres[params.reference_audio]))
+            key = source_key(params.src_audio)
+            if key not in sources:
+                sources[key] = encode_source(bundle, params.src_audio, seeds[0])
+            source = sources[key]
+        key = source_key(params.reference_audio)
+        if key not in timbres:
+            timbres[key] = reference_timbre(bundle, params.reference_audio, seeds[0])
+        items.append(build_item(bundle, params, seed, source, timbres[key]))
     return items

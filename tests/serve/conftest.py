@@ -7,6 +7,7 @@ Ray start-up dominates (~8 s), so the app is module-scoped (one cluster for the 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import time
 from pathlib import Path
@@ -27,24 +28,43 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def app_config_for_tests(checkpoints: str, port: int):
-    """serve_config.yaml's app, pointed at the demo checkpoints."""
+def app_config_for_tests(checkpoints: str, port: int, state_dir: str, **overrides):
+    """serve_config.yaml's app, pointed at the demo checkpoints and a state directory of its own;
+    ``overrides`` are merged into the app's args one section deep (e.g. ``ingress={...}``)."""
     http, app = apply_overrides(load_serve_config(), checkpoints=checkpoints, host="127.0.0.1", port=port)
+    app["args"]["state_dir"] = state_dir
+    for section, values in overrides.items():
+        app["args"][section] = {**app["args"].get(section, {}), **values}
     return http, app, AppConfig.model_validate(app["args"])
 
 
 @pytest.fixture(scope="module")
-def serve_app(demo_root):
+def serve_app(demo_root, tmp_path_factory):
     """The app deployed from serve_config.yaml the way `serve run serve_config.yaml` and KubeRay deploy
     it: the controller imports ``serve.app:build_app`` on a worker and calls it with the file's args."""
+    # the GPU profile's step-level batching (the CPU profile renders one row at a time), so the
+    # tests see songs share DiT forwards
+    batch = {"max_rows": 16, "max_row_frames": 96000, "max_padding": 0.25}
+    yield from deployed_app(demo_root, tmp_path_factory.mktemp("state"), dit={"batch": batch})
+
+
+def deployed_app(demo_root, state_dir, **overrides):
+    """Start a local Ray, deploy the app with API keys (one from ACESTEP_API_KEY, named "default",
+    and two from a keys file), yield its handle data, stop everything."""
     import ray
     from ray import serve
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    keys = {"default": f"k-{secrets.token_urlsafe(16)}", "alice": f"a-{secrets.token_urlsafe(16)}",
+            "bob": f"b-{secrets.token_urlsafe(16)}"}
+    keys_file = Path(state_dir) / "api_keys"
+    keys_file.write_text(f"alice:{keys['alice']}\nbob:{keys['bob']}\n")
+    os.environ["ACESTEP_API_KEY"] = keys["default"]  # the replicas inherit it, as under `acestep serve`
+    overrides["ingress"] = {"api_keys_file": str(keys_file), **overrides.get("ingress", {})}
     port = _free_port()
-    http, app, config = app_config_for_tests(str(demo_root), port)
+    http, app, config = app_config_for_tests(str(demo_root), port, str(state_dir), **overrides)
     schema = ServeDeploySchema.model_validate({**load_serve_config(), "http_options": http, "applications": [app]})
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
@@ -53,12 +73,14 @@ def serve_app(demo_root):
         _wait_running(app["name"])
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url)
-        yield SimpleNamespace(url=url, name=app["name"], config=config, args=app["args"])
+        yield SimpleNamespace(url=url, name=app["name"], config=config, args=app["args"], state_dir=state_dir,
+                              keys=keys, headers={"Authorization": f"Bearer {keys['default']}"})
     finally:
         # serve.shutdown() first stops the driver-side handles' metrics pushers, which would otherwise
         # log "owner is unknown" errors after ray.shutdown(); it costs a few seconds.
         serve.shutdown()
         ray.shutdown()
+        os.environ.pop("ACESTEP_API_KEY", None)
 
 
 def _wait_running(name: str, timeout_s: float = 240.0) -> None:
@@ -75,19 +97,20 @@ def _wait_running(name: str, timeout_s: float = 240.0) -> None:
     raise TimeoutError(f"application {name!r} not RUNNING within {timeout_s}s")
 
 
-def _wait_healthy(url: str, timeout_s: float = 60.0) -> None:
+def _wait_healthy(url: str, timeout_s: float = 120.0) -> None:
+    """Until /ready: every deployment has a running replica and the task store answers."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"{url}/health did not answer within {timeout_s}s")
+    raise TimeoutError(f"{url}/ready did not answer 200 within {timeout_s}s")
 
 
 @pytest.fixture(scope="module")
 def client(serve_app):
-    with httpx.Client(base_url=serve_app.url, timeout=300) as http:
+    with httpx.Client(base_url=serve_app.url, timeout=300, headers=serve_app.headers) as http:
         yield http

@@ -68,8 +68,11 @@ def test_async_task_progress_events_in_order(client):
     assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
     progress = [e["progress"] for e in events]
     assert progress == sorted(progress) and progress[-1] == 1.0
-    codes = [e["detail"]["tokens_done"] for e in events if (e.get("detail") or {}).get("lm_phase") == "codes"]
-    assert len(codes) >= 10 and codes == sorted(set(codes)), codes  # token-level LM progress, rising
+    # token-level LM progress, rising; replicas write it at most every 0.1 s per task (the demo LM
+    # writes a 10 s song's 50 codes in about that), so there may be few such events
+    lm_details = [e["detail"] for e in events if (e.get("detail") or {}).get("lm_phase") == "codes"]
+    codes = [d["tokens_done"] for d in lm_details]
+    assert codes and codes == sorted(set(codes)) and all(d["tokens_expected"] for d in lm_details), codes
     last_lm = max(i for i, e in enumerate(events) if e["phase"] == "lm")
     dit = [i for i, e in enumerate(events) if e["phase"] == "dit"]
     assert len(dit) >= 2 and min(dit) > last_lm  # then the DiT's steps, then done
@@ -169,11 +172,11 @@ def test_handle_generate_matches_generate_music(serve_app, turbo_handler):
 def test_eight_concurrent_thinking_requests_share_the_lm_engine_and_dit_forwards(serve_app):
     """The normal case: the LM writes each song's plan, so no two songs have the same caption or
     length; they still share LM decode steps and DiT forwards."""
-    with httpx.Client(base_url=serve_app.url) as http:
+    with httpx.Client(base_url=serve_app.url, headers=serve_app.headers) as http:
         before = http.get("/v1/stats").json()["dit"]["worker"]["items_per_forward"]
 
     async def run():
-        async with httpx.AsyncClient(base_url=serve_app.url, timeout=600) as http:
+        async with httpx.AsyncClient(base_url=serve_app.url, timeout=600, headers=serve_app.headers) as http:
             bodies = [{**SONG, "caption": f"song number {i}", "duration": 10 + 2 * i, "inference_steps": 8,
                        "thinking": True, "audio_format": "flac"} for i in range(8)]
             return await asyncio.gather(*(http.post("/v1/generate", json=b) for b in bodies))
@@ -181,7 +184,7 @@ def test_eight_concurrent_thinking_requests_share_the_lm_engine_and_dit_forwards
     responses = asyncio.run(run())
     assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses if r.status_code != 200]
     lengths = set()
-    with httpx.Client(base_url=serve_app.url) as http:
+    with httpx.Client(base_url=serve_app.url, headers=serve_app.headers) as http:
         for response in responses:
             data, _, _ = _read_audio(http, response.json()["audios"][0]["url"])
             lengths.add(data.shape[0])
@@ -253,7 +256,7 @@ def test_serve_status_shows_each_deployments_bounds(serve_app):
     app_status = serve.status().applications[serve_app.name]
     assert app_status.status == "RUNNING"
     expected = {"Ingress": serve_app.config.ingress, "LMDeployment": serve_app.config.lm,
-                "DiTDeployment": serve_app.config.dit, "TaskStore": serve_app.config.store}
+                "DiTDeployment": serve_app.config.dit}
     assert set(app_status.deployments) == set(expected)
     details = _get_global_client().get_serve_details()["applications"][serve_app.name]["deployments"]
     bounds = set()
@@ -265,9 +268,10 @@ def test_serve_status_shows_each_deployments_bounds(serve_app):
         assert deployed["autoscaling_config"]["min_replicas"] == scaling.min_replicas
         assert deployed["autoscaling_config"]["max_replicas"] == scaling.max_replicas
         assert deployed["max_ongoing_requests"] == settings.deployment.max_ongoing_requests
+        assert deployed["max_queued_requests"] == settings.deployment.max_queued_requests
         assert deployed["ray_actor_options"]["num_cpus"] == settings.deployment.ray_actor_options.num_cpus
         bounds.add((scaling.min_replicas, scaling.max_replicas, settings.deployment.max_ongoing_requests))
-    assert len(bounds) == 4, "each deployment has its own bounds in serve_config.yaml"
+    assert len(bounds) == 3, "each deployment has its own bounds in serve_config.yaml"
 
 
 BAD_INPUTS = [

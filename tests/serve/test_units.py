@@ -1,8 +1,7 @@
-"""serve/ pieces that need no Ray: the app config, the official-API compat layer, the task store."""
+"""serve/ pieces that need no Ray: the app config, the official-API compat layer, the CLI's auth rule."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -12,8 +11,8 @@ from acestep.params import GenerationParams
 from serve import compat
 from serve.cli import DEFAULT_CONFIG, apply_overrides, load_serve_config
 from serve.config import AppConfig
-from serve.schemas import FieldError, GenerateRequest, to_library
-from serve.tasks import TaskStore
+from serve.errors import FieldError
+from serve.schemas import GenerateRequest, to_library
 
 
 def test_serve_config_yaml_is_a_valid_serve_config_and_app_config():
@@ -35,8 +34,10 @@ def test_app_config_names_bad_fields():
         AppConfig.model_validate({"demo": True, "lm": {"backend": "tensorrt"}})
     with pytest.raises(ValidationError, match="checkpoints"):
         AppConfig.model_validate({})
-    with pytest.raises(ValidationError, match="min_replicas = max_replicas = 1"):
-        AppConfig.model_validate({"demo": True, "store": {"deployment": {"autoscaling_config": {"max_replicas": 2}}}})
+    with pytest.raises(ValidationError, match="max_unfinished_tasks"):
+        AppConfig.model_validate({"demo": True, "ingress": {"max_unfinished_tasks": 0}})
+    with pytest.raises(ValidationError, match="deployment"):  # the store has no replica of its own
+        AppConfig.model_validate({"demo": True, "store": {"deployment": {}}})
 
 
 def test_cli_overrides_pick_the_checkpoint_source_and_address(tmp_path):
@@ -93,31 +94,6 @@ def test_compat_query_items_shapes():
     assert compat.task_ids_from({"task_id_list": '["a", "b"]'}) == ["a", "b"]
 
 
-def test_task_store_keeps_events_in_order_and_ignores_stale_updates():
-    async def run():
-        store = TaskStore(max_active_tasks=2)
-        task = await store.create({})
-        assert await store.update(task, "dit", 0.5)
-        assert not await store.update(task, "lm", 0.9), "a late LM update after the DiT started is stale"
-        assert not await store.update(task, "dit", 0.4)
-        waiter = asyncio.create_task(store.wait_events(task, after=1, timeout_s=5))
-        await asyncio.sleep(0.01)
-        await store.finish(task, {"ok": True})
-        assert [e["phase"] for e in await waiter] == ["done"]
-        assert not await store.update(task, "encode", 0.99)
-        events = await store.wait_events(task, timeout_s=0)
-        assert [e["phase"] for e in events] == ["queued", "dit", "done"]
-        assert await store.wait_events("unknown") is None
-        await store.create({})
-        assert await store.create({}) is not None and await store.create({}) is None  # 2 unfinished max
-        await store.put_audio("a.flac", b"x" * 10, "audio/flac")
-        assert await store.get_audio("a.flac") == (b"x" * 10, "audio/flac")
-
-    asyncio.run(run())
-
-
-
-
 def test_a_missing_model_folder_is_named_before_anything_starts(demo_root):
     config = AppConfig(checkpoints=str(demo_root), lm={"model": "acestep-5Hz-lm-4B"})
     with pytest.raises(FileNotFoundError, match="acestep-5Hz-lm-4B not found; LM folders in .*acestep-5Hz-lm-0.6B"):
@@ -125,3 +101,14 @@ def test_a_missing_model_folder_is_named_before_anything_starts(demo_root):
     AppConfig(checkpoints=str(demo_root)).check_model_folders()  # the defaults name what the demo writes
     with pytest.raises(FileNotFoundError, match="acestep-v15-sft"):
         AppConfig(checkpoints=str(demo_root), dit={"model": "acestep-v15-sft"}).check_model_folders()
+
+
+def test_serve_refuses_a_public_host_without_a_key():
+    from serve.cli import auth_problem
+
+    assert auth_problem("0.0.0.0", has_keys=False, insecure=False) is not None
+    assert "--api-key" in auth_problem("10.0.0.5", has_keys=False, insecure=False)
+    assert auth_problem("0.0.0.0", has_keys=True, insecure=False) is None
+    assert auth_problem("0.0.0.0", has_keys=False, insecure=True) is None
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        assert auth_problem(host, has_keys=False, insecure=False) is None

@@ -1,0 +1,261 @@
+"""Driving accepted tasks to ``done`` or ``failed``: leases, retries, per-phase timeouts, re-drive, drain.
+
+A ``TaskDriver`` lives in each ingress replica. It claims a task in the durable store under a lease,
+runs the task's pipeline (a coroutine function the ingress passes in: LM plan → DiT render → audio
+store) and renews the lease while it runs. A task whose lease lapses -- its ingress replica died, or
+the whole service stopped -- is claimed again by any driver's reaper and run again from its stored
+request (same seeds, so the same result). LM/DiT calls that fail because a replica died or pushed
+back are retried with backoff; the record gets a failure code, never a traceback, actor id or path.
+Tasks beyond ``max_drives`` stay queued in the store until a driver has room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Dict, Optional, Set
+
+from serve.tasks import FINAL_PHASES, TaskRecord, TaskStore
+
+log = logging.getLogger("acestep.serve")
+
+MESSAGES = {
+    "replica_died": "a model replica died while running this task",
+    "overloaded": "the model replicas were overloaded",
+    "invalid_audio": "an uploaded audio file could not be decoded",
+    "internal": "internal error while running this task",
+}
+
+
+class TaskFailure(Exception):
+    """A terminal failure with a code from ``MESSAGES`` (or ``timeout:<phase>``) and a safe message."""
+
+    def __init__(self, code: str, message: Optional[str] = None):
+        super().__init__(message or MESSAGES.get(code, code))
+        self.code, self.message = code, message or MESSAGES.get(code, code)
+
+
+class _Retryable(Exception):
+    def __init__(self, code: str):
+        super().__init__(code)
+        self.code = code
+
+
+def _chain(error: BaseException):
+    """The error and what it wraps: Ray task errors (``.cause``), then ``__cause__`` / ``__context__``
+    (a DiT call fails with the LM's death inside when the plan it waited on was lost)."""
+    seen = []
+    while error is not None and len(seen) < 8 and all(error is not e for e in seen):
+        seen.append(error)
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return seen
+
+
+def classify(error: BaseException) -> Exception:
+    """A pipeline exception → ``_Retryable(code)`` (replica death, back-pressure) or ``TaskFailure``."""
+    import ray.exceptions as rex
+    from ray.serve import exceptions as sex
+
+    from acestep.audio import AudioLoadError
+
+    chain = _chain(error)
+    for item in chain:
+        if isinstance(item, TaskFailure):
+            return item
+    if any(isinstance(item, (sex.BackPressureError, sex.DeploymentUnavailableError)) for item in chain):
+        return _Retryable("overloaded")
+    died = (rex.ActorDiedError, rex.ActorUnavailableError, rex.RayActorError, rex.WorkerCrashedError,
+            rex.NodeDiedError, rex.OwnerDiedError, rex.ObjectLostError, sex.ReplicaUnavailableError)
+    if any(isinstance(item, died) for item in chain):
+        return _Retryable("replica_died")
+    if any(isinstance(item, AudioLoadError) for item in chain):
+        return TaskFailure("invalid_audio")
+    log.warning("task failed with an internal error", exc_info=error)  # the log has it; the client a code
+    return TaskFailure("internal")
+
+
+@dataclass
+class DriverSettings:
+    """The ingress settings a driver uses (see ``serve.config.IngressSettings``)."""
+
+    max_drives: int
+    lease_s: float
+    retries: int
+    retry_backoff_s: float
+    timeouts: Dict[str, float]  # phase → seconds ("queued", "lm", "dit", "encode")
+    poll_s: float = 0.5
+
+
+Pipeline = Callable[[TaskRecord], Awaitable[Dict[str, Any]]]
+
+
+class _Stop(Exception):
+    """The task turned final elsewhere (DELETE) or the lease was lost: stop without writing."""
+
+
+class TaskDriver:
+    def __init__(self, store: TaskStore, pipeline: Pipeline, settings: DriverSettings, owner: str,
+                 on_done: Optional[Callable[[float], None]] = None):
+        self.store, self.pipeline, self.settings, self.owner = store, pipeline, settings, owner
+        self.on_done = on_done  # called with each finished task's wall time (admission's estimate)
+        self.draining = False
+        self._drives: Dict[str, asyncio.Task] = {}
+        self._reaper: Optional[asyncio.Task] = None
+        self._counts = {"started": 0, "done": 0, "failed": 0, "retries": 0, "redriven": 0, "released": 0}
+
+    # -- starting ----------------------------------------------------------------------------------
+
+    def has_room(self) -> bool:
+        return not self.draining and len(self._drives) < self.settings.max_drives
+
+    def start(self, task_id: str, claimed: bool = False) -> bool:
+        """Drive ``task_id`` here if there is room (claiming it unless the caller created it claimed)."""
+        if not self.has_room() or task_id in self._drives:
+            return False
+        drive = asyncio.get_running_loop().create_task(self._drive(task_id, claimed))
+        self._drives[task_id] = drive
+        drive.add_done_callback(lambda _: self._drives.pop(task_id, None))
+        return True
+
+    def local(self, task_id: str) -> Optional[asyncio.Task]:
+        return self._drives.get(task_id)
+
+    def ensure_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
+
+    async def _reap_forever(self) -> None:
+        period = max(0.5, min(5.0, self.settings.lease_s / 3))
+        while not self.draining:
+            try:
+                await self.reap()
+            except Exception:  # a store hiccup must not end re-driving for good
+                log.warning("task reaper pass failed", exc_info=True)
+            await asyncio.sleep(period)
+
+    async def reap(self) -> int:
+        """Claim tasks whose lease is free or lapsed (queued ones too) while there is room; fail
+        those queued longer than the queue timeout. Returns how many were started."""
+        if not self.has_room():
+            return 0
+        started = 0
+        for task_id in await asyncio.to_thread(self.store.expired, self.settings.max_drives * 2):
+            if not self.has_room():
+                break
+            if task_id in self._drives:
+                continue
+            record = await asyncio.to_thread(self.store.get, task_id)
+            if record is None or record.phase in FINAL_PHASES:
+                continue
+            if record.phase == "queued" and time.time() - record.created_at > self.settings.timeouts["queued"]:
+                await asyncio.to_thread(self.store.fail, task_id, "timeout:queued",
+                                        "not started within the queue timeout")
+                continue
+            if self.start(task_id):
+                started += 1
+                self._counts["redriven"] += record.attempts > 0
+        return started
+
+    # -- driving -----------------------------------------------------------------------------------
+
+    async def _drive(self, task_id: str, claimed: bool) -> None:
+        store = self.store
+        if not claimed and not await asyncio.to_thread(store.claim, task_id, self.owner, self.settings.lease_s):
+            return
+        self._counts["started"] += 1
+        began = time.monotonic()
+        try:
+            record = await asyncio.to_thread(store.get, task_id)
+            if record is None or record.phase in FINAL_PHASES:
+                return
+            output = await self._attempts(record)
+            if output is not None and await asyncio.to_thread(store.finish, task_id, output):
+                self._counts["done"] += 1
+                if self.on_done is not None:
+                    self.on_done(time.monotonic() - began)
+        except TaskFailure as failure:
+            self._counts["failed"] += 1
+            await asyncio.to_thread(store.fail, task_id, failure.code, failure.message)
+        except asyncio.CancelledError:
+            # drain: the task stays in its phase with a free lease; the next start re-drives it
+            self._counts["released"] += 1
+            await asyncio.shield(asyncio.to_thread(store.release, task_id, self.owner))
+            raise
+        except Exception:
+            log.exception("task driver failed unexpectedly")
+            self._counts["failed"] += 1
+            await asyncio.to_thread(store.fail, task_id, "internal", MESSAGES["internal"])
+
+    async def _attempts(self, record: TaskRecord) -> Optional[Dict[str, Any]]:
+        """The pipeline's output, retrying replica deaths and back-pressure; None if stopped."""
+        for attempt in range(self.settings.retries + 1):
+            try:
+                return await self._attempt(record)
+            except _Stop:
+                return None
+            except _Retryable as retry:
+                if attempt == self.settings.retries:
+                    raise TaskFailure(retry.code,
+                                      f"{MESSAGES[retry.code]} (tried {attempt + 1} times)") from None
+                self._counts["retries"] += 1
+                await asyncio.sleep(self.settings.retry_backoff_s * 2 ** attempt)
+        return None
+
+    async def _attempt(self, record: TaskRecord) -> Dict[str, Any]:
+        work = asyncio.ensure_future(self.pipeline(record))
+        watch = asyncio.ensure_future(self._watch(record.task_id))
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                error = work.exception()
+                if error is None:
+                    return work.result()
+                raise classify(error) from None
+            watch.result()  # raises _Stop or TaskFailure(timeout:<phase>)
+            raise _Stop()
+        finally:
+            for pending in (work, watch):
+                if not pending.done():
+                    pending.cancel()
+            await asyncio.gather(work, watch, return_exceptions=True)
+
+    async def _watch(self, task_id: str) -> None:
+        """Renew the lease; stop when the task turns final elsewhere or a phase outlives its timeout."""
+        settings, store = self.settings, self.store
+        phase, since, renewed = None, time.monotonic(), time.monotonic()
+        while True:
+            await asyncio.sleep(settings.poll_s)
+            now = time.monotonic()
+            if now - renewed >= settings.lease_s / 3:
+                if not await asyncio.to_thread(store.renew, task_id, self.owner, settings.lease_s):
+                    raise _Stop()  # another driver owns it now
+                renewed = now
+            record = await asyncio.to_thread(store.get, task_id)
+            if record is None or record.phase in FINAL_PHASES:
+                raise _Stop()
+            if record.phase != phase:
+                phase, since = record.phase, now
+            limit = settings.timeouts.get(phase)
+            if limit is not None and now - since > limit:
+                raise TaskFailure(f"timeout:{phase}", f"no result within the {phase} phase's {limit:g}s")
+
+    # -- stopping ----------------------------------------------------------------------------------
+
+    async def drain(self, grace_s: float) -> Dict[str, int]:
+        """Stop taking tasks; let drives in flight finish for ``grace_s``; release the rest."""
+        self.draining = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+        running: Set[asyncio.Task] = set(self._drives.values())
+        if running:
+            await asyncio.wait(running, timeout=grace_s)
+        left = [drive for drive in running if not drive.done()]
+        for drive in left:
+            drive.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+        return {"finished": len(running) - len(left), "released": len(left)}
+
+    def stats(self) -> Dict[str, Any]:
+        return {"owner": self.owner, "driving": len(self._drives), "draining": self.draining, **self._counts}

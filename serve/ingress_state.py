@@ -1,0 +1,241 @@
+"""What one ingress replica holds: the stores, admission, the upload checker, its task driver, and
+a cached view of the model replicas that the info routes answer from.
+
+The view (model info, replica stats, each deployment's running replicas) is refreshed by a
+background loop, so ``/v1/models``, ``/v1/stats`` and ``/ready`` answer within a second even when
+every model replica is busy and their queues are full. The same loop purges expired records and
+audio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import time
+import uuid
+from typing import Any, Dict, Optional, Tuple
+
+from serve.admission import Admission, AdmissionLimits
+from serve.audio_store import AudioStore
+from serve.config import AppConfig
+from serve.driver import DriverSettings, TaskDriver
+from serve.errors import APIError, retry_after
+from serve.tasks import FINAL_PHASES, StoreFull, TaskRecord, open_task_store, wait_final
+
+log = logging.getLogger("acestep.serve")
+
+MAX_UPLOAD_SECONDS = 600.0  # the DiT's longest song; longer sources cannot be covered or repainted
+_FAILURE_STATUS = {"overloaded": 503, "replica_died": 503, "invalid_audio": 422, "cancelled": 409}
+
+
+def failure_status(code: Optional[str]) -> Tuple[int, Optional[Dict[str, str]]]:
+    """HTTP status (and headers) for a failed task's code on the sync routes."""
+    code = code or "internal"
+    if code.startswith("timeout:"):
+        return 504, None
+    status = _FAILURE_STATUS.get(code, 500)
+    return status, retry_after(5) if status == 503 else None
+
+
+def guard_settings(config: AppConfig):
+    """The request guard's settings: keys from the environment/--api-key and the keys file."""
+    from serve.guard import GuardSettings, KeyRing
+
+    ingress = config.ingress
+    public = {"/health", "/ready"} | ({"/docs", "/openapi.json", "/docs/oauth2-redirect"} if ingress.public_docs else set())
+    json_only = frozenset({"application/json"})
+    json_or_form = frozenset({"application/json", "multipart/form-data"})
+    return GuardSettings(
+        keys=KeyRing.load(keys_file=ingress.api_keys_file), public_paths=frozenset(public),
+        upload_limit=int(ingress.max_upload_mb * 2**20),
+        upload_paths=frozenset({"/v1/generate", "/v1/tasks", "/release_task"}),
+        content_types={"/v1/understand": json_only, "/v1/create_sample": json_only, "/v1/format_sample": json_only,
+                       "/v1/generate": json_or_form, "/v1/tasks": json_or_form},
+    )
+
+
+class IngressState:
+    def __init__(self, config: AppConfig, pipeline, lm, dit):
+        from serve.uploads import UploadChecker
+
+        ingress, store = config.ingress, config.store
+        self.config, self.lm, self.dit = config, lm, dit
+        self.max_upload = int(ingress.max_upload_mb * 2**20)
+        self.store = open_task_store(config.task_store_url(), ttl_s=store.task_ttl_s, max_records=store.max_records)
+        self.audio = AudioStore(config.audio_store_url(), ttl_s=store.task_ttl_s,
+                                max_bytes=int(store.max_audio_mb * 2**20))
+        self.admission = Admission(AdmissionLimits(
+            max_unfinished=ingress.max_unfinished_tasks, per_key_unfinished=ingress.per_key_unfinished,
+            per_key_rpm=ingress.per_key_rpm, sync_max_inflight=ingress.max_sync_requests))
+        self.uploads = UploadChecker(max_duration_s=MAX_UPLOAD_SECONDS)
+        timeouts = ingress.timeouts
+        settings = DriverSettings(
+            max_drives=ingress.max_drives, lease_s=ingress.lease_s, retries=ingress.retries,
+            retry_backoff_s=ingress.retry_backoff_s,
+            timeouts={"queued": timeouts.queue_s, "lm": timeouts.lm_s, "dit": timeouts.dit_s,
+                      "encode": timeouts.encode_s})
+        owner = f"ingress-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.driver = TaskDriver(self.store, pipeline, settings, owner, on_done=self.admission.record_task_time)
+        self._view: Dict[str, Any] = {"lm_info": None, "dit_info": None, "lm_stats": None, "dit_stats": None,
+                                      "replicas": {}, "store_ok": False, "as_of": 0.0}
+        self._refresher: Optional[asyncio.Task] = None
+        self._last_purge = 0.0
+
+    # -- background ------------------------------------------------------------------------------
+
+    def start_background(self) -> None:
+        """Start (or restart after a crash) the reaper and the view refresher; cheap when running."""
+        if self.driver.draining:
+            return
+        self.driver.ensure_reaper()
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
+
+    async def _refresh_forever(self, period_s: float = 2.0) -> None:
+        while not self.driver.draining:
+            try:
+                await self._refresh()
+            except Exception:
+                log.warning("ingress view refresh failed", exc_info=True)
+            await asyncio.sleep(period_s)
+
+    async def _refresh(self) -> None:
+        view = self._view
+        view["store_ok"] = await asyncio.to_thread(self._ping)
+        view["replicas"] = await asyncio.to_thread(_running_replicas)
+        calls = {"lm_stats": self.lm.stats, "dit_stats": self.dit.stats}
+        if view["lm_info"] is None:
+            calls["lm_info"] = self.lm.info
+        if view["dit_info"] is None:
+            calls["dit_info"] = self.dit.info
+        names = list(calls)
+        results = await asyncio.gather(*(asyncio.wait_for(calls[n].remote(), 2.0) for n in names),
+                                       return_exceptions=True)
+        for name, result in zip(names, results):
+            if not isinstance(result, BaseException):
+                view[name] = result
+        view["as_of"] = time.time()
+        if time.monotonic() - self._last_purge > 300:
+            self._last_purge = time.monotonic()
+            await asyncio.to_thread(self._purge)
+
+    def _ping(self) -> bool:
+        try:
+            return bool(self.store.ping())
+        except Exception:
+            return False
+
+    def _purge(self) -> None:
+        self.store.purge()
+        self.audio.purge()
+
+    # -- answers from the view ---------------------------------------------------------------------
+
+    async def dit_info(self) -> Dict[str, Any]:
+        if self._view["dit_info"] is None:
+            self._view["dit_info"] = await self.dit.info.remote()
+        return self._view["dit_info"]
+
+    def readiness(self) -> Dict[str, Any]:
+        view = self._view
+        replicas = view["replicas"]
+        deployments = {name: replicas.get(name, 0) for name in ("Ingress", "LMDeployment", "DiTDeployment")}
+        fresh = time.time() - view["as_of"] < 30
+        ready = fresh and view["store_ok"] and all(count > 0 for count in deployments.values())
+        return {"ready": bool(ready), "store": view["store_ok"], "running_replicas": deployments,
+                "as_of": view["as_of"]}
+
+    def models(self) -> Dict[str, Any]:
+        dit = self._view["dit_info"] or {"model": self.config.dit.model, "is_turbo": None}
+        lm = self._view["lm_info"] or {"enabled": self.config.lm.enabled, "model": self.config.lm.model,
+                                       "backend": self.config.lm.backend}
+        return {"models": [{"name": dit["model"], "is_default": True, "is_turbo": dit["is_turbo"]}],
+                "default_model": dit["model"], "lm": lm}
+
+    def stats(self) -> Dict[str, Any]:
+        view = self._view
+        return {"lm": view["lm_stats"], "dit": view["dit_stats"], "store": self.store.stats(),
+                "admission": self.admission.stats(), "driver": self.driver.stats(), "as_of": view["as_of"]}
+
+    # -- tasks -------------------------------------------------------------------------------------
+
+    async def admit(self, key_name: str) -> None:
+        if self.driver.draining:
+            raise APIError(503, "the server is shutting down; retry on another replica or after restart",
+                           loc=("service",), code="draining", headers=retry_after(self.config.ingress.drain_grace_s))
+        unfinished = await asyncio.to_thread(self.store.count_unfinished)
+        mine = await asyncio.to_thread(self.store.count_unfinished, key_name) if key_name else 0
+        self.admission.admit(key_name, unfinished, mine)
+
+    def bounds(self, key_name: str):
+        ingress = self.config.ingress
+        return ingress.max_unfinished_tasks, ingress.per_key_unfinished if key_name else None
+
+    def refusal(self, full: StoreFull, key_name: str) -> APIError:
+        """The 429 (with Retry-After from admission's estimate) for a create the store refused."""
+        limit, key_limit = self.bounds(key_name)
+        try:
+            if full.scope == "global":
+                self.admission.admit(key_name, max(full.unfinished, limit), 0)
+            else:
+                self.admission.admit(key_name, 0, max(full.unfinished, key_limit or 0))
+        except APIError as error:
+            return error
+        return APIError(429, "too many unfinished tasks", code="overloaded", headers=retry_after(1))
+
+    async def wait_result(self, task_id: str, timeout_s: float) -> TaskRecord:
+        """The record once final (or as it is at the timeout); awaits the local drive when there is one."""
+        deadline = time.monotonic() + timeout_s
+        drive = self.driver.local(task_id)
+        if drive is not None:
+            await asyncio.wait({drive}, timeout=timeout_s)
+        left = deadline - time.monotonic()
+        record = await asyncio.to_thread(self.store.get, task_id)
+        if record is not None and record.phase not in FINAL_PHASES and left > 0:
+            await wait_final(self.store, task_id, left)
+            record = await asyncio.to_thread(self.store.get, task_id)
+        return record
+
+    def handle_result(self, record: TaskRecord, include_tensors: bool):
+        """A done task's record → ``GenerationResult`` as ``generate_music`` returns it."""
+        import soundfile as sf
+        import torch
+
+        from acestep.params import GenerationResult
+
+        output = record.result
+        audios = []
+        for item in output["audios"]:
+            tensor = None
+            if include_tensors:
+                samples, _ = sf.read(io.BytesIO(self.audio.read(item["key"])), dtype="float32", always_2d=True)
+                tensor = torch.from_numpy(samples.T.copy())
+            audios.append({"path": "", "tensor": tensor, "key": item["key"].rsplit(".", 1)[0],
+                           "sample_rate": item["sample_rate"], "params": item["params"], "url": item["url"],
+                           "format": item["format"]})
+        plans = (output["metadata"] or {}).get("plans") or []
+        extra = {"time_costs": output["time_costs"], "task_id": record.task_id,
+                 "lm_metadata": (plans[0] or {}).get("metadata") if plans else None,  # as generate_music
+                 "lm_plans": plans, "seed_value": ", ".join(str(a["seed"]) for a in output["audios"])}
+        return GenerationResult(audios=audios, status_message=output["status_message"], extra_outputs=extra)
+
+    async def drain(self, grace_s: float) -> Dict[str, int]:
+        if self._refresher is not None:
+            self._refresher.cancel()
+        report = await self.driver.drain(grace_s)
+        self.uploads.close()
+        return report
+
+
+def _running_replicas() -> Dict[str, int]:
+    """Running replicas per deployment of this app, from the Serve controller."""
+    from ray import serve
+
+    counts: Dict[str, int] = {}
+    for app in serve.status().applications.values():
+        for name, deployment in app.deployments.items():
+            states = deployment.replica_states or {}
+            counts[name] = counts.get(name, 0) + int(states.get("RUNNING", 0))
+    return counts

@@ -1,0 +1,147 @@
+"""Reading a generate request at the edge: body → validated library params, checked uploads.
+
+Everything here answers bad input with a ``FieldError`` (4xx naming the field, never the input):
+JSON goes through ``serve.safejson`` (UTF-8, nesting and number limits), uploads through
+``serve.uploads`` (magic bytes, header sanity, a sandboxed decode), fields through the pydantic
+request model and then the library's own ``prepare_request`` (ranges, cross-field rules, the
+repaint window against the source's length). A task's stored request is plain JSON, so any
+ingress replica can run it again after a crash: params and config as dicts, seeds resolved,
+uploads as audio-store keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+from typing import Any, Dict, List, Optional, Tuple
+
+from pydantic import ValidationError
+from starlette.requests import Request
+
+from acestep.params import GenerationConfig, GenerationParams
+from serve.errors import APIError, FieldError
+from serve.safejson import check_text, parse_json
+from serve.schemas import CONFIG_FIELDS, PARAM_FIELDS, UPLOAD_FIELDS, GenerateRequest, to_library
+
+KNOWN_FIELDS = set(PARAM_FIELDS) | set(CONFIG_FIELDS) | set(UPLOAD_FIELDS)
+Uploads = Dict[str, bytes]
+
+
+def validation_errors(error: ValidationError, prefix=("body",)) -> List[Dict[str, Any]]:
+    """Pydantic errors without the echoed input."""
+    return [{"loc": [*prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in error.errors()]
+
+
+class ValidationFailed(APIError):
+    """Several field errors at once (pydantic's list), answered as one 422."""
+
+    def __init__(self, errors: List[Dict[str, Any]]):
+        first = errors[0] if errors else {"loc": ["body"], "msg": "invalid request"}
+        super().__init__(422, first["msg"], loc=first["loc"])
+        self.errors = errors
+
+    def detail(self) -> List[Dict[str, Any]]:
+        return self.errors
+
+
+def library_error(error: BaseException) -> FieldError:
+    """A library ValueError (``ValidationError`` carries ``.field``) → 422 naming the field."""
+    from serve.schemas import field_from_message
+
+    message = str(error)
+    field = getattr(error, "field", None) or field_from_message(message, KNOWN_FIELDS)
+    return FieldError(field, message)
+
+
+async def read_json_object(request: Request) -> Dict[str, Any]:
+    body = parse_json(await request.body())
+    if not isinstance(body, dict):
+        raise FieldError("body", "the JSON body must be an object", 400)
+    return body
+
+
+async def read_generate_body(request: Request, max_upload: int) -> Tuple[Dict[str, Any], Uploads]:
+    """JSON body, or multipart with a ``request`` JSON part plus ``src_audio``/``reference_audio`` files."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not content_type.startswith("multipart/"):
+        return await read_json_object(request), {}
+    try:
+        form = await request.form(max_part_size=2 * max_upload + (1 << 20))
+    except Exception:  # malformed multipart: starlette raises several types
+        raise FieldError("body", "malformed multipart body", 400) from None
+    files: Uploads = {}
+    for name in UPLOAD_FIELDS:
+        upload = form.get(name)
+        if upload is not None and not isinstance(upload, str):
+            files[name] = await upload.read(max_upload + 1)
+    raw = form.get("request") or "{}"
+    if not isinstance(raw, str):
+        raw = (await raw.read(1 << 20)).decode("utf-8", "surrogateescape")
+    check_text("request", raw)
+    body = parse_json(raw)
+    if not isinstance(body, dict):
+        raise FieldError("request", "the request part must be a JSON object", 400)
+    return body, files
+
+
+def to_params(body: Dict[str, Any], files: Uploads, max_upload: int) -> Tuple[GenerationParams, GenerationConfig, Uploads]:
+    """The request model's checks, base64 uploads decoded; uploads not yet inspected."""
+    for name in UPLOAD_FIELDS:
+        if isinstance(body.get(name), str):
+            raise FieldError(name, f"the server never reads a client-named path; upload the file "
+                             f"(multipart field {name!r}) or send {name}_base64", 400)
+    try:
+        model = GenerateRequest.model_validate(body)
+    except ValidationError as error:
+        raise ValidationFailed(validation_errors(error)) from None
+    files = dict(files)
+    for name in UPLOAD_FIELDS:
+        text = getattr(model, f"{name}_base64")
+        if text:
+            files[name] = decode_base64(f"{name}_base64", text, max_upload)
+    params, config = to_library(model)
+    return params, config, files
+
+
+def decode_base64(field: str, text: str, max_bytes: int) -> bytes:
+    if len(text) > max_bytes * 4 // 3 + 8:
+        raise FieldError(field, f"upload larger than {max_bytes} bytes", 413, code="too_large")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise FieldError(field, "not valid base64") from None
+
+
+async def check_uploads(checker, files: Uploads, max_upload: int) -> Uploads:
+    """Each upload inspected in the sandboxed checker (422 invalid_audio / 413 too_large)."""
+    for name, data in files.items():
+        await asyncio.to_thread(checker.check, name, data, max_upload)
+    return files
+
+
+def prepare(params: GenerationParams, config: GenerationConfig, uploads: Uploads, *, is_turbo: bool):
+    """``prepare_request`` on the params with the upload bytes in place → (params without the
+    bytes, config, resolved seeds)."""
+    from acestep.inference import prepare_request
+
+    try:
+        params, config, seeds = prepare_request(dataclasses.replace(params, **uploads), config, is_turbo=is_turbo)
+    except ValueError as error:
+        raise library_error(error) from None
+    return dataclasses.replace(params, **{name: None for name in uploads}), config, seeds
+
+
+def task_request(source: str, params: GenerationParams, config: GenerationConfig, seeds: List[int],
+                 upload_keys: Dict[str, str], extras: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """What a task's record keeps to run it again: plain JSON."""
+    return {"source": source, "params": dataclasses.asdict(params), "config": dataclasses.asdict(config),
+            "seeds": list(seeds), "uploads": dict(upload_keys), "extras": dict(extras or {})}
+
+
+def from_task_request(request: Dict[str, Any]):
+    """(params, config, seeds, upload_keys, extras) from ``task_request``'s dict."""
+    params = GenerationParams(**request["params"])
+    config = GenerationConfig(**request["config"])
+    return params, config, list(request["seeds"]), dict(request.get("uploads") or {}), dict(request.get("extras") or {})

@@ -1,0 +1,103 @@
+"""What every model replica shares: progress written to the task store, and its own health.
+
+``ProgressSink`` keeps the newest update per task and writes them from one thread a few times a
+second: the LM reports every decode step, and a database write per token would cost more than the
+token. Progress only moves forward in the store, so dropping superseded updates loses nothing a
+client could see. ``StallWatch`` backs ``check_health``: a replica that holds requests but has not
+advanced for ``stall_s`` (or hit a CUDA error) reports itself unhealthy, so Serve replaces it and the
+ingress re-drives its tasks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+log = logging.getLogger("acestep.serve")
+
+Update = Tuple[str, float, str, Optional[Dict[str, Any]]]
+
+
+class ProgressSink:
+    """Coalesced, fire-and-forget ``store.update`` calls; safe from any thread."""
+
+    def __init__(self, open_store: Callable[[], Any], period_s: float = 0.1):
+        self._open_store, self._store = open_store, None
+        self.period_s = period_s
+        self._pending: Dict[str, Update] = {}
+        self._lock = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+
+    def report(self, task_id: str, phase: str, progress: float, message: str = "",
+               detail: Optional[Dict[str, Any]] = None) -> None:
+        with self._lock:
+            self._pending[task_id] = (phase, progress, message, detail)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="progress-sink", daemon=True)
+                self._thread.start()
+            self._lock.notify()
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        try:
+            if self._store is None:
+                self._store = self._open_store()
+            for task_id, (phase, progress, message, detail) in pending.items():
+                self._store.update(task_id, phase, progress, message, detail)
+        except Exception:  # progress is advisory: a store hiccup must not fail the work itself
+            log.warning("progress update failed", exc_info=True)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: bool(self._pending))
+            time.sleep(self.period_s)
+            self.flush()
+
+
+class StallWatch:
+    """Unhealthy when busy with no progress for ``stall_s``, or after a CUDA error."""
+
+    def __init__(self, stall_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.stall_s, self.clock = stall_s, clock
+        self._mark: Any = None
+        self._since = clock()
+        self.fatal: Optional[str] = None
+
+    def note_error(self, error: BaseException) -> None:
+        if "CUDA error" in str(error) or type(error).__name__ == "AcceleratorError":
+            self.fatal = "CUDA error"  # the context is unusable after one; only a new process helps
+
+    def check(self, busy: bool, progress_mark: Any) -> None:
+        """Raise RuntimeError when unhealthy; ``progress_mark`` changes whenever work advances."""
+        if self.fatal:
+            raise RuntimeError(f"replica unhealthy: {self.fatal}")
+        now = self.clock()
+        if not busy or progress_mark != self._mark:
+            self._mark, self._since = progress_mark, now
+            return
+        if now - self._since > self.stall_s:
+            raise RuntimeError(f"replica unhealthy: busy without progress for {now - self._since:.0f}s")
+
+
+def json_safe(value: Any) -> Any:
+    """Drop what JSON cannot carry (tensors, arrays, bytes); keep plain data."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items() if _is_plain(v)}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value if _is_plain(v)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return json_safe(dataclasses.asdict(value))
+    return value
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (str, int, float, bool, type(None), dict, list, tuple)):
+        return True
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)

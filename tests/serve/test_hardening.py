@@ -1,0 +1,204 @@
+"""The Serve app under hostile clients: keys on every route, hostile input → 4xx naming the field,
+an OpenAPI fuzz run with no server errors. Real local Ray, demo checkpoints, real HTTP.
+
+The app here has small bounds (see ``hard_app``) so that refusals are cheap to reach on 2 cores;
+``tests/serve/test_resilience.py`` kills replicas and overloads its own app.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.serve.conftest import deployed_app
+from tests.serve.test_uploads import HOSTILE
+
+MAX_UPLOAD_MB = 2
+SONG = {"caption": "soft piano", "duration": 10, "inference_steps": 2, "batch_size": 1, "thinking": False}
+
+
+@pytest.fixture(scope="module")
+def hard_app(demo_root, tmp_path_factory):
+    yield from deployed_app(demo_root, tmp_path_factory.mktemp("hard-state"),
+                            ingress={"max_upload_mb": MAX_UPLOAD_MB, "max_unfinished_tasks": 16,
+                                     "max_sync_requests": 2, "request_timeout_s": 120})
+
+
+@pytest.fixture(scope="module")
+def http(hard_app):
+    with httpx.Client(base_url=hard_app.url, timeout=120, headers=hard_app.headers) as client:
+        yield client
+
+
+# -- keys -------------------------------------------------------------------------------------------
+
+OFFICIAL = [("POST", "/release_task"), ("POST", "/query_result")]
+PUBLIC = {"/health", "/ready"}
+
+
+def _operations(http):
+    spec = http.get("/openapi.json").json()
+    for path, methods in spec["paths"].items():
+        for method in methods:
+            yield method.upper(), path.replace("{task_id}", "x" * 32).replace("{key}", "nope.flac")
+
+
+def test_every_route_needs_a_key(hard_app, http):
+    operations = sorted(set(_operations(http)) | set(OFFICIAL))
+    assert len(operations) >= 14
+    bad_headers = [{}, {"Authorization": "Bearer wrong"}, {"Authorization": ""}, {"Authorization": "Bearer"},
+                   {"Authorization": f"Basic {hard_app.keys['default']}"},
+                   {"Authorization": f"Bearer {hard_app.keys['default']}x"}]
+    seen = []
+    with httpx.Client(base_url=hard_app.url, timeout=30) as anonymous:
+        for method, path in operations:
+            for headers in bad_headers:
+                response = anonymous.request(method, path, headers=headers, json={})
+                seen.append(response)
+                expected = 200 if path in PUBLIC else 401
+                assert response.status_code == expected, (method, path, headers, response.text)
+            if path not in PUBLIC:
+                assert response.json()["detail"][0]["type"] == "unauthorized"
+                assert response.headers["www-authenticate"].lower().startswith("bearer")
+        for variant in ("/v1/models/", "//v1/models", "/V1/MODELS", "/v1//models", "/v1/models%2F"):
+            response = anonymous.get(variant)
+            seen.append(response)
+            assert response.status_code in (401, 404), (variant, response.status_code)
+        for name in ("alice", "bob"):  # the keys file's keys work too
+            assert anonymous.get("/v1/models", headers={"Authorization": f"Bearer {hard_app.keys[name]}"}).is_success
+        _assert_no_key_leaks(hard_app, seen)
+
+
+def test_ai_token_counts_on_the_official_routes_only(hard_app):
+    key = hard_app.keys["default"]
+    with httpx.Client(base_url=hard_app.url, timeout=30) as anonymous:
+        official = anonymous.post("/query_result", json={"ai_token": key, "task_id_list": ["nope"]})
+        assert official.status_code == 404, official.text  # authenticated: the id is unknown
+        form = anonymous.post("/query_result", data={"ai_token": key, "task_id_list": '["nope"]'})
+        assert form.status_code == 404, form.text
+        wrong = anonymous.post("/query_result", json={"ai_token": "nope", "task_id_list": ["nope"]})
+        assert wrong.status_code == 401
+        native = anonymous.post("/v1/tasks", json={"ai_token": key, **SONG})
+        assert native.status_code == 401
+        _assert_no_key_leaks(hard_app, [official, form, wrong, native])
+
+
+def _assert_no_key_leaks(hard_app, responses):
+    import ray
+
+    secrets_ = list(hard_app.keys.values())
+    for response in responses:
+        text = response.text + json.dumps(dict(response.headers))
+        assert not any(secret in text for secret in secrets_), response.request.url
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    for path in logs.rglob("*"):
+        if path.is_file() and path.stat().st_size < 64 << 20:
+            content = path.read_bytes()
+            assert not any(secret.encode() in content for secret in secrets_), f"a key is in {path.name}"
+
+
+# -- hostile input ----------------------------------------------------------------------------------
+
+_JSON = {"content-type": "application/json"}
+_DEEP = b"[" * 100_000 + b"]" * 100_000
+HOSTILE_BODIES = [
+    # (name, path, content, headers, status, field or None)
+    ("invalid utf-8 value", "/v1/tasks", b'{"caption": "a\xff\xfeb"}', _JSON, 422, "caption"),
+    ("invalid utf-8 key", "/v1/generate", b'{"capt\xffion": "x"}', _JSON, 422, None),
+    ("lone surrogate", "/v1/tasks", b'{"lyrics": "\\ud800 la la"}', _JSON, 422, "lyrics"),
+    ("surrogate in official json", "/release_task", b'{"prompt": "\\udfff"}', _JSON, 422, "prompt"),
+    ("deep nesting", "/v1/generate", _DEEP, _JSON, 422, None),
+    ("deep nesting official", "/release_task", b'{"a": ' + _DEEP + b"}", _JSON, 422, None),
+    ("huge integer", "/v1/generate", b'{"bpm": ' + b"9" * 100_000 + b"}", _JSON, 422, None),
+    ("huge integer official", "/release_task", b'{"bpm": ' + b"9" * 100_000 + b"}", _JSON, 422, None),
+    ("NaN", "/v1/tasks", b'{"guidance_scale": NaN}', _JSON, 422, "guidance_scale"),
+    ("Infinity", "/v1/tasks", b'{"shift": Infinity}', _JSON, 422, "shift"),
+    ("-Infinity", "/v1/tasks", b'{"shift": -Infinity}', _JSON, 422, "shift"),
+    ("1e309", "/v1/tasks", b'{"duration": 1e309}', _JSON, 422, "duration"),
+    ("long language", "/v1/tasks", json.dumps({"vocal_language": "x" * 10_000}).encode(), _JSON, 422, "vocal_language"),
+    ("long keyscale", "/v1/tasks", json.dumps({"keyscale": "C" * 10_000}).encode(), _JSON, 422, "keyscale"),
+    ("bad keyscale", "/v1/tasks", json.dumps({"keyscale": "H major"}).encode(), _JSON, 422, "keyscale"),
+    ("long timesignature", "/v1/tasks", json.dumps({"timesignature": "4" * 10_000}).encode(), _JSON, 422,
+     "timesignature"),
+    ("long caption", "/v1/tasks", json.dumps({"caption": "c" * 200_000}).encode(), _JSON, 422, "caption"),
+    ("long lyrics", "/v1/tasks", json.dumps({"lyrics": "l" * 500_000}).encode(), _JSON, 422, "lyrics"),
+    ("text/plain", "/v1/tasks", json.dumps(SONG).encode(), {"content-type": "text/plain"}, 415, None),
+    ("no content type", "/v1/understand", b'{"audio_codes": "x"}', {}, 415, None),
+    ("form on a json route", "/v1/format_sample", b"caption=x", {"content-type": "application/x-www-form-urlencoded"},
+     415, None),
+    ("empty body", "/v1/tasks", b"", _JSON, 400, None),
+    ("json array", "/v1/generate", b"[1, 2]", _JSON, 400, None),
+    ("over 1 MiB", "/v1/understand", b'{"audio_codes": "' + b"x" * (2 << 20) + b'"}', _JSON, 413, None),
+    ("over the upload limit", "/v1/tasks", b'{"src_audio_base64": "' + b"A" * (12 << 20) + b'"}', _JSON, 413, None),
+]
+
+
+@pytest.mark.parametrize("name,path,content,headers,status,field", HOSTILE_BODIES, ids=[c[0] for c in HOSTILE_BODIES])
+def test_hostile_bodies_get_a_4xx_naming_the_field(http, name, path, content, headers, status, field):
+    response = http.post(path, content=content, headers=headers)
+    assert response.status_code == status, (name, response.status_code, response.text[:500])
+    assert len(response.content) < 4096, "errors never echo the input"
+    detail = response.json()["detail"]
+    assert isinstance(detail, list) and detail[0]["msg"]
+    if field is not None:
+        assert field in detail[0]["loc"], detail
+
+
+_UPLOADS = {name: case for name, case in HOSTILE.items() if name != "empty"}
+
+
+@pytest.mark.parametrize("name", sorted(_UPLOADS))
+def test_hostile_uploads_get_422_invalid_audio(http, name):
+    data, status, code = _UPLOADS[name]
+    status = 413 if len(data) > MAX_UPLOAD_MB * 2**20 else status
+    body = {**SONG, "task_type": "cover"}
+    as_b64 = http.post("/v1/tasks", json={**body, "src_audio_base64": base64.b64encode(data).decode()})
+    as_file = http.post("/v1/tasks", data={"request": json.dumps(body)}, files={"src_audio": ("x.wav", data)})
+    official = http.post("/release_task", data={"prompt": "x", "task_type": "cover"}, files={"ctx_audio": ("a", data)})
+    for response in (as_b64, as_file, official):
+        assert response.status_code == status, (name, response.status_code, response.text[:300])
+        item = response.json()["detail"][0]
+        assert item["type"] == (code if status == 422 else "too_large"), item
+
+
+def test_an_empty_upload_is_refused(http):
+    response = http.post("/v1/tasks", data={"request": json.dumps({**SONG, "task_type": "cover"})},
+                         files={"src_audio": ("x.wav", b"")})
+    assert response.status_code == 422 and response.json()["detail"][0]["type"] == "invalid_audio"
+
+
+# -- fuzzing ----------------------------------------------------------------------------------------
+
+def test_openapi_fuzz_finds_no_server_error(hard_app):
+    """schemathesis over every operation of /openapi.json (seeded, bounded examples per operation):
+    no 5xx, every response in its documented schema."""
+    import hypothesis
+    import schemathesis
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import response_schema_conformance
+
+    schema = schemathesis.openapi.from_url(f"{hard_app.url}/openapi.json", headers=hard_app.headers)
+    failures, operations, calls = [], 0, []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        operations += 1
+
+        @hypothesis.settings(max_examples=6, deadline=None, derandomize=True, database=None,
+                             suppress_health_check=list(hypothesis.HealthCheck),
+                             phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate])
+        @hypothesis.given(case=operation.as_strategy())
+        def run(case):
+            calls.append(case.operation.path)
+            case.call_and_validate(headers=hard_app.headers, timeout=120,
+                                   checks=[not_a_server_error, response_schema_conformance])
+
+        try:
+            run()
+        except Exception as error:  # collect all operations' failures, then report them together
+            failures.append(f"{operation.method.upper()} {operation.path}: {str(error)[:400]}")
+    assert operations >= 14 and len(calls) >= 3 * operations, "every operation got several generated requests"
+    assert not failures, "\n".join(failures)

@@ -1,0 +1,134 @@
+"""Accepted tasks are never lost: overload, a full queue and replica kills, against a real local Ray.
+
+The app has a small admission bound and short leases so a killed ingress's tasks are re-driven
+within seconds. Every accepted task must end ``done`` (or ``failed`` with a code); none stuck, none
+unknown. Bounds on waiting are generous: they guard against hangs, no timing is asserted.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import httpx
+import pytest
+
+from tests.serve.conftest import deployed_app
+
+BOUND = 8
+SONG = {"caption": "lofi beat", "duration": 10, "inference_steps": 2, "batch_size": 1, "thinking": False}
+CODES = ("replica_died", "overloaded", "invalid_audio", "internal", "cancelled")
+
+
+@pytest.fixture(scope="module")
+def tough_app(demo_root, tmp_path_factory):
+    yield from deployed_app(demo_root, tmp_path_factory.mktemp("tough-state"),
+                            ingress={"max_unfinished_tasks": BOUND, "max_sync_requests": 2, "lease_s": 3,
+                                     "request_timeout_s": 300})
+
+
+@pytest.fixture(scope="module")
+def http(tough_app):
+    limits = httpx.Limits(max_connections=64)
+    with httpx.Client(base_url=tough_app.url, timeout=300, headers=tough_app.headers, limits=limits) as client:
+        yield client
+
+
+def _submit(http, count, **changes):
+    ids = []
+    for index in range(count):
+        response = http.post("/v1/tasks", json={**SONG, "seeds": [index], "use_random_seed": False, **changes})
+        assert response.status_code == 202, response.text
+        ids.append(response.json()["task_id"])
+    return ids
+
+
+def _wait_terminal(http, ids, timeout_s=600.0):
+    deadline = time.time() + timeout_s
+    records = {}
+    while time.time() < deadline:
+        for task_id in ids:
+            if task_id in records:
+                continue
+            response = http.get(f"/v1/tasks/{task_id}")
+            assert response.status_code == 200, f"task {task_id} became unknown: {response.text}"
+            if response.json()["finished"]:
+                records[task_id] = response.json()
+        if len(records) == len(ids):
+            return records
+        time.sleep(0.5)
+    stuck = {task_id: http.get(f"/v1/tasks/{task_id}").json()["phase"] for task_id in ids if task_id not in records}
+    raise AssertionError(f"tasks not terminal: {stuck}")
+
+
+def _check_outcomes(records):
+    done = sum(r["phase"] == "done" for r in records.values())
+    for record in records.values():
+        if record["phase"] == "failed":
+            assert record["error"] in CODES or record["error"].startswith("timeout:"), record
+            assert "Error" not in record["message"] and "/" not in record["message"], record["message"]
+    return done
+
+
+def _wait_phase(http, ids, phases, timeout_s=300.0):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if any(http.get(f"/v1/tasks/{i}").json()["phase"] in phases for i in ids):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no task reached {phases}")
+
+
+def _kill(app_name, deployment):
+    import ray
+
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in actor["name"]:
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+            return
+    raise AssertionError(f"no {deployment} replica")
+
+
+def test_overload_at_four_times_the_bound_refuses_with_retry_after(tough_app, http):
+    def post(index):
+        path = "/v1/generate" if index % 8 == 0 else "/v1/tasks"
+        return http.post(path, json={**SONG, "seeds": [index], "use_random_seed": False})
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(post, range(4 * BOUND)))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 202, 429, 503}, statuses
+    refused = [r for r in responses if r.status_code in (429, 503)]
+    assert refused, "4x the bound must be refused in part"
+    for response in refused:
+        assert int(response.headers["retry-after"]) >= 1
+        assert response.json()["detail"][0]["type"] in ("overloaded", "draining")
+    accepted = [r.json()["task_id"] for r in responses if r.status_code == 202]
+    assert accepted and len(accepted) <= BOUND
+    _check_outcomes(_wait_terminal(http, accepted))
+
+
+def test_info_routes_answer_with_the_queue_at_its_bound(tough_app, http):
+    ids = _submit(http, BOUND, duration=30)
+    assert http.post("/v1/tasks", json=SONG).status_code == 429, "the queue is at its bound"
+    for path in ("/v1/models", "/v1/stats", "/ready", "/health"):
+        response = http.get(path, timeout=10)
+        assert response.status_code == 200, (path, response.text)
+    assert http.get("/v1/stats").json()["store"]["tasks"]["done"] >= 0
+    _check_outcomes(_wait_terminal(http, ids))
+
+
+@pytest.mark.parametrize("deployment,phases,changes", [
+    ("LMDeployment", ("lm",), {"thinking": True, "duration": 20}),
+    ("DiTDeployment", ("dit",), {"duration": 30}),
+    ("Ingress", ("lm", "dit"), {"duration": 20}),
+])
+def test_replica_kill_loses_no_task(tough_app, http, deployment, phases, changes):
+    ids = _submit(http, BOUND, **changes)
+    _wait_phase(http, ids, phases)
+    _kill(tough_app.name, deployment)
+    records = _wait_terminal(http, ids)
+    done = _check_outcomes(records)
+    assert done >= 0.95 * len(ids), {i: (r["phase"], r["error"]) for i, r in records.items()}
+    after = http.post("/v1/generate", json=SONG)
+    assert after.status_code == 200, after.text
