@@ -69,6 +69,8 @@ def app_entry(args: argparse.Namespace, port: int):
     http, app = apply_overrides(load_serve_config(args.config), demo=True, host="127.0.0.1", port=port)
     app_args = app.setdefault("args", {})
     app_args["demo_dir"] = args.demo_dir
+    if "state_dir" in AppConfig.model_fields:  # older checkouts keep tasks in an actor
+        app_args["state_dir"] = args.state_dir
     if args.device:
         for part in ("lm", "dit"):
             settings = app_args.setdefault(part, {})
@@ -275,6 +277,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     scratch = Path(tempfile.mkdtemp(prefix="acestep-serve-overhead-"))
     args.demo_dir = args.demo_dir or str(scratch / "demo_checkpoints")
+    args.state_dir = str(scratch / "state")
     http, app, config = app_entry(args, args.port or _free_port())
     print(f"checkpoints: {config.checkpoint_root()}; threads: {args.threads}; repeats: {args.repeats}", flush=True)
     in_process = None if args.concurrent else measure_in_process(config, args.repeats, scratch / "audio")

@@ -117,7 +117,7 @@ class IngressState:
             if not isinstance(result, BaseException):
                 view[name] = result
         view["as_of"] = time.time()
-        if time.monotonic() - self._last_purge > 300:
+        if time.monotonic() - self._last_purge > min(300.0, self.config.store.task_ttl_s / 4):
             self._last_purge = time.monotonic()
             await asyncio.to_thread(self._purge)
 

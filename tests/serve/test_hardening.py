@@ -202,3 +202,29 @@ def test_openapi_fuzz_finds_no_server_error(hard_app):
             failures.append(f"{operation.method.upper()} {operation.path}: {str(error)[:400]}")
     assert operations >= 14 and len(calls) >= 3 * operations, "every operation got several generated requests"
     assert not failures, "\n".join(failures)
+
+
+# -- idempotency, ranges --------------------------------------------------------------------------
+
+def test_idempotency_key_gives_the_same_task_and_409_for_another_body(http):
+    first = http.post("/v1/tasks", json=SONG, headers={"Idempotency-Key": "song-1"})
+    again = http.post("/v1/tasks", json=SONG, headers={"Idempotency-Key": "song-1"})
+    other = http.post("/v1/tasks", json={**SONG, "caption": "loud drums"}, headers={"Idempotency-Key": "song-1"})
+    assert first.status_code == again.status_code == 202, first.text
+    assert first.json()["task_id"] == again.json()["task_id"]
+    assert other.status_code == 409 and other.json()["detail"][0]["type"] == "conflict"
+    assert http.post("/v1/tasks", json=SONG, headers={"Idempotency-Key": "x" * 300}).status_code == 400
+
+
+def test_audio_is_streamed_from_the_store_with_ranges(http):
+    result = http.post("/v1/generate", json={**SONG, "audio_format": "wav"})
+    assert result.status_code == 200, result.text
+    url = result.json()["audios"][0]["url"]
+    whole = http.get(url)
+    assert whole.status_code == 200 and whole.headers["accept-ranges"] == "bytes"
+    part = http.get(url, headers={"Range": "bytes=0-99"})
+    assert part.status_code == 206 and part.content == whole.content[:100]
+    assert part.headers["content-range"] == f"bytes 0-99/{len(whole.content)}"
+    tail = http.get(url, headers={"Range": "bytes=-10"})
+    assert tail.status_code == 206 and tail.content == whole.content[-10:]
+    assert http.get(url, headers={"Range": f"bytes={len(whole.content) + 5}-"}).status_code == 416

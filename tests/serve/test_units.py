@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -112,3 +113,46 @@ def test_serve_refuses_a_public_host_without_a_key():
     assert auth_problem("0.0.0.0", has_keys=False, insecure=True) is None
     for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
         assert auth_problem(host, has_keys=False, insecure=False) is None
+
+
+def test_stall_watch_fails_a_busy_replica_without_progress():
+    from serve.replica import StallWatch
+
+    now = [0.0]
+    watch = StallWatch(stall_s=60, clock=lambda: now[0])
+    watch.check(busy=True, progress_mark=1)
+    now[0] = 59
+    watch.check(busy=True, progress_mark=1)
+    now[0] = 61
+    with pytest.raises(RuntimeError, match="without progress"):
+        watch.check(busy=True, progress_mark=1)
+    watch.check(busy=True, progress_mark=2)  # progress again: healthy
+    now[0] = 500
+    watch.check(busy=False, progress_mark=2)  # idle is never a stall
+    watch.note_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    with pytest.raises(RuntimeError, match="CUDA"):
+        watch.check(busy=False, progress_mark=3)
+
+
+def test_event_stream_sends_heartbeats_and_ends_at_a_final_phase(tmp_path):
+    from types import SimpleNamespace
+
+    from serve.api import _events
+    from serve.tasks import open_task_store
+
+    store = open_task_store(f"sqlite:///{tmp_path / 'tasks.db'}")
+    task_id, _ = store.create({})
+
+    async def read():
+        chunks = []
+        async for chunk in _events(SimpleNamespace(store=store), task_id, -1, heartbeat_s=0.2):
+            chunks.append(chunk)
+            if chunks.count(": keep-alive\n\n") == 2:
+                store.update(task_id, "lm", 0.1, "LM")
+                store.finish(task_id, {"audios": []})
+        return chunks
+
+    chunks = asyncio.run(asyncio.wait_for(read(), 30))
+    events = [c for c in chunks if c.startswith("id: ")]
+    assert chunks.count(": keep-alive\n\n") == 2
+    assert [e.split("event: ")[1].split("\n")[0] for e in events] == ["queued", "lm", "done"]

@@ -1,0 +1,165 @@
+"""Soak: the Serve app held at 80 % of its admission bound for N minutes (not run in CI).
+
+``python -m bench.soak [--minutes 5] [--bound 20]`` starts a local Ray and the demo app (its own
+state directory, a small record cap and audio budget), keeps ``0.8 × bound`` tasks unfinished by
+submitting a new one whenever one ends, and every 15 s samples the resident memory of every Ray
+process and the size of the state directory. It reports 5xx answers (the goal: none), each
+process's RSS growth from minute 2 to the end (goal: < 10 %), and the store's size over time
+(goal: bounded by the caps). Linux only (RSS from /proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)  # run by path: nothing in bench/ may shadow a top-level module
+
+SONG = {"caption": "soak test loop", "duration": 10, "inference_steps": 2, "batch_size": 1, "thinking": True,
+        "audio_format": "flac"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=5.0, help="how long to hold the load")
+    parser.add_argument("--bound", type=int, default=20, help="ingress.max_unfinished_tasks")
+    parser.add_argument("--sample-s", type=float, default=15.0, help="seconds between memory samples")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/soak-cpu.json"))
+    return parser.parse_args(argv)
+
+
+def ray_processes() -> Dict[int, str]:
+    """pid → a short name, for every Ray process on this machine (workers, raylet, GCS, proxies)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "ray::" in command or "raylet" in command or "gcs_server" in command:
+            found[int(entry.name)] = command.split()[0][:60]
+    return found
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20 if path.exists() else 0.0
+
+
+def start(bound: int, state: Path, demo_dir: Path) -> str:
+    import ray
+    from ray import serve
+
+    from bench.serve_overhead import _free_port, _wait_healthy
+    from serve.app import build_app
+    from serve.config import AppConfig
+
+    config = AppConfig.model_validate({
+        "demo": True, "demo_dir": str(demo_dir), "state_dir": str(state),
+        "lm": {"device": "cpu", "deployment": {"ray_actor_options": {"num_cpus": 0.5}}},
+        "dit": {"device": "cpu", "deployment": {"ray_actor_options": {"num_cpus": 0.5}}},
+        "ingress": {"max_unfinished_tasks": bound, "deployment": {"ray_actor_options": {"num_cpus": 0.25}}},
+        "store": {"max_records": 200, "max_audio_mb": 20, "task_ttl_s": 120}})
+    port = _free_port()
+    repo = str(Path(__file__).resolve().parents[1])
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(config), name="acestep", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    _wait_healthy(url)
+    return url
+
+
+def hold(url: str, args: argparse.Namespace, state: Path) -> dict:
+    """Keep 80 % of the bound unfinished for ``args.minutes``; sample memory and store size."""
+    import httpx
+
+    target = max(1, int(0.8 * args.bound))
+    statuses: Dict[int, int] = {}
+    samples: List[dict] = []
+    live: List[str] = []
+    begin = last_sample = time.monotonic()
+    finished = 0
+    with httpx.Client(base_url=url, timeout=120) as client:
+        while time.monotonic() - begin < args.minutes * 60:
+            while len(live) < target:
+                response = client.post("/v1/tasks", json={**SONG, "seeds": [len(statuses)], "use_random_seed": False})
+                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                if response.status_code != 202:
+                    break
+                live.append(response.json()["task_id"])
+            for task_id in list(live):
+                record = client.get(f"/v1/tasks/{task_id}")
+                statuses[record.status_code] = statuses.get(record.status_code, 0) + 1
+                if record.status_code != 200 or record.json()["finished"]:
+                    live.remove(task_id)
+                    finished += 1
+            if time.monotonic() - last_sample >= args.sample_s:
+                last_sample = time.monotonic()
+                samples.append({"t_s": round(last_sample - begin, 1), "finished": finished,
+                                "rss_mb": {f"{name}#{pid}": round(rss_mb(pid), 1) for pid, name in ray_processes().items()},
+                                "state_mb": round(dir_mb(state), 2)})
+                print(f"t={samples[-1]['t_s']}s finished={finished} state={samples[-1]['state_mb']} MB", flush=True)
+            time.sleep(0.5)
+    return {"statuses": statuses, "samples": samples, "finished": finished, "target_unfinished": target}
+
+
+def growth(samples: List[dict], after_s: float = 120.0) -> Dict[str, float]:
+    """Per process: RSS at the end over RSS at the first sample after ``after_s`` (−1 if it vanished)."""
+    later = [s for s in samples if s["t_s"] >= after_s]
+    if len(later) < 2:
+        return {}
+    first, last = later[0]["rss_mb"], later[-1]["rss_mb"]
+    return {name: round(last.get(name, -1.0) / mb, 3) if mb else 0.0 for name, mb in first.items()}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    scratch = Path(tempfile.mkdtemp(prefix="acestep-soak-"))
+    state = scratch / "state"
+    import ray
+    from ray import serve
+
+    try:
+        url = start(args.bound, state, scratch / "demo_checkpoints")
+        result = hold(url, args, state)
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+    ratios = growth(result["samples"])
+    server_errors = sum(n for code, n in result["statuses"].items() if code >= 500)
+    sizes = [s["state_mb"] for s in result["samples"]]
+    summary = {"minutes": args.minutes, "bound": args.bound, "finished": result["finished"],
+               "server_errors": server_errors, "statuses": result["statuses"],
+               "max_rss_growth_after_2_min": max(ratios.values(), default=None),
+               "state_mb_max": max(sizes, default=0.0), "state_mb_last": sizes[-1] if sizes else 0.0}
+    print(json.dumps(summary, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"summary": summary, "rss_growth": ratios, **result}, indent=2))
+    return 0 if server_errors == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
