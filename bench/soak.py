@@ -46,7 +46,7 @@ def ray_processes() -> Dict[int, str]:
         except OSError:
             continue
         if "ray::" in command or "raylet" in command or "gcs_server" in command:
-            found[int(entry.name)] = command.split()[0][:60]
+            found[int(entry.name)] = Path(command.split()[0]).name[:60]  # raylet, gcs_server, ray::...
     return found
 
 

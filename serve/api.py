@@ -29,7 +29,7 @@ from serve import compat, intake
 from serve.audio_store import audio_response
 from serve.config import AppConfig
 from serve.deployments import LMDisabled, PlanRequest, RenderReply, RenderRequest
-from serve.driver import TaskFailure, classify
+from serve.driver import TaskFailure, classify, store_unavailable
 from serve.errors import APIError, FieldError, error_responses, retry_after
 from serve.ingress_state import IngressState, failure_status, guard_settings
 from serve.schemas import (
@@ -69,6 +69,15 @@ def _json_body(model) -> Dict[str, Any]:
 @api.exception_handler(APIError)
 async def _api_error(request: Request, error: APIError):
     return error.response()
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, error: Exception):
+    """Anything unforeseen: a code in the error model, never a traceback (the log has it)."""
+    if store_unavailable(error):
+        return APIError(503, "the task store is unavailable; retry", loc=("service",), code="store_unavailable",
+                        headers=retry_after(5)).response()
+    return APIError(500, "internal error", loc=("service",), code="internal").response()
 
 
 @api.exception_handler(RequestValidationError)

@@ -76,6 +76,15 @@ def classify(error: BaseException) -> Exception:
     return TaskFailure("internal")
 
 
+def store_unavailable(error: BaseException) -> bool:
+    """The task store (Redis down, SQLite locked past its timeout) rather than the task or a bug."""
+    import sqlite3
+
+    from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeout
+
+    return isinstance(error, (RedisConnectionError, RedisTimeout, sqlite3.OperationalError))
+
+
 @dataclass
 class DriverSettings:
     """The ingress settings a driver uses (see ``serve.config.IngressSettings``)."""
@@ -162,11 +171,11 @@ class TaskDriver:
 
     async def _drive(self, task_id: str, claimed: bool) -> None:
         store = self.store
-        if not claimed and not await asyncio.to_thread(store.claim, task_id, self.owner, self.settings.lease_s):
-            return
-        self._counts["started"] += 1
         began = time.monotonic()
         try:
+            if not claimed and not await asyncio.to_thread(store.claim, task_id, self.owner, self.settings.lease_s):
+                return
+            self._counts["started"] += 1
             record = await asyncio.to_thread(store.get, task_id)
             if record is None or record.phase in FINAL_PHASES:
                 return
@@ -177,16 +186,26 @@ class TaskDriver:
                     self.on_done(time.monotonic() - began)
         except TaskFailure as failure:
             self._counts["failed"] += 1
-            await asyncio.to_thread(store.fail, task_id, failure.code, failure.message)
+            await self._safely(store.fail, task_id, failure.code, failure.message)
         except asyncio.CancelledError:
             # drain: the task stays in its phase with a free lease; the next start re-drives it
             self._counts["released"] += 1
-            await asyncio.shield(asyncio.to_thread(store.release, task_id, self.owner))
+            await asyncio.shield(self._safely(store.release, task_id, self.owner))
             raise
-        except Exception:
+        except Exception as error:
+            if store_unavailable(error):  # the lease lapses and a driver re-runs it once the store is back
+                log.warning("task store unavailable; the task is re-driven later")
+                return
             log.exception("task driver failed unexpectedly")
             self._counts["failed"] += 1
-            await asyncio.to_thread(store.fail, task_id, "internal", MESSAGES["internal"])
+            await self._safely(store.fail, task_id, "internal", MESSAGES["internal"])
+
+    async def _safely(self, write, *args) -> None:
+        """A final store write; if the store is down the lease lapses and the task is re-driven."""
+        try:
+            await asyncio.to_thread(write, *args)
+        except Exception:
+            log.warning("task store write failed; the task is re-driven later", exc_info=True)
 
     async def _attempts(self, record: TaskRecord) -> Optional[Dict[str, Any]]:
         """The pipeline's output, retrying replica deaths and back-pressure; None if stopped."""
@@ -228,11 +247,16 @@ class TaskDriver:
         while True:
             await asyncio.sleep(settings.poll_s)
             now = time.monotonic()
-            if now - renewed >= settings.lease_s / 3:
-                if not await asyncio.to_thread(store.renew, task_id, self.owner, settings.lease_s):
-                    raise _Stop()  # another driver owns it now
-                renewed = now
-            record = await asyncio.to_thread(store.get, task_id)
+            try:
+                if now - renewed >= settings.lease_s / 3:
+                    if not await asyncio.to_thread(store.renew, task_id, self.owner, settings.lease_s):
+                        raise _Stop()  # another driver owns it now
+                    renewed = now
+                record = await asyncio.to_thread(store.get, task_id)
+            except Exception as error:
+                if not store_unavailable(error):
+                    raise
+                continue  # a store outage: keep working; the lease check resumes when it is back
             if record is None or record.phase in FINAL_PHASES:
                 raise _Stop()
             if record.phase != phase:

@@ -12,7 +12,7 @@ import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 
 def _free_port() -> int:
@@ -44,26 +44,51 @@ def _wait_ready(process: subprocess.Popen, port: int, log: Path, timeout_s: floa
         time.sleep(0.02)
 
 
+class RedisServer:
+    """One redis-server process on a fixed port; ``durable`` keeps an append-only file synced on
+    every write, so a kill -9 and a restart on the same directory lose nothing acknowledged."""
+
+    def __init__(self, directory: Union[str, Path], port: Optional[int] = None, durable: bool = False):
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            raise RuntimeError("redis-server is not on PATH; install it (Debian/Ubuntu package: redis-server)")
+        self.directory, self.port, self.durable = Path(directory), port or _free_port(), durable
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> "RedisServer":
+        log = self.directory / f"redis-{self.port}.log"
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
+        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
+                   "--dir", str(self.directory), "--logfile", str(log)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        _wait_ready(self.process, self.port, log, timeout_s)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save, as a crash would leave it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
 @contextmanager
 def start_redis(directory: Union[str, Path], timeout_s: float = 10.0) -> Iterator[str]:
     """Start redis-server with its working files in ``directory``; yields ``redis://127.0.0.1:PORT/0``."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not on PATH; install it (Debian/Ubuntu package: redis-server)")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    log = directory / f"redis-{port}.log"
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-               "--dir", str(directory), "--logfile", str(log)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    server = RedisServer(directory).start(timeout_s)
     try:
-        _wait_ready(process, port, log, timeout_s)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield server.url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        server.stop()
