@@ -240,7 +240,8 @@ def measure_concurrent(url: str, count: int) -> dict:
             latencies = sorted(pool.map(lambda body: one(client, body), concurrent_bodies(count)))
         wall = time.perf_counter() - start
         stats = client.get("/v1/stats").json()
-    dit = stats.get("dit", stats.get("data", {}).get("dit", {})) if isinstance(stats, dict) else {}
+    native = stats.get("data", {}).get("serve", stats) if isinstance(stats, dict) else {}  # enveloped since 2026-12
+    dit = native.get("dit") or {}
     worker = dit.get("worker", {}) if isinstance(dit, dict) else {}
     return {"requests": count, "durations_s": sorted(b["duration"] for b in concurrent_bodies(count)),
             "wall_s": round(wall, 2), "songs_per_min": round(count * 60 / wall, 2),

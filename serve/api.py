@@ -25,7 +25,7 @@ from ray import serve
 from starlette.concurrency import run_in_threadpool
 
 from acestep.params import GenerationConfig, GenerationParams, GenerationResult
-from serve import compat, intake
+from serve import compat, intake, official
 from serve.audio_store import audio_response
 from serve.config import AppConfig
 from serve.deployments import LMDisabled, PlanRequest, RenderReply, RenderRequest
@@ -122,6 +122,7 @@ class Ingress:
     def __init__(self, config: AppConfig, lm, dit):
         self.config, self.lm, self.dit = config, lm, dit
         self.state = IngressState(config, self._pipeline, lm, dit)
+        self._started = int(time.time())
         api.user_middleware.clear()
         from serve.guard import Guard
 
@@ -264,8 +265,8 @@ class Ingress:
 
     @api.get("/health")
     async def health(self):
-        """The process answers (no other check: see /ready)."""
-        return {"status": "ok", "service": "ACE-Step API", "version": "1.0"}
+        """The process answers (no other check: see /ready); the official envelope, ``status`` also on top."""
+        return {**compat.envelope(official.health_data(self.state.model_view())), "status": "ok"}
 
     @api.get("/ready", responses=error_responses(503))
     async def ready(self):
@@ -280,14 +281,30 @@ class Ingress:
 
     @api.get("/v1/models")
     async def models(self):
+        """The served DiT models as the official server lists them (OpenRouter shape: ``data[].id``)."""
+        self.state.start_background()
+        return official.openrouter_models(self.state.model_view()["dit"], self._started)
+
+    @api.get("/v1/model_inventory")
+    async def model_inventory(self):
+        view = self.state.model_view()
+        return compat.envelope(official.model_inventory(view["dit"], view["lm"]))
+
+    @api.get("/v1/info")
+    async def info(self):
+        """This app's own model info: the DiT (and whether it is turbo) and the LM with its backend."""
         self.state.start_background()
         return self.state.models()
 
     @api.get("/v1/stats")
     async def stats(self):
-        """Per-replica batch sizes the LM and DiT saw (as of the last refresh), task counts, admission."""
+        """The official job counters in its envelope; this app's per-replica batch sizes, task counts and
+        admission under ``data.serve`` (as of the last background refresh)."""
         self.state.start_background()
-        return await asyncio.to_thread(self.state.stats)
+        native = await asyncio.to_thread(self.state.stats)
+        data = official.stats_data(native["store"], self.config.ingress.max_unfinished_tasks,
+                                   native["admission"].get("recent_task_s", 0.0))
+        return compat.envelope({**data, "serve": native})
 
     # -- official-compatible routes ----------------------------------------------------------------
 
@@ -296,7 +313,12 @@ class Ingress:
         """Upstream ``/release_task``: JSON, multipart (``ref_audio``/``ctx_audio`` files) or form."""
         max_upload = self.state.max_upload
         body, files = await compat.read_body(request, max_upload)
-        params, config, extras = compat.to_library(body)
+        params, config, extras = compat.to_library(body, self._returned_key)
+        for name, key in extras.pop("stored_uploads", {}).items():  # a file this server returned earlier
+            data = await asyncio.to_thread(self.state.audio.read, key)
+            if data is None:
+                raise FieldError(name, "that file is no longer stored; upload it instead", 422, code="not_found")
+            files.setdefault(name, data)
         files = await intake.check_uploads(self.state.uploads, files, max_upload)
         info = await self.state.dit_info()
         params, config, seeds = intake.prepare(params, config, files, is_turbo=info["is_turbo"])
@@ -305,24 +327,64 @@ class Ingress:
         queued = (await asyncio.to_thread(self.state.store.stats))["tasks"]["queued"]
         return compat.envelope({"task_id": task_id, "status": "queued", "queue_position": max(queued, 1)})
 
+    def _returned_key(self, value: str) -> Optional[str]:
+        return compat.returned_file_key(value, self.state.audio_path("").rstrip("/"))
+
     @api.post("/query_result")
     async def query_result(self, request: Request):
         body, _ = await compat.read_body(request, self.state.max_upload)
         task_ids = compat.task_ids_from(body)[:100]
-        records = await asyncio.to_thread(self.state.store.get_many, task_ids)
-        if all(record is None for record in records.values()):
-            return JSONResponse(compat.envelope(None, 404, "unknown task ids"), status_code=404)
+        records = await asyncio.to_thread(self.state.store.get_many, task_ids) if task_ids else {}
         models = {"lm": self.config.lm.model if self.config.lm.enabled else "", "dit": self.config.dit.model}
         data = []
-        for task_id in task_ids:
+        for task_id in task_ids:  # one item per id, in request order, as upstream
             record = records[task_id]
             if record is None:
-                data.append({"task_id": task_id, "status": 2, "result": "[]", "progress_text": "unknown task id"})
+                data.append(compat.unknown_item(task_id))
                 continue
-            status, items = compat.query_items(record.summary(), models)
+            status, items = compat.query_items(record.summary(), models, self.state.audio_path)
             data.append({"task_id": task_id, "status": status, "result": json.dumps(items),
                          "progress_text": record.message})
         return compat.envelope(data)
+
+    @api.post("/format_input")
+    async def format_input(self, request: Request):
+        """Upstream ``/format_input``: the LM formats caption, lyrics and metadata (JSON or form)."""
+        body, _ = await compat.read_body(request, self.state.max_upload)
+        caption, lyrics, user, temperature = official.format_input_args(body)
+        if not self.config.lm.enabled:
+            return JSONResponse({"detail": "the LM is disabled in this deployment"}, status_code=503)
+        try:
+            sample = await self.lm.format_sample.remote(caption, lyrics, user_metadata=user, temperature=temperature)
+        except Exception as error:  # upstream reports LM failures inside the envelope
+            failure = classify(error)
+            return compat.envelope(None, 500, getattr(failure, "code", "internal"))
+        if not getattr(sample, "success", True):
+            return compat.envelope(None, 500, "the LM produced no usable answer for this input")
+        return compat.envelope(official.format_input_data(sample, caption, lyrics, user))
+
+    @api.post("/create_random_sample")
+    async def create_random_sample(self, request: Request):
+        """Upstream ``/create_random_sample``: an example request (``sample_type`` simple_mode or other)."""
+        body, _ = await compat.read_body(request, self.state.max_upload)
+        example = official.random_example(str(body.get("sample_type") or "simple_mode"))
+        return compat.envelope(example) if example else compat.envelope(None, 500, "No example data available")
+
+    @api.post("/v1/init")
+    async def init_model(self, request: Request):
+        """Models are chosen by the Serve config, not at run time: this reports what is served, and
+        refuses (``code`` 400) a model the app does not serve."""
+        body, _ = await compat.read_body(request, self.state.max_upload)
+        view = self.state.model_view()
+        wanted = body.get("model") or body.get("config_path")
+        if wanted and str(wanted).rsplit("/", 1)[-1] != view["dit"]["model"]:
+            return compat.envelope(None, 400, f"model not served by this app; it serves {view['dit']['model']}")
+        return compat.envelope({"message": "already initialized", "loaded_model": view["dit"]["model"],
+                                "loaded_lm_model": view["lm"]["model"] if view["lm"]["enabled"] else None})
+
+    @api.post("/v1/reinitialize")
+    async def reinitialize(self, request: Request):
+        return await self.init_model(request)
 
     # -- submitting ----------------------------------------------------------------------------------
 

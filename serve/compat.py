@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -117,7 +117,7 @@ def _named_uploads(files: Dict[str, bytes]) -> Dict[str, bytes]:
     return uploads
 
 
-def lookup(body: Dict[str, Any]) -> Dict[str, Any]:
+def lookup(body: Dict[str, Any], stored: Callable[[str], Optional[str]] = lambda value: None) -> Dict[str, Any]:
     """Canonical name → raw value, looking in the body, then ``param_obj``, then the first metas dict."""
     sources = [body]
     param_obj = body.get("param_obj")
@@ -148,10 +148,30 @@ def lookup(body: Dict[str, Any]) -> Dict[str, Any]:
                 break
     for canonical, spellings in PATH_FIELDS.items():
         named = next((s for s in spellings + (canonical,) if isinstance(body.get(s), str) and body[s]), None)
-        if named:
+        if not named:
+            continue
+        key = stored(body[named])
+        if key is None:
             raise FieldError(named, f"the server never reads a client-named path; upload the file as "
-                             f"multipart field {UPLOAD_NAMES[canonical][0]!r}", 400)
+                             f"multipart field {UPLOAD_NAMES[canonical][0]!r} (or pass a file URL this "
+                             f"server returned)", 400)
+        found.setdefault("_stored", {})[canonical] = key
     return found
+
+
+def returned_file_key(value: str, audio_root: str) -> Optional[str]:
+    """The audio-store key when ``value`` is a download URL or stored path this server handed out
+    (``/v1/audio?path=...``, ``/v1/audio/<key>``, or a path in the audio store's directory); None
+    for anything else. Only the key is used: the value is never opened as a path."""
+    from urllib.parse import parse_qs, urlsplit
+
+    text = value.strip()
+    if "/v1/audio/" in text and "?" not in text:
+        return text.rsplit("/", 1)[-1] or None
+    if "/v1/audio?" in text:
+        text = parse_qs(urlsplit(text).query).get("path", [""])[0]
+    directory, _, name = text.replace("\\", "/").rpartition("/")
+    return name if name and directory.rstrip("/") == audio_root.rstrip("/") else None
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -167,7 +187,7 @@ def _coerce(name: str, value: Any) -> Any:
             return float(value)
     except (TypeError, ValueError):
         kind = "an integer" if name in INTS else "a number"
-        raise FieldError(name, f"{name} must be {kind}, got {value!r}") from None
+        raise FieldError(name, f"{name} must be {kind}") from None
     if name == "timesteps" and isinstance(value, str):
         try:
             return [float(v) for v in value.split(",") if v.strip()]
@@ -181,13 +201,19 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
-def to_library(body: Dict[str, Any]) -> Tuple[GenerationParams, GenerationConfig, Dict[str, Any]]:
-    """Upstream request fields → (params, config, extras) with the upstream defaults."""
-    values = {**UPSTREAM_DEFAULTS, **{k: _coerce(k, v) for k, v in lookup(body).items()}}
+def to_library(body: Dict[str, Any], stored: Callable[[str], Optional[str]] = lambda value: None
+               ) -> Tuple[GenerationParams, GenerationConfig, Dict[str, Any]]:
+    """Upstream request fields → (params, config, extras) with the upstream defaults; ``stored`` maps
+    a ``*_audio_path`` value to an audio-store key (extras["stored_uploads"]) or None (→ 400)."""
+    found = lookup(body, stored)
+    stored_uploads = found.pop("_stored", {})
+    values = {**UPSTREAM_DEFAULTS, **{k: _coerce(k, v) for k, v in found.items()}}
     for unsupported in ("analysis_only", "full_analysis_only"):
         if values.get(unsupported):
             raise FieldError(unsupported, f"{unsupported} is not supported by this server", 400)
     extras = {k: values.pop(k) for k in ("sample_query", "sample_mode", "use_format", "model") if k in values}
+    if stored_uploads:
+        extras["stored_uploads"] = stored_uploads
     config_names = {"batch_size", "use_random_seed", "allow_lm_batch", "audio_format", "seeds"}
     config_values = {k: values.pop(k) for k in list(values) if k in config_names}
     if not config_values.get("use_random_seed", True) and values.get("seed", -1) >= 0 and "seeds" not in config_values:
@@ -214,12 +240,28 @@ def apply_sample(params: GenerationParams, sample: Any, *, from_format: bool) ->
     return dataclasses.replace(params, **updates)
 
 
-def query_items(record: Optional[Dict[str, Any]], models: Dict[str, str]) -> Tuple[int, List[Dict[str, Any]]]:
-    """A task record → (upstream status 0/1/2, the per-file list upstream JSON-encodes into ``result``)."""
+def file_url(path: str) -> str:
+    """Upstream's download link: ``/v1/audio?path=<the stored file's absolute path, url-encoded>``;
+    the route only uses the file name in it (a key into the audio store)."""
+    from urllib.parse import quote
+
+    return "/v1/audio?path=" + quote(path, safe="")
+
+
+def unknown_item(task_id: str) -> Dict[str, Any]:
+    """Upstream's answer for an id it has never seen: queued, no files."""
+    return {"task_id": task_id, "status": 0, "result": "[]", "progress_text": ""}
+
+
+def query_items(record: Optional[Dict[str, Any]], models: Dict[str, str],
+                file_path: Callable[[str], str] = lambda key: key) -> Tuple[int, List[Dict[str, Any]]]:
+    """A task record → (upstream status 0/1/2, the per-file list upstream JSON-encodes into ``result``);
+    ``file_path`` maps an audio key to where the store keeps it."""
     created = int(record["created_at"])
     base = {"file": "", "wave": "", "create_time": created, "env": "ray-serve"}
     if record["phase"] == "failed":
-        return 2, [{**base, "status": 2, "progress": record["progress"], "stage": "failed", "error": record["error"]}]
+        error = f"{record['error']}: {record['message']}" if record.get("message") else record["error"]
+        return 2, [{**base, "status": 2, "progress": record["progress"], "stage": "failed", "error": error}]
     if record["phase"] != "done":
         return 0, [{**base, "status": 0, "progress": record["progress"], "stage": record["phase"]}]
     result = record["result"]
@@ -238,10 +280,10 @@ def query_items(record: Optional[Dict[str, Any]], models: Dict[str, str]) -> Tup
             "prompt": params.get("caption", ""), "lyrics": params.get("lyrics", ""),
         }
         items.append({
-            **base, "file": audio["url"], "status": 1, "prompt": lm.get("caption") or params.get("caption", ""),
+            **base, "file": file_url(file_path(audio["key"])), "status": 1, "prompt": lm.get("caption") or params.get("caption", ""),
             "lyrics": params.get("lyrics", ""), "metas": metas, "generation_info": result.get("status_message", ""),
             "seed_value": seeds, "lm_model": models.get("lm", ""), "dit_model": models.get("dit", ""),
-            "progress": 1.0, "stage": "done",
+            "progress": 1.0, "stage": "succeeded",
         })
     return 1, items
 
@@ -255,6 +297,6 @@ def task_ids_from(body: Dict[str, Any]) -> List[str]:
             ids = [s.strip() for s in ids.split(",") if s.strip()]
     if isinstance(ids, str):
         ids = [ids]
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-        raise FieldError("task_id_list", "task_id_list must be a non-empty list of task ids", 400)
+    if not isinstance(ids, list) or not all(isinstance(i, str) and len(i) <= 200 for i in ids):
+        return []  # upstream answers an empty list for a missing or malformed one
     return ids

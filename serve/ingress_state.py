@@ -44,11 +44,13 @@ def guard_settings(config: AppConfig):
     from serve.guard import GuardSettings, KeyRing
 
     ingress = config.ingress
+    official = frozenset({"/release_task", "/query_result", "/format_input", "/create_random_sample",
+                          "/v1/init", "/v1/reinitialize"})
     public = {"/health", "/ready"} | ({"/docs", "/openapi.json", "/docs/oauth2-redirect"} if ingress.public_docs else set())
     json_only = frozenset({"application/json"})
     json_or_form = frozenset({"application/json", "multipart/form-data"})
     return GuardSettings(
-        keys=KeyRing.load(keys_file=ingress.api_keys_file), public_paths=frozenset(public),
+        keys=KeyRing.load(keys_file=ingress.api_keys_file), public_paths=frozenset(public), official_paths=official,
         upload_limit=int(ingress.max_upload_mb * 2**20),
         upload_paths=frozenset({"/v1/generate", "/v1/tasks", "/release_task"}),
         content_types={"/v1/understand": json_only, "/v1/create_sample": json_only, "/v1/format_sample": json_only,
@@ -147,12 +149,23 @@ class IngressState:
         return {"ready": bool(ready), "store": view["store_ok"], "running_replicas": deployments,
                 "as_of": view["as_of"]}
 
-    def models(self) -> Dict[str, Any]:
+    def model_view(self) -> Dict[str, Any]:
+        """{"dit": {model, is_turbo}, "lm": {enabled, model, backend}}; from the config until the
+        replicas have answered (``is_turbo`` None then)."""
         dit = self._view["dit_info"] or {"model": self.config.dit.model, "is_turbo": None}
         lm = self._view["lm_info"] or {"enabled": self.config.lm.enabled, "model": self.config.lm.model,
                                        "backend": self.config.lm.backend}
+        return {"dit": dit, "lm": lm}
+
+    def models(self) -> Dict[str, Any]:
+        view = self.model_view()
+        dit = view["dit"]
         return {"models": [{"name": dit["model"], "is_default": True, "is_turbo": dit["is_turbo"]}],
-                "default_model": dit["model"], "lm": lm}
+                "default_model": dit["model"], "lm": view["lm"]}
+
+    def audio_path(self, key: str) -> str:
+        """Where the audio store keeps ``key`` (a path, or the store URL's object name)."""
+        return f"{self.audio.root.rstrip('/')}/{key}" if self.audio.is_local else f"{self.audio.url.rstrip('/')}/{key}"
 
     def stats(self) -> Dict[str, Any]:
         view = self._view

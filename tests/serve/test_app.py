@@ -98,10 +98,18 @@ def test_official_release_task_and_query_result(client):
     files = json.loads(item["result"])
     assert len(files) == 1 and files[0]["status"] == 1
     assert files[0]["metas"]["bpm"] == 120 and files[0]["metas"]["keyscale"] == "C major"
+    assert files[0]["file"].startswith("/v1/audio?path=%2F") and files[0]["stage"] == "succeeded"
     data, rate, media = _read_audio(client, files[0]["file"])
     assert media == "audio/mpeg" and rate == 48000 and data.shape[1] == 2  # upstream default format: mp3
     # upstream-style download URL: only the file name is used, no path is read
-    assert client.get("/v1/audio", params={"path": "/tmp/x/" + files[0]["file"].rsplit("/", 1)[-1]}).status_code == 200
+    name = files[0]["file"].rsplit("%2F", 1)[-1]
+    assert client.get("/v1/audio", params={"path": "/elsewhere/x/" + name}).status_code == 200
+    # a client may hand a returned file back as the source of the next task (no path is opened)
+    rework = client.post("/release_task", json={"prompt": "rework", "task_type": "repaint", "repainting_start": 2,
+                                                "repainting_end": 6, "inference_steps": 2, "batch_size": 1,
+                                                "src_audio_path": files[0]["file"]})
+    assert rework.status_code == 200, rework.text
+    assert _poll_query_result(client, rework.json()["data"]["task_id"])["status"] == 1
 
 
 def test_official_release_task_multipart_upload(client):
@@ -173,7 +181,7 @@ def test_eight_concurrent_thinking_requests_share_the_lm_engine_and_dit_forwards
     """The normal case: the LM writes each song's plan, so no two songs have the same caption or
     length; they still share LM decode steps and DiT forwards."""
     with httpx.Client(base_url=serve_app.url, headers=serve_app.headers) as http:
-        before = http.get("/v1/stats").json()["dit"]["worker"]["items_per_forward"]
+        before = http.get("/v1/stats").json()["data"]["serve"]["dit"]["worker"]["items_per_forward"]
 
     async def run():
         async with httpx.AsyncClient(base_url=serve_app.url, timeout=600, headers=serve_app.headers) as http:
@@ -188,7 +196,7 @@ def test_eight_concurrent_thinking_requests_share_the_lm_engine_and_dit_forwards
         for response in responses:
             data, _, _ = _read_audio(http, response.json()["audios"][0]["url"])
             lengths.add(data.shape[0])
-        stats = http.get("/v1/stats").json()
+        stats = http.get("/v1/stats").json()["data"]["serve"]
     engine, worker = stats["lm"]["engine"], stats["dit"]["worker"]
     assert len(lengths) > 1, "the songs differ in length"
     assert engine["peak_rows_in_use"] > 2, engine  # several requests' CFG pairs decoded in one step
@@ -311,8 +319,12 @@ def test_malformed_bodies_and_unknown_ids_are_4xx(client):
     assert client.get("/v1/tasks/nope").status_code == 404
     assert client.get("/v1/tasks/nope/events").status_code == 404
     assert client.get("/v1/audio/nope.flac").status_code == 404
-    assert client.post("/query_result", json={"task_id_list": ["nope"]}).status_code == 404
-    assert client.post("/query_result", json={}).status_code == 400
+    # the official poller's contract: always 200, one item per id in order, [] for a missing list
+    unknown = client.post("/query_result", json={"task_id_list": ["nope", "nada"]})
+    assert unknown.status_code == 200 and [i["task_id"] for i in unknown.json()["data"]] == ["nope", "nada"]
+    assert unknown.json()["data"][0] == {"task_id": "nope", "status": 0, "result": "[]", "progress_text": ""}
+    missing = client.post("/query_result", json={})
+    assert missing.status_code == 200 and missing.json()["data"] == []
 
 
 def test_lm_helpers_health_models_and_docs(client):
@@ -324,9 +336,27 @@ def test_lm_helpers_health_models_and_docs(client):
     assert formatted.status_code == 200, formatted.text
     understood = client.post("/v1/understand", json={"audio_codes": "<|audio_code_1|><|audio_code_2|>" * 10})
     assert understood.status_code == 200, understood.text
-    assert client.get("/health").json()["status"] == "ok"
-    models = client.get("/v1/models").json()
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["code"] == 200 and health["data"]["llm_initialized"]
+    assert health["data"]["loaded_model"] == "acestep-v15-turbo"
+    listed = client.get("/v1/models").json()  # the official server's OpenRouter list
+    assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == ["acestep/acestep-v15-turbo"]
+    inventory = client.get("/v1/model_inventory").json()["data"]
+    assert inventory["default_model"] == "acestep-v15-turbo" and inventory["llm_initialized"]
+    assert "cover" in inventory["models"][0]["supported_task_types"]
+    models = client.get("/v1/info").json()
     assert models["default_model"] == "acestep-v15-turbo" and models["lm"]["enabled"]
+    stats = client.get("/v1/stats").json()["data"]
+    assert {"total", "queued", "running", "succeeded", "failed"} <= set(stats["jobs"]) and stats["queue_maxsize"] > 0
+    formatted_input = client.post("/format_input", json={"prompt": "latin pop", "lyrics": "[verse]\nhola",
+                                                         "param_obj": json.dumps({"bpm": 95})}).json()
+    assert formatted_input["code"] in (200, 500) and (formatted_input["code"] == 500 or
+                                                      {"caption", "key_scale", "time_signature"} <= set(formatted_input["data"]))
+    for sample_type, field in (("simple_mode", "description"), ("custom_mode", "caption")):
+        example = client.post("/create_random_sample", json={"sample_type": sample_type}).json()
+        assert example["code"] == 200 and field in example["data"]
+    assert client.post("/v1/init", json={"model": "acestep-v15-turbo"}).json()["code"] == 200
+    assert client.post("/v1/init", json={"model": "acestep-v15-base"}).json()["code"] == 400
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     for path in ("/v1/generate", "/v1/tasks", "/v1/tasks/{task_id}", "/v1/tasks/{task_id}/events", "/release_task",

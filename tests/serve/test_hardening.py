@@ -77,9 +77,9 @@ def test_ai_token_counts_on_the_official_routes_only(hard_app):
     key = hard_app.keys["default"]
     with httpx.Client(base_url=hard_app.url, timeout=30) as anonymous:
         official = anonymous.post("/query_result", json={"ai_token": key, "task_id_list": ["nope"]})
-        assert official.status_code == 404, official.text  # authenticated: the id is unknown
+        assert official.status_code == 200 and official.json()["data"][0]["task_id"] == "nope", official.text
         form = anonymous.post("/query_result", data={"ai_token": key, "task_id_list": '["nope"]'})
-        assert form.status_code == 404, form.text
+        assert form.status_code == 200 and form.json()["data"][0]["result"] == "[]", form.text
         wrong = anonymous.post("/query_result", json={"ai_token": "nope", "task_id_list": ["nope"]})
         assert wrong.status_code == 401
         native = anonymous.post("/v1/tasks", json={"ai_token": key, **SONG})
@@ -219,7 +219,7 @@ def test_openapi_fuzz_finds_no_server_error(hard_app):
                              phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate])
         @hypothesis.given(case=operation.as_strategy())
         def run(case):
-            calls.append(case.operation.path)
+            calls.append((case.operation.method, case.operation.path))
             case.call_and_validate(headers=hard_app.headers, timeout=120,
                                    checks=[not_a_server_error, response_schema_conformance])
 
@@ -227,5 +227,6 @@ def test_openapi_fuzz_finds_no_server_error(hard_app):
             run()
         except Exception as error:  # collect all operations' failures, then report them together
             failures.append(f"{operation.method.upper()} {operation.path}: {str(error)[:400]}")
-    assert operations >= 14 and len(calls) >= 3 * operations, "every operation got several generated requests"
+    assert operations >= 14 and len(set(calls)) == operations, "every operation got generated requests"
+    assert len(calls) >= 2 * operations  # operations without parameters get one distinct example
     assert not failures, "\n".join(failures)

@@ -114,7 +114,7 @@ def test_info_routes_answer_with_the_queue_at_its_bound(tough_app, http):
     for path in ("/v1/models", "/v1/stats", "/ready", "/health"):
         response = http.get(path, timeout=10)
         assert response.status_code == 200, (path, response.text)
-    assert http.get("/v1/stats").json()["store"]["tasks"]["done"] >= 0
+    assert http.get("/v1/stats").json()["data"]["serve"]["store"]["tasks"]["queued"] >= 0
     _check_outcomes(_wait_terminal(http, ids))
 
 

@@ -86,13 +86,18 @@ def test_compat_query_items_shapes():
     base = {"created_at": 1.0, "progress": 0.5, "phase": "dit", "error": None, "message": ""}
     assert compat.query_items(base, {})[0] == 0
     assert compat.query_items({**base, "phase": "failed", "error": "boom"}, {})[1][0]["error"] == "boom"
-    done = {**base, "phase": "done", "result": {"audios": [{"url": "/v1/audio/k.mp3", "seed": 3,
+    failed = compat.query_items({**base, "phase": "failed", "error": "replica_died", "message": "a replica died"}, {})
+    assert failed[0] == 2 and failed[1][0]["error"] == "replica_died: a replica died"
+    done = {**base, "phase": "done", "result": {"audios": [{"key": "k.mp3", "url": "/v1/audio/k.mp3", "seed": 3,
                                                            "params": {"bpm": 100, "caption": "c", "duration": 30}}],
                                                "metadata": {"plans": []}, "status_message": "ok"}}
-    status, items = compat.query_items(done, {"lm": "lm", "dit": "dit"})
-    assert status == 1 and items[0]["file"] == "/v1/audio/k.mp3" and items[0]["metas"]["bpm"] == 100
+    status, items = compat.query_items(done, {"lm": "lm", "dit": "dit"}, lambda key: f"/srv/audio/{key}")
+    assert status == 1 and items[0]["file"] == "/v1/audio?path=%2Fsrv%2Faudio%2Fk.mp3"  # as upstream writes it
+    assert items[0]["metas"]["bpm"] == 100 and items[0]["stage"] == "succeeded"
     assert items[0]["seed_value"] == "3" and items[0]["dit_model"] == "dit"
     assert compat.task_ids_from({"task_id_list": '["a", "b"]'}) == ["a", "b"]
+    assert compat.task_ids_from({}) == [] and compat.task_ids_from({"task_id_list": 5}) == []
+    assert compat.unknown_item("x") == {"task_id": "x", "status": 0, "result": "[]", "progress_text": ""}
 
 
 def test_a_missing_model_folder_is_named_before_anything_starts(demo_root):
@@ -156,3 +161,17 @@ def test_event_stream_sends_heartbeats_and_ends_at_a_final_phase(tmp_path):
     events = [c for c in chunks if c.startswith("id: ")]
     assert chunks.count(": keep-alive\n\n") == 2
     assert [e.split("event: ")[1].split("\n")[0] for e in events] == ["queued", "lm", "done"]
+
+
+def test_compat_takes_back_files_this_server_returned_and_no_other_path():
+    root = "/srv/acestep/audio"
+    stored = lambda value: compat.returned_file_key(value, root)  # noqa: E731
+    _, _, extras = compat.to_library({"prompt": "x", "src_audio_path": "/v1/audio?path=%2Fsrv%2Facestep%2Faudio%2Fk.mp3"},
+                                     stored)
+    assert extras["stored_uploads"] == {"src_audio": "k.mp3"}
+    _, _, extras = compat.to_library({"prompt": "x", "ref_audio_path": f"{root}/r.wav"}, stored)
+    assert extras["stored_uploads"] == {"reference_audio": "r.wav"}
+    for path in ("/etc/passwd", f"{root}/../secret.wav", "/v1/audio?path=%2Fetc%2Fpasswd", "C:\\x\\y.wav"):
+        with pytest.raises(FieldError) as raised:
+            compat.to_library({"prompt": "x", "src_audio_path": path}, stored)
+        assert raised.value.status_code == 400 and "upload" in raised.value.message

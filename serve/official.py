@@ -1,0 +1,102 @@
+"""Data for the official server's service routes, in its shapes: ``/health`` and ``/v1/stats`` in
+its envelope, ``/v1/models`` as its OpenRouter list (what that server actually answers there),
+``/v1/model_inventory``, ``/format_input``'s fields and ``/create_random_sample``'s examples.
+
+Pure functions over what the ingress already knows; the routes live in ``serve.api``. The example
+files under ``serve/examples`` are this project's own.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from acestep.dit.tasks import BASE_ONLY_TASKS, TASK_TYPES
+from serve.errors import FieldError
+
+EXAMPLES = Path(__file__).with_name("examples")
+VERSION = "1.0"
+
+
+def health_data(models: Dict[str, Any]) -> Dict[str, Any]:
+    dit, lm = models["dit"], models["lm"]
+    return {"status": "ok", "service": "ACE-Step API", "version": VERSION,
+            "models_initialized": dit.get("is_turbo") is not None, "llm_initialized": bool(lm.get("enabled")),
+            "loaded_model": dit["model"], "loaded_lm_model": lm["model"] if lm.get("enabled") else None}
+
+
+def stats_data(store_stats: Dict[str, Any], bound: int, recent_task_s: float) -> Dict[str, Any]:
+    """Upstream's job counters from the task store's phase counts."""
+    tasks = store_stats["tasks"]
+    running = sum(tasks.get(phase, 0) for phase in ("lm", "dit", "encode"))
+    return {"jobs": {"total": sum(tasks.values()), "queued": tasks.get("queued", 0), "running": running,
+                     "succeeded": tasks.get("done", 0), "failed": tasks.get("failed", 0)},
+            "queue_size": tasks.get("queued", 0), "queue_maxsize": bound, "avg_job_seconds": round(recent_task_s, 3)}
+
+
+def supported_tasks(is_turbo: Optional[bool]) -> list:
+    return [t for t in TASK_TYPES if t not in BASE_ONLY_TASKS] if is_turbo else list(TASK_TYPES)
+
+
+def openrouter_models(dit: Dict[str, Any], created: int, max_duration_s: int = 600) -> Dict[str, Any]:
+    """``GET /v1/models`` as the official server answers it (clients read ``data[].id``)."""
+    name = dit["model"]
+    entry = {"id": f"acestep/{name}", "name": f"ACE-Step 1.5 {name}", "created": created,
+             "input_modalities": ["text", "audio"], "output_modalities": ["audio", "text"],
+             "context_length": 4096, "max_output_length": max_duration_s,
+             "pricing": {"prompt": "0", "completion": "0", "request": "0"},
+             "description": "ACE-Step 1.5 music generation: a 5 Hz LM plans, a DiT renders 48 kHz stereo."}
+    return {"object": "list", "data": [entry]}
+
+
+def model_inventory(dit: Dict[str, Any], lm: Dict[str, Any]) -> Dict[str, Any]:
+    return {"models": [{"name": dit["model"], "is_default": True, "is_loaded": True,
+                        "supported_task_types": supported_tasks(dit.get("is_turbo"))}],
+            "default_model": dit["model"], "lm_models": [lm["model"]] if lm.get("enabled") else [],
+            "loaded_lm_model": lm["model"] if lm.get("enabled") else None, "llm_initialized": bool(lm.get("enabled"))}
+
+
+def format_input_args(body: Dict[str, Any]) -> Tuple[str, str, Dict[str, Any], float]:
+    """(caption, lyrics, user_metadata, temperature) from a ``/format_input`` body."""
+    meta = body.get("param_obj") or {}
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta) if meta.strip() else {}
+        except json.JSONDecodeError:
+            raise FieldError("param_obj", "param_obj must be a JSON object", 400) from None
+    if not isinstance(meta, dict):
+        raise FieldError("param_obj", "param_obj must be a JSON object", 400)
+    try:
+        temperature = float(body.get("temperature", 0.85))
+    except (TypeError, ValueError):
+        raise FieldError("temperature", "temperature must be a number from 0 to 2") from None
+    if not 0 < temperature <= 2:
+        raise FieldError("temperature", "temperature must be a number from 0 to 2")
+    user = {"duration": meta.get("duration"), "bpm": meta.get("bpm"),
+            "keyscale": meta.get("key") or meta.get("key_scale"),
+            "timesignature": meta.get("time_signature") or body.get("time_signature"),
+            "language": meta.get("language")}
+    for name in ("prompt", "lyrics"):
+        if not isinstance(body.get(name, ""), str):
+            raise FieldError(name, f"{name} must be a string")
+    return body.get("prompt", "") or "", body.get("lyrics", "") or "", {k: v for k, v in user.items() if v}, temperature
+
+
+def format_input_data(sample: Any, caption: str, lyrics: str, user: Dict[str, Any]) -> Dict[str, Any]:
+    """The LM's formatted sample in upstream's field names, falling back to the inputs."""
+    return {"caption": sample.caption or caption, "lyrics": sample.lyrics or lyrics,
+            "bpm": sample.bpm or user.get("bpm"), "key_scale": sample.keyscale or user.get("keyscale", ""),
+            "time_signature": sample.timesignature or user.get("timesignature", ""),
+            "duration": sample.duration or user.get("duration"),
+            "vocal_language": sample.language or user.get("language", "")}
+
+
+def random_example(sample_type: str, rng: Optional[random.Random] = None) -> Optional[Dict[str, Any]]:
+    """One example file's content: ``simple_mode`` descriptions, else full text2music requests."""
+    folder = EXAMPLES / ("simple_mode" if sample_type == "simple_mode" else "text2music")
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if not files:
+        return None
+    return json.loads((rng or random).choice(files).read_text())
