@@ -110,6 +110,15 @@ async def _events(state: IngressState, task_id: str, after: int, heartbeat_s: fl
         await asyncio.sleep(0.25)
 
 
+def _request_digest(body: Dict[str, Any], files: Dict[str, bytes]) -> str:
+    """What "the same body" means for Idempotency-Key: the parsed fields and the upload bytes
+    (raw multipart bytes differ by their random boundary)."""
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8", "surrogatepass"))
+    for name in sorted(files):
+        digest.update(name.encode() + hashlib.sha256(files[name]).digest())
+    return digest.hexdigest()
+
+
 # Helpers sit above the ingress class: @serve.ingress serialises the class when it is defined,
 # so names defined after it would be missing in the replica.
 
@@ -390,17 +399,15 @@ class Ingress:
 
     async def _submit_http(self, request: Request, source: str, *, sync: bool) -> str:
         max_upload = self.state.max_upload
+        idempotency = request.headers.get("idempotency-key")
+        if idempotency is not None and not 1 <= len(idempotency) <= 200:
+            raise APIError(400, "Idempotency-Key must be 1 to 200 characters", loc=("header", "idempotency-key"))
         body, files = await intake.read_generate_body(request, max_upload)
+        digest = None if idempotency is None else _request_digest(body, files)
         params, config, files = intake.to_params(body, files, max_upload)
         files = await intake.check_uploads(self.state.uploads, files, max_upload)
         info = await self.state.dit_info()
         params, config, seeds = intake.prepare(params, config, files, is_turbo=info["is_turbo"])
-        idempotency = request.headers.get("idempotency-key")
-        digest = None
-        if idempotency is not None:
-            if not 1 <= len(idempotency) <= 200:
-                raise APIError(400, "Idempotency-Key must be 1 to 200 characters", loc=("header", "idempotency-key"))
-            digest = hashlib.sha256(await request.body()).hexdigest()
         key_name = getattr(request.state, "key_name", "")
         return await self._submit(source, params, config, seeds, files, {}, key_name, sync=sync,
                                   idempotency=(idempotency, digest))

@@ -181,6 +181,10 @@ def test_idempotency_key_gives_the_same_task_and_409_for_another_body(http):
     assert first.json()["task_id"] == again.json()["task_id"]
     assert other.status_code == 409 and other.json()["detail"][0]["type"] == "conflict"
     assert http.post("/v1/tasks", json=SONG, headers={"Idempotency-Key": "x" * 300}).status_code == 400
+    form = {"files": {"request": (None, json.dumps(SONG))}, "headers": {"Idempotency-Key": "song-2"}}
+    as_form = http.post("/v1/tasks", **form)
+    assert as_form.status_code == 202, as_form.text  # multipart bodies are digested too
+    assert http.post("/v1/tasks", **form).json()["task_id"] == as_form.json()["task_id"]
 
 
 def test_audio_is_streamed_from_the_store_with_ranges(http):
