@@ -25,13 +25,14 @@ from ray import serve
 from starlette.concurrency import run_in_threadpool
 
 from acestep.params import GenerationConfig, GenerationParams, GenerationResult
-from serve import compat, intake, official
+from serve import chat, client_paths, compat, intake, official
 from serve.audio_store import audio_response
 from serve.config import AppConfig
 from serve.deployments import LMDisabled, PlanRequest, RenderReply, RenderRequest
 from serve.driver import TaskFailure, classify, store_unavailable
 from serve.errors import APIError, FieldError, error_responses, retry_after
 from serve.ingress_state import IngressState, failure_status, guard_settings
+from serve.replica import json_safe
 from serve.schemas import (
     AudioItem,
     CreateSampleRequest,
@@ -294,6 +295,11 @@ class Ingress:
         self.state.start_background()
         return official.openrouter_models(self.state.model_view()["dit"], self._started)
 
+    @api.get("/api/v1/models", include_in_schema=False)
+    async def models_hosted_prefix(self):
+        """The hosted service's spelling of /v1/models (the official chat client test uses it)."""
+        return await self.models()
+
     @api.get("/v1/model_inventory")
     async def model_inventory(self):
         view = self.state.model_view()
@@ -323,12 +329,10 @@ class Ingress:
         max_upload = self.state.max_upload
         body, files = await compat.read_body(request, max_upload)
         params, config, extras = compat.to_library(body, self._returned_key)
-        for name, key in extras.pop("stored_uploads", {}).items():  # a file this server returned earlier
-            data = await asyncio.to_thread(self.state.audio.read, key)
-            if data is None:
-                raise FieldError(name, "that file is no longer stored; upload it instead", 422, code="not_found")
-            files.setdefault(name, data)
+        for name, (field, ref) in extras.pop("stored_uploads", {}).items():
+            files.setdefault(name, await asyncio.to_thread(self._client_file, field, ref))
         files = await intake.check_uploads(self.state.uploads, files, max_upload)
+        self._check_analysis(extras.get("analysis"), files)
         info = await self.state.dit_info()
         params, config, seeds = intake.prepare(params, config, files, is_turbo=info["is_turbo"])
         task_id = await self._submit("release_task", params, config, seeds, files, extras,
@@ -336,8 +340,31 @@ class Ingress:
         queued = (await asyncio.to_thread(self.state.store.stats))["tasks"]["queued"]
         return compat.envelope({"task_id": task_id, "status": "queued", "queue_position": max(queued, 1)})
 
-    def _returned_key(self, value: str) -> Optional[str]:
-        return compat.returned_file_key(value, self.state.audio_path("").rstrip("/"))
+    def _check_analysis(self, mode: Optional[str], files: Dict[str, bytes]) -> None:
+        needs = compat.ANALYSIS_NEEDS.get(mode, set())
+        if "lm" in needs and not self.config.lm.enabled:
+            raise APIError(503, f"{mode} needs the LM, which is disabled in this deployment", loc=("lm",),
+                           code="lm_disabled")
+        if "src_audio" in needs and "src_audio" not in files:
+            raise FieldError("src_audio", f"{mode} needs the source audio: upload it as multipart ctx_audio "
+                             "(or src_audio)", 422)
+
+    def _returned_key(self, value: str):
+        """A ``*_audio_path`` value → a store key (a file this server returned), an allow-listed
+        ``LocalAudio``, or None (refused)."""
+        key = compat.returned_file_key(value, self.state.audio_path("").rstrip("/"))
+        if key is not None:
+            return key
+        path = client_paths.allowed_path(value, self.config.ingress.allowed_audio_dirs)
+        return client_paths.LocalAudio(path) if path else None
+
+    def _client_file(self, name: str, ref) -> bytes:
+        if isinstance(ref, client_paths.LocalAudio):
+            return client_paths.read_allowed(name, ref.path, self.state.max_upload)
+        data = self.state.audio.read(ref)
+        if data is None:
+            raise FieldError(name, "that file is no longer stored; upload it instead", 422, code="not_found")
+        return data
 
     @api.post("/query_result")
     async def query_result(self, request: Request):
@@ -395,6 +422,63 @@ class Ingress:
     async def reinitialize(self, request: Request):
         return await self.init_model(request)
 
+    @api.post("/v1/chat/completions", openapi_extra=_json_body(chat.ChatRequest),
+              responses=error_responses(400, 408, 409, 422, 429, 503))
+    async def chat_completions(self, request: Request):
+        """OpenAI/OpenRouter-style: messages (text with ``<prompt>``/``<lyrics>`` tags or a description,
+        ``input_audio`` parts) → ``choices[0].message`` with the metadata as markdown and the audio as
+        ``data:`` URLs; ``stream: true`` → SSE chunks, a heartbeat every 2 s, the audio last."""
+        req, model_id, task_start = await self._chat_task(request)
+        timeout = self.config.ingress.request_timeout_s
+        if req.stream:
+            task_id = await task_start()
+            return StreamingResponse(chat.stream(model_id, lambda s: self._chat_answer(task_id, s), timeout),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        with self.state.admission.sync_slot():
+            task_id = await task_start()
+            try:
+                content, audio = await self._chat_answer(task_id, timeout) or (None, None)
+            except TaskFailure as failure:
+                status, headers = failure_status(failure.code)
+                return JSONResponse({"detail": [{"loc": ["task"], "msg": failure.message, "type": failure.code}],
+                                     "task_id": task_id}, status_code=status, headers=headers)
+        if content is None:
+            return JSONResponse({"detail": [{"loc": ["task"], "msg": "no result within the sync timeout; poll "
+                                             f"/v1/tasks/{task_id}", "type": "timeout"}], "task_id": task_id},
+                                status_code=408)
+        return chat.completion(model_id, content, audio)
+
+    async def _chat_task(self, request: Request):
+        """(request, model id, a coroutine function submitting the task): everything checked first."""
+        req = chat.parse_request(await intake.read_json_object(request))
+        model_id = chat.served_model_id(req.model, self.config.dit.model)
+        found = chat.resolve_input(req, chat.read_messages(req.messages))
+        if chat.no_input(req, found):
+            raise FieldError("messages", "no prompt, lyrics, description or input audio in the messages", 400)
+        files = chat.audio_uploads(req, found, self.state.max_upload)
+        params, config, extras = compat.to_library(chat.release_body(req, found))
+        files = await intake.check_uploads(self.state.uploads, files, self.state.max_upload)
+        info = await self.state.dit_info()
+        params, config, seeds = intake.prepare(params, config, files, is_turbo=info["is_turbo"])
+        key_name = getattr(request.state, "key_name", "")
+        return req, model_id, lambda: self._submit("chat", params, config, seeds, files, extras, key_name)
+
+    async def _chat_answer(self, task_id: str, wait_s: float):
+        """(markdown, audio parts) once the task is done, None while it runs; TaskFailure if it failed."""
+        record = await self.state.wait_result(task_id, wait_s)
+        if record.phase == "failed":
+            raise TaskFailure(record.error or "internal", record.message)
+        if record.phase != "done":
+            return None
+        models = {"lm": self.config.lm.model if self.config.lm.enabled else "", "dit": self.config.dit.model}
+        _, items = compat.query_items(record.summary(), models)
+        audio = []
+        for item in record.result["audios"]:
+            data = await asyncio.to_thread(self.state.audio.read, item["key"])
+            if data is not None:
+                audio.append(chat.data_url(data, self.state.audio.media_type(item["key"])))
+        return chat.content_markdown(items[0] if items else {}), audio
+
     # -- submitting ----------------------------------------------------------------------------------
 
     async def _submit_http(self, request: Request, source: str, *, sync: bool) -> str:
@@ -447,6 +531,8 @@ class Ingress:
         """One attempt at a task: (optional upstream sample/format step), LM plan → DiT render."""
         params, config, seeds, upload_keys, extras = intake.from_task_request(record.request)
         task_id = record.task_id
+        if extras.get("analysis"):
+            return await self._analysis(task_id, extras["analysis"], params, config, seeds, upload_keys)
         if extras.get("sample_mode") or extras.get("sample_query") or extras.get("use_format"):
             params = await self._compat_sample(params, extras)
         calls = []
@@ -464,6 +550,23 @@ class Ingress:
                   for item in reply.items]
         return GenerationOutput(task_id=task_id, audios=audios, metadata=reply.metadata,
                                 time_costs=reply.time_costs, status_message=reply.status_message).model_dump()
+
+    async def _analysis(self, task_id: str, mode: str, params, config, seeds, upload_keys) -> Dict[str, Any]:
+        """Upstream's analysis modes: source → codes (DiT replica), codes → metadata (LM, T=0.3), or
+        the LM's CoT alone; a record instead of audio."""
+        codes, metadata = "", {}
+        if "src_audio" in compat.ANALYSIS_NEEDS[mode]:
+            codes = await self.dit.audio_codes.remote(task_id, upload_keys["src_audio"])
+        if mode == "full_analysis_only":
+            metadata = await self.lm.understand_metadata.remote(codes, temperature=0.3)
+        elif mode == "analysis_only":
+            cot_only = dataclasses.replace(params, thinking=False, use_cot_metas=True)
+            outcome = await self.lm.plan.remote(PlanRequest(task_id, cot_only, dataclasses.replace(config, batch_size=1),
+                                                            seeds[:1]))
+            metadata = json_safe({k: v for k, v in outcome.plans[0].metadata.items() if v is not None})
+        raw = compat.analysis_record(mode, metadata, codes, params.caption, params.lyrics, self.config.lm.model)
+        return GenerationOutput(task_id=task_id, audios=[], metadata={"analysis": raw},
+                                status_message=raw["status_message"]).model_dump()
 
     async def _compat_sample(self, params: GenerationParams, extras: Dict[str, Any]) -> GenerationParams:
         if extras.get("sample_mode") or extras.get("sample_query"):

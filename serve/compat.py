@@ -44,7 +44,12 @@ ALIASES: Dict[str, Tuple[str, ...]] = {
     "audio_codes": ("audio_code_string", "audioCodeString", "audio_codes"),
     "analysis_only": ("analysis_only", "analysisOnly"),
     "full_analysis_only": ("full_analysis_only", "fullAnalysisOnly"),
+    "extract_codes_only": ("extract_codes_only", "extractCodesOnly"),
 }
+# The modes that answer with an analysis record instead of audio, and what each needs.
+ANALYSIS_MODES = ("extract_codes_only", "full_analysis_only", "analysis_only")
+ANALYSIS_NEEDS = {"extract_codes_only": {"src_audio"}, "full_analysis_only": {"src_audio", "lm"},
+                  "analysis_only": {"lm"}}
 PATH_FIELDS = {
     "reference_audio": ("reference_audio_path", "ref_audio_path", "referenceAudioPath", "refAudioPath"),
     "src_audio": ("src_audio_path", "ctx_audio_path", "sourceAudioPath", "srcAudioPath", "ctxAudioPath"),
@@ -61,7 +66,7 @@ UPSTREAM_DEFAULTS = {"thinking": False, "vocal_language": "en", "shift": 3.0, "a
                      "lm_cfg_scale": 2.5}
 BOOLS = {"thinking", "use_random_seed", "use_adg", "use_constrained_decoding", "use_cot_caption", "use_cot_language",
          "use_cot_metas", "use_cot_lyrics", "allow_lm_batch", "sample_mode", "use_format", "instrumental",
-         "analysis_only", "full_analysis_only"}
+         "analysis_only", "full_analysis_only", "extract_codes_only"}
 INTS = {"bpm", "seed", "batch_size", "inference_steps", "lm_top_k"}
 FLOATS = {"duration", "guidance_scale", "audio_cover_strength", "repainting_start", "repainting_end",
           "cfg_interval_start", "cfg_interval_end", "shift", "lm_temperature", "lm_cfg_scale", "lm_top_p"}
@@ -152,10 +157,10 @@ def lookup(body: Dict[str, Any], stored: Callable[[str], Optional[str]] = lambda
             continue
         key = stored(body[named])
         if key is None:
-            raise FieldError(named, f"the server never reads a client-named path; upload the file as "
-                             f"multipart field {UPLOAD_NAMES[canonical][0]!r} (or pass a file URL this "
-                             f"server returned)", 400)
-        found.setdefault("_stored", {})[canonical] = key
+            raise FieldError(named, f"the server opens no client-named path outside its allowed audio "
+                             f"directories; upload the audio as multipart field {UPLOAD_NAMES[canonical][0]!r} "
+                             f"instead (or pass a file URL this server returned)", 400)
+        found.setdefault("_stored", {})[canonical] = (named, key)
     return found
 
 
@@ -204,14 +209,15 @@ def _coerce(name: str, value: Any) -> Any:
 def to_library(body: Dict[str, Any], stored: Callable[[str], Optional[str]] = lambda value: None
                ) -> Tuple[GenerationParams, GenerationConfig, Dict[str, Any]]:
     """Upstream request fields → (params, config, extras) with the upstream defaults; ``stored`` maps
-    a ``*_audio_path`` value to an audio-store key (extras["stored_uploads"]) or None (→ 400)."""
+    a ``*_audio_path`` value to what stands for its bytes (a store key, an allow-listed file) or
+    None (→ 400); extras["stored_uploads"] maps the upload to (the field named, that value)."""
     found = lookup(body, stored)
     stored_uploads = found.pop("_stored", {})
     values = {**UPSTREAM_DEFAULTS, **{k: _coerce(k, v) for k, v in found.items()}}
-    for unsupported in ("analysis_only", "full_analysis_only"):
-        if values.get(unsupported):
-            raise FieldError(unsupported, f"{unsupported} is not supported by this server", 400)
+    modes = [mode for mode in ANALYSIS_MODES if values.pop(mode, False)]
     extras = {k: values.pop(k) for k in ("sample_query", "sample_mode", "use_format", "model") if k in values}
+    if modes:  # as upstream, codes extraction wins over full analysis, which wins over analysis
+        extras["analysis"] = modes[0]
     if stored_uploads:
         extras["stored_uploads"] = stored_uploads
     config_names = {"batch_size", "use_random_seed", "allow_lm_batch", "audio_format", "seeds"}
@@ -265,6 +271,9 @@ def query_items(record: Optional[Dict[str, Any]], models: Dict[str, str],
     if record["phase"] != "done":
         return 0, [{**base, "status": 0, "progress": record["progress"], "stage": record["phase"]}]
     result = record["result"]
+    analysis = result.get("metadata", {}).get("analysis")
+    if analysis is not None:
+        return 1, [analysis_item(analysis, base)]
     plans = result.get("metadata", {}).get("plans") or []
     seeds = ",".join(str(a.get("seed")) for a in result["audios"])
     items = []
@@ -286,6 +295,39 @@ def query_items(record: Optional[Dict[str, Any]], models: Dict[str, str],
             "progress": 1.0, "stage": "succeeded",
         })
     return 1, items
+
+
+RAW_ANALYSIS = ("Full Hardware Analysis Success", "Audio Codes Extraction Success")
+
+
+def analysis_item(raw: Dict[str, Any], base: Dict[str, Any]) -> Dict[str, Any]:
+    """An analysis task's ``result`` entry: upstream passes the full-analysis and codes records
+    through as they are, and lists a metadata-only analysis like a file-less song."""
+    if raw.get("status_message") in RAW_ANALYSIS:
+        return raw
+    metas = raw.get("metas") or {}
+    return {**base, "status": 1, "prompt": raw.get("prompt", ""), "lyrics": raw.get("lyrics", ""),
+            "metas": {name: metas.get(name) for name in ("bpm", "duration", "genres", "keyscale", "timesignature")},
+            "generation_info": raw.get("generation_info", ""), "lm_model": raw.get("lm_model", ""),
+            "dit_model": raw.get("dit_model", ""), "progress": 1.0, "stage": "succeeded"}
+
+
+def analysis_record(mode: str, metadata: Dict[str, Any], codes: str, caption: str, lyrics: str,
+                    lm_model: str) -> Dict[str, Any]:
+    """The record upstream's analysis modes return (``metadata``: the LM's, ``codes``: the source's)."""
+    none = {"audio_paths": [], "raw_audio_paths": [], "first_audio_path": None}
+    if mode == "extract_codes_only":
+        return {"status_message": "Audio Codes Extraction Success", "audio_codes": codes, **none, "metas": {}}
+    if mode == "full_analysis_only":
+        return {"status_message": "Full Hardware Analysis Success", "bpm": metadata.get("bpm"),
+                "keyscale": metadata.get("keyscale"), "timesignature": metadata.get("timesignature"),
+                "duration": metadata.get("duration"), "genre": metadata.get("genres") or metadata.get("genre"),
+                "prompt": metadata.get("caption", ""), "lyrics": metadata.get("lyrics", ""),
+                "language": metadata.get("language", "unknown"), "metas": metadata, "audio_paths": []}
+    return {**none, "generation_info": "Analysis Only Mode Complete", "status_message": "Success",
+            "metas": metadata, "bpm": metadata.get("bpm"), "keyscale": metadata.get("keyscale"),
+            "duration": metadata.get("duration"), "prompt": metadata.get("caption", caption), "lyrics": lyrics,
+            "lm_model": lm_model, "dit_model": "None (Analysis Only)"}
 
 
 def task_ids_from(body: Dict[str, Any]) -> List[str]:

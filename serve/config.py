@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -157,6 +157,10 @@ class IngressSettings(_Strict):
         None, description="File of 'name:key' lines; the name identifies a key in limits and logs. "
                           "--api-key / ACESTEP_API_KEY add a key named 'default'. No keys: no auth.")
     public_docs: bool = Field(False, description="Serve /docs and /openapi.json without a key.")
+    allowed_audio_dirs: List[str] = Field(
+        default_factory=list,
+        description="Server directories whose files requests may name in *_audio_path (single-machine setups "
+                    "sharing a disk with their clients); empty: no client-named path is ever opened.")
     max_upload_mb: float = Field(50.0, gt=0, le=1024, description="Largest accepted audio upload (multipart or base64).")
     max_unfinished_tasks: int = Field(200, ge=1, description="Unfinished tasks in the store before new ones get 429.")
     max_sync_requests: int = Field(16, ge=1, description="POST /v1/generate calls waiting at once (their own bound).")

@@ -192,6 +192,12 @@ class LMDeployment(_ModelReplica):
 
         return await self._helper(understand_music, audio_codes, **kwargs)
 
+    async def understand_metadata(self, audio_codes: str, **kwargs) -> Dict[str, Any]:
+        """Codes → the LM's raw metadata (the official full analysis reports it as written)."""
+        from acestep.lm.api import understand_metadata
+
+        return json_safe(await self._helper(understand_metadata, audio_codes, **kwargs))
+
     async def create_sample(self, query: str, **kwargs):
         from acestep.inference import create_sample
 
@@ -267,6 +273,14 @@ class DiTDeployment(_ModelReplica):
         output = await asyncio.wrap_future(submit_render(self.handler, render_job, self._progress_of(job.task_id)))
         await self._report_now(job.task_id, "encode", 0.92, "encoding audio")
         return await self._run(self._output, render_job, outcome, output)
+
+    async def audio_codes(self, task_id: str, upload_key: str) -> str:
+        """An uploaded source from the audio store → its 5 Hz code string (VAE encode + tokenizer)."""
+        data = await self._run(self.audio.read, upload_key)
+        if data is None:
+            raise FileNotFoundError("the uploaded source audio has expired from the audio store")
+        await self._report_now(task_id, "dit", 0.3, "encoding the source audio to codes")
+        return await self._tracked(self._run(self.handler.convert_src_audio_to_codes, data))
 
     def _with_uploads(self, params, uploads: Dict[str, str]):
         """Upload bytes from the audio store into the params (the library takes bytes; no temp files)."""

@@ -52,9 +52,10 @@ def guard_settings(config: AppConfig):
     return GuardSettings(
         keys=KeyRing.load(keys_file=ingress.api_keys_file), public_paths=frozenset(public), official_paths=official,
         upload_limit=int(ingress.max_upload_mb * 2**20),
-        upload_paths=frozenset({"/v1/generate", "/v1/tasks", "/release_task"}),
+        upload_paths=frozenset({"/v1/generate", "/v1/tasks", "/release_task", "/v1/chat/completions"}),
         content_types={"/v1/understand": json_only, "/v1/create_sample": json_only, "/v1/format_sample": json_only,
-                       "/v1/generate": json_or_form, "/v1/tasks": json_or_form},
+                       "/v1/generate": json_or_form, "/v1/tasks": json_or_form,
+                       "/v1/chat/completions": json_only},
     )
 
 

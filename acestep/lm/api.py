@@ -81,12 +81,25 @@ def understand_music(llm_handler, audio_codes: str, temperature: float = D.tempe
     if not _ready(llm_handler):
         return UnderstandResult(status_message=_NOT_INITIALIZED, success=False, error="LLM not initialized")
     try:
-        sampling, seed = _sampling_and_seed(temperature, top_k, top_p, repetition_penalty, seed)
-        metadata = modes.understand(llm_handler, audio_codes, sampling, seed, use_constrained_decoding, cancel)
+        metadata = understand_metadata(llm_handler, audio_codes, temperature, top_k, top_p, repetition_penalty,
+                                       use_constrained_decoding, seed, cancel)
     except Exception as exc:  # the seed API reports failures in the result
         logger.warning("understand_music failed: %s", exc)
         return UnderstandResult(status_message=f"Error: {exc}", success=False, error=str(exc))
     return UnderstandResult(**_common_fields(metadata), status_message="Understanding completed successfully")
+
+
+def understand_metadata(llm_handler, audio_codes: str, temperature: float = D.temperature,
+                        top_k: Optional[int] = D.top_k, top_p: Optional[float] = D.top_p,
+                        repetition_penalty: float = D.repetition_penalty,
+                        use_constrained_decoding: bool = D.use_constrained_decoding, seed: Optional[int] = None,
+                        cancel: Optional[Cancellation] = None) -> Dict[str, Any]:
+    """``understand_music``'s metadata as the LM wrote it (genres included, lyrics under ``lyrics``),
+    for callers that report the raw fields; raises instead of returning ``success=False``."""
+    if not _ready(llm_handler):
+        raise RuntimeError(_NOT_INITIALIZED)
+    sampling, seed = _sampling_and_seed(temperature, top_k, top_p, repetition_penalty, seed)
+    return modes.understand(llm_handler, audio_codes, sampling, seed, use_constrained_decoding, cancel)
 
 
 def create_sample(llm_handler, query: str, instrumental: bool = False, vocal_language: Optional[str] = None,

@@ -74,7 +74,6 @@ def test_compat_aliases_lookup_order_and_upstream_defaults():
     ({"refAudioPath": "/etc/passwd"}, "refAudioPath", 400),
     ({"bpm": "fast"}, "bpm", 422),
     ({"bpm": "120.5"}, "bpm", 422),
-    ({"full_analysis_only": True}, "full_analysis_only", 400),
 ])
 def test_compat_rejects_paths_and_bad_values_naming_the_field(body, field, status):
     with pytest.raises(FieldError) as raised:
@@ -168,9 +167,9 @@ def test_compat_takes_back_files_this_server_returned_and_no_other_path():
     stored = lambda value: compat.returned_file_key(value, root)  # noqa: E731
     _, _, extras = compat.to_library({"prompt": "x", "src_audio_path": "/v1/audio?path=%2Fsrv%2Facestep%2Faudio%2Fk.mp3"},
                                      stored)
-    assert extras["stored_uploads"] == {"src_audio": "k.mp3"}
+    assert extras["stored_uploads"] == {"src_audio": ("src_audio_path", "k.mp3")}
     _, _, extras = compat.to_library({"prompt": "x", "ref_audio_path": f"{root}/r.wav"}, stored)
-    assert extras["stored_uploads"] == {"reference_audio": "r.wav"}
+    assert extras["stored_uploads"] == {"reference_audio": ("ref_audio_path", "r.wav")}
     for path in ("/etc/passwd", f"{root}/../secret.wav", "/v1/audio?path=%2Fetc%2Fpasswd", "C:\\x\\y.wav"):
         with pytest.raises(FieldError) as raised:
             compat.to_library({"prompt": "x", "src_audio_path": path}, stored)

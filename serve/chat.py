@@ -1,0 +1,294 @@
+"""``POST /v1/chat/completions`` for music, in the OpenAI/OpenRouter shape the official server's
+adapter answers: a chat request becomes an upstream ``/release_task`` body (so it gets the same
+aliases, coercion and checks), its result becomes a chat completion whose message carries the
+metadata as markdown and the audio as ``data:`` URLs.
+
+Message text may use ``<prompt>…</prompt>`` / ``<lyrics>…</lyrics>`` tags; untagged text that looks
+like lyrics (structure tags, or four or more short lines) is the lyrics, any other untagged text is
+a description for sample mode. ``input_audio`` parts are the source audio (tasks that edit a
+source: first part source, second reference) or the reference (text2music).
+
+Pure functions over the request and the finished task; the route lives in ``serve.api``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Literal, Optional, Tuple, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from serve.errors import FieldError
+
+SOURCE_TASKS = {"cover", "repaint", "lego", "extract", "complete"}
+LYRICS_MARKERS = ("[verse", "[chorus", "[bridge", "[intro", "[outro", "[hook", "[pre-chorus", "[refrain", "[inst")
+INSTRUMENTAL_LYRICS = ("[inst]", "[instrumental]")
+MAX_MESSAGES = 64
+HEARTBEAT_S = 2.0
+
+
+class _Loose(BaseModel):
+    # OpenAI clients send fields this server has no use for (n, user, tools...): ignored, not refused
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class AudioConfig(_Loose):
+    duration: Optional[float] = Field(None, description="Seconds of audio; none: the LM or a default decides.")
+    format: Optional[str] = Field(None, description="Output format: mp3 (default), flac or wav.")
+    bpm: Optional[int] = Field(None, description="Beats per minute.")
+    key_scale: Optional[str] = Field(None, description="Key and scale, e.g. 'C major'.")
+    time_signature: Optional[str] = Field(None, description="Beats per bar: 2, 3, 4 or 6.")
+    vocal_language: Optional[str] = Field(None, description="Language code of the vocals (default en).")
+    instrumental: Optional[bool] = Field(None, description="No vocals (lyrics become [inst]).")
+
+
+class ChatMessage(_Loose):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, List[Dict[str, Any]], None] = Field(
+        None, description="Text, or parts: {type: text, text} and {type: input_audio, input_audio: {data, format}}.")
+
+
+class ChatRequest(_Loose):
+    """The chat request; besides the OpenAI fields, the ACE-Step fields the official adapter reads."""
+
+    model: Optional[str] = Field(None, description="acestep/<dit model> (see GET /v1/models); none: the default.")
+    messages: List[ChatMessage] = Field(..., max_length=MAX_MESSAGES)
+    stream: bool = Field(False, description="Server-sent chunks: a heartbeat every 2 s, the audio in the last one.")
+    audio_config: Optional[AudioConfig] = None
+    temperature: Optional[float] = Field(None, ge=0, le=2, description="LM temperature (0.85).")
+    top_p: Optional[float] = Field(None, ge=0, le=1, description="LM top-p (0.9).")
+    top_k: Optional[int] = Field(None, ge=0, description="LM top-k (0: off).")
+    seed: Union[int, str, None] = Field(None, description="A seed, or comma-separated seeds for a batch; none: random.")
+    thinking: Optional[bool] = Field(None, description="Let the LM write audio codes before the DiT (default false).")
+    guidance_scale: Optional[float] = None
+    batch_size: Optional[int] = Field(None, description="Songs to render (default 1).")
+    inference_steps: Optional[int] = Field(None, description="DiT steps (default 8).")
+    lyrics: str = Field("", description="Lyrics; the message text is then the caption.")
+    sample_mode: bool = Field(False, description="The message text is a description; the LM writes the song.")
+    use_format: bool = Field(False, description="Let the LM format caption, lyrics and metadata first.")
+    use_cot_caption: bool = True
+    use_cot_language: bool = True
+    task_type: str = "text2music"
+    repainting_start: float = 0.0
+    repainting_end: Optional[float] = None
+    audio_cover_strength: float = 1.0
+    audio_codes: Optional[str] = Field(None, description="5 Hz audio codes to render instead of LM-written ones.")
+
+
+@dataclass
+class ChatInput:
+    """What the messages say: caption text, lyrics, a sample-mode description, audio parts (base64)."""
+
+    prompt: str = ""
+    lyrics: str = ""
+    sample_query: str = ""
+    audios: List[str] = field(default_factory=list)
+    tagged: bool = False
+
+
+def parse_request(body: Dict[str, Any]) -> ChatRequest:
+    from serve.intake import ValidationFailed, validation_errors
+
+    try:
+        return ChatRequest.model_validate(body)
+    except ValidationError as error:
+        raise ValidationFailed(validation_errors(error)) from None
+
+
+def _tagged(text: str) -> Tuple[Optional[str], Optional[str], str]:
+    """(``<prompt>`` content, ``<lyrics>`` content, the text outside both)."""
+    found = {}
+    for tag in ("prompt", "lyrics"):
+        match = re.search(rf"<{tag}>(.*?)</{tag}>", text, re.DOTALL | re.IGNORECASE)
+        if match:
+            found[tag] = match.group(1).strip()
+            text = text.replace(match.group(0), "")
+    return found.get("prompt"), found.get("lyrics"), text.strip()
+
+
+def looks_like_lyrics(text: str) -> bool:
+    lowered = text.lower()
+    if any(marker in lowered for marker in LYRICS_MARKERS):
+        return True
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return len(lines) >= 4 and sum(map(len, lines)) / len(lines) < 60
+
+
+def _add_text(found: ChatInput, parts: List[str], text: str) -> None:
+    prompt, lyrics, rest = _tagged(text.strip())
+    if prompt is not None or lyrics is not None:
+        found.tagged = True
+        parts.extend(t for t in (prompt, rest) if t)
+        found.lyrics = lyrics or found.lyrics
+    elif looks_like_lyrics(text):
+        found.lyrics = text.strip()
+    elif text.strip():
+        parts.append(text.strip())
+
+
+def read_messages(messages: List[ChatMessage]) -> ChatInput:
+    """The user messages' text and audio parts (system and assistant turns carry no song)."""
+    found, parts = ChatInput(), []
+    for index, message in enumerate(messages):
+        if message.role != "user" or message.content is None:
+            continue
+        if isinstance(message.content, str):
+            _add_text(found, parts, message.content)
+            continue
+        for part_index, part in enumerate(message.content):
+            kind = part.get("type")
+            if kind == "text" and isinstance(part.get("text"), str):
+                _add_text(found, parts, part["text"])
+            elif kind == "input_audio":
+                audio = part.get("input_audio")
+                data = audio.get("data") if isinstance(audio, dict) else None
+                if not isinstance(data, str) or not data:
+                    raise FieldError(f"messages.{index}.content.{part_index}.input_audio.data",
+                                     "input_audio needs base64 data", 422)
+                found.audios.append(data)
+    found.prompt = " ".join(parts).strip()
+    if not found.tagged and not found.lyrics and found.prompt:
+        found.sample_query, found.prompt = found.prompt, ""  # a free description: sample mode
+    return found
+
+
+def resolve_input(request: ChatRequest, found: ChatInput) -> ChatInput:
+    """Explicit ``lyrics`` / ``sample_mode`` say what the message text is, overriding the guess."""
+    text = found.prompt or found.sample_query
+    if request.lyrics:
+        return ChatInput(prompt=text, lyrics=request.lyrics, audios=found.audios, tagged=True)
+    if request.sample_mode:
+        return ChatInput(sample_query=text, audios=found.audios)
+    return found
+
+
+def audio_uploads(request: ChatRequest, found: ChatInput, max_bytes: int) -> Dict[str, bytes]:
+    """``input_audio`` parts → upload bytes by field, routed by the task type."""
+    from serve.intake import decode_base64
+
+    names = ["src_audio", "reference_audio"] if request.task_type in SOURCE_TASKS else ["reference_audio"]
+    if len(found.audios) > len(names):
+        raise FieldError("messages", f"at most {len(names)} input_audio part(s) for this task_type (cover, "
+                         "repaint, lego, extract, complete: source then reference; text2music: a reference)", 422)
+    files = {}
+    for name, data in zip(names, found.audios):
+        payload = data.split(",", 1)[1] if data.startswith("data:") and "," in data else data
+        files[name] = decode_base64("input_audio", payload, max_bytes)
+    return files
+
+
+def release_body(request: ChatRequest, found: ChatInput) -> Dict[str, Any]:
+    """The chat request as an upstream ``/release_task`` body, with the adapter's defaults."""
+    audio = request.audio_config or AudioConfig()
+    lyrics = found.lyrics
+    if audio.instrumental and not lyrics:
+        lyrics = "[inst]"
+    body: Dict[str, Any] = {
+        "prompt": found.prompt, "lyrics": lyrics, "sample_query": found.sample_query,
+        "sample_mode": request.sample_mode or bool(found.sample_query), "use_format": request.use_format,
+        "bpm": audio.bpm, "key_scale": audio.key_scale, "time_signature": audio.time_signature,
+        "audio_duration": audio.duration, "vocal_language": audio.vocal_language or "en",
+        "instrumental": bool(audio.instrumental), "audio_format": audio.format or "mp3",
+        "lm_temperature": 0.85 if request.temperature is None else request.temperature,
+        "lm_top_p": 0.9 if request.top_p is None else request.top_p, "lm_top_k": request.top_k or 0,
+        "thinking": bool(request.thinking), "inference_steps": request.inference_steps or 8,
+        "guidance_scale": 7.0 if request.guidance_scale is None else request.guidance_scale,
+        "batch_size": request.batch_size or 1, "task_type": request.task_type,
+        "repainting_start": request.repainting_start, "repainting_end": request.repainting_end,
+        "audio_cover_strength": request.audio_cover_strength, "use_cot_caption": request.use_cot_caption,
+        "use_cot_language": request.use_cot_language, "audio_code_string": request.audio_codes,
+    }
+    if isinstance(request.seed, str) and "," in request.seed:
+        body["seeds"] = request.seed
+    elif request.seed is not None:
+        body.update(seed=request.seed, use_random_seed=False)
+    return {name: value for name, value in body.items() if value is not None}
+
+
+def no_input(request: ChatRequest, found: ChatInput) -> bool:
+    return not (found.prompt or found.lyrics or found.sample_query or request.sample_mode or found.audios)
+
+
+def served_model_id(requested: Optional[str], served: str) -> str:
+    """``acestep/<served>``; 400 naming ``model`` for anything else."""
+    if requested and requested.split("/", 1)[-1] != served:
+        raise FieldError("model", f"unknown model; this server serves acestep/{served} (GET /v1/models)", 400)
+    return f"acestep/{served}"
+
+
+# -- the answer ------------------------------------------------------------------------------------
+
+
+def content_markdown(item: Dict[str, Any]) -> str:
+    """The metadata and lyrics of one result item (``compat.query_items`` shape) as markdown."""
+    metas = item.get("metas") or {}
+    lines = []
+    caption = metas.get("prompt") or item.get("prompt")  # the caption asked for, as upstream shows it
+    if caption:
+        lines.append(f"**Caption:** {caption}")
+    for name, label, unit in (("bpm", "BPM", ""), ("duration", "Duration", "s"), ("keyscale", "Key", ""),
+                              ("timesignature", "Time Signature", "")):
+        if metas.get(name) not in (None, "", "N/A"):
+            lines.append(f"**{label}:** {metas[name]}{unit}")
+    sections = ["## Metadata\n" + "\n".join(lines)] if lines else []
+    lyrics = (item.get("lyrics") or "").strip()
+    if lyrics and lyrics.lower() not in INSTRUMENTAL_LYRICS:
+        sections.append(f"## Lyrics\n{lyrics}")
+    return "\n\n".join(sections) or "Music generated successfully."
+
+
+def data_url(data: bytes, media_type: str) -> Dict[str, Any]:
+    return {"type": "audio_url", "audio_url": {"url": f"data:{media_type};base64,{base64.b64encode(data).decode()}"}}
+
+
+def completion(model_id: str, content: str, audio: List[Dict[str, Any]]) -> Dict[str, Any]:
+    return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+            "model": model_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "audio": audio or None},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+
+
+class _Chunks:
+    def __init__(self, model_id: str):
+        self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), model_id
+
+    def __call__(self, finish_reason: Optional[str] = None, **delta) -> str:
+        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+        return f"data: {json.dumps(chunk)}\n\n"
+
+
+async def stream(model_id: str, wait: Callable[[float], Awaitable[Optional[Tuple[str, List[Dict[str, Any]]]]]],
+                 deadline_s: float, heartbeat_s: float = HEARTBEAT_S) -> AsyncIterator[str]:
+    """SSE chunks: the role, a ``.`` every ``heartbeat_s`` until ``wait`` returns (content, audio)
+    (None: not yet; an exception: the task failed), then the content, the audio, ``[DONE]``."""
+    chunk = _Chunks(model_id)
+    yield chunk(role="assistant", content="Generating music")
+    started = time.monotonic()
+    try:
+        while True:
+            answer = await wait(heartbeat_s)
+            if answer is not None:
+                break
+            if time.monotonic() - started > deadline_s:
+                raise TimeoutError("timeout: no result in time; the task goes on")
+            yield chunk(content=".")
+    except (Exception, asyncio.TimeoutError) as error:
+        reason = f"{error.code}: {error}" if getattr(error, "code", None) else str(error)
+        yield chunk(content=f"\n\nError: {reason}")
+        yield chunk(finish_reason="error")
+        yield "data: [DONE]\n\n"
+        return
+    content, audio = answer
+    yield chunk(content=f"\n\n{content}")
+    if audio:
+        yield chunk(audio=audio)
+    yield chunk(finish_reason="stop")
+    yield "data: [DONE]\n\n"
