@@ -76,6 +76,44 @@ def run_generate(args) -> int:
     return 0
 
 
+def _add_lora(sub) -> None:
+    p = sub.add_parser("lora", help="adapter tools")
+    lora = p.add_subparsers(dest="lora_command", required=True)
+    q = lora.add_parser("inspect", help="an adapter's format, rank and targets, and whether it maps onto a DiT")
+    q.add_argument("path", help="a PEFT adapter folder or a diffusers .safetensors file")
+    q.add_argument("--config", default="acestep-v15-turbo",
+                   help="the DiT to check against: a packaged real config (built on the meta device), "
+                        "or a folder name under --checkpoints")
+    q.add_argument("--checkpoints", default=None, help="checkpoints root holding --config (official layout)")
+
+
+def run_lora_inspect(args) -> int:
+    """Print what the adapter is; exit 1 when a target module does not map onto the DiT."""
+    from pathlib import Path
+
+    from acestep.checkpoints.demo import real_config
+    from acestep.checkpoints.loader import build_dit_modules
+    from acestep.dit.adapters import AdapterError, check_fit, read_adapter
+
+    try:
+        adapter = read_adapter(args.path)
+    except AdapterError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    config = (json.loads((Path(args.checkpoints) / args.config / "config.json").read_text())
+              if args.checkpoints else real_config(args.config))
+    info = check_fit(adapter, build_dit_modules(config, device="meta")["transformer"])
+    print(f"name: {info.name}\nformat: {info.format} ({info.kind})\nrank: {info.rank}  alpha: {info.alpha:g}\n"
+          f"tensors: {info.tensors}  size: {info.size_bytes} bytes\ntargets: {len(info.target_modules)} modules")
+    for target in info.target_modules:
+        print(f"  {target}")
+    mapped = len(info.target_modules) - len(info.unmapped)
+    print(f"maps onto {args.config}: {mapped}/{len(info.target_modules)} target modules")
+    for target in info.unmapped:
+        print(f"  not mapped: {target}")
+    return 1 if info.unmapped else 0
+
+
 def _add_render(sub) -> None:
     p = sub.add_parser("render", help="offline batch rendering with Ray Data (other options: "
                                       "`python -m pipelines.render --help`)")
@@ -89,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-checkpoints", help="write a tiny checkpoint set in the official layout")
     p.add_argument("directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora", metavar="DIR", default=None,
+                   help="also write a tiny random LoRA for the demo turbo DiT (official PEFT layout) to DIR")
+    _add_lora(sub)
     p = sub.add_parser("verify-layout", help="check a params table maps onto the modules (meta device)")
     p.add_argument("table", help="name<TAB>shape<TAB>dtype file, e.g. acestep-v15-turbo.params.tsv")
     p.add_argument("--config", default="acestep-v15-turbo", help="packaged real config to build the modules from")
@@ -122,7 +163,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         from acestep.checkpoints.demo import write_demo_checkpoints
 
         print(write_demo_checkpoints(args.directory, seed=args.seed))
+        if args.lora:
+            from acestep.checkpoints.demo_lora import write_demo_lora
+
+            print(write_demo_lora(args.lora, seed=args.seed))
         return 0
+    if args.command == "lora":
+        return run_lora_inspect(args)
     if args.command == "verify-layout":
         from acestep.checkpoints.verify import run_verify_layout
 

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from acestep.checkpoints.bundle import DiTBundle, load_dit_bundle
+from acestep.dit.adapters import (MAX_WEIGHT, AdapterError, AdapterInfo, AdapterSetting, AdapterSlots, adapter_setting,
+                                  read_adapter)
 from acestep.checkpoints.layout import resolve_dit_checkpoint
 from acestep.dit.attention import use_band_attention
 from acestep.dit.batch import DiTLimits
@@ -44,6 +47,9 @@ class AceStepHandler:
         self.bundle: Optional[DiTBundle] = None
         self.config_path: Optional[str] = None
         self.loop: Optional[WorkerLoop] = None
+        self.adapters: Optional[AdapterSlots] = None
+        self._lora_scales: Dict[str, float] = {}  # adapters of the default setting -> scale
+        self.use_lora = False
 
     def initialize_service(self, project_root: str, config_path: str = "acestep-v15-turbo", device: str = "auto",
                            use_flash_attention: bool = False, compile_model: bool = False,
@@ -86,7 +92,9 @@ class AceStepHandler:
         if self.loop is not None:
             self.loop.close()
         self.bundle = bundle
-        self.loop = WorkerLoop(bundle, limits or DiTLimits())
+        self.adapters = AdapterSlots(bundle.transformer)
+        self._lora_scales, self.use_lora = {}, False
+        self.loop = WorkerLoop(bundle, limits or DiTLimits(), adapters=self.adapters)
 
     @property
     def is_initialized(self) -> bool:
@@ -117,6 +125,8 @@ class AceStepHandler:
         raises (unreadable audio, bad codes) fails this future only. ``future.cancel()`` drops them."""
         bundle = self._require()
         settings = settings or sampling_settings(item_params[0])
+        if settings.adapters is None:
+            settings = replace(settings, adapters=self.lora_setting)
         return self._worker().submit(lambda: build_items(bundle, item_params, seeds), settings, progress)
 
     def prepare(self, item_params: List[GenerationParams], seeds: List[int]) -> List[DiTItem]:
@@ -143,3 +153,77 @@ class AceStepHandler:
         bundle = self._require()
         return self._worker().call(
             lambda: format_audio_codes(latents_to_codes(bundle, encode_source(bundle, audio_path, seed).latents))).result()
+
+    # -- adapters (LoRA / LoKr; ``acestep.dit.adapters``) ------------------------------------------
+    def load_lora(self, name_or_dir: str, adapter_name: Optional[str] = None, activate: bool = True) -> AdapterInfo:
+        """Load an adapter (a PEFT folder or a diffusers .safetensors file). Reading happens on the
+        caller's thread; only the injection waits for the worker's step boundary. ``activate``: join
+        the default setting at scale 1 (as the official handler does); False only makes it
+        available to requests that name it (``SamplingSettings.adapters``)."""
+        self._require()
+        adapter = read_adapter(name_or_dir, adapter_name)
+        info = self._worker().call(lambda: self.adapters.load(adapter)).result()
+        if activate:
+            self._lora_scales[info.name] = 1.0
+            self.use_lora = True
+        return info
+
+    def unload_lora(self, adapter_name: Optional[str] = None) -> List[str]:
+        """Unload one adapter (every adapter when None); refused while a running item uses it."""
+        names = [adapter_name] if adapter_name else sorted(self._require_adapters().loaded)
+
+        def unload() -> None:
+            for name in names:
+                if self.loop.worker.in_use(name):
+                    raise AdapterError(f"lora: {name!r} is in use by running items; unload it when they finish")
+                self.adapters.unload(name)
+        self._worker().call(unload).result()
+        for name in names:
+            self._lora_scales.pop(name, None)
+        self.use_lora = self.use_lora and bool(self._lora_scales)
+        return names
+
+    def set_lora_scale(self, scale: float, adapter_name: Optional[str] = None) -> AdapterSetting:
+        """Scale (0-2) of one default adapter (every default adapter when None); the new default."""
+        if not 0.0 <= float(scale) <= MAX_WEIGHT:
+            raise AdapterError(f"scale: {scale} is outside [0, {MAX_WEIGHT}]")
+        names = [adapter_name] if adapter_name else list(self._lora_scales)
+        for name in names:
+            if name not in self._require_adapters().loaded:
+                raise AdapterError(f"lora: {name!r} is not loaded")
+            self._lora_scales[name] = float(scale)
+        if not names:
+            raise AdapterError("lora: no adapter is loaded")
+        return self.lora_setting
+
+    def set_use_lora(self, use_lora: bool) -> AdapterSetting:
+        if use_lora and not self._lora_scales:
+            raise AdapterError("lora: no adapter is loaded")
+        self.use_lora = bool(use_lora)
+        return self.lora_setting
+
+    @property
+    def lora_setting(self) -> AdapterSetting:
+        """What requests that name no adapter use."""
+        return adapter_setting(self._lora_scales) if self.use_lora else ()
+
+    def get_lora_status(self) -> Dict[str, Any]:
+        loaded = sorted(self.adapters.loaded) if self.adapters is not None else []
+        scales = [self._lora_scales[n] for n in loaded if n in self._lora_scales]
+        return {"loaded": bool(loaded), "active": self.use_lora, "scale": scales[0] if len(scales) == 1 else 1.0,
+                "adapters": {n: {"scale": self._lora_scales.get(n), "default": n in self._lora_scales}
+                             for n in loaded}}
+
+    def fuse_lora(self) -> AdapterSetting:
+        """Merge the default setting into the DiT weights: faster, and no other setting runs until
+        ``unfuse_lora`` (base weights come back to float rounding)."""
+        setting = self.lora_setting
+        self._worker().call(lambda: self.adapters.fuse(setting)).result()
+        return setting
+
+    def unfuse_lora(self) -> None:
+        self._worker().call(self.adapters.unfuse).result()
+
+    def _require_adapters(self) -> AdapterSlots:
+        self._require()
+        return self.adapters

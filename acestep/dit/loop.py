@@ -25,6 +25,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Union
 
 import torch
 
+from acestep.dit.adapters import AdapterSlots
 from acestep.dit.batch import DiTLimits
 from acestep.dit.runner import DiTItem, Progress, RenderOutput, SamplingSettings, collect, decode_items
 from acestep.dit.worker import DiTWorker, Track
@@ -61,9 +62,10 @@ class _Job:
 class WorkerLoop:
     """Thread-safe front of one ``DiTWorker``; ``stats()`` counts items and rows per forward."""
 
-    def __init__(self, bundle, limits: DiTLimits = DiTLimits(), name: str = "acestep-dit-worker"):
+    def __init__(self, bundle, limits: DiTLimits = DiTLimits(), name: str = "acestep-dit-worker",
+                 adapters: Optional[AdapterSlots] = None):
         self.bundle = bundle
-        self.worker = DiTWorker(bundle, limits)
+        self.worker = DiTWorker(bundle, limits, adapters)
         self._name = name
         self._cond = threading.Condition(threading.RLock())  # reentrant: futures' callbacks take it too
         self._calls: Deque[tuple] = deque()
@@ -100,9 +102,13 @@ class WorkerLoop:
         # the counters are only written by the loop thread; copies taken in one C call are consistent
         worker = self.worker
         items, rows = dict(worker.items_per_forward), dict(worker.rows_per_forward)
-        return {"requests": self.requests, "waiting": len(self._incoming) + len(worker.waiting),
-                "running": len(worker.running), "steps": sum(items.values()),
-                "items_per_forward": dict(sorted(items.items())), "rows_per_forward": dict(sorted(rows.items()))}
+        stats = {"requests": self.requests, "waiting": len(self._incoming) + len(worker.waiting),
+                 "running": len(worker.running), "steps": sum(items.values()),
+                 "items_per_forward": dict(sorted(items.items())), "rows_per_forward": dict(sorted(rows.items())),
+                 "forwards_by_adapters": dict(sorted(dict(worker.forwards_by_adapters).items()))}
+        if worker.adapters is not None:
+            stats["adapters"] = worker.adapters.stats()
+        return stats
 
     def close(self) -> None:
         """Stop the thread; unfinished futures fail with ``WorkerClosed``."""

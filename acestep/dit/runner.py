@@ -46,6 +46,7 @@ class SamplingSettings:
     use_adg: bool = False
     cfg_interval: tuple = (0.0, 1.0)
     cover_strength: float = 1.0
+    adapters: Optional[tuple] = None  # an AdapterSetting; None: the handler's default (``AceStepHandler.lora_setting``)
 
 
 @dataclass

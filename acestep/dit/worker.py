@@ -3,7 +3,8 @@
 Items join at any step boundary and leave when their schedule ends; one DiT forward per step covers
 every running item (padded and masked, ``acestep.dit.batch``). Each item keeps its own schedule,
 timestep index, latents (fp32), seeded generator, guidance state (APG momentum) and conditions, so
-its latents equal its solo run's to float rounding whoever it shares steps with. Guidance wraps
+its latents equal its solo run's to float rounding whoever it shares steps with. Items whose
+adapter settings differ run in separate forwards (``acestep.dit.adapters``). Guidance wraps
 the velocity per row (``acestep.dit.guidance.combine``) and the sampler steps per row
 (``acestep.dit.samplers``), as in a solo run.
 
@@ -19,6 +20,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 import torch
 from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer
 
+from acestep.dit.adapters import AdapterError, AdapterSetting, AdapterSlots, setting_label
 from acestep.dit.batch import DiTLimits, bucket_frames, forward_groups, velocity
 from acestep.dit.conditioning import encode_conditions
 from acestep.dit.guidance import APG_MOMENTUM, combine, in_cfg_interval
@@ -63,6 +65,10 @@ class Track:
     def rows(self) -> int:
         return 2 if self.use_cfg else 1
 
+    @property
+    def adapters(self) -> AdapterSetting:
+        return self.settings.adapters or ()
+
     def condition(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.fallback if self.fallback is not None and self.step >= self.switch_at else self.main
 
@@ -87,16 +93,18 @@ def _condition(bundle, item, text, use_hints: bool):
 class DiTWorker:
     """Running items plus a queue of waiting ones, admitted while ``limits`` allow."""
 
-    def __init__(self, bundle, limits: DiTLimits = DiTLimits()):
-        self.bundle, self.limits = bundle, limits
+    def __init__(self, bundle, limits: DiTLimits = DiTLimits(), adapters: Optional[AdapterSlots] = None):
+        self.bundle, self.limits, self.adapters = bundle, limits, adapters
         self.waiting: Deque[Track] = deque()
         self.running: List[Track] = []
         self.items_per_forward: Dict[int, int] = {}  # items in one forward -> forwards
         self.rows_per_forward: Dict[int, int] = {}  # rows (CFG items take two while guided) -> forwards
+        self.forwards_by_adapters: Dict[str, int] = {}  # adapter setting label -> forwards
 
     # -- admission -----------------------------------------------------------------------------
     def track(self, item, settings, owner: Any = None, on_step: Optional[StepHook] = None) -> Track:
         """Prepare an item's sampling state (conditions encoded, noise drawn) and queue it."""
+        self._check_adapters(settings.adapters or ())
         bundle, device = self.bundle, self.bundle.device
         silence = bundle.silence_latent.to(device)
         generator = torch.Generator(device=device).manual_seed(int(item.seed))
@@ -117,6 +125,16 @@ class DiTWorker:
             track.inject_steps = round(REPAINT_INJECT_RATIO * track.steps)
         self.waiting.append(track)
         return track
+
+    def _check_adapters(self, setting: AdapterSetting) -> None:
+        if setting and self.adapters is None:
+            raise AdapterError("lora: this DiT serves no adapters")
+        if self.adapters is not None:
+            self.adapters.check(setting)
+
+    def in_use(self, name: str) -> bool:
+        """Whether a waiting or running item uses adapter ``name``."""
+        return any(name == n for t in (*self.waiting, *self.running) for n, _ in t.adapters)
 
     def _admit(self) -> None:
         while self.waiting:
@@ -157,21 +175,30 @@ class DiTWorker:
         return finished
 
     def _velocities(self, tracks: List[Track]) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        """(v_cond, v_uncond or None) per track: one forward per group of similar lengths
-        (``forward_groups``), each holding its tracks' cond rows, then the null rows of those
-        whose guidance applies at this step."""
+        """(v_cond, v_uncond or None) per track. Tracks with different adapter settings never share
+        a forward; within a setting, one forward per group of similar lengths (``forward_groups``),
+        each holding its tracks' cond rows, then the null rows of those whose guidance applies now."""
         out: Dict[int, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
-        for group in forward_groups([t.item.frames for t in tracks], self.limits.max_padding):
-            members = [tracks[i] for i in group]
-            guided = [t for t in members
-                      if t.use_cfg and in_cfg_interval(t.timesteps[t.step], *t.settings.cfg_interval)]
-            rows = [(t, False) for t in members] + [(t, True) for t in guided]
-            _count(self.items_per_forward, len(members))
-            _count(self.rows_per_forward, len(rows))
-            v = velocity(self.bundle.transformer, *self._rows(rows))
-            for k, (i, track) in enumerate(zip(group, members)):
-                out[i] = (v[k], v[len(members) + guided.index(track)] if track in guided else None)
-        return [out[i] for i in range(len(tracks))]
+        by_setting: Dict[AdapterSetting, List[int]] = {}
+        for i, track in enumerate(tracks):
+            by_setting.setdefault(track.adapters, []).append(i)
+        for setting, indices in by_setting.items():
+            if self.adapters is not None:
+                self.adapters.activate(setting)
+            for group in forward_groups([tracks[i].item.frames for i in indices], self.limits.max_padding):
+                members = [tracks[indices[j]] for j in group]
+                for track, result in zip(members, self._forward(members)):
+                    out[id(track)] = result
+                _count(self.forwards_by_adapters, setting_label(setting))
+        return [out[id(t)] for t in tracks]
+
+    def _forward(self, members: List[Track]) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        guided = [t for t in members if t.use_cfg and in_cfg_interval(t.timesteps[t.step], *t.settings.cfg_interval)]
+        rows = [(t, False) for t in members] + [(t, True) for t in guided]
+        _count(self.items_per_forward, len(members))
+        _count(self.rows_per_forward, len(rows))
+        v = velocity(self.bundle.transformer, *self._rows(rows))
+        return [(v[k], v[len(members) + guided.index(t)] if t in guided else None) for k, t in enumerate(members)]
 
     def _rows(self, rows: List[Tuple[Track, bool]]):
         """``velocity``'s inputs for (track, null condition?) rows."""
@@ -204,7 +231,7 @@ class DiTWorker:
         track.x, track.step = x, track.step + 1
 
 
-def _count(counter: Dict[int, int], size: int) -> None:
+def _count(counter: Dict[Any, int], size: Any) -> None:
     counter[size] = counter.get(size, 0) + 1
 
 
