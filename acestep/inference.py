@@ -235,14 +235,20 @@ def _failure(error: Exception) -> GenerationResult:
                             error=str(error))
 
 
-def submit_render(dit_handler, job: RenderJob, progress: Optional[Progress] = None):
+def submit_render(dit_handler, job: RenderJob, progress: Optional[Progress] = None, adapters=None):
     """Start ``job`` on the DiT worker without waiting: a ``concurrent.futures.Future`` of its
     ``RenderOutput`` (``render_result`` turns it into the seed's result). Concurrent jobs share
     the worker's running batch whatever their lengths and settings, each getting the audio it
-    would get alone; ``future.cancel()`` drops the job's items."""
+    would get alone; ``future.cancel()`` drops the job's items. ``adapters``: an
+    ``AdapterSetting`` (loaded adapters and scales); None uses the handler's default."""
+    import dataclasses
+
     from acestep.dit.prepare import sampling_settings
 
-    return dit_handler.submit(job.item_params(), job.seeds, sampling_settings(job.params), progress)
+    settings = sampling_settings(job.params)
+    if adapters is not None:
+        settings = dataclasses.replace(settings, adapters=tuple(adapters))
+    return dit_handler.submit(job.item_params(), job.seeds, settings, progress)
 
 
 def render_result(job: RenderJob, output) -> GenerationResult:

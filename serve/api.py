@@ -32,6 +32,7 @@ from serve.deployments import LMDisabled, PlanRequest, RenderReply, RenderReques
 from serve.driver import TaskFailure, classify, store_unavailable
 from serve.errors import APIError, FieldError, error_responses, retry_after
 from serve.ingress_state import IngressState, failure_status, guard_settings
+from serve.models import ModelSet, adapter_choice
 from serve.replica import json_safe
 from serve.schemas import (
     AudioItem,
@@ -129,9 +130,11 @@ def _request_digest(body: Dict[str, Any], files: Dict[str, bytes]) -> str:
 class Ingress:
     """HTTP + handle entry point; holds handles to the LM and the DiT, and the ingress state."""
 
-    def __init__(self, config: AppConfig, lm, dit):
-        self.config, self.lm, self.dit = config, lm, dit
-        self.state = IngressState(config, self._pipeline, lm, dit)
+    def __init__(self, config: AppConfig, lms: Dict[str, Any], dits: Dict[str, Any]):
+        self.config, self.models = config, ModelSet.of(config)
+        self.lms, self.dits = lms, dits
+        self.lm, self.dit = lms[self.models.default_lm], dits[self.models.default_dit]
+        self.state = IngressState(config, self._pipeline, lms, dits)
         self._started = int(time.time())
         api.user_middleware.clear()
         from serve.guard import Guard
@@ -150,9 +153,8 @@ class Ingress:
         come back as ``success=False, error=...``. Tensors are decoded from the stored files;
         ``audios[i]['url']`` names the stored file."""
         try:
-            info = await self.state.dit_info()
-            params, config, seeds = intake.prepare(params, config, {}, is_turbo=info["is_turbo"])
-            task_id = await self._submit("handle", params, config, seeds, {}, {}, "", sync=True)
+            params, config, seeds, route = await self._prepare(params, config, {}, {})
+            task_id = await self._submit("handle", params, config, seeds, {}, route, "", sync=True)
             record = await self.state.wait_result(task_id, self.config.ingress.request_timeout_s)
             if record.phase != "done":
                 raise TaskFailure(record.error or "internal", record.message)
@@ -293,7 +295,7 @@ class Ingress:
     async def models(self):
         """The served DiT models as the official server lists them (OpenRouter shape: ``data[].id``)."""
         self.state.start_background()
-        return official.openrouter_models(self.state.model_view()["dit"], self._started)
+        return official.openrouter_models(self.state.model_view()["dits"], self._started)
 
     @api.get("/api/v1/models", include_in_schema=False)
     async def models_hosted_prefix(self):
@@ -303,7 +305,7 @@ class Ingress:
     @api.get("/v1/model_inventory")
     async def model_inventory(self):
         view = self.state.model_view()
-        return compat.envelope(official.model_inventory(view["dit"], view["lm"]))
+        return compat.envelope(official.model_inventory(view["dits"], view["lms"]))
 
     @api.get("/v1/info")
     async def info(self):
@@ -333,9 +335,8 @@ class Ingress:
             files.setdefault(name, await asyncio.to_thread(self._client_file, field, ref))
         files = await intake.check_uploads(self.state.uploads, files, max_upload)
         self._check_analysis(extras.get("analysis"), files)
-        info = await self.state.dit_info()
-        params, config, seeds = intake.prepare(params, config, files, is_turbo=info["is_turbo"])
-        task_id = await self._submit("release_task", params, config, seeds, files, extras,
+        params, config, seeds, route = await self._prepare(params, config, files, extras)
+        task_id = await self._submit("release_task", params, config, seeds, files, {**extras, **route},
                                      request.state.key_name if hasattr(request.state, "key_name") else "")
         queued = (await asyncio.to_thread(self.state.store.stats))["tasks"]["queued"]
         return compat.envelope({"task_id": task_id, "status": "queued", "queue_position": max(queued, 1)})
@@ -413,9 +414,11 @@ class Ingress:
         body, _ = await compat.read_body(request, self.state.max_upload)
         view = self.state.model_view()
         wanted = body.get("model") or body.get("config_path")
-        if wanted and str(wanted).rsplit("/", 1)[-1] != view["dit"]["model"]:
-            return compat.envelope(None, 400, f"model not served by this app; it serves {view['dit']['model']}")
-        return compat.envelope({"message": "already initialized", "loaded_model": view["dit"]["model"],
+        try:
+            loaded = self.models.dit_name(str(wanted).rsplit("/", 1)[-1] if wanted else None)
+        except FieldError:
+            return compat.envelope(None, 400, f"model not served by this app; it serves {', '.join(self.models.dits)}")
+        return compat.envelope({"message": "already initialized", "loaded_model": loaded,
                                 "loaded_lm_model": view["lm"]["model"] if view["lm"]["enabled"] else None})
 
     @api.post("/v1/reinitialize")
@@ -451,17 +454,16 @@ class Ingress:
     async def _chat_task(self, request: Request):
         """(request, model id, a coroutine function submitting the task): everything checked first."""
         req = chat.parse_request(await intake.read_json_object(request))
-        model_id = chat.served_model_id(req.model, self.config.dit.model)
+        model_id = "acestep/" + self.models.dit_name(req.model, status=400)
         found = chat.resolve_input(req, chat.read_messages(req.messages))
         if chat.no_input(req, found):
             raise FieldError("messages", "no prompt, lyrics, description or input audio in the messages", 400)
         files = chat.audio_uploads(req, found, self.state.max_upload)
         params, config, extras = compat.to_library(chat.release_body(req, found))
         files = await intake.check_uploads(self.state.uploads, files, self.state.max_upload)
-        info = await self.state.dit_info()
-        params, config, seeds = intake.prepare(params, config, files, is_turbo=info["is_turbo"])
+        params, config, seeds, route = await self._prepare(params, config, files, {**extras, "model": req.model})
         key_name = getattr(request.state, "key_name", "")
-        return req, model_id, lambda: self._submit("chat", params, config, seeds, files, extras, key_name)
+        return req, model_id, lambda: self._submit("chat", params, config, seeds, files, {**extras, **route}, key_name)
 
     async def _chat_answer(self, task_id: str, wait_s: float):
         """(markdown, audio parts) once the task is done, None while it runs; TaskFailure if it failed."""
@@ -490,11 +492,19 @@ class Ingress:
         digest = None if idempotency is None else _request_digest(body, files)
         params, config, files = intake.to_params(body, files, max_upload)
         files = await intake.check_uploads(self.state.uploads, files, max_upload)
-        info = await self.state.dit_info()
-        params, config, seeds = intake.prepare(params, config, files, is_turbo=info["is_turbo"])
+        params, config, seeds, route = await self._prepare(params, config, files, intake.routing(body))
         key_name = getattr(request.state, "key_name", "")
-        return await self._submit(source, params, config, seeds, files, {}, key_name, sync=sync,
+        return await self._submit(source, params, config, seeds, files, route, key_name, sync=sync,
                                   idempotency=(idempotency, digest))
+
+    async def _prepare(self, params, config, files, choice: Dict[str, Any]):
+        """The DiT and LM for the request (``serve.models``), then the library's checks with that
+        DiT's rules → (params, config, seeds, the choice as task extras)."""
+        turbo = await self.state.turbo_by_model()
+        dit = self.models.pick_dit(choice.get("model"), params.task_type, turbo)
+        lm = self.models.lm_name(choice.get("lm_model"))
+        params, config, seeds = intake.prepare(params, config, files, is_turbo=turbo[dit])
+        return params, config, seeds, {"dit_model": dit, "lm_model": lm, **adapter_choice(self.config, choice)}
 
     async def _submit(self, source, params, config, seeds, files, extras, key_name, *, sync=False,
                       idempotency=(None, None)) -> str:
@@ -536,10 +546,16 @@ class Ingress:
         if extras.get("sample_mode") or extras.get("sample_query") or extras.get("use_format"):
             params = await self._compat_sample(params, extras)
         calls = []
+        lm = self.lms.get(extras.get("lm_model"), self.lm)
+        dit = self.dits.get(extras.get("dit_model"), self.dit)
         try:
-            plan = self.lm.plan.remote(PlanRequest(task_id, params, config, seeds))  # not awaited: an object ref
+            plan = lm.plan.remote(PlanRequest(task_id, params, config, seeds))  # not awaited: an object ref
             calls.append(plan)
-            calls.append(self.dit.render.remote(RenderRequest(task_id, params, config, seeds, upload_keys), plan))
+            adapters = extras.get("adapters")
+            if adapters:  # multiplexing: prefer a replica that holds this adapter set
+                dit = dit.options(multiplexed_model_id="+".join(name for name, _ in adapters))
+            render = RenderRequest(task_id, params, config, seeds, upload_keys, adapters=adapters)
+            calls.append(dit.render.remote(render, plan))
             reply: RenderReply = await calls[-1]
         except asyncio.CancelledError:
             for call in calls:  # the LM aborts the task's engine rows; the DiT drops its part
@@ -548,7 +564,9 @@ class Ingress:
         audios = [AudioItem(key=item.file_key, url=f"/v1/audio/{item.file_key}", format=item.format,
                             sample_rate=item.sample_rate, seed=item.seed, params=item.params)
                   for item in reply.items]
-        return GenerationOutput(task_id=task_id, audios=audios, metadata=reply.metadata,
+        models = {"dit": extras.get("dit_model") or self.models.default_dit,
+                  "lm": extras.get("lm_model") or self.models.default_lm, "adapters": adapters or []}
+        return GenerationOutput(task_id=task_id, audios=audios, metadata={**reply.metadata, "models": models},
                                 time_costs=reply.time_costs, status_message=reply.status_message).model_dump()
 
     async def _analysis(self, task_id: str, mode: str, params, config, seeds, upload_keys) -> Dict[str, Any]:

@@ -13,12 +13,18 @@ from ray.serve import Application
 from serve.api import Ingress
 from serve.config import AppConfig
 from serve.deployments import DiTDeployment, LMDeployment
+from serve.models import deployment_name
 
 
 def build_app(args: Union[Dict[str, Any], AppConfig, None] = None) -> Application:
-    """Bind the LM, the DiT and the ingress, each with its own Serve options from the config (task
-    records and audio live in the stores the config names, outside every replica)."""
+    """Bind one deployment per served LM and DiT model and the ingress, each with its own Serve
+    options from the config (task records and audio live in the stores the config names, outside
+    every replica). The default models' deployments keep the plain names."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
-    lm = LMDeployment.options(**config.lm.deployment.to_serve()).bind(config)
-    dit = DiTDeployment.options(**config.dit.deployment.to_serve()).bind(config)
-    return Ingress.options(**config.ingress.deployment.to_serve()).bind(config, lm, dit)
+    lms = {name: LMDeployment.options(name=deployment_name("lm", name, config.lm.model),
+                                      **config.lm.deployment.to_serve()).bind(config, name)
+           for name in config.lm_models()}
+    dits = {name: DiTDeployment.options(name=deployment_name("dit", name, config.dit.model),
+                                        **config.dit.deployment.to_serve()).bind(config, name)
+            for name in config.dit_models()}
+    return Ingress.options(**config.ingress.deployment.to_serve()).bind(config, lms, dits)

@@ -215,13 +215,6 @@ def no_input(request: ChatRequest, found: ChatInput) -> bool:
     return not (found.prompt or found.lyrics or found.sample_query or request.sample_mode or found.audios)
 
 
-def served_model_id(requested: Optional[str], served: str) -> str:
-    """``acestep/<served>``; 400 naming ``model`` for anything else."""
-    if requested and requested.split("/", 1)[-1] != served:
-        raise FieldError("model", f"unknown model; this server serves acestep/{served} (GET /v1/models)", 400)
-    return f"acestep/{served}"
-
-
 # -- the answer ------------------------------------------------------------------------------------
 
 

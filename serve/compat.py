@@ -26,6 +26,9 @@ ALIASES: Dict[str, Tuple[str, ...]] = {
     "sample_query": ("sample_query", "sampleQuery", "description", "desc"),
     "use_format": ("use_format", "useFormat", "format"),
     "model": ("model", "model_name", "modelName", "dit_model", "ditModel"),
+    "lm_model": ("lm_model_path", "lm_model", "lmModelPath", "lmModel"),
+    "lora": ("lora", "lora_name", "loraName"),
+    "lora_scale": ("lora_scale", "loraScale"),
     "keyscale": ("key_scale", "keyscale", "keyScale", "key"),
     "timesignature": ("time_signature", "timesignature", "timeSignature"),
     "duration": ("audio_duration", "duration", "audioDuration", "target_duration", "targetDuration"),
@@ -69,7 +72,7 @@ BOOLS = {"thinking", "use_random_seed", "use_adg", "use_constrained_decoding", "
          "analysis_only", "full_analysis_only", "extract_codes_only"}
 INTS = {"bpm", "seed", "batch_size", "inference_steps", "lm_top_k"}
 FLOATS = {"duration", "guidance_scale", "audio_cover_strength", "repainting_start", "repainting_end",
-          "cfg_interval_start", "cfg_interval_end", "shift", "lm_temperature", "lm_cfg_scale", "lm_top_p"}
+          "cfg_interval_start", "cfg_interval_end", "shift", "lm_temperature", "lm_cfg_scale", "lm_top_p", "lora_scale"}
 
 
 def envelope(data: Any, code: int = 200, error: Optional[str] = None) -> Dict[str, Any]:
@@ -215,7 +218,8 @@ def to_library(body: Dict[str, Any], stored: Callable[[str], Optional[str]] = la
     stored_uploads = found.pop("_stored", {})
     values = {**UPSTREAM_DEFAULTS, **{k: _coerce(k, v) for k, v in found.items()}}
     modes = [mode for mode in ANALYSIS_MODES if values.pop(mode, False)]
-    extras = {k: values.pop(k) for k in ("sample_query", "sample_mode", "use_format", "model") if k in values}
+    extras = {k: values.pop(k) for k in ("sample_query", "sample_mode", "use_format", "model", "lm_model", "lora",
+                                         "lora_scale") if k in values}
     if modes:  # as upstream, codes extraction wins over full analysis, which wins over analysis
         extras["analysis"] = modes[0]
     if stored_uploads:

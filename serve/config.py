@@ -101,7 +101,10 @@ class LMSettings(_Strict):
     """The 5 Hz LM replica: which checkpoint, which backend, its engine's limits."""
 
     enabled: bool = Field(True, description="Load the LM; when false, requests run DiT-only (no thinking).")
-    model: str = Field(DEFAULT_LM_MODEL, description="LM folder name under the checkpoints root.")
+    model: str = Field(DEFAULT_LM_MODEL, description="LM folder name under the checkpoints root (the default LM).")
+    extra_models: List[str] = Field(
+        default_factory=list, description="More LM folders (other sizes) served beside `model`, each as its own "
+                                          "deployment with these options; requests pick one with `lm_model`.")
     backend: Literal["pt", "vllm"] = Field(
         "pt", description="LM backend: 'pt' (transformers weights on our engine, CPU/GPU) or 'vllm' "
                           "(GPU, lm_cfg_scale = 1 only).")
@@ -129,10 +132,26 @@ class DiTBatchSettings(_Strict):
         return DiTLimits(max_rows=self.max_rows, max_row_frames=self.max_row_frames, max_padding=self.max_padding)
 
 
+class AdapterSettings(_Strict):
+    """LoRA / LoKr adapters the DiT replicas may load: only from this server directory, by name."""
+
+    dir: Optional[str] = Field(None, description="Server directory of adapters (PEFT folders or .safetensors "
+                                                 "files); null: no adapters. Requests name an adapter, never a path.")
+    max_loaded: int = Field(4, ge=1, le=256, description="Adapters one DiT replica keeps loaded (least recently "
+                                                         "used ones are unloaded first).")
+    default: Optional[str] = Field(None, description="Adapter applied to requests that name none (null: none).")
+    default_scale: float = Field(1.0, ge=0, le=2, description="Scale of the default adapter.")
+
+
 class DiTSettings(_Strict):
     """The DiT + text encoder + VAE replica."""
 
-    model: str = Field("acestep-v15-turbo", description="DiT folder name under the checkpoints root.")
+    model: str = Field("acestep-v15-turbo", description="DiT folder name under the checkpoints root (the default DiT).")
+    extra_models: List[str] = Field(
+        default_factory=list, description="More DiT folders (variants: base, sft...) served beside `model`, each as "
+                                          "its own deployment with these options; requests pick one with `model`, "
+                                          "and lego/extract/complete go to a base variant when they name none.")
+    adapters: AdapterSettings = Field(default_factory=lambda: AdapterSettings())
     device: str = Field("auto", description="Torch device: auto, cpu, cuda, cuda:N, mps.")
     attention: Literal["auto", "band", "dense"] = Field(
         "auto", description="Sliding layers on FlexAttention ('band') or SDPA with a dense mask; auto: band on CUDA.")
@@ -234,9 +253,19 @@ class AppConfig(_Strict):
         from acestep.checkpoints.layout import resolve_dit_checkpoint, resolve_lm_dir
 
         root = self.checkpoint_root()
-        resolve_dit_checkpoint(root, self.dit.model)
+        for name in self.dit_models():
+            resolve_dit_checkpoint(root, name)
         if self.lm.enabled:
-            resolve_lm_dir(root, self.lm.model)
+            for name in self.lm_models():
+                resolve_lm_dir(root, name)
+
+    def dit_models(self) -> List[str]:
+        """Served DiT folders, the default first."""
+        return list(dict.fromkeys([self.dit.model, *self.dit.extra_models]))
+
+    def lm_models(self) -> List[str]:
+        """Served LM folders, the default first."""
+        return list(dict.fromkeys([self.lm.model, *self.lm.extra_models]))
 
     def checkpoint_root(self) -> Path:
         """The checkpoints root on this node; demo checkpoints are written here on first use."""

@@ -15,6 +15,7 @@ replica that holds requests without progress, so Serve replaces it and the ingre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from ray import serve
 
+from acestep.dit.adapters import AdapterError
+from serve.adapter_pool import AdapterPool
 from serve.audio_store import AudioStore
 from serve.config import AppConfig
 from serve.replica import ProgressSink, StallWatch, json_safe
@@ -45,6 +48,7 @@ class RenderRequest(PlanRequest):
     """One request for the DiT; ``uploads`` maps 'src_audio' / 'reference_audio' to audio-store keys."""
 
     uploads: Dict[str, str] = field(default_factory=dict)
+    adapters: Optional[List[List[Any]]] = None  # [[name, scale]]: the DiT adapters this request uses
 
 
 @dataclass
@@ -139,10 +143,10 @@ class LMDeployment(_ModelReplica):
     straight into it and join its running batch between decode steps -- no Serve batching, no waves.
     Concurrency is bounded by ``max_ongoing_requests`` and by the engine's KV rows."""
 
-    def __init__(self, config: AppConfig):
+    def __init__(self, config: AppConfig, model: Optional[str] = None):
         self._setup(config, config.lm.deployment)
-        self.settings = config.lm
-        self.handler = load_lm(config) if config.lm.enabled else None
+        self.settings, self.model = config.lm, model or config.lm.model
+        self.handler = load_lm(config, self.model) if config.lm.enabled else None
         # planners mostly wait on engine futures: one thread per request the replica may hold
         self._planners = ThreadPoolExecutor(max_workers=config.lm.deployment.max_ongoing_requests,
                                             thread_name_prefix="lm-planner")
@@ -221,7 +225,7 @@ class LMDeployment(_ModelReplica):
             raise
 
     def info(self) -> Dict[str, Any]:
-        return {"enabled": self.handler is not None, "model": self.settings.model, "backend": self.settings.backend}
+        return {"enabled": self.handler is not None, "model": self.model, "backend": self.settings.backend}
 
     def _require_lm(self):
         if self.handler is None:
@@ -240,19 +244,30 @@ class DiTDeployment(_ModelReplica):
     their lengths and settings -- no Serve batching, no waves. Items finishing together are decoded
     together; audio is encoded here, so only encoded bytes leave the replica."""
 
-    def __init__(self, config: AppConfig):
+    def __init__(self, config: AppConfig, model: Optional[str] = None):
         self._setup(config, config.dit.deployment)
-        self.settings = config.dit
+        self.settings, self.model = config.dit, model or config.dit.model
         self.audio = AudioStore(config.audio_store_url(), ttl_s=config.store.task_ttl_s,
                                 max_bytes=int(config.store.max_audio_mb * 2**20))
-        self.handler = load_dit(config)
+        self.handler = load_dit(config, self.model)
+        adapters = config.dit.adapters
+        self.adapters = AdapterPool(self.handler, adapters.dir, adapters.max_loaded) if adapters.dir else None
+
+    @serve.multiplexed(max_num_models_per_replica=256)
+    async def adapter_set(self, model_id: str) -> str:
+        """Serve's multiplexing: marks this replica as holding the adapter set ``model_id`` (names
+        joined by '+'), so the router prefers it for requests naming that set. The pool
+        (``serve.adapter_pool``) does the loading and the bounded unloading."""
+        return model_id
 
     def info(self) -> Dict[str, Any]:
-        return {"model": self.settings.model, "is_turbo": bool(getattr(self.handler, "is_turbo", False))}
+        return {"model": self.model, "is_turbo": bool(getattr(self.handler, "is_turbo", False))}
 
     def stats(self) -> Dict[str, Any]:
-        """The worker's requests, queue and forward sizes (``worker.items_per_forward``, ``rows_per_forward``)."""
-        return {**super().stats(), "worker": self.handler.stats()}
+        """The worker's requests, queue and forward sizes (``worker.items_per_forward``, ``rows_per_forward``,
+        ``forwards_by_adapters``) and the adapter pool (loads, evictions)."""
+        adapters = self.adapters.stats() if self.adapters is not None else None
+        return {**super().stats(), "model": self.model, "worker": self.handler.stats(), "adapters": adapters}
 
     def _counters(self) -> Dict[str, Any]:
         worker = self.handler.stats()
@@ -270,9 +285,17 @@ class DiTDeployment(_ModelReplica):
         render_job = RenderJob(params=params, config=job.config, seeds=job.seeds, plans=outcome.plans,
                                lm_time_costs=outcome.time_costs)
         await self._report_now(job.task_id, "dit", 0.3, "DiT queued")
-        output = await asyncio.wrap_future(submit_render(self.handler, render_job, self._progress_of(job.task_id)))
+        setting = tuple((str(name), float(scale)) for name, scale in job.adapters or ())
+        names = [name for name, _ in setting]
+        if names and self.adapters is None:
+            raise AdapterError("lora: this deployment serves no adapters")
+        if names:
+            await self.adapter_set(serve.get_multiplexed_model_id() or "+".join(names))
+        async with self.adapters.using(names) if names else contextlib.nullcontext():
+            output = await asyncio.wrap_future(submit_render(self.handler, render_job, self._progress_of(job.task_id),
+                                                             adapters=setting))
         await self._report_now(job.task_id, "encode", 0.92, "encoding audio")
-        return await self._run(self._output, render_job, outcome, output)
+        return await self._run(self._output, render_job, outcome, output, setting)
 
     async def audio_codes(self, task_id: str, upload_key: str) -> str:
         """An uploaded source from the audio store → its 5 Hz code string (VAE encode + tokenizer)."""
@@ -298,47 +321,51 @@ class DiTDeployment(_ModelReplica):
 
         return report
 
-    def _output(self, render_job, outcome, output) -> RenderReply:
+    def _output(self, render_job, outcome, output, setting=()) -> RenderReply:
         from acestep.inference import render_result
 
         result = render_result(render_job, output)
-        items = [self._store_file(audio, render_job.config.audio_format) for audio in result.audios]
+        items = [self._store_file(audio, render_job.config.audio_format, setting) for audio in result.audios]
         metadata = {"plans": [json_safe(p) for p in (outcome.plans or [])], "lm_status": outcome.status}
         time_costs = json_safe(result.extra_outputs.get("time_costs", {}))
         return RenderReply(items, result.status_message, time_costs, metadata)
 
-    def _store_file(self, audio: Dict[str, Any], audio_format: str) -> RenderedItem:
-        """Encode one song and put it in the audio store; its key is a hash of the params, so a
-        re-driven task writes the same file again (idempotent)."""
-        from acestep.audio import encode_audio
+    def _store_file(self, audio: Dict[str, Any], audio_format: str, setting=()) -> RenderedItem:
+        """Encode one song and put it in the audio store; its key is a hash of the params (and of
+        the DiT and adapters when they are not the defaults: the same params render differently
+        there), so a re-driven task writes the same file again (idempotent)."""
+        from acestep.audio import encode_audio, params_key
 
         params = audio.get("params") or {}
         params = json_safe(params if isinstance(params, dict) else dataclasses.asdict(params))
         data = encode_audio(audio["tensor"], audio_format)
-        file_key = f"{audio['key']}.{audio_format}"
+        key = audio["key"]
+        if setting or self.model != self.settings.model:
+            key = params_key({"params": key, "dit_model": self.model, "adapters": [list(p) for p in setting]})
+        file_key = f"{key}.{audio_format}"
         self.audio.put(file_key, data)
         return RenderedItem(
-            key=audio["key"], file_key=file_key, size=len(data), format=audio_format,
+            key=key, file_key=file_key, size=len(data), format=audio_format,
             media_type=self.audio.media_type(file_key),
             sample_rate=int(audio.get("sample_rate", 48000)), seed=params.get("seed"), params=params,
         )
 
 
-def load_lm(config: AppConfig):
+def load_lm(config: AppConfig, model: str):
     from acestep.llm_inference import LLMHandler
 
     engine = config.lm.engine
     handler = LLMHandler()
-    handler.initialize(str(config.checkpoint_root()), lm_model_path=config.lm.model, backend=config.lm.backend,
+    handler.initialize(str(config.checkpoint_root()), lm_model_path=model, backend=config.lm.backend,
                        device=config.lm.device, max_model_len=engine.max_model_len, engine=engine.to_library())
     return handler
 
 
-def load_dit(config: AppConfig):
+def load_dit(config: AppConfig, model: str):
     from acestep.handler import AceStepHandler
 
     handler = AceStepHandler()
-    handler.initialize_service(str(config.checkpoint_root()), config.dit.model, device=config.dit.device,
+    handler.initialize_service(str(config.checkpoint_root()), model, device=config.dit.device,
                                attention=config.dit.attention, compile_model=config.dit.compile_model,
                                limits=config.dit.batch.to_library())
     return handler

@@ -26,6 +26,7 @@ MESSAGES = {
     "overloaded": "the model replicas were overloaded",
     "invalid_audio": "an uploaded audio file could not be decoded",
     "internal": "internal error while running this task",
+    "invalid_adapter": "the requested adapter could not be used",
 }
 
 
@@ -59,6 +60,7 @@ def classify(error: BaseException) -> Exception:
     from ray.serve import exceptions as sex
 
     from acestep.audio import AudioLoadError
+    from acestep.dit.adapters import AdapterError
 
     chain = _chain(error)
     for item in chain:
@@ -72,6 +74,9 @@ def classify(error: BaseException) -> Exception:
         return _Retryable("replica_died")
     if any(isinstance(item, AudioLoadError) for item in chain):
         return TaskFailure("invalid_audio")
+    adapter = next((item for item in chain if isinstance(item, AdapterError)), None)
+    if adapter is not None:  # its message names the adapter and the problem, never a path
+        return TaskFailure("invalid_adapter", str(adapter))
     log.warning("task failed with an internal error", exc_info=error)  # the log has it; the client a code
     return TaskFailure("internal")
 

@@ -60,11 +60,13 @@ def guard_settings(config: AppConfig):
 
 
 class IngressState:
-    def __init__(self, config: AppConfig, pipeline, lm, dit):
+    def __init__(self, config: AppConfig, pipeline, lms: Dict[str, Any], dits: Dict[str, Any]):
         from serve.uploads import UploadChecker
 
         ingress, store = config.ingress, config.store
-        self.config, self.lm, self.dit = config, lm, dit
+        self.config, self.lms, self.dits = config, lms, dits
+        self.lm, self.dit = lms[config.lm.model], dits[config.dit.model]
+        self._dit_infos: Dict[str, Dict[str, Any]] = {}
         self.max_upload = int(ingress.max_upload_mb * 2**20)
         self.store = open_task_store(config.task_store_url(), ttl_s=store.task_ttl_s, max_records=store.max_records)
         self.audio = AudioStore(config.audio_store_url(), ttl_s=store.task_ttl_s,
@@ -119,6 +121,8 @@ class IngressState:
         for name, result in zip(names, results):
             if not isinstance(result, BaseException):
                 view[name] = result
+        if len(self._dit_infos) < len(self.dits):
+            await asyncio.wait_for(self.turbo_by_model(), 5.0)
         view["as_of"] = time.time()
         if time.monotonic() - self._last_purge > min(300.0, self.config.store.task_ttl_s / 4):
             self._last_purge = time.monotonic()
@@ -141,28 +145,46 @@ class IngressState:
             self._view["dit_info"] = await self.dit.info.remote()
         return self._view["dit_info"]
 
+    async def turbo_by_model(self) -> Dict[str, Optional[bool]]:
+        """{served DiT: is_turbo}, asked of each DiT deployment once."""
+        missing = [name for name in self.dits if name not in self._dit_infos]
+        if missing:
+            infos = await asyncio.gather(*(self.dits[name].info.remote() for name in missing))
+            self._dit_infos.update(zip(missing, infos))
+        return {name: info["is_turbo"] for name, info in self._dit_infos.items()}
+
     def readiness(self) -> Dict[str, Any]:
+        from serve.models import deployment_name
+
         view = self._view
         replicas = view["replicas"]
-        deployments = {name: replicas.get(name, 0) for name in ("Ingress", "LMDeployment", "DiTDeployment")}
+        names = ["Ingress", *(deployment_name("lm", n, self.config.lm.model) for n in self.lms),
+                 *(deployment_name("dit", n, self.config.dit.model) for n in self.dits)]
+        deployments = {name: replicas.get(name, 0) for name in names}
         fresh = time.time() - view["as_of"] < 30
         ready = fresh and view["store_ok"] and all(count > 0 for count in deployments.values())
         return {"ready": bool(ready), "store": view["store_ok"], "running_replicas": deployments,
                 "as_of": view["as_of"]}
 
     def model_view(self) -> Dict[str, Any]:
-        """{"dit": {model, is_turbo}, "lm": {enabled, model, backend}}; from the config until the
-        replicas have answered (``is_turbo`` None then)."""
+        """{"dit": {model, is_turbo}, "lm": {enabled, model, backend}} of the defaults, and "dits" /
+        "lms": every served one, defaults first; from the config until the replicas have answered
+        (``is_turbo`` None then)."""
         dit = self._view["dit_info"] or {"model": self.config.dit.model, "is_turbo": None}
         lm = self._view["lm_info"] or {"enabled": self.config.lm.enabled, "model": self.config.lm.model,
                                        "backend": self.config.lm.backend}
-        return {"dit": dit, "lm": lm}
+        dits = [self._dit_infos.get(name) or {"model": name, "is_turbo": None} for name in self.dits]
+        lms = [{**lm, "model": name} for name in self.lms]
+        return {"dit": dit, "lm": lm, "dits": dits, "lms": lms}
 
     def models(self) -> Dict[str, Any]:
         view = self.model_view()
         dit = view["dit"]
-        return {"models": [{"name": dit["model"], "is_default": True, "is_turbo": dit["is_turbo"]}],
-                "default_model": dit["model"], "lm": view["lm"]}
+        return {"models": [{"name": d["model"], "is_default": d["model"] == dit["model"], "is_turbo": d["is_turbo"]}
+                           for d in view["dits"]],
+                "default_model": dit["model"], "lm": view["lm"], "lm_models": [m["model"] for m in view["lms"]],
+                "adapters": {"dir_set": bool(self.config.dit.adapters.dir),
+                             "default": self.config.dit.adapters.default}}
 
     def audio_path(self, key: str) -> str:
         """Where the audio store keeps ``key`` (a path, or the store URL's object name)."""

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from acestep.params import GenerationConfig, GenerationParams
 from serve.errors import APIError, FieldError
 from serve.safejson import check_text, parse_json
-from serve.schemas import CONFIG_FIELDS, PARAM_FIELDS, UPLOAD_FIELDS, GenerateRequest, to_library
+from serve.schemas import CONFIG_FIELDS, PARAM_FIELDS, ROUTING_FIELDS, UPLOAD_FIELDS, GenerateRequest, to_library
 
 KNOWN_FIELDS = set(PARAM_FIELDS) | set(CONFIG_FIELDS) | set(UPLOAD_FIELDS)
 Uploads = Dict[str, bytes]
@@ -84,6 +84,11 @@ async def read_generate_body(request: Request, max_upload: int) -> Tuple[Dict[st
     if not isinstance(body, dict):
         raise FieldError("request", "the request part must be a JSON object", 400)
     return body, files
+
+
+def routing(body: Dict[str, Any]) -> Dict[str, Any]:
+    """The request's model and adapter choice (``ROUTING_FIELDS``; checked by ``to_params``)."""
+    return {name: body[name] for name in ROUTING_FIELDS if body.get(name) is not None}
 
 
 def to_params(body: Dict[str, Any], files: Uploads, max_upload: int) -> Tuple[GenerationParams, GenerationConfig, Uploads]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from acestep.dit.tasks import BASE_ONLY_TASKS, TASK_TYPES
 from serve.errors import FieldError
@@ -40,22 +40,25 @@ def supported_tasks(is_turbo: Optional[bool]) -> list:
     return [t for t in TASK_TYPES if t not in BASE_ONLY_TASKS] if is_turbo else list(TASK_TYPES)
 
 
-def openrouter_models(dit: Dict[str, Any], created: int, max_duration_s: int = 600) -> Dict[str, Any]:
-    """``GET /v1/models`` as the official server answers it (clients read ``data[].id``)."""
-    name = dit["model"]
-    entry = {"id": f"acestep/{name}", "name": f"ACE-Step 1.5 {name}", "created": created,
-             "input_modalities": ["text", "audio"], "output_modalities": ["audio", "text"],
-             "context_length": 4096, "max_output_length": max_duration_s,
-             "pricing": {"prompt": "0", "completion": "0", "request": "0"},
-             "description": "ACE-Step 1.5 music generation: a 5 Hz LM plans, a DiT renders 48 kHz stereo."}
-    return {"object": "list", "data": [entry]}
+def openrouter_models(dits: List[Dict[str, Any]], created: int, max_duration_s: int = 600) -> Dict[str, Any]:
+    """``GET /v1/models`` as the official server answers it (clients read ``data[].id``), one
+    entry per served DiT, the default first."""
+    entries = [{"id": f"acestep/{dit['model']}", "name": f"ACE-Step 1.5 {dit['model']}", "created": created,
+                "input_modalities": ["text", "audio"], "output_modalities": ["audio", "text"],
+                "context_length": 4096, "max_output_length": max_duration_s,
+                "pricing": {"prompt": "0", "completion": "0", "request": "0"},
+                "description": "ACE-Step 1.5 music generation: a 5 Hz LM plans, a DiT renders 48 kHz stereo."}
+               for dit in dits]
+    return {"object": "list", "data": entries}
 
 
-def model_inventory(dit: Dict[str, Any], lm: Dict[str, Any]) -> Dict[str, Any]:
-    return {"models": [{"name": dit["model"], "is_default": True, "is_loaded": True,
-                        "supported_task_types": supported_tasks(dit.get("is_turbo"))}],
-            "default_model": dit["model"], "lm_models": [lm["model"]] if lm.get("enabled") else [],
-            "loaded_lm_model": lm["model"] if lm.get("enabled") else None, "llm_initialized": bool(lm.get("enabled"))}
+def model_inventory(dits: List[Dict[str, Any]], lms: List[Dict[str, Any]]) -> Dict[str, Any]:
+    default, lm = dits[0]["model"], lms[0]
+    enabled = bool(lm.get("enabled"))
+    return {"models": [{"name": dit["model"], "is_default": dit["model"] == default, "is_loaded": True,
+                        "supported_task_types": supported_tasks(dit.get("is_turbo"))} for dit in dits],
+            "default_model": default, "lm_models": [m["model"] for m in lms] if enabled else [],
+            "loaded_lm_model": lm["model"] if enabled else None, "llm_initialized": enabled}
 
 
 def format_input_args(body: Dict[str, Any]) -> Tuple[str, str, Dict[str, Any], float]:

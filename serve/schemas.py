@@ -53,7 +53,15 @@ GenerateRequest = create_model(
     **_fields_of(GenerationConfig),
     src_audio_base64=(Optional[str], Field(None, description="Source audio file (cover/repaint), base64.")),
     reference_audio_base64=(Optional[str], Field(None, description="Reference (timbre) audio file, base64.")),
+    model=(Optional[str], Field(None, max_length=200, description=(
+        "Served DiT (GET /v1/models): its name, acestep/<name> or turbo/base/sft; default: the app's default, "
+        "or a base variant for lego/extract/complete."))),
+    lm_model=(Optional[str], Field(None, max_length=200, description="Served LM name (never a path); default: the app's default.")),
+    lora=(Optional[str], Field(None, max_length=64, description="Adapter name from the server's adapter directory "
+                                                                "(GET /v1/adapters); default: the app's default adapter.")),
+    lora_scale=(float, Field(1.0, ge=0, le=2, description="Scale of `lora` (0 renders the base model).")),
 )
+ROUTING_FIELDS = ("model", "lm_model", "lora", "lora_scale")
 
 
 def to_library(request: BaseModel) -> Tuple[GenerationParams, GenerationConfig]:

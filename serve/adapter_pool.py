@@ -1,0 +1,99 @@
+"""The adapters one DiT replica keeps loaded: at most ``max_loaded``, least recently used unloaded
+first, never one a request still uses.
+
+A request pins the adapters it names for as long as it renders (``using``); a pinned adapter is
+never evicted, so a request never loses its adapter between loading and sampling. Requests whose
+adapters are loaded go straight on; only a request that needs a load waits for it (one load at a
+time: reading the files happens off the worker thread, only the injection waits for a step
+boundary). Ray Serve's multiplexing (``DiTDeployment.adapter_set``) routes requests for an adapter
+set to replicas that already hold it; this pool is what actually loads and unloads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter, OrderedDict
+from pathlib import Path
+from typing import Any, Dict, Iterable
+
+from acestep.dit.adapters import AdapterError, read_adapter, resolve_adapter_path
+
+log = logging.getLogger("acestep.serve")
+
+
+class AdapterPool:
+    def __init__(self, handler, root: str, max_loaded: int):
+        self.handler, self.root, self.max_loaded = handler, Path(root), max_loaded
+        self._lru: "OrderedDict[str, None]" = OrderedDict()  # loaded names, least recently used first
+        self._pins: Counter = Counter()
+        self._lock = asyncio.Lock()
+        self.loads = 0
+        self.evictions = 0
+
+    @contextlib.asynccontextmanager
+    async def using(self, names: Iterable[str]):
+        """Load (if needed) and pin ``names`` for the body of the block."""
+        names = list(dict.fromkeys(names))
+        await self._ensure(names)
+        try:
+            yield
+        finally:
+            self._pins.subtract(names)
+
+    async def _ensure(self, names) -> None:
+        self._pins.update(names)  # pinned before any await: a concurrent load cannot evict them
+        try:
+            if any(name not in self._lru for name in names):
+                async with self._lock:
+                    for name in names:
+                        if name not in self._lru:
+                            await self._load(name)
+            for name in names:
+                self._lru.move_to_end(name)
+        except BaseException:
+            self._pins.subtract(names)
+            raise
+
+    async def _load(self, name: str) -> None:
+        path = resolve_adapter_path(self.root, name, "lora")
+        adapter = await asyncio.to_thread(read_adapter, path, name)  # off the worker thread
+        while len(self._lru) >= self.max_loaded and await self._evict_one():
+            pass
+        await asyncio.to_thread(self._inject, adapter)
+        self._lru[name] = None
+        self.loads += 1
+
+    def _inject(self, adapter) -> None:
+        slots = self.handler.adapters
+        self.handler.loop.call(lambda: slots.load(adapter)).result()
+
+    async def _evict_one(self) -> bool:
+        """Unload the least recently used adapter nobody pins; False when every one is pinned."""
+        for name in list(self._lru):
+            if self._pins[name] <= 0:
+                try:
+                    await asyncio.to_thread(self.handler.unload_lora, name)
+                except AdapterError:  # still sampling (a cancelled request's items): try the next one
+                    continue
+                del self._lru[name]
+                self.evictions += 1
+                log.info("adapter %s unloaded (least recently used)", name)
+                return True
+        log.warning("all %d loaded adapters are in use; loading one more", len(self._lru))
+        return False
+
+    async def unload(self, name: str) -> bool:
+        """Unload ``name`` now (the official unload route); refused while a request pins it."""
+        async with self._lock:
+            if name not in self._lru:
+                return False
+            if self._pins[name] > 0:
+                raise AdapterError(f"lora: {name!r} is in use by running requests")
+            await asyncio.to_thread(self.handler.unload_lora, name)
+            del self._lru[name]
+            return True
+
+    def stats(self) -> Dict[str, Any]:
+        return {"loaded": list(self._lru), "max_loaded": self.max_loaded, "loads": self.loads,
+                "evictions": self.evictions, "pinned": sorted(n for n, c in self._pins.items() if c > 0)}

@@ -1,0 +1,113 @@
+"""Which model deployment serves a request.
+
+The app serves a set of DiT variants (turbo, base, sft...) and LM sizes, each its own deployment
+with its own replicas and autoscaling (``serve.app.build_app``). A request names a DiT with
+``model`` (the folder name, ``acestep/<name>`` as ``/v1/models`` lists it, or the variant suffix
+``turbo`` / ``base`` / ``sft`` when one served variant has it) and an LM with ``lm_model`` (a served
+name only, never a path). Tasks that need a base DiT (lego, extract, complete) go to a base variant
+when the request names none; naming a turbo one for them is a 422 naming ``task_type``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from acestep.dit.tasks import BASE_ONLY_TASKS
+from serve.errors import FieldError
+
+DIT_DEPLOYMENT, LM_DEPLOYMENT = "DiTDeployment", "LMDeployment"
+
+
+def deployment_name(kind: str, model: str, default: str) -> str:
+    """The Serve deployment of one served model: the plain name for the default, suffixed otherwise."""
+    base = DIT_DEPLOYMENT if kind == "dit" else LM_DEPLOYMENT
+    return base if model == default else f"{base}-{model}"
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    """The served names, defaults first."""
+
+    dits: tuple
+    lms: tuple
+
+    @classmethod
+    def of(cls, config) -> "ModelSet":
+        return cls(tuple(config.dit_models()), tuple(config.lm_models()))
+
+    @property
+    def default_dit(self) -> str:
+        return self.dits[0]
+
+    @property
+    def default_lm(self) -> str:
+        return self.lms[0]
+
+    def dit_name(self, requested: Optional[str], field: str = "model", status: int = 422) -> str:
+        """A served DiT name for ``requested`` (aliases as above); a FieldError naming the served ones."""
+        if not requested:
+            return self.default_dit
+        wanted = str(requested).strip()
+        wanted = wanted.split("/", 1)[1] if wanted.startswith("acestep/") else wanted
+        if wanted in self.dits:
+            return wanted
+        by_suffix = [name for name in self.dits if name.rsplit("-", 1)[-1] == wanted]
+        if len(by_suffix) == 1:
+            return by_suffix[0]
+        raise FieldError(field, f"unknown model; this app serves {', '.join(self.dits)} (GET /v1/models)", status)
+
+    def lm_name(self, requested: Optional[str], field: str = "lm_model") -> str:
+        if not requested:
+            return self.default_lm
+        wanted = str(requested).strip()
+        if wanted in self.lms:
+            return wanted
+        raise FieldError(field, f"not a served LM (a name, never a path); this app serves {', '.join(self.lms)}")
+
+    def pick_dit(self, requested: Optional[str], task_type: str, turbo: Dict[str, Optional[bool]],
+                 field: str = "model") -> str:
+        """The DiT for a task: the named one (422 when it cannot run the task), else the default,
+        else -- for tasks that need a base model -- the first served non-turbo variant."""
+        needs_base = task_type in BASE_ONLY_TASKS
+        if requested:
+            name = self.dit_name(requested, field)
+            if needs_base and turbo.get(name):
+                raise FieldError("task_type", f"{task_type} needs a base DiT, and {name} is turbo; "
+                                              f"served: {self._described(turbo)}")
+            return name
+        if not needs_base or not turbo.get(self.default_dit):
+            return self.default_dit
+        for name in self.dits:
+            if turbo.get(name) is False:
+                return name
+        raise FieldError("task_type", f"{task_type} needs a base DiT (lego, extract and complete do); "
+                                      f"served: {self._described(turbo)}")
+
+    def _described(self, turbo: Dict[str, Optional[bool]]) -> str:
+        return ", ".join(f"{name} ({'turbo' if turbo.get(name) else 'base/sft'})" for name in self.dits)
+
+    def names(self) -> Dict[str, List[str]]:
+        return {"dit": list(self.dits), "lm": list(self.lms)}
+
+
+def adapter_choice(config, choice: Dict[str, Any]) -> Dict[str, Any]:
+    """The request's adapters as task extras (``{"adapters": [[name, scale]]}``; {} for none): its
+    ``lora`` / ``lora_scale``, else the configured default adapter. 422 naming ``lora``."""
+    from acestep.dit.adapters import AdapterError, adapter_setting, list_adapters
+
+    settings = config.dit.adapters
+    name = choice.get("lora") or settings.default
+    if not name:
+        return {}
+    scale = choice.get("lora_scale", 1.0 if choice.get("lora") else settings.default_scale)
+    if not settings.dir:
+        raise FieldError("lora", "this app serves no adapters (dit.adapters.dir is not set)")
+    try:
+        setting = adapter_setting(name, float(scale))
+    except AdapterError as error:
+        raise FieldError("lora_scale" if "lora_scale" in str(error) else "lora", str(error)) from None
+    root = Path(settings.dir)
+    if root.is_dir() and name not in list_adapters(root):  # else (not on this node) the DiT replica checks
+        raise FieldError("lora", f"no adapter named {name!r} in the adapter directory (GET /v1/adapters)")
+    return {"adapters": [list(pair) for pair in setting]}

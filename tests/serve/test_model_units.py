@@ -1,0 +1,67 @@
+"""Choosing the model deployment for a request (``serve.models``) and the adapter extras."""
+
+from __future__ import annotations
+
+import pytest
+
+from acestep.checkpoints.demo_lora import write_demo_lora
+from serve.config import AppConfig
+from serve.errors import FieldError
+from serve.models import ModelSet, adapter_choice, deployment_name
+
+TURBO = {"acestep-v15-turbo": True, "acestep-v15-base": False, "acestep-v15-sft": False}
+
+
+def _field(raised):
+    return list(raised.value.loc)[-1]
+
+
+def test_names_and_aliases_resolve_to_served_models():
+    models = ModelSet(("acestep-v15-turbo", "acestep-v15-base"), ("acestep-5Hz-lm-0.6B", "acestep-5Hz-lm-1.7B"))
+    assert models.dit_name(None) == "acestep-v15-turbo"
+    for alias in ("acestep-v15-base", "acestep/acestep-v15-base", "base"):
+        assert models.dit_name(alias) == "acestep-v15-base"
+    with pytest.raises(FieldError) as raised:
+        models.dit_name("gpt-4o")
+    assert _field(raised) == "model" and "acestep-v15-turbo, acestep-v15-base" in raised.value.message
+    assert raised.value.status_code == 422 and models.dit_name("turbo", status=400) == "acestep-v15-turbo"
+    assert models.lm_name("acestep-5Hz-lm-1.7B") == "acestep-5Hz-lm-1.7B" and models.lm_name(None) == "acestep-5Hz-lm-0.6B"
+    for bad in ("/models/acestep-5Hz-lm-1.7B", "../acestep-5Hz-lm-1.7B", "acestep-5Hz-lm-4B"):
+        with pytest.raises(FieldError) as raised:
+            models.lm_name(bad)
+        assert _field(raised) == "lm_model" and "never a path" in raised.value.message
+    assert deployment_name("dit", "acestep-v15-turbo", "acestep-v15-turbo") == "DiTDeployment"
+    assert deployment_name("dit", "acestep-v15-base", "acestep-v15-turbo") == "DiTDeployment-acestep-v15-base"
+
+
+def test_base_only_tasks_route_to_a_base_variant_or_name_task_type():
+    models = ModelSet(("acestep-v15-turbo", "acestep-v15-base"), ("lm",))
+    assert models.pick_dit(None, "text2music", TURBO) == "acestep-v15-turbo"
+    assert models.pick_dit(None, "lego", TURBO) == "acestep-v15-base"
+    assert models.pick_dit("base", "extract", TURBO) == "acestep-v15-base"
+    with pytest.raises(FieldError) as raised:
+        models.pick_dit("acestep-v15-turbo", "lego", TURBO)
+    assert _field(raised) == "task_type" and "acestep-v15-base (base/sft)" in raised.value.message
+    only_turbo = ModelSet(("acestep-v15-turbo",), ("lm",))
+    with pytest.raises(FieldError) as raised:
+        only_turbo.pick_dit(None, "complete", TURBO)
+    assert _field(raised) == "task_type" and "acestep-v15-turbo (turbo)" in raised.value.message
+
+
+def test_adapter_choice_names_lora_and_never_a_path(tmp_path):
+    write_demo_lora(tmp_path / "warm")
+    config = AppConfig.model_validate({"demo": True, "dit": {"adapters": {"dir": str(tmp_path)}}})
+    assert adapter_choice(config, {}) == {}
+    assert adapter_choice(config, {"lora": "warm", "lora_scale": 0.5}) == {"adapters": [["warm", 0.5]]}
+    assert adapter_choice(config, {"lora": "warm", "lora_scale": 0}) == {"adapters": []}
+    for choice, field in (({"lora": "cold"}, "lora"), ({"lora": "../warm"}, "lora"), ({"lora": "/etc"}, "lora"),
+                          ({"lora": "warm", "lora_scale": 3}, "lora_scale")):
+        with pytest.raises(FieldError) as raised:
+            adapter_choice(config, choice)
+        assert _field(raised) == field
+    with pytest.raises(FieldError) as raised:
+        adapter_choice(AppConfig.model_validate({"demo": True}), {"lora": "warm"})
+    assert "serves no adapters" in raised.value.message
+    defaulted = AppConfig.model_validate({"demo": True, "dit": {"adapters": {"dir": str(tmp_path), "default": "warm",
+                                                                            "default_scale": 0.7}}})
+    assert adapter_choice(defaulted, {}) == {"adapters": [["warm", 0.7]]}

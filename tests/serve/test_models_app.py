@@ -1,0 +1,156 @@
+"""Many models in one app over HTTP: two DiT variants and two LM sizes, each its own deployment,
+picked per request; DiT adapters from the server's adapter directory, per request, multiplexed,
+in a bounded LRU per replica. Real local Ray, demo checkpoints, real HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from acestep.checkpoints.demo_lora import write_demo_lora
+from tests.serve.conftest import deployed_app
+
+BIG_LM = "acestep-5Hz-lm-1.7B"
+BASE = "acestep-v15-base"
+SONG = {"caption": "calm piano", "duration": 10, "inference_steps": 4, "thinking": False, "audio_format": "wav",
+        "batch_size": 1, "seeds": [11], "use_random_seed": False}
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    for seed, name in enumerate(("warm", "bright", "dark"), start=1):
+        write_demo_lora(root / name, seed=seed)
+    return root
+
+
+@pytest.fixture(scope="module")
+def models_app(demo_root, tmp_path_factory, adapters):
+    if not (demo_root / BIG_LM).exists():  # a second LM "size": the demo LM under another served name
+        shutil.copytree(demo_root / "acestep-5Hz-lm-0.6B", demo_root / BIG_LM)
+    batch = {"max_rows": 16, "max_row_frames": 96000, "max_padding": 0.25}
+    yield from deployed_app(demo_root, tmp_path_factory.mktemp("models-state"),
+                            dit={"extra_models": [BASE], "batch": batch,
+                                 "adapters": {"dir": str(adapters), "max_loaded": 2}},
+                            lm={"extra_models": [BIG_LM]})
+
+
+@pytest.fixture(scope="module")
+def http(models_app):
+    with httpx.Client(base_url=models_app.url, timeout=300, headers=models_app.headers) as client:
+        yield client
+
+
+def _stats(models_app, deployment):
+    from ray import serve
+
+    return serve.get_deployment_handle(deployment, app_name=models_app.name).stats.remote().result()
+
+
+def _audio(http, output):
+    response = http.get(output["audios"][0]["url"])
+    assert response.status_code == 200
+    samples, rate = sf.read(io.BytesIO(response.content), dtype="float32", always_2d=True)
+    return samples
+
+
+def _generate(http, **fields):
+    response = http.post("/v1/generate", json={**SONG, **fields})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _wav(seconds=10.0, rate=48000):
+    t = np.arange(int(seconds * rate)) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    buffer = io.BytesIO()
+    sf.write(buffer, np.stack([tone, tone], axis=1), rate, format="WAV")
+    return buffer.getvalue()
+
+
+def test_every_model_is_its_own_deployment_and_listed(http, models_app):
+    ready = http.get("/ready").json()
+    assert set(ready["running_replicas"]) == {"Ingress", "LMDeployment", f"LMDeployment-{BIG_LM}",
+                                              "DiTDeployment", f"DiTDeployment-{BASE}"}
+    ids = [entry["id"] for entry in http.get("/v1/models").json()["data"]]
+    assert ids == ["acestep/acestep-v15-turbo", f"acestep/{BASE}"]
+
+
+def test_lego_without_a_model_routes_to_the_base_variant(http, models_app):
+    before = _stats(models_app, f"DiTDeployment-{BASE}")["worker"]["requests"]
+    request = {**SONG, "task_type": "lego", "instruction": "Generate the GUITAR track based on the audio context:",
+               "guidance_scale": 3.0}
+    response = http.post("/v1/generate", data={"request": json.dumps(request)},
+                         files={"src_audio": ("take.wav", _wav(), "audio/wav")})
+    assert response.status_code == 200, response.text
+    assert response.json()["metadata"]["models"]["dit"] == BASE
+    assert abs(_audio(http, response.json()).shape[0] / 48000 - 10.0) < 0.5
+    assert _stats(models_app, f"DiTDeployment-{BASE}")["worker"]["requests"] == before + 1
+    refused = http.post("/v1/generate", data={"request": json.dumps({**request, "model": "acestep-v15-turbo"})},
+                        files={"src_audio": ("take.wav", _wav(), "audio/wav")})
+    assert refused.status_code == 422
+    detail = refused.json()["detail"][0]
+    assert detail["loc"] == ["body", "task_type"] and BASE in detail["msg"]
+
+
+def test_lm_model_picks_the_lm_deployment_and_never_takes_a_path(http, models_app):
+    before = _stats(models_app, f"LMDeployment-{BIG_LM}")["requests"]
+    output = _generate(http, thinking=True, lm_model=BIG_LM)
+    assert output["metadata"]["models"]["lm"] == BIG_LM
+    assert _stats(models_app, f"LMDeployment-{BIG_LM}")["requests"] == before + 1
+    for bad in ("/opt/models/" + BIG_LM, "../" + BIG_LM, "acestep-5Hz-lm-4B"):
+        response = http.post("/v1/generate", json={**SONG, "lm_model": bad})
+        assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "lm_model"]
+    released = http.post("/release_task", json={"prompt": "calm", "lm_model_path": "/etc/passwd"})
+    assert released.status_code == 422 and "lm_model" in released.text
+
+
+def test_a_lora_changes_the_song_and_the_same_seed_reproduces_it(http):
+    plain_output = _generate(http)
+    plain = _audio(http, plain_output)
+    warm = _generate(http, lora="warm")
+    assert warm["metadata"]["models"]["adapters"] == [["warm", 1.0]]
+    # same params, another adapter: another file (the key covers the adapters)
+    assert warm["audios"][0]["key"] != plain_output["audios"][0]["key"]
+    first = _audio(http, warm)
+    assert not np.allclose(first, plain, atol=1e-3)
+    assert np.array_equal(_audio(http, _generate(http, lora="warm")), first)
+    assert np.array_equal(_audio(http, _generate(http, lora="warm", lora_scale=0)), plain)
+    for body, field in (({"lora": "../warm"}, "lora"), ({"lora": "cold"}, "lora"),
+                        ({"lora": "warm", "lora_scale": 2.5}, "lora_scale")):
+        response = http.post("/v1/generate", json={**SONG, **body})
+        assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", field], response.text
+
+
+def test_requests_with_different_adapters_never_share_a_forward(http, models_app):
+    solo_out = {name: _generate(http, lora=name, seeds=[21]) for name in ("warm", "bright")}
+    solo = {name: _audio(http, out) for name, out in solo_out.items()}
+    before = _stats(models_app, "DiTDeployment")["worker"]["forwards_by_adapters"]
+    with ThreadPoolExecutor(2) as pool:
+        outputs = dict(zip(("warm", "bright"), pool.map(lambda n: _generate(http, lora=n, seeds=[21]), ("warm", "bright"))))
+    for name, output in outputs.items():
+        assert output["audios"][0]["key"] == solo_out[name]["audios"][0]["key"]
+        assert np.allclose(_audio(http, output), solo[name], atol=1e-4)
+    after = _stats(models_app, "DiTDeployment")["worker"]["forwards_by_adapters"]
+    grew = {label for label, count in after.items() if count > before.get(label, 0)}
+    assert grew == {"warm@1", "bright@1"}  # one label per forward: never a mixed one
+
+
+def test_three_adapters_in_an_lru_of_two(http, models_app):
+    for name in ("warm", "bright"):
+        _generate(http, lora=name)
+    start = _stats(models_app, "DiTDeployment")["adapters"]
+    assert set(start["loaded"]) == {"warm", "bright"} and start["max_loaded"] == 2
+    _generate(http, lora="dark")  # evicts the least recently used: warm
+    pool = _stats(models_app, "DiTDeployment")["adapters"]
+    assert pool["loaded"] == ["bright", "dark"] and pool["evictions"] == start["evictions"] + 1
+    _generate(http, lora="warm")  # reloads it, evicting bright
+    pool = _stats(models_app, "DiTDeployment")["adapters"]
+    assert pool["loaded"] == ["dark", "warm"] and pool["loads"] == start["loads"] + 2
