@@ -17,8 +17,7 @@ import time
 import uuid
 from typing import Any, Dict, Optional
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
@@ -26,10 +25,11 @@ from starlette.concurrency import run_in_threadpool
 
 from acestep.params import GenerationConfig, GenerationParams, GenerationResult
 from serve import chat, client_paths, compat, intake, official
+from serve.adapter_api import AdapterRoutes
 from serve.audio_store import audio_response
 from serve.config import AppConfig
 from serve.deployments import LMDisabled, PlanRequest, RenderReply, RenderRequest
-from serve.driver import TaskFailure, classify, store_unavailable
+from serve.driver import TaskFailure, classify
 from serve.errors import APIError, FieldError, error_responses, retry_after
 from serve.ingress_state import IngressState, failure_status, guard_settings
 from serve.models import ModelSet, adapter_choice
@@ -44,16 +44,9 @@ from serve.schemas import (
     TaskStatus,
     UnderstandRequest,
 )
+from serve.http_app import api, json_body, not_found
 from serve.tasks import FINAL_PHASES, IdempotencyConflict, StoreFull
 
-api = FastAPI(
-    title="ACE-Step serve",
-    version="1.0",
-    description="ACE-Step 1.5 music generation on Ray Serve: a 5 Hz LM plans, a DiT + VAE renders 48 kHz "
-                "stereo. Authenticate with `Authorization: Bearer <key>` when the server has keys. Every "
-                "error of the /v1 routes has the shape `{\"detail\": [{\"loc\", \"msg\", \"type\"}]}`.",
-    responses=error_responses(401, 413, 415, 429, 503),
-)
 _MULTIPART = {"type": "object", "properties": {
     "request": {"type": "string", "description": "GenerateRequest as JSON"},
     "src_audio": {"type": "string", "format": "binary"},
@@ -62,34 +55,6 @@ _GENERATE_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": GenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
     "multipart/form-data": {"schema": _MULTIPART}}}}
 
-
-def _json_body(model) -> Dict[str, Any]:
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
-@api.exception_handler(APIError)
-async def _api_error(request: Request, error: APIError):
-    return error.response()
-
-
-@api.exception_handler(Exception)
-async def _unexpected(request: Request, error: Exception):
-    """Anything unforeseen: a code in the error model, never a traceback (the log has it)."""
-    if store_unavailable(error):
-        return APIError(503, "the task store is unavailable; retry", loc=("service",), code="store_unavailable",
-                        headers=retry_after(5)).response()
-    return APIError(500, "internal error", loc=("service",), code="internal").response()
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, error: RequestValidationError):
-    detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()]
-    return JSONResponse({"detail": detail}, status_code=422)
-
-
-def _not_found(what: str) -> APIError:
-    return APIError(404, f"unknown {what}", loc=("path", what.replace(" ", "_")), code="not_found")
 
 
 async def _events(state: IngressState, task_id: str, after: int, heartbeat_s: float = 15.0):
@@ -127,7 +92,7 @@ def _request_digest(body: Dict[str, Any], files: Dict[str, bytes]) -> str:
 
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
-class Ingress:
+class Ingress(AdapterRoutes):
     """HTTP + handle entry point; holds handles to the LM and the DiT, and the ingress state."""
 
     def __init__(self, config: AppConfig, lms: Dict[str, Any], dits: Dict[str, Any]):
@@ -196,7 +161,7 @@ class Ingress:
     async def task_status(self, task_id: str):
         record = await asyncio.to_thread(self.state.store.get, task_id)
         if record is None:
-            raise _not_found("task id")
+            raise not_found("task id")
         return record.summary()
 
     @api.delete("/v1/tasks/{task_id}", response_model=TaskStatus, responses=error_responses(404, 409))
@@ -206,7 +171,7 @@ class Ingress:
         store = self.state.store
         if not await asyncio.to_thread(store.fail, task_id, "cancelled", "cancelled"):
             if await asyncio.to_thread(store.get, task_id) is None:
-                raise _not_found("task id")
+                raise not_found("task id")
             raise APIError(409, "task already finished", loc=("path", "task_id"), code="conflict")
         return (await asyncio.to_thread(store.get, task_id)).summary()
 
@@ -215,7 +180,7 @@ class Ingress:
         """Server-sent events: one per phase/progress change, in order, ending with done or failed; a
         comment line every 15 s keeps proxies from closing a quiet stream."""
         if await asyncio.to_thread(self.state.store.get, task_id) is None:
-            raise _not_found("task id")
+            raise not_found("task id")
         last = request.headers.get("last-event-id", "")
         after = int(last) if last.lstrip("-").isdigit() and len(last) < 12 else -1
         return StreamingResponse(_events(self.state, task_id, after), media_type="text/event-stream",
@@ -234,17 +199,17 @@ class Ingress:
 
     # -- HTTP: LM helpers --------------------------------------------------------------------------
 
-    @api.post("/v1/understand", openapi_extra=_json_body(UnderstandRequest), responses=error_responses(400, 422))
+    @api.post("/v1/understand", openapi_extra=json_body(UnderstandRequest), responses=error_responses(400, 422))
     async def understand(self, request: Request):
         fields = (await self._read_model(request, UnderstandRequest)).model_dump()
         return await self._lm_call(self.lm.understand, "audio_codes", fields.pop("audio_codes"), **fields)
 
-    @api.post("/v1/create_sample", openapi_extra=_json_body(CreateSampleRequest), responses=error_responses(400, 422))
+    @api.post("/v1/create_sample", openapi_extra=json_body(CreateSampleRequest), responses=error_responses(400, 422))
     async def create_sample(self, request: Request):
         fields = (await self._read_model(request, CreateSampleRequest)).model_dump()
         return await self._lm_call(self.lm.create_sample, "query", fields.pop("query"), **fields)
 
-    @api.post("/v1/format_sample", openapi_extra=_json_body(FormatSampleRequest), responses=error_responses(400, 422))
+    @api.post("/v1/format_sample", openapi_extra=json_body(FormatSampleRequest), responses=error_responses(400, 422))
     async def format_sample(self, request: Request):
         fields = (await self._read_model(request, FormatSampleRequest)).model_dump()
         return await self._lm_call(self.lm.format_sample, "caption", fields.pop("caption"), fields.pop("lyrics"),
@@ -425,7 +390,7 @@ class Ingress:
     async def reinitialize(self, request: Request):
         return await self.init_model(request)
 
-    @api.post("/v1/chat/completions", openapi_extra=_json_body(chat.ChatRequest),
+    @api.post("/v1/chat/completions", openapi_extra=json_body(chat.ChatRequest),
               responses=error_responses(400, 408, 409, 422, 429, 503))
     async def chat_completions(self, request: Request):
         """OpenAI/OpenRouter-style: messages (text with ``<prompt>``/``<lyrics>`` tags or a description,
@@ -504,7 +469,8 @@ class Ingress:
         dit = self.models.pick_dit(choice.get("model"), params.task_type, turbo)
         lm = self.models.lm_name(choice.get("lm_model"))
         params, config, seeds = intake.prepare(params, config, files, is_turbo=turbo[dit])
-        return params, config, seeds, {"dit_model": dit, "lm_model": lm, **adapter_choice(self.config, choice)}
+        adapters = adapter_choice(self.config, choice, await self._defaults() if self.config.dit.adapters.dir else None)
+        return params, config, seeds, {"dit_model": dit, "lm_model": lm, **adapters}
 
     async def _submit(self, source, params, config, seeds, files, extras, key_name, *, sync=False,
                       idempotency=(None, None)) -> str:

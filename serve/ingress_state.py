@@ -44,8 +44,9 @@ def guard_settings(config: AppConfig):
     from serve.guard import GuardSettings, KeyRing
 
     ingress = config.ingress
+    lora = {"/v1/lora/load", "/v1/lora/unload", "/v1/lora/toggle", "/v1/lora/scale"}
     official = frozenset({"/release_task", "/query_result", "/format_input", "/create_random_sample",
-                          "/v1/init", "/v1/reinitialize"})
+                          "/v1/init", "/v1/reinitialize", "/v1/lora/status", *lora})
     public = {"/health", "/ready"} | ({"/docs", "/openapi.json", "/docs/oauth2-redirect"} if ingress.public_docs else set())
     json_only = frozenset({"application/json"})
     json_or_form = frozenset({"application/json", "multipart/form-data"})
@@ -55,7 +56,7 @@ def guard_settings(config: AppConfig):
         upload_paths=frozenset({"/v1/generate", "/v1/tasks", "/release_task", "/v1/chat/completions"}),
         content_types={"/v1/understand": json_only, "/v1/create_sample": json_only, "/v1/format_sample": json_only,
                        "/v1/generate": json_or_form, "/v1/tasks": json_or_form,
-                       "/v1/chat/completions": json_only},
+                       "/v1/chat/completions": json_only, **{path: json_only for path in lora - {"/v1/lora/unload"}}},
     )
 
 

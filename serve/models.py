@@ -91,23 +91,32 @@ class ModelSet:
         return {"dit": list(self.dits), "lm": list(self.lms)}
 
 
-def adapter_choice(config, choice: Dict[str, Any]) -> Dict[str, Any]:
+def adapter_choice(config, choice: Dict[str, Any], defaults: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The request's adapters as task extras (``{"adapters": [[name, scale]]}``; {} for none): its
-    ``lora`` / ``lora_scale``, else the configured default adapter. 422 naming ``lora``."""
+    ``lora`` / ``lora_scale``, else the default set (``defaults``: {"adapters": {name: scale},
+    "use_lora"}, set by /v1/lora/*; else the configured default). 422 naming the field."""
     from acestep.dit.adapters import AdapterError, adapter_setting, list_adapters
 
     settings = config.dit.adapters
-    name = choice.get("lora") or settings.default
-    if not name:
+    if choice.get("lora"):
+        wanted = {choice["lora"]: choice.get("lora_scale", 1.0)}
+    else:
+        if defaults is None:
+            defaults = {"adapters": {settings.default: settings.default_scale} if settings.default else {},
+                        "use_lora": bool(settings.default)}
+        wanted = dict(defaults["adapters"]) if defaults["use_lora"] else {}
+        if len(wanted) == 1 and "lora_scale" in choice:
+            wanted = {name: choice["lora_scale"] for name in wanted}
+    if not wanted:
         return {}
-    scale = choice.get("lora_scale", 1.0 if choice.get("lora") else settings.default_scale)
     if not settings.dir:
         raise FieldError("lora", "this app serves no adapters (dit.adapters.dir is not set)")
     try:
-        setting = adapter_setting(name, float(scale))
+        setting = adapter_setting({name: float(scale) for name, scale in wanted.items()})
     except AdapterError as error:
         raise FieldError("lora_scale" if "lora_scale" in str(error) else "lora", str(error)) from None
     root = Path(settings.dir)
-    if root.is_dir() and name not in list_adapters(root):  # else (not on this node) the DiT replica checks
-        raise FieldError("lora", f"no adapter named {name!r} in the adapter directory (GET /v1/adapters)")
+    missing = [name for name in wanted if root.is_dir() and name not in list_adapters(root)]
+    if missing:  # (a directory not on this node: the DiT replica checks)
+        raise FieldError("lora", f"no adapter named {missing[0]!r} in the adapter directory (GET /v1/adapters)")
     return {"adapters": [list(pair) for pair in setting]}

@@ -8,7 +8,8 @@ Layout, all under one key prefix:
   unfinished tasks, ``P:active:KEYNAME`` sets of each key name's unfinished tasks and the
   ``P:phases`` hash counting unfinished tasks per phase;
 - ``P:finished`` and ``P:failed`` sorted sets of finished tasks scored by finish time;
-- ``P:idem:HASH`` hash (task_id, digest) for each key name's idempotency key.
+- ``P:idem:HASH`` hash (task_id, digest) for each key name's idempotency key;
+- ``P:settings`` hash of the service-wide settings (JSON values).
 
 Read-modify-writes WATCH the task's hash, apply the shared rules from ``serve.tasks`` and write the
 record and every index in one MULTI, retrying when another client changed the hash in between, so
@@ -282,6 +283,13 @@ class RedisTaskStore(TaskStore):
             counts[phase] = max(int(count), 0)
         counts["done"], counts["failed"] = finished - failed, failed
         return {"tasks": counts, "records": unfinished + finished}
+
+    def get_setting(self, name: str) -> Optional[Any]:
+        value = self._redis.hget(self._key("settings"), name)
+        return None if value is None else json.loads(value)
+
+    def put_setting(self, name: str, value: Any) -> None:
+        self._redis.hset(self._key("settings"), name, json.dumps(value))
 
     def ping(self) -> bool:
         try:

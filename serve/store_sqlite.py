@@ -34,6 +34,7 @@ _SCHEMA = (
         task_id TEXT NOT NULL, seq INTEGER NOT NULL, phase TEXT NOT NULL, progress REAL NOT NULL,
         message TEXT NOT NULL, time REAL NOT NULL, detail TEXT, PRIMARY KEY (task_id, seq)
     ) WITHOUT ROWID""",
+    "CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS tasks_phase ON tasks (phase)",
     "CREATE INDEX IF NOT EXISTS tasks_unfinished_key ON tasks (key_name) WHERE finished = 0",
     "CREATE INDEX IF NOT EXISTS tasks_lease ON tasks (lease_until) WHERE finished = 0",
@@ -253,6 +254,15 @@ class SQLiteTaskStore(TaskStore):
         for phase, count in self._conn().execute("SELECT phase, COUNT(*) FROM tasks GROUP BY phase"):
             counts[phase] = count
         return {"tasks": counts, "records": sum(counts.values())}
+
+    def get_setting(self, name: str) -> Optional[Any]:
+        row = self._conn().execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def put_setting(self, name: str, value: Any) -> None:
+        with self._transaction() as conn:
+            conn.execute("INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "
+                         "value = excluded.value", (name, json.dumps(value)))
 
     def ping(self) -> bool:
         try:

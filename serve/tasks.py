@@ -293,6 +293,14 @@ class TaskStore(abc.ABC):
         """Delete finished records past the TTL, then the oldest finished beyond the record cap."""
 
     @abc.abstractmethod
+    def get_setting(self, name: str) -> Optional[Any]:
+        """A service-wide setting every replica shares (JSON), or None when never set."""
+
+    @abc.abstractmethod
+    def put_setting(self, name: str, value: Any) -> None:
+        ...
+
+    @abc.abstractmethod
     def ping(self) -> bool:
         ...
 

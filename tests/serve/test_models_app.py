@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -154,3 +155,61 @@ def test_three_adapters_in_an_lru_of_two(http, models_app):
     _generate(http, lora="warm")  # reloads it, evicting bright
     pool = _stats(models_app, "DiTDeployment")["adapters"]
     assert pool["loaded"] == ["dark", "warm"] and pool["loads"] == start["loads"] + 2
+
+
+def _lora(http, route, body=None):
+    response = http.post(f"/v1/lora/{route}", json=body) if body is not None else http.post(f"/v1/lora/{route}")
+    return response
+
+
+def test_official_lora_routes_set_the_default_adapter(http, models_app):
+    plain = _audio(http, _generate(http, seeds=[31]))
+    warm = _audio(http, _generate(http, lora="warm", seeds=[31]))
+    loaded = _lora(http, "load", {"lora_path": "warm"})
+    assert loaded.status_code == 200 and loaded.json()["code"] == 200
+    assert loaded.json()["data"] == {"message": "LoRA warm is the default adapter", "lora_path": "warm"}
+    status = http.get("/v1/lora/status").json()["data"]
+    assert (status["lora_loaded"], status["use_lora"], status["lora_scale"], status["adapters"]) == (
+        True, True, 1.0, ["warm"])
+    try:
+        assert np.array_equal(_audio(http, _generate(http, seeds=[31])), warm)  # a request naming none
+        scaled = _lora(http, "scale", {"scale": 0.0}).json()
+        assert scaled["code"] == 200 and scaled["data"]["scale"] == 0.0
+        assert np.array_equal(_audio(http, _generate(http, seeds=[31])), plain)
+        _lora(http, "scale", {"scale": 1.0})
+        toggled = _lora(http, "toggle", {"use_lora": False}).json()
+        assert toggled["data"] == {"message": "LoRA disabled", "use_lora": False}
+        assert np.array_equal(_audio(http, _generate(http, seeds=[31])), plain)
+        _lora(http, "toggle", {"use_lora": True})
+        assert _lora(http, "scale", {"scale": 0.5, "adapter_name": "cold"}).json()["code"] == 400
+    finally:
+        assert _lora(http, "unload").json()["data"]["message"].startswith("LoRA unloaded")
+    assert http.get("/v1/lora/status").json()["data"]["lora_loaded"] is False
+    assert _lora(http, "toggle", {"use_lora": True}).json()["code"] == 400
+    assert np.array_equal(_audio(http, _generate(http, seeds=[31])), plain)
+
+
+def test_lora_path_is_a_name_never_a_path(http, adapters, tmp_path):
+    outside = write_demo_lora(tmp_path / "outside")
+    for bad in ("/etc", str(outside), "../outside", "warm/../../outside", "a/b", "~root", "cold"):
+        response = _lora(http, "load", {"lora_path": bad})
+        assert response.status_code == 400, (bad, response.text)
+        assert response.json()["detail"][0]["loc"] == ["body", "lora_path"]
+    assert http.get("/v1/lora/status").json()["data"]["lora_loaded"] is False
+
+
+def test_adapters_lists_the_directory_with_formats_and_holders(http):
+    _generate(http, lora="dark")
+    listed = http.get("/v1/adapters").json()
+    by_name = {entry["name"]: entry for entry in listed["adapters"]}
+    assert set(by_name) == {"warm", "bright", "dark"} and listed["max_loaded_per_replica"] == 2
+    dark = by_name["dark"]
+    assert (dark["format"], dark["kind"], dark["rank"], dark["alpha"]) == ("peft", "lora", 4, 8.0)
+    assert len(dark["target_modules"]) == 16 and dark["size_bytes"] > 0 and "path" not in dark
+    assert listed["default"] == {"adapters": {}, "use_lora": False}
+    deadline = time.time() + 60  # the view of the replicas refreshes every 2 s; a bound, not a timing
+    while not by_name["dark"]["replicas"]:
+        assert time.time() < deadline, "no replica reported holding the adapter"
+        time.sleep(0.5)
+        by_name = {entry["name"]: entry for entry in http.get("/v1/adapters").json()["adapters"]}
+    assert by_name["dark"]["replicas"][0].startswith("DiTDeployment")

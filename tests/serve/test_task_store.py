@@ -521,3 +521,15 @@ def test_redis_server_helper_needs_the_binary(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="redis-server"):
         with start_redis(tmp_path):
             pass
+
+
+def test_settings_are_shared_by_every_store_on_the_same_url(open_store):
+    first, second = open_store(), open_store()
+    assert first.get_setting("lora_default") is None
+    first.put_setting("lora_default", {"adapters": {"warm": 0.5}, "use_lora": True})
+    assert second.get_setting("lora_default") == {"adapters": {"warm": 0.5}, "use_lora": True}
+    second.put_setting("lora_default", {"adapters": {}, "use_lora": False})
+    assert first.get_setting("lora_default") == {"adapters": {}, "use_lora": False}
+    first.create({"caption": "x"})
+    first.purge(now=time.time() + 10**9)
+    assert second.get_setting("lora_default") == {"adapters": {}, "use_lora": False}  # purge keeps settings
