@@ -122,7 +122,8 @@ def read_adapter(path: Union[str, Path], name: Optional[str] = None) -> AdapterF
     fmt, weights = adapter_format(path)
     name = check_name(name or path.name.removesuffix(".safetensors"))
     state, metadata = AceStepLoraLoaderMixin.lora_state_dict(str(weights), return_lora_metadata=True)
-    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    # diffusers converts the official names (and drops PEFT's prefix) only for LoRA on q/k/v/o_proj
+    state = {k.removeprefix("transformer.").removeprefix("base_model.model."): v for k, v in state.items()}
     kind = "lokr" if any(".lokr_" in k for k in state) else "lora"
     if not state or (kind == "lora" and not all(".lora_A." in k or ".lora_B." in k for k in state)):
         raise AdapterError(f"{path.name}: tensors are neither LoRA (lora_A/lora_B) nor LoKr (lokr_*); "
@@ -175,6 +176,21 @@ def _lora_config(adapter: AdapterFile) -> Dict[str, Any]:
             "lora_dropout": 0.0}
 
 
+def _lokr_config(adapter: AdapterFile) -> Optional[Dict[str, Any]]:
+    """peft LoKrConfig kwargs from the adapter's own config, targeting exactly its modules; None
+    (diffusers infers the factorisation from the tensors) for files without a config."""
+    import dataclasses
+
+    from peft import LoKrConfig
+
+    if not adapter.config:
+        return None
+    names = {f.name for f in dataclasses.fields(LoKrConfig) if f.init} - {"peft_type", "task_type", "inference_mode",
+                                                                         "base_model_name_or_path", "revision"}
+    kwargs = {k: v for k, v in adapter.config.items() if k in names}
+    return {**kwargs, "target_modules": list(adapter.info.target_modules), "rank_dropout": 0.0, "module_dropout": 0.0}
+
+
 class AdapterSlots:
     """The adapters loaded into one transformer and the setting its next forward uses.
 
@@ -196,7 +212,7 @@ class AdapterSlots:
         if info.name in self.loaded:
             raise AdapterError(f"{info.name}: an adapter of that name is already loaded")
         self._require_unfused()
-        kwargs = {} if info.kind == "lokr" else {"metadata": _lora_config(adapter)}
+        kwargs = {"metadata": _lokr_config(adapter) if info.kind == "lokr" else _lora_config(adapter)}
         try:
             with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the point
                 warnings.simplefilter("ignore", UserWarning)

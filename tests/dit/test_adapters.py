@@ -207,3 +207,38 @@ def test_lora_inspect_reports_format_rank_targets_and_fit(demo_root, adapter_dir
     assert "maps onto acestep-v15-turbo: 0/16 target modules" in out and "model 2048x2048" in out
     assert main(["lora", "inspect", str(adapter_dir)]) == 1
     assert "not an adapter folder" in capsys.readouterr().err
+
+
+def test_a_peft_lokr_adapter_loads_and_matches_peft(tmp_path):
+    """LoKr (Kronecker factors) in the PEFT layout: the same outputs as peft's own model."""
+    from peft import LoKrConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from acestep.checkpoints.demo import tiny_dit_config
+    from acestep.checkpoints.loader import build_dit_modules
+    from acestep.dit.adapters import AdapterSlots
+
+    def tiny():
+        torch.manual_seed(0)
+        return build_dit_modules(tiny_dit_config("turbo"), device="cpu")["transformer"]
+
+    config = LoKrConfig(r=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_weights=False)
+    reference = get_peft_model(tiny(), config)
+    folder = tmp_path / "texture"
+    folder.mkdir()
+    state = {k: v.contiguous() for k, v in get_peft_model_state_dict(reference).items()}
+    assert next(iter(state)).startswith("base_model.model.layers.")  # as PEFT's save_pretrained names them
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({**config.to_dict(), "peft_type": "LOKR",
+                                                            "target_modules": list(config.target_modules)}))
+    adapter = read_adapter(folder)
+    assert (adapter.info.kind, adapter.info.format, adapter.info.rank, adapter.info.alpha) == ("lokr", "peft", 4, 8.0)
+    model = tiny()
+    x = torch.randn(1, 24, 32)
+    base = model.layers[0].self_attn.to_q(x).detach()
+    slots = AdapterSlots(model)
+    slots.load(adapter)
+    slots.activate((("texture", 1.0),))
+    ours = model.layers[1].cross_attn.to_v(x).detach()
+    assert torch.allclose(ours, reference.base_model.model.layers[1].cross_attn.to_v(x).detach(), atol=1e-5)
+    assert not torch.allclose(model.layers[0].self_attn.to_q(x).detach(), base, atol=1e-4)
