@@ -174,6 +174,12 @@ def bench_dit_serving(bench: Bench, dtype: torch.dtype, iters: int) -> None:
     run(bench, dtype, quick=bench.tiny)
 
 
+def bench_adapters(bench: Bench, dtype: torch.dtype, iters: int) -> None:
+    from bench.adapters import run
+
+    run(bench, dtype, quick=bench.tiny)
+
+
 def bench_e2e(bench: Bench, dtype: torch.dtype, iters: int) -> None:
     from bench.e2e import run
 
@@ -181,7 +187,8 @@ def bench_e2e(bench: Bench, dtype: torch.dtype, iters: int) -> None:
 
 
 SECTIONS = {"dit": bench_dit, "vae": bench_vae, "encoders": bench_encoders, "lm": bench_lm,
-            "lm-serving": bench_lm_serving, "dit-serving": bench_dit_serving, "e2e": bench_e2e}
+            "lm-serving": bench_lm_serving, "dit-serving": bench_dit_serving, "adapters": bench_adapters,
+            "e2e": bench_e2e}
 
 
 def standalone(argv, prog: str, description: str, out: str, run) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from safetensors.torch import save_file
@@ -22,9 +22,11 @@ _TO_OFFICIAL = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out.0"
 _ATTENTION = re.compile(r"^layers\.\d+\.(self_attn|cross_attn)\.(to_q|to_k|to_v|to_out\.0)$")
 
 
-def _lora_tensors(variant: str, rank: int, seed: int) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    """{diffusers module path: (lora_A [r, in], lora_B [out, r])} for the tiny DiT's attention."""
-    transformer = build_dit_modules(tiny_dit_config(variant), device="meta")["transformer"]
+def _lora_tensors(variant: str, rank: int, seed: int, config: Optional[Dict] = None
+                  ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """{diffusers module path: (lora_A [r, in], lora_B [out, r])} for the DiT's attention (the
+    tiny demo DiT of ``variant``, or the DiT of an official ``config``)."""
+    transformer = build_dit_modules(config or tiny_dit_config(variant), device="meta")["transformer"]
     generator = torch.Generator().manual_seed(seed)
     out = {}
     for name, module in transformer.named_modules():
@@ -42,12 +44,12 @@ def _official_name(path: str) -> str:
 
 
 def write_demo_lora(folder: str | Path, variant: str = "turbo", rank: int = 4, alpha: int = 8,
-                    seed: int = 0) -> Path:
-    """An official-layout PEFT LoRA for the demo ``variant`` DiT."""
+                    seed: int = 0, config: Optional[Dict] = None) -> Path:
+    """An official-layout PEFT LoRA for the demo ``variant`` DiT (or the DiT of ``config``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {}
-    for path, (a, b) in _lora_tensors(variant, rank, seed).items():
+    for path, (a, b) in _lora_tensors(variant, rank, seed, config).items():
         name = _official_name(path)
         state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = a.contiguous(), b.contiguous()
     save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -76,3 +76,14 @@ def test_bench_dit_serving_quick_runs_both_modes(tmp_path):
     assert rows["worker"]["concurrent"] == rows["serial batch 1"]["concurrent"] == 4
     assert rows["worker"]["max_items_per_forward"] > 1 and rows["serial batch 1"]["max_items_per_forward"] == 1
     assert "songs_per_min_vs_serial" in rows["worker"]
+
+
+def test_bench_adapters_reports_switch_cost_and_the_mixed_stream(tmp_path):
+    from bench.adapters import SECTION as ADAPTERS_SECTION
+
+    out = tmp_path / "gpu.json"
+    assert main(["--tiny", "--out", str(out), "--budget-s", "300", "--sections", "adapters"]) == 0
+    switch, mixed = json.loads(out.read_text())["sections"][ADAPTERS_SECTION]
+    assert switch["load_s"] > 0 and switch["first_request_s"] > 0 and switch["warm_request_s"] > 0
+    assert mixed["one_adapter_songs_per_min"] > 0 and mixed["four_adapters_songs_per_min"] > 0
+    assert {"a1@1", "a2@1", "a3@1"} <= set(mixed["forwards_by_adapters"])  # each adapter ran its own forwards
