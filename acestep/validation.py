@@ -57,12 +57,23 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+class _Between:
+    """A range check that also states its range (the HTTP schema shows it as minimum/maximum)."""
+
+    def __init__(self, lo, hi, integer: bool = False):
+        self.lo, self.hi, self.integer = lo, hi, integer
+
+    def __call__(self, v) -> bool:
+        kind_ok = isinstance(v, int) and not isinstance(v, bool) if self.integer else _number(v)
+        return kind_ok and self.lo <= v <= self.hi
+
+
 def _between(lo, hi) -> Callable[[Any], bool]:
-    return lambda v: _number(v) and lo <= v <= hi
+    return _Between(lo, hi)
 
 
 def _int_between(lo, hi) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+    return _Between(lo, hi, integer=True)
 
 
 def _decreasing_unit(values) -> bool:
@@ -85,6 +96,11 @@ class Rule:
     check: Callable[[Any], bool]
     allowed: str
     optional: bool = False
+
+    @property
+    def bounds(self) -> Optional[tuple]:
+        """(minimum, maximum) when the rule is a plain range."""
+        return (self.check.lo, self.check.hi) if isinstance(self.check, _Between) else None
 
 
 RULES: List[Rule] = [

@@ -34,6 +34,7 @@ from serve.errors import APIError, FieldError, error_responses, retry_after
 from serve.ingress_state import IngressState, failure_status, guard_settings
 from serve.models import ModelSet, adapter_choice
 from serve.replica import json_safe
+from serve.studio import StudioRoutes
 from serve.schemas import (
     AudioItem,
     CreateSampleRequest,
@@ -92,13 +93,13 @@ def _request_digest(body: Dict[str, Any], files: Dict[str, bytes]) -> str:
 
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
-class Ingress(AdapterRoutes):
+class Ingress(AdapterRoutes, StudioRoutes):
     """HTTP + handle entry point; holds handles to the LM and the DiT, and the ingress state."""
 
     def __init__(self, config: AppConfig, lms: Dict[str, Any], dits: Dict[str, Any]):
-        self.config, self.models = config, ModelSet.of(config)
+        self.config, self.served = config, ModelSet.of(config)
         self.lms, self.dits = lms, dits
-        self.lm, self.dit = lms[self.models.default_lm], dits[self.models.default_dit]
+        self.lm, self.dit = lms[self.served.default_lm], dits[self.served.default_dit]
         self.state = IngressState(config, self._pipeline, lms, dits)
         self._started = int(time.time())
         api.user_middleware.clear()
@@ -380,9 +381,9 @@ class Ingress(AdapterRoutes):
         view = self.state.model_view()
         wanted = body.get("model") or body.get("config_path")
         try:
-            loaded = self.models.dit_name(str(wanted).rsplit("/", 1)[-1] if wanted else None)
+            loaded = self.served.dit_name(str(wanted).rsplit("/", 1)[-1] if wanted else None)
         except FieldError:
-            return compat.envelope(None, 400, f"model not served by this app; it serves {', '.join(self.models.dits)}")
+            return compat.envelope(None, 400, f"model not served by this app; it serves {', '.join(self.served.dits)}")
         return compat.envelope({"message": "already initialized", "loaded_model": loaded,
                                 "loaded_lm_model": view["lm"]["model"] if view["lm"]["enabled"] else None})
 
@@ -419,7 +420,7 @@ class Ingress(AdapterRoutes):
     async def _chat_task(self, request: Request):
         """(request, model id, a coroutine function submitting the task): everything checked first."""
         req = chat.parse_request(await intake.read_json_object(request))
-        model_id = "acestep/" + self.models.dit_name(req.model, status=400)
+        model_id = "acestep/" + self.served.dit_name(req.model, status=400)
         found = chat.resolve_input(req, chat.read_messages(req.messages))
         if chat.no_input(req, found):
             raise FieldError("messages", "no prompt, lyrics, description or input audio in the messages", 400)
@@ -466,8 +467,8 @@ class Ingress(AdapterRoutes):
         """The DiT and LM for the request (``serve.models``), then the library's checks with that
         DiT's rules → (params, config, seeds, the choice as task extras)."""
         turbo = await self.state.turbo_by_model()
-        dit = self.models.pick_dit(choice.get("model"), params.task_type, turbo)
-        lm = self.models.lm_name(choice.get("lm_model"))
+        dit = self.served.pick_dit(choice.get("model"), params.task_type, turbo)
+        lm = self.served.lm_name(choice.get("lm_model"))
         params, config, seeds = intake.prepare(params, config, files, is_turbo=turbo[dit])
         adapters = adapter_choice(self.config, choice, await self._defaults() if self.config.dit.adapters.dir else None)
         return params, config, seeds, {"dit_model": dit, "lm_model": lm, **adapters}
@@ -530,8 +531,8 @@ class Ingress(AdapterRoutes):
         audios = [AudioItem(key=item.file_key, url=f"/v1/audio/{item.file_key}", format=item.format,
                             sample_rate=item.sample_rate, seed=item.seed, params=item.params)
                   for item in reply.items]
-        models = {"dit": extras.get("dit_model") or self.models.default_dit,
-                  "lm": extras.get("lm_model") or self.models.default_lm, "adapters": adapters or []}
+        models = {"dit": extras.get("dit_model") or self.served.default_dit,
+                  "lm": extras.get("lm_model") or self.served.default_lm, "adapters": adapters or []}
         return GenerationOutput(task_id=task_id, audios=audios, metadata={**reply.metadata, "models": models},
                                 time_costs=reply.time_costs, status_message=reply.status_message).model_dump()
 

@@ -97,10 +97,11 @@ class _ModelReplica:
         for task_id in task_ids:
             self._progress.report(task_id, phase, progress, message, detail)
 
-    async def _report_now(self, task_id: str, phase: str, progress: float, message: str = "") -> None:
+    async def _report_now(self, task_id: str, phase: str, progress: float, message: str = "",
+                          detail: Optional[Dict[str, Any]] = None) -> None:
         """A phase change, written before the work goes on (coalescing must not drop it: the task
         may finish before the sink's next flush)."""
-        self._progress.report(task_id, phase, progress, message)
+        self._progress.report(task_id, phase, progress, message, detail)
         await asyncio.to_thread(self._progress.flush)
 
     async def _tracked(self, work):
@@ -127,6 +128,13 @@ class _ModelReplica:
 
 
 LM_START, LM_DONE = 0.05, 0.3  # the LM's share of a task's progress
+PLAN_FIELDS = ("bpm", "keyscale", "timesignature", "duration", "language", "caption", "lyrics")
+
+
+def plan_summary(plans) -> Dict[str, Any]:
+    """The first item's plan as the LM-done event shows it (metadata only, never the codes)."""
+    metadata = (plans[0].metadata if plans else None) or {}
+    return json_safe({name: metadata[name] for name in PLAN_FIELDS if metadata.get(name) not in (None, "")})
 
 
 def lm_fraction(event) -> float:
@@ -169,7 +177,7 @@ class LMDeployment(_ModelReplica):
             cancel.cancel()
             raise
         if outcome.plans is not None:
-            await self._report_now(job.task_id, "lm", LM_DONE, "LM done")
+            await self._report_now(job.task_id, "lm", LM_DONE, "LM done", {"plan": plan_summary(outcome.plans)})
         return outcome
 
     def _progress_reporter(self, task_id: str):

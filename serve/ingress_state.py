@@ -47,7 +47,10 @@ def guard_settings(config: AppConfig):
     lora = {"/v1/lora/load", "/v1/lora/unload", "/v1/lora/toggle", "/v1/lora/scale"}
     official = frozenset({"/release_task", "/query_result", "/format_input", "/create_random_sample",
                           "/v1/init", "/v1/reinitialize", "/v1/lora/status", *lora})
-    public = {"/health", "/ready"} | ({"/docs", "/openapi.json", "/docs/oauth2-redirect"} if ingress.public_docs else set())
+    from serve.studio import PUBLIC_PATHS as STUDIO
+
+    public = {"/health", "/ready", *STUDIO} | (
+        {"/docs", "/openapi.json", "/docs/oauth2-redirect"} if ingress.public_docs else set())
     json_only = frozenset({"application/json"})
     json_or_form = frozenset({"application/json", "multipart/form-data"})
     return GuardSettings(

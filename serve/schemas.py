@@ -31,14 +31,24 @@ class _RequestBase(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+def _documented_ranges() -> Dict[str, Dict[str, Any]]:
+    """minimum/maximum of the library's range rules, shown in the schema (clients such as the
+    studio read them); the library stays the judge and its messages the answer."""
+    from acestep.validation import RULES
+
+    return {rule.field: {"minimum": rule.bounds[0], "maximum": rule.bounds[1]} for rule in RULES if rule.bounds}
+
+
 def _fields_of(dataclass_type, skip=()) -> Dict[str, Tuple[Any, Any]]:
     hints = get_type_hints(dataclass_type)
+    ranges = _documented_ranges()
     fields = {}
     for f in dataclasses.fields(dataclass_type):
         if f.name in skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        fields[f.name] = (hints[f.name], Field(default, description=_DESCRIPTIONS.get(f.name)))
+        fields[f.name] = (hints[f.name], Field(default, description=_DESCRIPTIONS.get(f.name),
+                                               json_schema_extra=ranges.get(f.name)))
     return fields
 
 

@@ -20,22 +20,23 @@ def demo_root(tmp_path_factory):
     return write_demo_checkpoints(tmp_path_factory.mktemp("checkpoints"))
 
 
-@pytest.fixture(scope="session")
-def turbo_handler(demo_root):
+def dit_handler(demo_root, variant: str = "turbo"):
+    """A fresh DiT handler on the demo checkpoints (CPU)."""
     from acestep.handler import AceStepHandler
 
     handler = AceStepHandler()
-    handler.initialize_service(str(demo_root), "acestep-v15-turbo", device="cpu")
+    handler.initialize_service(str(demo_root), f"acestep-v15-{variant}", device="cpu")
     return handler
+
+
+@pytest.fixture(scope="session")
+def turbo_handler(demo_root):
+    return dit_handler(demo_root, "turbo")
 
 
 @pytest.fixture(scope="session")
 def base_handler(demo_root):
-    from acestep.handler import AceStepHandler
-
-    handler = AceStepHandler()
-    handler.initialize_service(str(demo_root), "acestep-v15-base", device="cpu")
-    return handler
+    return dit_handler(demo_root, "base")
 
 
 def write_tone(path, seconds: float, sample_rate: int = 48000, channels: int = 2, freq: float = 220.0):

@@ -14,8 +14,8 @@ import torch
 from acestep.checkpoints.demo_lora import write_demo_lora, write_demo_lora_diffusers
 from acestep.dit.adapters import AdapterError, adapter_setting, read_adapter, resolve_adapter_path
 from acestep.dit.prepare import sampling_settings
-from acestep.handler import AceStepHandler
 from acestep.params import GenerationParams
+from tests.conftest import dit_handler
 from tests.dit.test_batching import _wait_for, held
 
 
@@ -32,8 +32,7 @@ def adapter_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def handler(demo_root):
     """A handler of its own: adapters change its transformer's modules."""
-    handler = AceStepHandler()
-    handler.initialize_service(str(demo_root), "acestep-v15-turbo", device="cpu")
+    handler = dit_handler(demo_root)
     yield handler
     handler.loop.close()
 
@@ -192,6 +191,15 @@ def test_unloading_an_adapter_in_use_is_refused(handler, adapter_dir):
         assert handler.unload_lora("dark") == ["dark"]
     finally:
         release.set()
+
+
+def test_demo_checkpoints_can_write_a_demo_lora_that_maps(tmp_path, capsys):
+    from acestep.cli import main
+
+    assert main(["demo-checkpoints", str(tmp_path / "ck"), "--lora", str(tmp_path / "loras" / "demo")]) == 0
+    assert (tmp_path / "loras" / "demo" / "adapter_config.json").is_file()
+    assert main(["lora", "inspect", str(tmp_path / "loras" / "demo"), "--checkpoints", str(tmp_path / "ck")]) == 0
+    assert "16/16 target modules" in capsys.readouterr().out
 
 
 def test_lora_inspect_reports_format_rank_targets_and_fit(demo_root, adapter_dir, capsys):

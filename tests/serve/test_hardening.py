@@ -218,7 +218,7 @@ def test_openapi_fuzz_finds_no_server_error(hard_app):
         operation = result.ok()
         operations += 1
 
-        @hypothesis.settings(max_examples=5, deadline=None, derandomize=True, database=None,
+        @hypothesis.settings(max_examples=3, deadline=None, derandomize=True, database=None,
                              suppress_health_check=list(hypothesis.HealthCheck),
                              phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate])
         @hypothesis.given(case=operation.as_strategy())

@@ -17,6 +17,7 @@ import soundfile as sf
 
 from acestep.checkpoints.demo_lora import write_demo_lora
 from tests.serve.conftest import deployed_app
+from tests.serve.test_app import _wav_bytes
 
 BIG_LM = "acestep-5Hz-lm-1.7B"
 BASE = "acestep-v15-base"
@@ -68,14 +69,6 @@ def _generate(http, **fields):
     return response.json()
 
 
-def _wav(seconds=10.0, rate=48000):
-    t = np.arange(int(seconds * rate)) / rate
-    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-    buffer = io.BytesIO()
-    sf.write(buffer, np.stack([tone, tone], axis=1), rate, format="WAV")
-    return buffer.getvalue()
-
-
 def test_every_model_is_its_own_deployment_and_listed(http, models_app):
     ready = http.get("/ready").json()
     assert set(ready["running_replicas"]) == {"Ingress", "LMDeployment", f"LMDeployment-{BIG_LM}",
@@ -89,13 +82,13 @@ def test_lego_without_a_model_routes_to_the_base_variant(http, models_app):
     request = {**SONG, "task_type": "lego", "instruction": "Generate the GUITAR track based on the audio context:",
                "guidance_scale": 3.0}
     response = http.post("/v1/generate", data={"request": json.dumps(request)},
-                         files={"src_audio": ("take.wav", _wav(), "audio/wav")})
+                         files={"src_audio": ("take.wav", _wav_bytes(10.0), "audio/wav")})
     assert response.status_code == 200, response.text
     assert response.json()["metadata"]["models"]["dit"] == BASE
     assert abs(_audio(http, response.json()).shape[0] / 48000 - 10.0) < 0.5
     assert _stats(models_app, f"DiTDeployment-{BASE}")["worker"]["requests"] == before + 1
     refused = http.post("/v1/generate", data={"request": json.dumps({**request, "model": "acestep-v15-turbo"})},
-                        files={"src_audio": ("take.wav", _wav(), "audio/wav")})
+                        files={"src_audio": ("take.wav", _wav_bytes(10.0), "audio/wav")})
     assert refused.status_code == 422
     detail = refused.json()["detail"][0]
     assert detail["loc"] == ["body", "task_type"] and BASE in detail["msg"]

@@ -1,0 +1,245 @@
+// The studio page: a form built on the server's own schema (defaults and ranges come from
+// /openapi.json), one card per generation fed by its server-sent events, and a history of this
+// browser's tasks in localStorage.
+import { ApiError, apiKey, audioUrl, events, json, request, setApiKey } from "/studio/api.js";
+
+const form = document.getElementById("song");
+const cards = document.getElementById("cards");
+const HISTORY = "acestep.history";
+
+function field(name) {
+  return form.elements.namedItem(name);
+}
+
+// -- the schema: defaults and ranges of GenerateRequest --------------------------------------
+function bounds(spec) {
+  const options = [spec, ...(spec.anyOf || [])];
+  const pick = (key) => options.map((o) => o[key]).find((v) => v !== undefined);
+  return { min: pick("minimum"), max: pick("maximum"), def: spec.default };
+}
+
+async function applySchema() {
+  const schema = await (await request("/openapi.json")).json();
+  const properties = schema.paths["/v1/tasks"].post.requestBody.content["application/json"].schema.properties;
+  for (const [name, spec] of Object.entries(properties)) {
+    const input = field(name);
+    if (!input || input instanceof RadioNodeList) continue;
+    const { min, max, def } = bounds(spec);
+    if (min !== undefined) input.min = min;
+    if (max !== undefined) input.max = max;
+    if (input.type === "checkbox") input.checked = Boolean(def);
+    else if (def !== undefined && def !== null && !input.value) input.value = def;
+    if (spec.description) input.title = spec.description;
+  }
+  const seeds = properties.seeds;
+  if (!field("seed").value) field("seed").value = -1;
+  if (seeds && seeds.description) field("seed").title = seeds.description;
+}
+
+// -- the request -------------------------------------------------------------------------------
+function body() {
+  const out = {};
+  for (const input of form.querySelectorAll("input[name], textarea[name], select[name]")) {
+    if (input.name === "query" || input.name === "seed") continue;
+    if (input.type === "checkbox") out[input.name] = input.checked;
+    else if (input.value !== "") out[input.name] = input.type === "number" ? Number(input.value) : input.value;
+  }
+  const seed = Number(field("seed").value);
+  if (seed >= 0) Object.assign(out, { seeds: [seed], use_random_seed: false });
+  return out;
+}
+
+function clearErrors() {
+  form.querySelectorAll(".field-error").forEach((node) => node.remove());
+  document.getElementById("form-error").hidden = true;
+}
+
+function showError(error) {
+  const input = error.field && (field(error.field) || document.getElementById(error.field));
+  if (input && input.closest) {
+    const note = document.createElement("p");
+    note.className = "field-error error";
+    note.setAttribute("role", "alert");
+    note.textContent = error.message;
+    input.setAttribute("aria-invalid", "true");
+    input.closest("label").after(note);
+    input.focus();
+    return;
+  }
+  const box = document.getElementById("form-error");
+  box.textContent = error instanceof ApiError ? error.message : `Something went wrong: ${error.message}`;
+  box.hidden = false;
+}
+
+function busy(seconds) {
+  const box = document.getElementById("form-error");
+  box.textContent = `The server is busy, retrying in ${seconds} s`;
+  box.hidden = false;
+}
+
+// -- a generation card ------------------------------------------------------------------------
+function bar(label) {
+  const wrap = document.createElement("label");
+  wrap.textContent = label;
+  const meter = document.createElement("progress");
+  meter.max = 1;
+  meter.value = 0;
+  wrap.append(meter);
+  return [wrap, meter];
+}
+
+function newCard(taskId, caption) {
+  const card = document.createElement("article");
+  card.className = "card";
+  card.dataset.task = taskId;
+  const title = document.createElement("h3");
+  title.textContent = caption || "untitled";
+  const phase = document.createElement("p");
+  phase.className = "phase";
+  const [lmWrap, lm] = bar("LM");
+  const [ditWrap, dit] = bar("DiT");
+  const plan = document.createElement("p");
+  plan.className = "plan";
+  const results = document.createElement("div");
+  results.className = "results";
+  card.append(title, phase, lmWrap, ditWrap, plan, results);
+  cards.prepend(card);
+  return { card, phase, lm, dit, plan, results, started: Date.now(), seen: new Set() };
+}
+
+function onEvent(view, event) {
+  const seconds = ((Date.now() - view.started) / 1000).toFixed(1);
+  view.phase.textContent = `${event.phase} · ${event.message || ""} · ${seconds} s`;
+  view.card.dataset.phase = event.phase;
+  view.seen.add(event.phase);
+  view.card.dataset.seen = [...view.seen].join(",");
+  const detail = event.detail || {};
+  if (event.phase === "lm" && detail.tokens_expected) view.lm.value = Math.min(1, detail.tokens_done / detail.tokens_expected);
+  if (["dit", "encode", "done"].includes(event.phase)) view.lm.value = 1;
+  if (event.phase === "dit") view.dit.value = Math.min(1, Math.max(0, (event.progress - 0.3) / 0.6));
+  if (["encode", "done"].includes(event.phase)) view.dit.value = 1;
+  if (detail.plan) view.plan.textContent = describePlan(detail.plan);
+}
+
+function describePlan(plan) {
+  return ["bpm", "keyscale", "timesignature", "duration", "caption"]
+    .filter((key) => plan[key]).map((key) => `${key}: ${plan[key]}`).join(" · ");
+}
+
+async function showResult(view, taskId) {
+  const status = await (await request(`/v1/tasks/${taskId}`)).json();
+  if (status.phase === "failed") {
+    view.phase.textContent = `failed: ${status.message}`;
+    return status;
+  }
+  for (const item of status.result.audios) {
+    const url = await audioUrl(item.url);
+    const audio = document.createElement("audio");
+    audio.controls = true;
+    audio.src = url;
+    const link = document.createElement("a");
+    link.href = url;
+    link.download = item.key;
+    link.textContent = `Download ${item.format}`;
+    const meta = document.createElement("p");
+    meta.textContent = `seed ${item.seed} · ${item.params.bpm || "?"} bpm · ${item.params.keyscale || "?"}`;
+    const again = document.createElement("button");
+    again.type = "button";
+    again.textContent = "Same settings, new seed";
+    again.addEventListener("click", () => submit({ ...view.request, seeds: undefined, use_random_seed: true }));
+    const figure = document.createElement("figure");
+    figure.append(audio, meta, link, again);
+    view.results.append(figure);
+  }
+  return status;
+}
+
+async function follow(view, taskId) {
+  for await (const event of events(`/v1/tasks/${taskId}/events`)) {
+    onEvent(view, event);
+    if (event.phase === "done" || event.phase === "failed") break;
+  }
+  const status = await showResult(view, taskId);
+  remember({ task_id: taskId, caption: view.request.caption || "", phase: status.phase });
+}
+
+async function submit(request_body) {
+  clearErrors();
+  try {
+    const accepted = await json("/v1/tasks", request_body, busy);
+    document.getElementById("form-error").hidden = true;
+    const view = newCard(accepted.task_id, request_body.caption);
+    view.request = request_body;
+    remember({ task_id: accepted.task_id, caption: request_body.caption || "", phase: "queued" });
+    await follow(view, accepted.task_id);
+  } catch (error) {
+    showError(error);
+  }
+}
+
+// -- history ------------------------------------------------------------------------------------
+function history() {
+  try { return JSON.parse(localStorage.getItem(HISTORY) || "[]"); } catch { return []; }
+}
+
+function remember(entry) {
+  const entries = history().filter((e) => e.task_id !== entry.task_id);
+  localStorage.setItem(HISTORY, JSON.stringify([{ ...entry, at: Date.now() }, ...entries].slice(0, 50)));
+  renderHistory();
+}
+
+async function renderHistory() {
+  const list = document.getElementById("history");
+  list.replaceChildren(...history().map((entry) => {
+    const item = document.createElement("li");
+    item.dataset.task = entry.task_id;
+    item.textContent = `${entry.caption || "untitled"} — ${entry.phase}`;
+    return item;
+  }));
+}
+
+async function refreshHistory() {
+  for (const entry of history()) {
+    try {
+      const status = await (await request(`/v1/tasks/${entry.task_id}`)).json();
+      entry.phase = status.phase;
+    } catch (error) {
+      if (error.status === 404) entry.phase = "expired";
+    }
+  }
+  localStorage.setItem(HISTORY, JSON.stringify(history().map((e) => e)));
+  renderHistory();
+}
+
+// -- LM helpers ---------------------------------------------------------------------------------
+function fill(sample) {
+  const values = { caption: sample.caption, lyrics: sample.lyrics, bpm: sample.bpm, duration: sample.duration,
+                   keyscale: sample.keyscale, timesignature: sample.timesignature };
+  for (const [name, value] of Object.entries(values)) if (value) field(name).value = value;
+}
+
+async function helper(path, payload) {
+  clearErrors();
+  try { fill(await json(path, payload, busy)); } catch (error) { showError(error); }
+}
+
+// -- wiring -------------------------------------------------------------------------------------
+function start() {
+  const key = document.getElementById("api-key");
+  key.value = apiKey();
+  key.addEventListener("change", () => { setApiKey(key.value); applySchema().catch(showError); });
+  form.addEventListener("submit", (event) => { event.preventDefault(); submit(body()); });
+  form.querySelectorAll("[data-tag]").forEach((button) => button.addEventListener("click", () => {
+    const lyrics = field("lyrics");
+    lyrics.value = `${lyrics.value}${lyrics.value && !lyrics.value.endsWith("\n") ? "\n" : ""}${button.dataset.tag}\n`;
+    lyrics.focus();
+  }));
+  document.getElementById("create-sample").addEventListener("click", () =>
+    helper("/v1/create_sample", { query: field("query").value || "a song", instrumental: field("instrumental").checked }));
+  document.getElementById("format-sample").addEventListener("click", () =>
+    helper("/v1/format_sample", { caption: field("caption").value, lyrics: field("lyrics").value }));
+  renderHistory();
+  applySchema().then(refreshHistory).catch(showError);
+}
+
+start();

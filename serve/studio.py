@@ -1,0 +1,37 @@
+"""The studio: a single page served by the ingress itself (``GET /`` and ``/studio``), plain
+HTML/CSS/ES modules from ``serve/static`` -- no build step, nothing fetched from elsewhere. The
+page and its files need no key (it asks for one and sends it as a Bearer header); everything it
+does goes through the public API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi.responses import FileResponse
+
+from serve.errors import APIError
+from serve.http_app import api
+
+STATIC = Path(__file__).with_name("static")
+MEDIA_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
+FILES = tuple(sorted(p.name for p in STATIC.iterdir() if p.suffix in MEDIA_TYPES)) if STATIC.is_dir() else ()
+PUBLIC_PATHS = frozenset({"/", "/studio", *(f"/studio/{name}" for name in FILES)})
+
+
+class StudioRoutes:
+    """Route group inherited by ``serve.api.Ingress``."""
+
+    @api.get("/", include_in_schema=False)
+    async def studio_root(self):
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @api.get("/studio", include_in_schema=False)
+    async def studio_page(self):
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @api.get("/studio/{name}", include_in_schema=False)
+    async def studio_file(self, name: str):
+        if name not in FILES:  # a fixed list: no path from the client reaches the filesystem
+            raise APIError(404, "unknown studio file", loc=("path", "name"), code="not_found")
+        return FileResponse(STATIC / name, media_type=MEDIA_TYPES[Path(name).suffix],
+                            headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,53 @@
+"""A real Chromium (Debian's ``chromium`` package) driven by Playwright against the real app on
+demo checkpoints. Without a chromium binary the web tests skip with a message, except under CI
+(``CI`` set), where they must run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.serve.conftest import deployed_app
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+def chromium_path():
+    return os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = chromium_path()
+    if executable is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI is set but no chromium binary was found: apt-get install chromium")
+        pytest.skip("no chromium binary (apt-get install chromium); the web tests need a real browser")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=executable, headless=True,
+                                              args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def studio_app(demo_root, tmp_path_factory):
+    yield from deployed_app(demo_root, tmp_path_factory.mktemp("studio-state"))
+
+
+@pytest.fixture
+def page(browser, studio_app):
+    """A fresh browser context (its own localStorage) with the app's key stored, as a user who
+    typed it once."""
+    context = browser.new_context(base_url=studio_app.url, accept_downloads=True,
+                                  viewport={"width": 1280, "height": 900})
+    key = studio_app.keys["default"]
+    context.add_init_script(f"if (!localStorage.getItem('acestep.apiKey')) localStorage.setItem('acestep.apiKey', {key!r});")
+    page = context.new_page()
+    yield page
+    context.close()
