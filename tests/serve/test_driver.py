@@ -118,7 +118,7 @@ def test_a_lapsed_lease_is_re_driven_by_another_driver(store):
         store.claim(task_id, "a", 60.0)  # ...so put the lease back as a crash would leave it
         b = TaskDriver(store, work, _settings(lease_s=0.5), "b")
         assert await b.reap() == 0, "the lease has not lapsed yet"
-        assert store.renew(task_id, "a", 0.05)  # the lease runs out (no clock race: it was 60 s until now)
+        assert store.claim(task_id, "a", 0.05)  # the lease runs out (no clock race: it was 60 s until now)
         await asyncio.sleep(0.2)
         assert await b.reap() == 1
         return await _until_final(store, task_id)

@@ -232,5 +232,5 @@ def test_openapi_fuzz_finds_no_server_error(hard_app):
         except Exception as error:  # collect all operations' failures, then report them together
             failures.append(f"{operation.method.upper()} {operation.path}: {str(error)[:400]}")
     assert operations >= 14 and len(set(calls)) == operations, "every operation got generated requests"
-    assert len(calls) >= 2 * operations  # operations without parameters get one distinct example
+    assert len(calls) > operations  # operations without parameters get one distinct example
     assert not failures, "\n".join(failures)
