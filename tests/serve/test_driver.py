@@ -114,11 +114,13 @@ def test_a_lapsed_lease_is_re_driven_by_another_driver(store):
         task_id, _ = store.create({"seeds": [5]}, owner="a", lease_s=0.5)
         a.start(task_id, claimed=True)
         await asyncio.sleep(0.1)
-        a.local(task_id).cancel()  # the replica is gone: the drive releases nothing in a crash...
+        drive = a.local(task_id)
+        drive.cancel()  # the replica is gone: the drive releases nothing in a crash...
+        await asyncio.gather(drive, return_exceptions=True)  # (its release has run)
         store.claim(task_id, "a", 60.0)  # ...so put the lease back as a crash would leave it
         b = TaskDriver(store, work, _settings(lease_s=0.5), "b")
         assert await b.reap() == 0, "the lease has not lapsed yet"
-        assert store.claim(task_id, "a", 0.05)  # the lease runs out (no clock race: it was 60 s until now)
+        assert store.renew(task_id, "a", 0.05)  # the lease runs out (no clock race: it was 60 s until now)
         await asyncio.sleep(0.2)
         assert await b.reap() == 1
         return await _until_final(store, task_id)
