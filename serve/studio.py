@@ -9,7 +9,8 @@ from pathlib import Path
 
 from fastapi.responses import FileResponse
 
-from serve.errors import APIError
+from acestep.dit.tasks import TRACK_NAMES, task_catalog
+from serve.errors import APIError, FieldError
 from serve.http_app import api
 
 STATIC = Path(__file__).with_name("static")
@@ -35,3 +36,18 @@ class StudioRoutes:
             raise APIError(404, "unknown studio file", loc=("path", "name"), code="not_found")
         return FileResponse(STATIC / name, media_type=MEDIA_TYPES[Path(name).suffix],
                             headers={"Cache-Control": "no-cache"})
+
+    @api.get("/v1/task_types")
+    async def task_types(self):
+        """The six task types as a client needs them: whether a source file is required, whether it
+        takes a window or track names, its default instruction, and whether this app can serve it
+        (with the DiT it would use, or why not)."""
+        turbo = await self.state.turbo_by_model()
+        tasks = []
+        for entry in task_catalog():
+            try:
+                entry.update(servable=True, model=self.served.pick_dit(None, entry["task_type"], turbo), reason=None)
+            except FieldError as error:
+                entry.update(servable=False, model=None, reason=error.message)
+            tasks.append(entry)
+        return {"tasks": tasks, "track_names": list(TRACK_NAMES)}

@@ -116,12 +116,10 @@ def adapter_format(path: Path) -> Tuple[str, Path]:
 
 def read_adapter(path: Union[str, Path], name: Optional[str] = None) -> AdapterFile:
     """Read and convert an adapter (no model needed; safe off the worker thread)."""
-    from diffusers.loaders.lora_pipeline import AceStepLoraLoaderMixin
-
     path = Path(path)
     fmt, weights = adapter_format(path)
     name = check_name(name or path.name.removesuffix(".safetensors"))
-    state, metadata = AceStepLoraLoaderMixin.lora_state_dict(str(weights), return_lora_metadata=True)
+    state, metadata = _read_weights(path, weights)
     # diffusers converts the official names (and drops PEFT's prefix) only for LoRA on q/k/v/o_proj
     state = {k.removeprefix("transformer.").removeprefix("base_model.model."): v for k, v in state.items()}
     kind = "lokr" if any(".lokr_" in k for k in state) else "lora"
@@ -129,7 +127,7 @@ def read_adapter(path: Union[str, Path], name: Optional[str] = None) -> AdapterF
         raise AdapterError(f"{path.name}: tensors are neither LoRA (lora_A/lora_B) nor LoKr (lokr_*); "
                            "LyCORIS-native and other formats are not loaded")
     if fmt == "peft":
-        config = json.loads((path / PEFT_CONFIG).read_text())
+        config = _read_config(path)
     else:
         config = {k.removeprefix("transformer."): v for k, v in (metadata or {}).items()}
     targets = tuple(sorted({k.split(".lora_")[0].split(".lokr_")[0] for k in state}))
@@ -142,6 +140,29 @@ def read_adapter(path: Union[str, Path], name: Optional[str] = None) -> AdapterF
                        target_modules=targets, tensors=len(state),
                        size_bytes=sum(t.numel() * t.element_size() for t in state.values()))
     return AdapterFile(info, state, config)
+
+
+def _read_weights(path: Path, weights: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
+    from diffusers.loaders.lora_pipeline import AceStepLoraLoaderMixin
+
+    # a truncated or foreign file is the adapter's fault, not the server's: say which file
+    try:
+        return AceStepLoraLoaderMixin.lora_state_dict(str(weights), return_lora_metadata=True)
+    except AdapterError:
+        raise
+    except Exception as error:
+        raise AdapterError(f"{path.name}: {weights.name} is not readable safetensors "
+                           f"({type(error).__name__}: {str(error)[:200]})") from None
+
+
+def _read_config(path: Path) -> Dict[str, Any]:
+    try:
+        config = json.loads((path / PEFT_CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AdapterError(f"{path.name}: {PEFT_CONFIG} is not readable JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path.name}: {PEFT_CONFIG} must hold a JSON object")
+    return config
 
 
 def _rank_of(state: Dict[str, torch.Tensor]) -> int:

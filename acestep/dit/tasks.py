@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from diffusers.pipelines.ace_step.pipeline_ace_step import TASK_INSTRUCTIONS
@@ -21,6 +21,7 @@ BASE_ONLY_TASKS = ("lego", "extract", "complete")
 SOURCE_TASKS = ("cover", "repaint", "lego", "extract", "complete")
 TRACK_NAMES = ("woodwinds", "brass", "fx", "synth", "strings", "percussion", "keyboard", "guitar", "bass", "drums",
                "backing_vocals", "vocals")
+TRACK_JOIN = " | "  # how the official handler joins complete's track classes
 FRAMES_PER_SECOND = 25
 MIN_FRAMES = 128  # 5.12 s: the official floor on latent length
 TIMBRE_FRAMES = 750  # 30 s of reference latents
@@ -59,6 +60,29 @@ def instruction_tracks(task_type: str, instruction: str) -> Optional[List[str]]:
     if not match:
         return None
     return [name.strip().lower() for name in re.split(r"\s*[|,]\s*|\s+and\s+", match.group(1)) if name.strip()]
+
+
+def task_instruction(task_type: str, tracks: Sequence[str] = ()) -> str:
+    """The official instruction for a task naming ``tracks`` (upper case; complete joins them with
+    " | "), or the task's default when it names none."""
+    names = [t.strip().upper() for t in tracks if t.strip()]
+    if task_type in ("extract", "lego") and names:
+        return TASK_INSTRUCTIONS[task_type].format(TRACK_NAME=names[0])
+    if task_type == "complete" and names:
+        return TASK_INSTRUCTIONS["complete"].format(TRACK_CLASSES=TRACK_JOIN.join(names))
+    return default_instruction(task_type)
+
+
+def task_catalog() -> List[Dict[str, Any]]:
+    """What each task needs from a client: a source file, a base model, a window, track names."""
+    tracks = {"extract": "one", "lego": "one", "complete": "many"}
+    return [{"task_type": task, "needs_source": task in SOURCE_TASKS and task != "cover",
+             "takes_source": task in SOURCE_TASKS, "needs_base": task in BASE_ONLY_TASKS,
+             "window": task in ("repaint", "lego"), "tracks": tracks.get(task),
+             "instruction": default_instruction(task),
+             # {tracks}: the chosen names, upper case, joined by track_join (as task_instruction does)
+             "track_instruction": task_instruction(task, ["{tracks}"]).replace("{TRACKS}", "{tracks}")
+             if task in tracks else None, "track_join": TRACK_JOIN} for task in TASK_TYPES]
 
 
 def seconds_to_frames(duration_s: float) -> int:

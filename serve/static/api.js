@@ -54,6 +54,15 @@ export async function json(path, body, onWait) {
   return response.json();
 }
 
+// A generation with files: multipart, the request as JSON in its "request" part.
+export async function upload(path, body, files, onWait) {
+  const data = new FormData();
+  data.append("request", JSON.stringify(body));
+  for (const [name, file] of Object.entries(files)) data.append(name, file, file.name);
+  const response = await request(path, { method: "POST", body: data }, onWait);
+  return response.json();
+}
+
 // Server-sent events over fetch (EventSource cannot send the Authorization header).
 export async function* events(path) {
   const response = await request(path, { headers: { Accept: "text/event-stream" } });
@@ -73,8 +82,7 @@ export async function* events(path) {
   }
 }
 
-// An audio file as an object URL (an <audio src> cannot carry the key).
-export async function audioUrl(path) {
-  const response = await request(path);
-  return URL.createObjectURL(await response.blob());
+// An audio file as a Blob (an <audio src> URL cannot carry the key; the page makes object URLs).
+export async function audioBlob(path) {
+  return (await request(path)).blob();
 }

@@ -1,7 +1,9 @@
 // The studio page: a form built on the server's own schema (defaults and ranges come from
 // /openapi.json), one card per generation fed by its server-sent events, and a history of this
 // browser's tasks in localStorage.
-import { ApiError, apiKey, audioUrl, events, json, request, setApiKey } from "/studio/api.js";
+import { ApiError, apiKey, audioBlob, events, json, request, setApiKey, upload } from "/studio/api.js";
+import { chosenFiles, loadTasks, taskFields, useAsSource, wireSources } from "/studio/tasks.js";
+import { picture } from "/studio/wave.js";
 
 const form = document.getElementById("song");
 const cards = document.getElementById("cards");
@@ -37,10 +39,12 @@ async function applySchema() {
 }
 
 // -- the request -------------------------------------------------------------------------------
+const NOT_SENT = new Set(["query", "seed", "task_type", "track"]);
+
 function body() {
-  const out = {};
+  const out = taskFields();
   for (const input of form.querySelectorAll("input[name], textarea[name], select[name]")) {
-    if (input.name === "query" || input.name === "seed") continue;
+    if (NOT_SENT.has(input.name) || input.disabled) continue;
     if (input.type === "checkbox") out[input.name] = input.checked;
     else if (input.value !== "") out[input.name] = input.type === "number" ? Number(input.value) : input.value;
   }
@@ -133,7 +137,13 @@ async function showResult(view, taskId) {
     return status;
   }
   for (const item of status.result.audios) {
-    const url = await audioUrl(item.url);
+    let blob;
+    try { blob = await audioBlob(item.url); } catch (error) {
+      if (error.status !== 404) throw error;
+      view.results.append(Object.assign(document.createElement("p"), { className: "expired", textContent: `${item.key}: expired (no longer stored)` }));
+      continue;
+    }
+    const url = URL.createObjectURL(blob);
     const audio = document.createElement("audio");
     audio.controls = true;
     audio.src = url;
@@ -146,9 +156,17 @@ async function showResult(view, taskId) {
     const again = document.createElement("button");
     again.type = "button";
     again.textContent = "Same settings, new seed";
-    again.addEventListener("click", () => submit({ ...view.request, seeds: undefined, use_random_seed: true }));
+    again.addEventListener("click", () => submit({ ...view.request, seeds: undefined, use_random_seed: true }, view.files));
+    const reuse = document.createElement("button");
+    reuse.type = "button";
+    reuse.textContent = "Use as source";
+    reuse.addEventListener("click", () => useAsSource(blob, item.key));
+    const wave = Object.assign(document.createElement("canvas"), { width: 600, height: 64, className: "wave" });
+    wave.setAttribute("role", "img");
+    wave.setAttribute("aria-label", `Waveform of ${item.key}`);
+    picture(wave, blob).then(() => { wave.dataset.drawn = "1"; }).catch(() => wave.remove());
     const figure = document.createElement("figure");
-    figure.append(audio, meta, link, again);
+    figure.append(wave, audio, meta, link, again, reuse);
     view.results.append(figure);
   }
   return status;
@@ -163,13 +181,14 @@ async function follow(view, taskId) {
   remember({ task_id: taskId, caption: view.request.caption || "", phase: status.phase });
 }
 
-async function submit(request_body) {
+async function submit(request_body, files = {}) {
   clearErrors();
   try {
-    const accepted = await json("/v1/tasks", request_body, busy);
+    const accepted = Object.keys(files).length ? await upload("/v1/tasks", request_body, files, busy)
+      : await json("/v1/tasks", request_body, busy);
     document.getElementById("form-error").hidden = true;
-    const view = newCard(accepted.task_id, request_body.caption);
-    view.request = request_body;
+    const view = newCard(accepted.task_id, request_body.caption || request_body.task_type);
+    Object.assign(view, { request: request_body, files });
     remember({ task_id: accepted.task_id, caption: request_body.caption || "", phase: "queued" });
     await follow(view, accepted.task_id);
   } catch (error) {
@@ -193,13 +212,37 @@ async function renderHistory() {
   list.replaceChildren(...history().map((entry) => {
     const item = document.createElement("li");
     item.dataset.task = entry.task_id;
-    item.textContent = `${entry.caption || "untitled"} — ${entry.phase}`;
+    item.dataset.phase = entry.phase;
+    const open = document.createElement("button");
+    open.type = "button";
+    open.className = "link";
+    open.textContent = `${entry.caption || "untitled"} — ${entry.phase === "expired" ? "expired (no longer on the server)" : entry.phase}`;
+    open.addEventListener("click", () => reopen(entry));
+    item.append(open);
     return item;
   }));
 }
 
+// A history entry as a card again: its results, its progress if it still runs, or "expired".
+async function reopen(entry) {
+  const view = newCard(entry.task_id, entry.caption);
+  view.request = { caption: entry.caption };
+  if (entry.phase === "expired") {
+    view.card.dataset.phase = "expired";
+    view.phase.textContent = "expired: the server's retention has removed this result";
+    return;
+  }
+  try { await follow(view, entry.task_id); } catch (error) {
+    if (error.status !== 404) throw error;
+    remember({ ...entry, phase: "expired" });
+    view.card.dataset.phase = "expired";
+    view.phase.textContent = "expired: the server's retention has removed this result";
+  }
+}
+
 async function refreshHistory() {
-  for (const entry of history()) {
+  const entries = history();
+  for (const entry of entries) {
     try {
       const status = await (await request(`/v1/tasks/${entry.task_id}`)).json();
       entry.phase = status.phase;
@@ -207,7 +250,7 @@ async function refreshHistory() {
       if (error.status === 404) entry.phase = "expired";
     }
   }
-  localStorage.setItem(HISTORY, JSON.stringify(history().map((e) => e)));
+  localStorage.setItem(HISTORY, JSON.stringify(entries));
   renderHistory();
 }
 
@@ -227,8 +270,9 @@ async function helper(path, payload) {
 function start() {
   const key = document.getElementById("api-key");
   key.value = apiKey();
-  key.addEventListener("change", () => { setApiKey(key.value); applySchema().catch(showError); });
-  form.addEventListener("submit", (event) => { event.preventDefault(); submit(body()); });
+  key.addEventListener("change", () => { setApiKey(key.value); clearErrors(); applySchema().then(loadTasks).catch(showError); });
+  form.addEventListener("submit", (event) => { event.preventDefault(); submit(body(), chosenFiles()); });
+  wireSources();
   form.querySelectorAll("[data-tag]").forEach((button) => button.addEventListener("click", () => {
     const lyrics = field("lyrics");
     lyrics.value = `${lyrics.value}${lyrics.value && !lyrics.value.endsWith("\n") ? "\n" : ""}${button.dataset.tag}\n`;
@@ -239,7 +283,7 @@ function start() {
   document.getElementById("format-sample").addEventListener("click", () =>
     helper("/v1/format_sample", { caption: field("caption").value, lyrics: field("lyrics").value }));
   renderHistory();
-  applySchema().then(refreshHistory).catch(showError);
+  applySchema().then(loadTasks).then(refreshHistory).catch(showError);
 }
 
 start();

@@ -160,6 +160,13 @@ def test_errors_name_the_adapter_and_the_problem(handler, adapter_dir, tmp_path)
     (foreign / "adapter_config.json").write_text(json.dumps(lokr_config))
     with pytest.raises(AdapterError, match="IA3"):
         read_adapter(foreign)
+    (foreign / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="adapter_config.json is not readable JSON"):
+        read_adapter(foreign)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(AdapterError, match="not readable safetensors"):
+        read_adapter(truncated)
 
 
 def test_unloading_an_adapter_in_use_is_refused(handler, adapter_dir):

@@ -1,0 +1,168 @@
+"""The studio's source tasks in a real Chromium: a cover from an uploaded WAV (sent as multipart,
+rendered, its result reused as the next source), a repaint whose window is dragged on the source
+waveform, tasks the app cannot serve shown disabled with the reason, expired history entries, and
+the page at phone width."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from acestep.dit.tasks import TRACK_NAMES, task_instruction
+
+pytestmark = pytest.mark.web
+DONE = "document.querySelector('.card') && document.querySelector('.card').dataset.phase === 'done'"
+PLAYABLE = "document.querySelector('.card audio') && document.querySelector('.card audio').duration > 0"
+
+
+@pytest.fixture(scope="module")
+def source_wav(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sources") / "source.wav"
+    t = np.arange(8 * 48000) / 48000
+    tone = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 0.5 * t)) / 2
+    sf.write(path, np.stack([tone, tone], axis=1), 48000)
+    return path
+
+
+def _open(page):
+    page.goto("/")
+    page.wait_for_function("document.querySelectorAll('input[name=task_type]').length === 6")
+
+
+def _posted(page):
+    bodies = []
+    page.on("request", lambda r: bodies.append(r) if r.url.endswith("/v1/tasks") and r.method == "POST" else None)
+    return bodies
+
+
+def _request_part(request) -> dict:
+    """The JSON "request" part of a multipart upload (the page's own encoding)."""
+    assert request.headers["content-type"].startswith("multipart/form-data")
+    text = request.post_data_buffer.decode("latin-1")
+    start = text.index('name="request"')
+    part = text[text.index("\r\n\r\n", start) + 4:]
+    return json.loads(part[:part.index("\r\n--")])
+
+
+def _upload_source(page, path):
+    page.locator("#src_audio").set_input_files(str(path))
+    page.wait_for_function("document.querySelector('#src-wave').dataset.duration > 7")
+
+
+def _fast(page):
+    page.locator("details summary").click()
+    page.get_by_label("Steps").fill("2")
+
+
+def test_tasks_the_app_cannot_serve_are_disabled_with_the_reason(page, studio_app):
+    _open(page)
+    for task in ("lego", "extract", "complete"):
+        radio = page.locator(f"input[name=task_type][value={task}]")
+        assert radio.is_disabled()
+        reason = page.locator(f"#why-{task}").text_content()
+        assert "base" in reason and task in reason
+    assert page.locator("#source").is_hidden()
+    page.locator("input[name=task_type][value=repaint]").check()
+    assert page.locator("#source").is_visible() and page.get_by_label("Window start (s)").is_visible()
+    assert page.get_by_label("Cover strength").is_hidden()
+    page.locator("input[name=task_type][value=cover]").check()
+    assert page.get_by_label("Cover strength").is_visible() and page.get_by_label("Window start (s)").is_hidden()
+
+
+def test_a_cover_from_an_uploaded_wav_and_its_result_as_the_next_source(page, source_wav):
+    posted = _posted(page)
+    _open(page)
+    page.locator("input[name=task_type][value=cover]").check()
+    _upload_source(page, source_wav)
+    page.get_by_label("Caption").fill("jazz cover with brushed drums")
+    page.get_by_label("Duration (s)").fill("8")
+    _fast(page)
+    page.get_by_label("Cover strength").fill("0.5")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function(DONE, timeout=300_000)
+    page.wait_for_function(PLAYABLE, timeout=60_000)
+    sent = _request_part(posted[0])
+    assert sent["task_type"] == "cover" and sent["audio_cover_strength"] == 0.5
+    assert "repainting_start" not in sent  # a field of another task is not sent
+    assert b'name="src_audio"' in posted[0].post_data_buffer
+    card = page.locator(".card").first
+    page.wait_for_function("document.querySelector('.card canvas.wave').dataset.drawn === '1'")
+    card.get_by_role("button", name="Use as source").first.click()
+    page.wait_for_function("document.querySelector('#src-info').textContent.includes('.flac')")
+    assert page.locator("input[name=task_type][value=cover]").is_checked()
+    assert page.locator("#src_audio").evaluate("i => i.files[0].name").endswith(".flac")
+
+
+def test_a_repaint_with_the_window_dragged_on_the_waveform(page, source_wav):
+    posted = _posted(page)
+    _open(page)
+    page.locator("input[name=task_type][value=repaint]").check()
+    _upload_source(page, source_wav)
+    page.get_by_label("Caption").fill("a soft piano bridge")
+    _fast(page)
+    box = page.locator("#src-wave").bounding_box()
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * 0.25, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, y, steps=6)
+    page.mouse.up()
+    start = float(page.get_by_label("Window start (s)").input_value())
+    end = float(page.get_by_label("Window end (s, -1 = end)").input_value())
+    assert abs(start - 2.0) <= 0.2 and abs(end - 4.8) <= 0.2, (start, end)
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function(DONE, timeout=300_000)
+    page.wait_for_function(PLAYABLE, timeout=60_000)
+    sent = _request_part(posted[0])
+    assert sent["task_type"] == "repaint" and (sent["repainting_start"], sent["repainting_end"]) == (start, end)
+    assert "audio_cover_strength" not in sent
+
+
+def test_track_names_become_the_official_instruction(page):
+    _open(page)
+    # complete is disabled on this app; enable its radio in the page to read what the form would send
+    page.evaluate("""() => { const r = document.querySelector('input[name=task_type][value=complete]');
+                             r.disabled = false; r.click(); }""")
+    for name in ("drums", "bass"):
+        page.locator(f"input[name=track][value={name}]").check()
+    sent = page.evaluate("() => import('/studio/tasks.js').then(m => m.taskFields())")
+    chosen = [name for name in TRACK_NAMES if name in ("drums", "bass")]  # the form lists them in this order
+    assert sent == {"task_type": "complete", "instruction": task_instruction("complete", chosen)}
+    assert sent["instruction"] == "Complete the input track with BASS | DRUMS:"
+
+
+def test_history_shows_expired_results_as_expired(browser, studio_app):
+    context = browser.new_context(base_url=studio_app.url)
+    gone = [{"task_id": "0" * 32, "caption": "an old song", "phase": "done", "at": 0}]
+    context.add_init_script(f"localStorage.setItem('acestep.apiKey', {studio_app.keys['default']!r});"
+                            f"if (!localStorage.getItem('acestep.history')) localStorage.setItem('acestep.history', {json.dumps(json.dumps(gone))});")
+    page = context.new_page()
+    try:
+        page.goto("/")
+        page.wait_for_function("document.querySelector('#history li') && document.querySelector('#history li').dataset.phase === 'expired'")
+        item = page.locator("#history li").first
+        assert "expired" in item.text_content() and "an old song" in item.text_content()
+        item.get_by_role("button").click()
+        card = page.locator(".card").first
+        assert card.get_attribute("data-phase") == "expired" and "expired" in card.locator(".phase").text_content()
+    finally:
+        context.close()
+
+
+def test_the_page_fits_a_phone(browser, studio_app):
+    context = browser.new_context(base_url=studio_app.url, viewport={"width": 390, "height": 844}, is_mobile=True)
+    context.add_init_script(f"localStorage.setItem('acestep.apiKey', {studio_app.keys['default']!r});")
+    page = context.new_page()
+    try:
+        _open(page)
+        page.locator("input[name=task_type][value=repaint]").check()
+        overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"{overflow}px wider than the phone"
+        for label in ("Caption", "Window start (s)", "Generate"):
+            target = page.get_by_role("button", name=label) if label == "Generate" else page.get_by_label(label)
+            box = target.bounding_box()
+            assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, (label, box)
+    finally:
+        context.close()
