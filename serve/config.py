@@ -31,6 +31,8 @@ class AutoscalingSettings(_Strict):
     target_ongoing_requests: float = Field(2.0, gt=0, description="Queued + running requests per replica to aim for.")
     upscale_delay_s: float = Field(30.0, ge=0, description="How long demand must stay high before adding replicas.")
     downscale_delay_s: float = Field(600.0, ge=0, description="How long demand must stay low before removing replicas.")
+    look_back_period_s: Optional[float] = Field(None, gt=0, description="Window the demand is averaged over "
+                                                                        "(default: Serve's, 30 s).")
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingSettings":

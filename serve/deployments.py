@@ -29,7 +29,7 @@ from acestep.dit.adapters import AdapterError
 from serve.adapter_pool import AdapterPool
 from serve.audio_store import AudioStore
 from serve.config import AppConfig
-from serve.replica import ProgressSink, StallWatch, json_safe
+from serve.replica import ProgressSink, ShippedPlan, StallWatch, json_safe, plans_unpacked
 from serve.tasks import open_task_store
 
 
@@ -124,7 +124,8 @@ class _ModelReplica:
         return {}
 
     def stats(self) -> Dict[str, Any]:
-        return {"replica": self._replica, "pid": os.getpid(), "inflight": self._inflight}
+        return {"replica": self._replica, "pid": os.getpid(), "inflight": self._inflight,
+                "plans_unpacked": plans_unpacked()}
 
 
 LM_START, LM_DONE = 0.05, 0.3  # the LM's share of a task's progress
@@ -178,7 +179,7 @@ class LMDeployment(_ModelReplica):
             raise
         if outcome.plans is not None:
             await self._report_now(job.task_id, "lm", LM_DONE, "LM done", {"plan": plan_summary(outcome.plans)})
-        return outcome
+        return ShippedPlan(outcome)
 
     def _progress_reporter(self, task_id: str):
         def report(event) -> None:  # on the engine thread

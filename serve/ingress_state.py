@@ -22,6 +22,7 @@ from serve.audio_store import AudioStore
 from serve.config import AppConfig
 from serve.driver import DriverSettings, TaskDriver
 from serve.errors import APIError, retry_after
+from serve.replica import plans_unpacked
 from serve.tasks import FINAL_PHASES, StoreFull, TaskRecord, open_task_store, wait_final
 
 log = logging.getLogger("acestep.serve")
@@ -197,7 +198,8 @@ class IngressState:
     def stats(self) -> Dict[str, Any]:
         view = self._view
         return {"lm": view["lm_stats"], "dit": view["dit_stats"], "store": self.store.stats(),
-                "admission": self.admission.stats(), "driver": self.driver.stats(), "as_of": view["as_of"]}
+                "admission": self.admission.stats(), "driver": self.driver.stats(), "as_of": view["as_of"],
+                "plans_unpacked": plans_unpacked()}
 
     # -- tasks -------------------------------------------------------------------------------------
 

@@ -20,6 +20,29 @@ log = logging.getLogger("acestep.serve")
 
 Update = Tuple[str, float, str, Optional[Dict[str, Any]]]
 
+# Plans unpickled in this process. The ingress hands the LM call's response to the DiT unawaited, so
+# a plan (and its codes) is unpickled on DiT replicas only; every process's stats() show its count.
+_plans_unpacked = [0]
+
+
+class ShippedPlan:
+    """The LM's outcome on its way out of the LM replica: unpickling yields the outcome itself."""
+
+    def __init__(self, outcome: Any):
+        self.outcome = outcome
+
+    def __reduce__(self):
+        return _unpack_plan, (self.outcome,)
+
+
+def _unpack_plan(outcome: Any) -> Any:
+    _plans_unpacked[0] += 1
+    return outcome
+
+
+def plans_unpacked() -> int:
+    return _plans_unpacked[0]
+
 
 class ProgressSink:
     """Coalesced, fire-and-forget ``store.update`` calls; safe from any thread."""
