@@ -122,7 +122,8 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     # Ray workers inherit the environment: make this checkout importable by the replicas.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=getattr(args, "num_cpus", None), num_gpus=getattr(args, "num_gpus", None),
+    # its own in-process Ray, even when another Ray runs on this machine
+    ray.init(address="local", num_cpus=getattr(args, "num_cpus", None), num_gpus=getattr(args, "num_gpus", None),
              include_dashboard=False)
     serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": http.get("port", 8000)})
     serve.run(build_app(config), name=app.get("name", "acestep"), route_prefix=app.get("route_prefix", "/"))

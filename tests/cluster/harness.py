@@ -1,7 +1,7 @@
 """A multi-node Ray cluster on one machine (``ray.cluster_utils.Cluster``) laid out as the GPU cluster:
-a head that advertises no model resources (it plays the cpu group: the ingress), and worker nodes of two kinds advertising the custom
-resources the GPU profile's deployments ask for (``lm_gpu`` on "lm" nodes, ``dit_gpu`` on "dit" nodes),
-with exactly the CPUs their replicas take, so nothing else lands there.
+a head that advertises no model resources (it plays the cpu group, hosting the ingress), and worker
+nodes of two kinds advertising the custom resources the GPU profile's deployments ask for (``lm_gpu``
+on "lm" nodes, ``dit_gpu`` on "dit" nodes), with the CPUs their replicas take.
 
 The app is the RayService's own Serve config (``cluster/render.py``: serve_config.yaml + the GPU
 profile) with only what cannot exist here swapped: CUDA → CPU, the checkpoint volume → the demo
@@ -100,6 +100,9 @@ class MultiNode:
         return [self.nodes[node_id] for node_id, k in self.kinds.items() if k == kind]
 
     def shutdown(self) -> None:
+        import ray
+
+        ray.shutdown()  # the driver is attached to the head, which the cluster removes last
         self.cluster.shutdown()
 
 

@@ -86,7 +86,7 @@ def _scale_shape(cluster_app, heavy: str, light: str, **fields):
     """Load that is ``heavy``-bound raises ``heavy`` to its max while ``light`` stays at its min; both
     come back down after the load stops."""
     high = AUTOSCALING["lm" if heavy == LM else "dit"]["max_replicas"]
-    with Load(cluster_app, in_flight=8, **fields) as load:
+    with Load(cluster_app, in_flight=6, **fields) as load:
         wait_for(lambda: load.counts()[heavy] == high, 240, f"{heavy} to scale to {high}")
         for _ in range(6):  # it stays up while the load lasts
             assert load.counts()[heavy] == high, load.samples
@@ -98,7 +98,7 @@ def _scale_shape(cluster_app, heavy: str, light: str, **fields):
 
 
 def test_dit_heavy_load_scales_the_dit_and_not_the_lm(cluster_app):
-    samples = _scale_shape(cluster_app, DIT, LM, thinking=False, duration=60, inference_steps=8)
+    samples = _scale_shape(cluster_app, DIT, LM, thinking=False, duration=30, inference_steps=4)
     assert samples[0] == {LM: 1, DIT: 1} and samples[-1] == {LM: 1, DIT: 1}
 
 

@@ -20,7 +20,7 @@ SMALL_ACTORS = ["--lm-cpus", "0.5", "--dit-cpus", "0.5"]
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray
     finally:

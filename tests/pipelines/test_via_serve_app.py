@@ -25,7 +25,7 @@ def test_rows_render_through_the_real_app(demo_root, tmp_path):
 
     _, app = apply_overrides(load_serve_config(), checkpoints=str(demo_root), host="127.0.0.1", port=0)
     app["args"]["state_dir"] = str(tmp_path / "state")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(proxy_location="Disabled")
         serve.run(build_app(app["args"]), name="acestep", route_prefix=None)

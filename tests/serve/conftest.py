@@ -66,7 +66,7 @@ def deployed_app(demo_root, state_dir, **overrides):
     port = _free_port()
     http, app, config = app_config_for_tests(str(demo_root), port, str(state_dir), **overrides)
     schema = ServeDeploySchema.model_validate({**load_serve_config(), "http_options": http, "applications": [app]})
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         _get_global_client().deploy_apps(schema)
