@@ -3,9 +3,8 @@
 One request: the guard (``serve.guard``) checks the key, size and content type before any body is
 parsed → the body is validated at the edge (4xx naming the field) → admission (429 + Retry-After)
 → a task record in the durable store, uploads in the audio store → this replica's ``TaskDriver``
-runs it: the LM call's ``DeploymentResponse`` goes unawaited straight into the DiT call, so the
-plan moves between replicas as an object ref, and the DiT replica writes the files to the audio
-store. Info routes answer from state this replica keeps (``serve.ingress_state``), never behind
+runs it: the LM call's object ref, once computed, goes into the DiT call unfetched, so the plan
+moves between replicas as a ref, and the DiT replica writes the files to the audio store. Info routes answer from state this replica keeps (``serve.ingress_state``), never behind
 generation work.
 """
 
@@ -33,7 +32,7 @@ from serve.driver import TaskFailure, classify
 from serve.errors import APIError, FieldError, error_responses, retry_after
 from serve.ingress_state import IngressState, failure_status, guard_settings
 from serve.models import ModelSet, adapter_choice
-from serve.replica import json_safe
+from serve.replica import PlanRef, json_safe, until_ready
 from serve.studio import StudioRoutes
 from serve.schemas import (
     AudioItem,
@@ -518,11 +517,13 @@ class Ingress(AdapterRoutes, StudioRoutes):
         try:
             plan = lm.plan.remote(PlanRequest(task_id, params, config, seeds))  # not awaited: an object ref
             calls.append(plan)
+            plan_ref = await plan._to_object_ref()
+            await until_ready(plan_ref)  # the DiT is called with a finished (or failed) plan
             adapters = extras.get("adapters")
             if adapters:  # multiplexing: prefer a replica that holds this adapter set
                 dit = dit.options(multiplexed_model_id="+".join(name for name, _ in adapters))
             render = RenderRequest(task_id, params, config, seeds, upload_keys, adapters=adapters)
-            calls.append(dit.render.remote(render, plan))
+            calls.append(dit.render.remote(render, PlanRef(plan_ref)))
             reply: RenderReply = await calls[-1]
         except asyncio.CancelledError:
             for call in calls:  # the LM aborts the task's engine rows; the DiT drops its part

@@ -29,7 +29,7 @@ from acestep.dit.adapters import AdapterError
 from serve.adapter_pool import AdapterPool
 from serve.audio_store import AudioStore
 from serve.config import AppConfig
-from serve.replica import ProgressSink, ShippedPlan, StallWatch, json_safe, plans_unpacked
+from serve.replica import PlanRef, ProgressSink, ShippedPlan, StallWatch, json_safe, plans_unpacked
 from serve.tasks import open_task_store
 
 
@@ -283,8 +283,11 @@ class DiTDeployment(_ModelReplica):
         return {"steps": worker.get("steps"), "requests": worker.get("requests")}
 
     async def render(self, job: RenderRequest, outcome) -> RenderReply:
-        """``outcome`` is the LM's PlanOutcome; callers pass the LM call's DeploymentResponse unawaited.
-        A cancelled call (client gone, task deleted) drops the request's items at the next step."""
+        """``outcome`` is the LM's PlanOutcome, or a ``PlanRef`` to the LM call (awaited here, so the
+        plan goes LM → DiT). A cancelled call (client gone, task deleted) drops the request's items at
+        the next step."""
+        if isinstance(outcome, PlanRef):
+            outcome = await outcome.outcome()
         return await self._tracked(self._render(job, outcome))
 
     async def _render(self, job: RenderRequest, outcome) -> RenderReply:

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Dict, Optional, Set
 
+from serve.replica import PlanLost
 from serve.tasks import FINAL_PHASES, TaskRecord, TaskStore
 
 log = logging.getLogger("acestep.serve")
@@ -69,7 +70,7 @@ def classify(error: BaseException) -> Exception:
     if any(isinstance(item, (sex.BackPressureError, sex.DeploymentUnavailableError)) for item in chain):
         return _Retryable("overloaded")
     died = (rex.ActorDiedError, rex.ActorUnavailableError, rex.RayActorError, rex.WorkerCrashedError,
-            rex.NodeDiedError, rex.OwnerDiedError, rex.ObjectLostError, sex.ReplicaUnavailableError)
+            rex.NodeDiedError, rex.OwnerDiedError, rex.ObjectLostError, sex.ReplicaUnavailableError, PlanLost)
     if any(isinstance(item, died) for item in chain):
         return _Retryable("replica_died")
     if any(isinstance(item, AudioLoadError) for item in chain):

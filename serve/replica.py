@@ -10,6 +10,7 @@ ingress re-drives its tasks.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import threading
@@ -20,7 +21,7 @@ log = logging.getLogger("acestep.serve")
 
 Update = Tuple[str, float, str, Optional[Dict[str, Any]]]
 
-# Plans unpickled in this process. The ingress hands the LM call's response to the DiT unawaited, so
+# Plans unpickled in this process. The ingress hands the LM call's ref to the DiT unfetched, so
 # a plan (and its codes) is unpickled on DiT replicas only; every process's stats() show its count.
 _plans_unpacked = [0]
 
@@ -42,6 +43,40 @@ def _unpack_plan(outcome: Any) -> Any:
 
 def plans_unpacked() -> int:
     return _plans_unpacked[0]
+
+
+class PlanLost(RuntimeError):
+    """The LM replica holding a plan died before the DiT got it (retried like a replica death)."""
+
+
+@dataclasses.dataclass
+class PlanRef:
+    """The LM call's result as a reference nested in the DiT call, sent once it is computed
+    (``until_ready``), so the DiT replica takes it from the LM's node and never holds a slot waiting
+    for it. As a top-level argument, a plan lost with its LM replica made Serve retry the DiT call
+    forever, taking the lost argument for an unavailable DiT replica."""
+
+    ref: Any  # ray.ObjectRef of the LMDeployment.plan call
+
+    async def outcome(self) -> Any:
+        import ray.exceptions as rex
+
+        lost = (rex.ActorDiedError, rex.ActorUnavailableError, rex.ObjectLostError, rex.OwnerDiedError,
+                rex.NodeDiedError, rex.WorkerCrashedError)
+        try:
+            return await self.ref
+        except lost as error:  # not re-raised as is: Serve would read it as this replica being unavailable
+            raise PlanLost(f"the LM replica was lost ({type(error).__name__})") from None
+
+
+async def until_ready(ref: Any, first_poll_s: float = 0.02, max_poll_s: float = 0.2) -> None:
+    """Wait until ``ref`` is computed or failed, without fetching it into this process."""
+    import ray
+
+    delay = first_poll_s
+    while not ray.wait([ref], timeout=0, fetch_local=False)[0]:
+        await asyncio.sleep(delay)
+        delay = min(max_poll_s, delay * 1.5)
 
 
 class ProgressSink:

@@ -6,7 +6,6 @@ live by a broken copy it must reject."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -16,22 +15,21 @@ import pytest
 import ray
 import yaml
 
+from tests.cluster.harness import load_render
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = REPO_ROOT / "cluster"
 SCHEMAS = CLUSTER / "schemas"
 KUBERAY_VERSION = "v1.7.0"
 MANIFESTS = [("rayservice.yaml", "RayService"), ("rayjob.yaml", "RayJob")]
+pytestmark = pytest.mark.cluster
 
 
 def _load(name):
     return yaml.safe_load((CLUSTER / name).read_text())
 
 
-def _render_module():
-    spec = importlib.util.spec_from_file_location("cluster_render", CLUSTER / "render.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_render_module = load_render
 
 
 def kubernetes_semantics(schema):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import numpy as np
 import pytest
 import soundfile as sf
@@ -21,7 +22,7 @@ PLAYABLE = "document.querySelector('.card audio') && document.querySelector('.ca
 @pytest.fixture(scope="module")
 def source_wav(tmp_path_factory):
     path = tmp_path_factory.mktemp("sources") / "source.wav"
-    t = np.arange(8 * 48000) / 48000
+    t = np.arange(12 * 48000) / 48000
     tone = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 0.5 * t)) / 2
     sf.write(path, np.stack([tone, tone], axis=1), 48000)
     return path
@@ -32,24 +33,39 @@ def _open(page):
     page.wait_for_function("document.querySelectorAll('input[name=task_type]').length === 6")
 
 
-def _posted(page):
-    bodies = []
-    page.on("request", lambda r: bodies.append(r) if r.url.endswith("/v1/tasks") and r.method == "POST" else None)
-    return bodies
+# What the page hands to fetch for POST /v1/tasks: the "request" part and the file part names of its
+# FormData (read in the page: a network capture does not always carry a multipart body with files).
+RECORD_UPLOADS = """
+const original = window.fetch;
+window.__uploads = [];
+window.fetch = (url, options = {}) => {
+  if (String(url).endsWith('/v1/tasks') && options.body instanceof FormData) {
+    window.__uploads.push({request: JSON.parse(options.body.get('request')),
+                           files: [...options.body.keys()].filter(k => k !== 'request')});
+  }
+  return original(url, options);
+};
+"""
 
 
-def _request_part(request) -> dict:
-    """The JSON "request" part of a multipart upload (the page's own encoding)."""
-    assert request.headers["content-type"].startswith("multipart/form-data")
-    text = request.post_data_buffer.decode("latin-1")
-    start = text.index('name="request"')
-    part = text[text.index("\r\n\r\n", start) + 4:]
-    return json.loads(part[:part.index("\r\n--")])
+def _recording(page):
+    page.add_init_script(RECORD_UPLOADS)
+
+
+def _uploads(page):
+    return page.evaluate("() => window.__uploads")
+
+
+def _rendered_params(page, studio_app) -> dict:
+    """The params the server rendered the newest card's task with."""
+    task_id = page.locator(".card").first.get_attribute("data-task")
+    status = httpx.get(f"{studio_app.url}/v1/tasks/{task_id}", headers=studio_app.headers, timeout=30).json()
+    return status["result"]["audios"][0]["params"]
 
 
 def _upload_source(page, path):
     page.locator("#src_audio").set_input_files(str(path))
-    page.wait_for_function("document.querySelector('#src-wave').dataset.duration > 7")
+    page.wait_for_function("document.querySelector('#src-wave').dataset.duration > 11")
 
 
 def _fast(page):
@@ -72,22 +88,30 @@ def test_tasks_the_app_cannot_serve_are_disabled_with_the_reason(page, studio_ap
     assert page.get_by_label("Cover strength").is_visible() and page.get_by_label("Window start (s)").is_hidden()
 
 
-def test_a_cover_from_an_uploaded_wav_and_its_result_as_the_next_source(page, source_wav):
-    posted = _posted(page)
+def _start(page, task, source_wav, caption):
+    """The page open on ``task`` with the source uploaded, a caption, 2 steps, 10 s."""
+    _recording(page)
     _open(page)
-    page.locator("input[name=task_type][value=cover]").check()
+    page.locator(f"input[name=task_type][value={task}]").check()
     _upload_source(page, source_wav)
-    page.get_by_label("Caption").fill("jazz cover with brushed drums")
-    page.get_by_label("Duration (s)").fill("8")
+    page.get_by_label("Caption").fill(caption)
+    page.get_by_label("Duration (s)").fill("10")
     _fast(page)
+
+
+def test_a_cover_from_an_uploaded_wav_and_its_result_as_the_next_source(page, source_wav, studio_app):
+    _start(page, "cover", source_wav, "jazz cover with brushed drums")
     page.get_by_label("Cover strength").fill("0.5")
     page.get_by_role("button", name="Generate").click()
     page.wait_for_function(DONE, timeout=300_000)
     page.wait_for_function(PLAYABLE, timeout=60_000)
-    sent = _request_part(posted[0])
+    (upload,) = _uploads(page)
+    sent = upload["request"]
     assert sent["task_type"] == "cover" and sent["audio_cover_strength"] == 0.5
     assert "repainting_start" not in sent  # a field of another task is not sent
-    assert b'name="src_audio"' in posted[0].post_data_buffer
+    assert upload["files"] == ["src_audio"]
+    params = _rendered_params(page, studio_app)
+    assert (params["task_type"], params["audio_cover_strength"]) == ("cover", 0.5)
     card = page.locator(".card").first
     page.wait_for_function("document.querySelector('.card canvas.wave').dataset.drawn === '1'")
     card.get_by_role("button", name="Use as source").first.click()
@@ -96,14 +120,11 @@ def test_a_cover_from_an_uploaded_wav_and_its_result_as_the_next_source(page, so
     assert page.locator("#src_audio").evaluate("i => i.files[0].name").endswith(".flac")
 
 
-def test_a_repaint_with_the_window_dragged_on_the_waveform(page, source_wav):
-    posted = _posted(page)
-    _open(page)
-    page.locator("input[name=task_type][value=repaint]").check()
-    _upload_source(page, source_wav)
-    page.get_by_label("Caption").fill("a soft piano bridge")
-    _fast(page)
-    box = page.locator("#src-wave").bounding_box()
+def test_a_repaint_with_the_window_dragged_on_the_waveform(page, source_wav, studio_app):
+    _start(page, "repaint", source_wav, "a soft piano bridge")
+    wave = page.locator("#src-wave")
+    wave.scroll_into_view_if_needed()  # the mouse acts in the viewport
+    box = wave.bounding_box()
     y = box["y"] + box["height"] / 2
     page.mouse.move(box["x"] + box["width"] * 0.25, y)
     page.mouse.down()
@@ -111,13 +132,16 @@ def test_a_repaint_with_the_window_dragged_on_the_waveform(page, source_wav):
     page.mouse.up()
     start = float(page.get_by_label("Window start (s)").input_value())
     end = float(page.get_by_label("Window end (s, -1 = end)").input_value())
-    assert abs(start - 2.0) <= 0.2 and abs(end - 4.8) <= 0.2, (start, end)
+    assert abs(start - 3.0) <= 0.2 and abs(end - 7.2) <= 0.2, (start, end)  # 25 % and 60 % of 12 s
     page.get_by_role("button", name="Generate").click()
     page.wait_for_function(DONE, timeout=300_000)
     page.wait_for_function(PLAYABLE, timeout=60_000)
-    sent = _request_part(posted[0])
+    (upload,) = _uploads(page)
+    sent = upload["request"]
     assert sent["task_type"] == "repaint" and (sent["repainting_start"], sent["repainting_end"]) == (start, end)
-    assert "audio_cover_strength" not in sent
+    assert "audio_cover_strength" not in sent and upload["files"] == ["src_audio"]
+    params = _rendered_params(page, studio_app)  # the server rendered that window
+    assert (params["task_type"], params["repainting_start"], params["repainting_end"]) == ("repaint", start, end)
 
 
 def test_track_names_become_the_official_instruction(page):
