@@ -149,3 +149,22 @@ def test_json_logs_carry_request_and_task_ids_and_phase_durations(obs_app, traff
         assert secret not in text, "no API key in any Serve log"
     assert "obs-caption-7f3a" not in text and "obs-lyric-91c2" not in text, "no caption or lyrics in the logs"
 
+
+def test_the_dashboard_has_one_panel_per_family_with_fitting_queries():
+    """cluster/grafana/acestep.json (no Ray): rates for counters, quantiles for histograms."""
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "cluster/grafana/acestep.json").read_text())
+    exprs = {panel["title"]: [t["expr"] for t in panel["targets"]] for panel in dashboard["panels"]}
+    for name, spec in SPECS.items():
+        series = f"ray_{name}" + {"counter": "_total", "histogram": "_bucket", "gauge": ""}[spec.kind]
+        panels = [title for title, queries in exprs.items() if any(f"{series}[" in q or f"{series})" in q
+                                                                   for q in queries)]
+        assert len(panels) == 1, (name, panels)
+        for query in exprs[panels[0]]:
+            if spec.kind == "counter":
+                assert f"rate({series}[$__rate_interval])" in query, query
+            elif spec.kind == "histogram":
+                assert query.startswith("histogram_quantile(") and f"rate({series}[" in query, query
+    assert len(dashboard["panels"]) == len(SPECS)
+    assert all(p["datasource"]["type"] == "prometheus" for p in dashboard["panels"])
