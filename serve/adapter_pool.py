@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any, Dict, Iterable
 
 from acestep.dit.adapters import AdapterError, read_adapter, resolve_adapter_path
+from serve import metrics
+from serve.logs import log
 
-log = logging.getLogger("acestep.serve")
 
 
 class AdapterPool:
@@ -63,6 +63,7 @@ class AdapterPool:
         await asyncio.to_thread(self._inject, adapter)
         self._lru[name] = None
         self.loads += 1
+        metrics.adapter_loaded(name)
 
     def _inject(self, adapter) -> None:
         slots = self.handler.adapters
@@ -78,6 +79,7 @@ class AdapterPool:
                     continue
                 del self._lru[name]
                 self.evictions += 1
+                metrics.adapter_evicted(name)
                 log.info("adapter %s unloaded (least recently used)", name)
                 return True
         log.warning("all %d loaded adapters are in use; loading one more", len(self._lru))

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Iterator, Optional, Sequence
 
+from serve import metrics
 from serve.errors import APIError, retry_after
 
 Clock = Callable[[], float]
@@ -158,6 +159,7 @@ class Admission:
 
     def _refuse(self, reason: str, message: str, loc: Sequence[str], wait_s: float) -> APIError:
         self._refused[reason] += 1
+        metrics.rejected(reason)
         return APIError(429, message, loc=loc, code="overloaded", headers=retry_after(wait_s))
 
     def admit(self, key_name: str, unfinished_global: int, unfinished_key: int) -> None:
@@ -184,6 +186,7 @@ class Admission:
                         "key_rate", f"{limits.per_key_rpm:g} requests per minute is the limit for this key",
                         _KEY_LOC, wait)
             self._admitted += 1
+        metrics.admitted("task")
 
     def _bucket(self, key_name: str) -> TokenBucket:
         bucket = self._buckets.get(key_name)
@@ -224,6 +227,7 @@ class Admission:
                     _GLOBAL_LOC, self._queue_wait(self._sync_inflight, bound))
             self._sync_inflight += 1
             self._sync_admitted += 1
+        metrics.admitted("sync_slot")
         try:
             yield
         finally:

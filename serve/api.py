@@ -31,6 +31,7 @@ from serve.deployments import LMDisabled, PlanRequest, RenderReply, RenderReques
 from serve.driver import TaskFailure, classify
 from serve.errors import APIError, FieldError, error_responses, retry_after
 from serve.ingress_state import IngressState, failure_status, guard_settings
+from serve.logs import current_request_id, extra, log
 from serve.models import ModelSet, adapter_choice
 from serve.replica import PlanRef, json_safe, until_ready
 from serve.studio import StudioRoutes
@@ -104,7 +105,7 @@ class Ingress(AdapterRoutes, StudioRoutes):
         api.user_middleware.clear()
         from serve.guard import Guard
 
-        api.add_middleware(Guard, settings=guard_settings(config))
+        api.add_middleware(Guard, settings=guard_settings(config), routes=api.routes)
 
     async def check_health(self) -> None:
         """Serve's health check; also starts the reaper that re-drives lapsed and queued tasks."""
@@ -483,7 +484,8 @@ class Ingress(AdapterRoutes, StudioRoutes):
         for name, data in files.items():
             upload_keys[name] = f"upload-{task_id}-{name}"
             await asyncio.to_thread(state.audio.put, upload_keys[name], data)
-        request = intake.task_request(source, params, config, seeds, upload_keys, extras)
+        request = intake.task_request(source, params, config, seeds, upload_keys, extras,
+                                      request_id=current_request_id())
         claim = state.driver.has_room()
         try:
             task_id, created = await asyncio.to_thread(
@@ -497,6 +499,7 @@ class Ingress(AdapterRoutes, StudioRoutes):
         except IdempotencyConflict:
             raise APIError(409, "Idempotency-Key already used with a different body",
                            loc=("header", "idempotency-key"), code="conflict") from None
+        log.info("task %s accepted", task_id, extra=extra(task_id=task_id, source=source, created=created))
         if created and claim:
             state.driver.start(task_id, claimed=True)
         return task_id

@@ -38,6 +38,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                         help="task database and audio (default ~/.local/state/acestep); a restart resumes its queue")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     parser.add_argument("--num-gpus", type=int, default=None, help="GPUs for the local Ray (default: detected)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="Prometheus port of Ray's metrics agent (default: a free port, printed at start)")
     parser.set_defaults(func=run_serve)
     return parser
 
@@ -105,6 +107,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from serve.config import AppConfig
 
     http, app = _app_args(args)
+    logging_config = load_serve_config(args.config).get("logging_config")
     config = AppConfig.model_validate(app.get("args") or {})
     if getattr(args, "api_key", None):
         os.environ["ACESTEP_API_KEY"] = args.api_key  # replicas inherit it; it is never in a config or log
@@ -124,11 +127,16 @@ def run_serve(args: argparse.Namespace) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     # its own in-process Ray, even when another Ray runs on this machine
     ray.init(address="local", num_cpus=getattr(args, "num_cpus", None), num_gpus=getattr(args, "num_gpus", None),
-             include_dashboard=False)
-    serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": http.get("port", 8000)})
-    serve.run(build_app(config), name=app.get("name", "acestep"), route_prefix=app.get("route_prefix", "/"))
+             include_dashboard=False, _metrics_export_port=getattr(args, "metrics_port", None))
+    serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": http.get("port", 8000)},
+                logging_config=logging_config)
+    serve.run(build_app(config), name=app.get("name", "acestep"), route_prefix=app.get("route_prefix", "/"),
+              logging_config=logging_config)
     url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
     print(f"acestep serve: ready at {url} (OpenAPI at {url}/docs); Ctrl-C to stop", flush=True)
+    metrics_port = next((n["MetricsExportPort"] for n in ray.nodes() if n.get("Alive")), None)
+    print(f"metrics: http://127.0.0.1:{metrics_port}/metrics (Prometheus); JSON logs: the Ray session's logs/serve/",
+          flush=True)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:

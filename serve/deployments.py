@@ -26,6 +26,7 @@ import torch
 from ray import serve
 
 from acestep.dit.adapters import AdapterError
+from serve import metrics
 from serve.adapter_pool import AdapterPool
 from serve.audio_store import AudioStore
 from serve.config import AppConfig
@@ -160,6 +161,8 @@ class LMDeployment(_ModelReplica):
         self._planners = ThreadPoolExecutor(max_workers=config.lm.deployment.max_ongoing_requests,
                                             thread_name_prefix="lm-planner")
         self._requests = 0
+        if self.handler is not None:
+            metrics.watch(self.handler.stats, metrics.LMMeter(self.model))
 
     async def plan(self, job: PlanRequest):
         """PlanOutcome for one request (plans, merged params, time_costs, status). A cancelled call
@@ -259,6 +262,7 @@ class DiTDeployment(_ModelReplica):
         self.audio = AudioStore(config.audio_store_url(), ttl_s=config.store.task_ttl_s,
                                 max_bytes=int(config.store.max_audio_mb * 2**20))
         self.handler = load_dit(config, self.model)
+        metrics.watch(self.handler.stats, metrics.DiTMeter(self.model))
         adapters = config.dit.adapters
         self.adapters = AdapterPool(self.handler, adapters.dir, adapters.max_loaded) if adapters.dir else None
 

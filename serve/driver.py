@@ -12,15 +12,16 @@ Tasks beyond ``max_drives`` stay queued in the store until a driver has room.
 from __future__ import annotations
 
 import asyncio
-import logging
+import contextvars
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Dict, Optional, Set
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Set
 
+from serve import metrics
+from serve.logs import bind_request_id, extra, log
 from serve.replica import PlanLost
-from serve.tasks import FINAL_PHASES, TaskRecord, TaskStore
+from serve.tasks import FINAL_PHASES, TaskEvent, TaskRecord, TaskStore
 
-log = logging.getLogger("acestep.serve")
 
 MESSAGES = {
     "replica_died": "a model replica died while running this task",
@@ -106,6 +107,34 @@ class DriverSettings:
 Pipeline = Callable[[TaskRecord], Awaitable[Dict[str, Any]]]
 
 
+class PhaseClock:
+    """A task's phase transitions from its stored events: each is logged (``task_id``, the phase it
+    ended, ``duration_s``, ``next_phase``) and timed (``serve.metrics``) once, at event precision,
+    whenever the driver reads the events after one it has seen."""
+
+    def __init__(self, task_id: str, history: List[TaskEvent]):
+        self.task_id, self.phase, self.since, self.seen = task_id, "queued", 0.0, -1
+        self._follow(history, quiet=True)  # a re-driven task: where it stands, logged already
+
+    def advance(self, events: Optional[List[TaskEvent]]) -> None:
+        self._follow(events or [], quiet=False)
+
+    def _follow(self, events: List[TaskEvent], quiet: bool) -> None:
+        for event in events:
+            if event.seq <= self.seen:
+                continue
+            self.seen = event.seq
+            if event.seq == 0 or event.phase == self.phase:
+                self.phase, self.since = event.phase, self.since if event.seq else event.time
+                continue
+            if not quiet:
+                seconds = event.time - self.since
+                metrics.phase_done(self.phase, seconds)
+                log.info("task %s: %s -> %s", self.task_id, self.phase, event.phase, extra=extra(
+                    task_id=self.task_id, phase=self.phase, duration_s=round(seconds, 3), next_phase=event.phase))
+            self.phase, self.since = event.phase, event.time
+
+
 class _Stop(Exception):
     """The task turned final elsewhere (DELETE) or the lease was lost: stop without writing."""
 
@@ -139,7 +168,9 @@ class TaskDriver:
 
     def ensure_reaper(self) -> None:
         if self._reaper is None or self._reaper.done():
-            self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
+            # a context of its own: the drives it starts log their task's request id, not that of
+            # the request that happened to start the reaper
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_forever(), context=contextvars.Context())
 
     async def _reap_forever(self) -> None:
         period = max(0.5, min(5.0, self.settings.lease_s / 3))
@@ -165,8 +196,9 @@ class TaskDriver:
             if record is None or record.phase in FINAL_PHASES:
                 continue
             if record.phase == "queued" and time.time() - record.created_at > self.settings.timeouts["queued"]:
-                await asyncio.to_thread(self.store.fail, task_id, "timeout:queued",
-                                        "not started within the queue timeout")
+                if await asyncio.to_thread(self.store.fail, task_id, "timeout:queued",
+                                           "not started within the queue timeout"):
+                    metrics.task_finished("failed", "timeout:queued")
                 continue
             if self.start(task_id):
                 started += 1
@@ -178,6 +210,7 @@ class TaskDriver:
     async def _drive(self, task_id: str, claimed: bool) -> None:
         store = self.store
         began = time.monotonic()
+        clock: Optional[PhaseClock] = None
         try:
             if not claimed and not await asyncio.to_thread(store.claim, task_id, self.owner, self.settings.lease_s):
                 return
@@ -185,14 +218,18 @@ class TaskDriver:
             record = await asyncio.to_thread(store.get, task_id)
             if record is None or record.phase in FINAL_PHASES:
                 return
-            output = await self._attempts(record)
+            bind_request_id((record.request or {}).get("request_id", ""))
+            clock = PhaseClock(task_id, await asyncio.to_thread(store.events, task_id) or [])
+            output = await self._attempts(record, clock)
             if output is not None and await asyncio.to_thread(store.finish, task_id, output):
                 self._counts["done"] += 1
                 if self.on_done is not None:
                     self.on_done(time.monotonic() - began)
+            await self._settle(clock)
         except TaskFailure as failure:
             self._counts["failed"] += 1
             await self._safely(store.fail, task_id, failure.code, failure.message)
+            await self._settle(clock)
         except asyncio.CancelledError:
             # drain: the task stays in its phase with a free lease; the next start re-drives it
             self._counts["released"] += 1
@@ -205,6 +242,20 @@ class TaskDriver:
             log.exception("task driver failed unexpectedly")
             self._counts["failed"] += 1
             await self._safely(store.fail, task_id, "internal", MESSAGES["internal"])
+            await self._settle(clock)
+
+    async def _settle(self, clock: Optional[PhaseClock]) -> None:
+        """The last transitions (into done or failed, here or by DELETE) and the task's outcome."""
+        if clock is None:
+            return
+        try:
+            events = await asyncio.to_thread(self.store.events, clock.task_id, clock.seen)
+            clock.advance(events)
+            if clock.phase in FINAL_PHASES:
+                record = await asyncio.to_thread(self.store.get, clock.task_id)
+                metrics.task_finished(clock.phase, record.error if record is not None else None)
+        except Exception:  # logs and metrics only: the task itself is settled
+            log.warning("could not read a finished task's last events", exc_info=True)
 
     async def _safely(self, write, *args) -> None:
         """A final store write; if the store is down the lease lapses and the task is re-driven."""
@@ -213,11 +264,11 @@ class TaskDriver:
         except Exception:
             log.warning("task store write failed; the task is re-driven later", exc_info=True)
 
-    async def _attempts(self, record: TaskRecord) -> Optional[Dict[str, Any]]:
+    async def _attempts(self, record: TaskRecord, clock: PhaseClock) -> Optional[Dict[str, Any]]:
         """The pipeline's output, retrying replica deaths and back-pressure; None if stopped."""
         for attempt in range(self.settings.retries + 1):
             try:
-                return await self._attempt(record)
+                return await self._attempt(record, clock)
             except _Stop:
                 return None
             except _Retryable as retry:
@@ -228,9 +279,9 @@ class TaskDriver:
                 await asyncio.sleep(self.settings.retry_backoff_s * 2 ** attempt)
         return None
 
-    async def _attempt(self, record: TaskRecord) -> Dict[str, Any]:
+    async def _attempt(self, record: TaskRecord, clock: PhaseClock) -> Dict[str, Any]:
         work = asyncio.ensure_future(self.pipeline(record))
-        watch = asyncio.ensure_future(self._watch(record.task_id))
+        watch = asyncio.ensure_future(self._watch(record.task_id, clock))
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
             if work.done():
@@ -246,8 +297,9 @@ class TaskDriver:
                     pending.cancel()
             await asyncio.gather(work, watch, return_exceptions=True)
 
-    async def _watch(self, task_id: str) -> None:
-        """Renew the lease; stop when the task turns final elsewhere or a phase outlives its timeout."""
+    async def _watch(self, task_id: str, clock: PhaseClock) -> None:
+        """Renew the lease; stop when the task turns final elsewhere or a phase outlives its timeout;
+        follow its phase transitions (``clock``)."""
         settings, store = self.settings, self.store
         phase, since, renewed = None, time.monotonic(), time.monotonic()
         while True:
@@ -259,6 +311,8 @@ class TaskDriver:
                         raise _Stop()  # another driver owns it now
                     renewed = now
                 record = await asyncio.to_thread(store.get, task_id)
+                if record is not None and record.phase != clock.phase and record.phase not in FINAL_PHASES:
+                    clock.advance(await asyncio.to_thread(store.events, task_id, clock.seen))
             except Exception as error:
                 if not store_unavailable(error):
                     raise

@@ -25,9 +25,11 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Dict, Iterable, List, Mapping, MutableMapping, Optional, Tuple, Union
+from typing import (Awaitable, Callable, Dict, Iterable, List, Mapping, MutableMapping, Optional, Sequence, Tuple,
+                    Union)
 from urllib.parse import parse_qsl
 
+from serve import metrics
 from serve.errors import APIError
 from serve.safejson import deeper_than
 
@@ -356,29 +358,55 @@ def replay(body: bytes, receive: Receive) -> Receive:
 
 
 class Guard:
-    """ASGI middleware enforcing ``GuardSettings`` on http requests; see the module docstring."""
+    """ASGI middleware enforcing ``GuardSettings`` on http requests; see the module docstring. It also
+    counts every http request by route template and status (``serve.metrics``); ``routes`` (the
+    app's) name the template of a request refused before routing."""
 
-    def __init__(self, app, settings: GuardSettings):
+    def __init__(self, app, settings: GuardSettings, routes: Sequence[object] = ()):
         self.app = app
         self.settings = settings
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            try:
-                admitted = await self._admit(scope, receive)
-            except APIError as error:
-                logger.debug("refused %s %s: %s %s", scope.get("method"), scope.get("path"),
-                             error.status_code, error.code)
-                await error.response()(scope, receive, send)
-                return
-            if admitted is not None:  # None: the client left while sending its body
-                await self.app(scope, admitted, send)
+            await self._counted(scope, receive, send)
         elif scope["type"] == "websocket" and scope.get("path") not in self.settings.public_paths:
             # No websocket route takes a key, so none but public ones may open.
             await receive()
             await send({"type": "websocket.close", "code": 1008})
         else:
             await self.app(scope, receive, send)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            admitted = await self._admit(scope, receive)
+        except APIError as error:
+            logger.debug("refused %s %s: %s %s", scope.get("method"), scope.get("path"),
+                         error.status_code, error.code)
+            await error.response()(scope, receive, send)
+            return
+        if admitted is not None:  # None: the client left while sending its body
+            await self.app(scope, admitted, send)
+
+    async def _counted(self, scope: Scope, receive: Receive, send: Send) -> None:
+        status: List[object] = []
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, sending)
+        except Exception as error:  # answered by the app's outermost handler, as http_app maps it
+            if not status:
+                from serve.http_app import unexpected_error
+
+                status.append(unexpected_error(error).status_code)
+            raise
+        finally:
+            metrics.http_request(metrics.route_template(scope, self.routes), scope.get("method", ""),
+                                 status[0] if status else "disconnected")
 
     async def _admit(self, scope: Scope, receive: Receive) -> Optional[Receive]:
         """The ``receive`` the app gets (replaying a buffered body), or an APIError to answer."""

@@ -32,13 +32,17 @@ async def _api_error(request: Request, error: APIError):
     return error.response()
 
 
-@api.exception_handler(Exception)
-async def _unexpected(request: Request, error: Exception):
+def unexpected_error(error: Exception) -> APIError:
     """Anything unforeseen: a code in the error model, never a traceback (the log has it)."""
     if store_unavailable(error):
         return APIError(503, "the task store is unavailable; retry", loc=("service",), code="store_unavailable",
-                        headers=retry_after(5)).response()
-    return APIError(500, "internal error", loc=("service",), code="internal").response()
+                        headers=retry_after(5))
+    return APIError(500, "internal error", loc=("service",), code="internal")
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, error: Exception):
+    return unexpected_error(error).response()
 
 
 @api.exception_handler(RequestValidationError)

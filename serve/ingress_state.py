@@ -10,22 +10,23 @@ audio.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
-import logging
 import os
 import time
 import uuid
 from typing import Any, Dict, Optional, Tuple
 
+from serve import metrics
 from serve.admission import Admission, AdmissionLimits
 from serve.audio_store import AudioStore
 from serve.config import AppConfig
 from serve.driver import DriverSettings, TaskDriver
 from serve.errors import APIError, retry_after
+from serve.logs import log
 from serve.replica import plans_unpacked
 from serve.tasks import FINAL_PHASES, StoreFull, TaskRecord, open_task_store, wait_final
 
-log = logging.getLogger("acestep.serve")
 
 MAX_UPLOAD_SECONDS = 600.0  # the DiT's longest song; longer sources cannot be covered or repainted
 _FAILURE_STATUS = {"overloaded": 503, "replica_died": 503, "invalid_audio": 422, "cancelled": 409}
@@ -101,7 +102,9 @@ class IngressState:
             return
         self.driver.ensure_reaper()
         if self._refresher is None or self._refresher.done():
-            self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
+            # a context of its own: not the request's that happened to start it (its logs' request id)
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever(),
+                                                                    context=contextvars.Context())
 
     async def _refresh_forever(self, period_s: float = 2.0) -> None:
         while not self.driver.draining:
@@ -114,6 +117,8 @@ class IngressState:
     async def _refresh(self) -> None:
         view = self._view
         view["store_ok"] = await asyncio.to_thread(self._ping)
+        if view["store_ok"]:
+            metrics.store_tasks((await asyncio.to_thread(self.store.stats))["tasks"])
         view["replicas"] = await asyncio.to_thread(_running_replicas)
         calls = {"lm_stats": self.lm.stats, "dit_stats": self.dit.stats}
         if view["lm_info"] is None:
@@ -205,6 +210,7 @@ class IngressState:
 
     async def admit(self, key_name: str) -> None:
         if self.driver.draining:
+            metrics.rejected("draining")
             raise APIError(503, "the server is shutting down; retry on another replica or after restart",
                            loc=("service",), code="draining", headers=retry_after(self.config.ingress.drain_grace_s))
         unfinished = await asyncio.to_thread(self.store.count_unfinished)

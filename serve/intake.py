@@ -139,10 +139,13 @@ def prepare(params: GenerationParams, config: GenerationConfig, uploads: Uploads
 
 
 def task_request(source: str, params: GenerationParams, config: GenerationConfig, seeds: List[int],
-                 upload_keys: Dict[str, str], extras: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """What a task's record keeps to run it again: plain JSON."""
+                 upload_keys: Dict[str, str], extras: Optional[Dict[str, Any]] = None,
+                 request_id: str = "") -> Dict[str, Any]:
+    """What a task's record keeps to run it again: plain JSON (``request_id``: the Serve request that
+    created it, for the logs of whichever replica drives it)."""
     return {"source": source, "params": dataclasses.asdict(params), "config": dataclasses.asdict(config),
-            "seeds": list(seeds), "uploads": dict(upload_keys), "extras": dict(extras or {})}
+            "seeds": list(seeds), "uploads": dict(upload_keys), "extras": dict(extras or {}),
+            "request_id": request_id}
 
 
 def from_task_request(request: Dict[str, Any]):

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import threading
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
-log = logging.getLogger("acestep.serve")
+from serve.logs import log
+
 
 Update = Tuple[str, float, str, Optional[Dict[str, Any]]]
 

@@ -105,6 +105,7 @@ class LMEngine:
         self._jobs: dict[int, Job] = {}
         self._next_rid = 0
         self._counts: Counter = Counter()
+        self._rows_per_step: Counter = Counter()  # KV rows decoding in one step -> steps
         self._group_live: Counter = Counter()
         self._group_peak: OrderedDict[str, int] = OrderedDict()
 
@@ -182,10 +183,11 @@ class LMEngine:
             if token in self.stop_ids or len(seq.tokens) >= seq.request.max_new_tokens:
                 self._finish(seq)
                 done.append(seq.rid)
+        rows = sum(seq.slots_needed for seq in running)
         self._counts["steps"] += 1
         self._counts["tokens"] += len(running)
-        self._counts["peak_rows_in_use"] = max(self._counts["peak_rows_in_use"],
-                                               sum(seq.slots_needed for seq in running))
+        self._counts["peak_rows_in_use"] = max(self._counts["peak_rows_in_use"], rows)
+        self._rows_per_step[rows] += 1
         if self.scheduler.running:
             self._decode(self.scheduler.running)
         return done
@@ -202,8 +204,9 @@ class LMEngine:
         return [self.pop_result(rid) for rid in rids]
 
     def stats(self) -> dict[str, Any]:
-        """Rows in use and their peak, running / waiting requests, steps, tokens, and the peak number
-        of requests each recent group held in the engine at once (``group_peaks``)."""
+        """Rows in use and their peak, running / waiting requests, steps, tokens, steps by KV rows
+        decoding in them (``rows_per_step``), and the peak number of requests each recent group held
+        in the engine at once (``group_peaks``)."""
         counts = dict(self._counts)
         return {
             "max_rows": self.settings.max_rows, "max_admit_per_step": self.settings.max_admit_per_step,
@@ -212,6 +215,7 @@ class LMEngine:
             "steps": counts.get("steps", 0), "tokens": counts.get("tokens", 0),
             "requests_added": counts.get("added", 0), "requests_finished": counts.get("finished", 0),
             "requests_aborted": counts.get("aborted", 0), "group_peaks": dict(self._group_peak),
+            "rows_per_step": dict(sorted(dict(self._rows_per_step).items())),
         }
 
     def _finish(self, seq: Job) -> None:

@@ -90,6 +90,7 @@ def test_cancelling_one_of_four_frees_its_rows_and_leaves_the_others_unchanged(l
         stats = loop.stats()
         assert stats["requests_aborted"] == 1 and stats["requests_finished"] == 4
         assert stats["peak_rows_in_use"] == 8 and stats["rows_in_use"] == 0
+        assert sum(stats["rows_per_step"].values()) == stats["steps"] and max(stats["rows_per_step"]) == 8
     finally:
         loop.close()
 

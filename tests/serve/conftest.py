@@ -49,8 +49,9 @@ def serve_app(demo_root, tmp_path_factory):
 
 
 def deployed_app(demo_root, state_dir, **overrides):
-    """Start a local Ray, deploy the app with API keys (one from ACESTEP_API_KEY, named "default",
-    and two from a keys file), yield its handle data, stop everything."""
+    """Start a local Ray (its own, even when another cluster runs on this machine; its metrics agent on
+    a free port), deploy the app with API keys (one from ACESTEP_API_KEY, named "default", and two
+    from a keys file), yield its handle data, stop everything."""
     import ray
     from ray import serve
     from ray.serve.context import _get_global_client
@@ -65,16 +66,21 @@ def deployed_app(demo_root, state_dir, **overrides):
     overrides["ingress"] = {"api_keys_file": str(keys_file), **overrides.get("ingress", {})}
     port = _free_port()
     http, app, config = app_config_for_tests(str(demo_root), port, str(state_dir), **overrides)
-    schema = ServeDeploySchema.model_validate({**load_serve_config(), "http_options": http, "applications": [app]})
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve_config = load_serve_config()
+    schema = ServeDeploySchema.model_validate({**serve_config, "http_options": http, "applications": [app]})
+    metrics_port = _free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=metrics_port)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=serve_config.get("logging_config"))
         _get_global_client().deploy_apps(schema)
         _wait_running(app["name"])
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url)
+        logs_dir = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
         yield SimpleNamespace(url=url, name=app["name"], config=config, args=app["args"], state_dir=state_dir,
-                              keys=keys, headers={"Authorization": f"Bearer {keys['default']}"})
+                              keys=keys, headers={"Authorization": f"Bearer {keys['default']}"},
+                              metrics_url=f"http://127.0.0.1:{metrics_port}/metrics", serve_logs=logs_dir)
     finally:
         # serve.shutdown() first stops the driver-side handles' metrics pushers, which would otherwise
         # log "owner is unknown" errors after ray.shutdown(); it costs a few seconds.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 import ray.exceptions as rex
@@ -197,3 +198,71 @@ def test_max_drives_leaves_the_rest_queued_for_the_reaper(store):
 
     ids = asyncio.run(main())
     assert all(store.get(task_id).phase == "done" for task_id in ids)
+
+
+class _Lines(logging.Handler):
+    """The structured fields of the driver's phase lines."""
+
+    def __init__(self):
+        super().__init__()
+        self.fields = []
+
+    def emit(self, record):
+        if hasattr(record, "ray_serve_extra_fields") and "next_phase" in record.ray_serve_extra_fields:
+            self.fields.append(record.ray_serve_extra_fields)
+
+
+@pytest.fixture
+def phase_lines():
+    from serve.logs import log
+
+    handler = _Lines()
+    log.addHandler(handler)
+    previous = log.level
+    log.setLevel(logging.INFO)
+    yield handler.fields
+    log.removeHandler(handler)
+    log.setLevel(previous)
+
+
+def test_phase_clock_logs_each_transition_once_with_its_duration(phase_lines):
+    from serve.driver import PhaseClock
+    from serve.tasks import TaskEvent
+
+    def event(seq, phase, time):
+        return TaskEvent(seq, phase, 0.0, "", time)
+
+    # re-driven while in lm: what happened before is where it stands, not logged again
+    clock = PhaseClock("t1", [event(0, "queued", 100.0), event(1, "lm", 101.0), event(2, "lm", 102.0)])
+    assert (clock.phase, clock.since, clock.seen, phase_lines) == ("lm", 101.0, 2, [])
+    later = [event(2, "lm", 102.0), event(3, "lm", 103.0), event(4, "dit", 105.0), event(5, "dit", 106.0),
+             event(6, "encode", 107.5)]
+    clock.advance(later)
+    clock.advance(later)  # seen already: nothing twice
+    clock.advance(None)  # an unknown task's events
+    assert phase_lines == [
+        {"task_id": "t1", "phase": "lm", "duration_s": 4.0, "next_phase": "dit"},
+        {"task_id": "t1", "phase": "dit", "duration_s": 2.5, "next_phase": "encode"}]
+
+
+def test_a_drive_logs_every_phase_transition_of_its_task(store, phase_lines):
+    async def pipeline(record):
+        for phase, progress in (("lm", 0.1), ("lm", 0.2), ("dit", 0.4), ("encode", 0.9)):
+            store.update(record.task_id, phase, progress, phase)
+            await asyncio.sleep(0.02)
+        return {"audios": []}
+
+    async def main():
+        driver = TaskDriver(store, pipeline, _settings(), "a")
+        task_id, _ = store.create({"request_id": "req-1"}, owner="a", lease_s=1.0)
+        driver.start(task_id, claimed=True)
+        await driver.local(task_id)
+        return task_id
+
+    task_id = asyncio.run(main())
+    events = store.events(task_id)
+    assert [(f["phase"], f["next_phase"]) for f in phase_lines] == [
+        ("queued", "lm"), ("lm", "dit"), ("dit", "encode"), ("encode", "done")]
+    assert {f["task_id"] for f in phase_lines} == {task_id}
+    # the durations are the stored events' own: together, creation to done
+    assert sum(f["duration_s"] for f in phase_lines) == pytest.approx(events[-1].time - events[0].time, abs=0.01)
