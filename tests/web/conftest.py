@@ -19,7 +19,7 @@ def chromium_path():
     return os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # tests/web runs last: one browser and one app for all its modules
 def browser():
     executable = chromium_path()
     if executable is None:
@@ -35,7 +35,7 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def studio_app(demo_root, tmp_path_factory):
     yield from deployed_app(demo_root, tmp_path_factory.mktemp("studio-state"))
 
