@@ -8,6 +8,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -36,7 +37,7 @@ def build_handlers(tiny: bool, device: torch.device, dtype: torch.dtype):
     """The DiT handler (``build_dit_handler``) and an LM handler: the demo LM (tiny) or a random
     full-size 1.7B model with the demo tokenizer (same special tokens as the real one)."""
     root = demo_root()
-    dit, llm = build_dit_handler(tiny, device, dtype), LLMHandler()
+    dit, llm = build_dit_handler(tiny, device, dtype, root), LLMHandler()
     if tiny:
         llm.initialize(str(root), DEMO_LM_DIRNAME, backend="pt", device=str(device), dtype=dtype)
     else:
@@ -50,10 +51,12 @@ def demo_root() -> Path:
     return root
 
 
-def build_dit_handler(tiny: bool, device: torch.device, dtype: torch.dtype) -> AceStepHandler:
-    """Tiny: the demo checkpoints through the real loaders. Full: random full-size DiT, VAE and
-    text encoder from the real configs in memory, with the demo text tokenizer."""
-    root = demo_root()
+def build_dit_handler(tiny: bool, device: torch.device, dtype: torch.dtype,
+                      root: Optional[Path] = None) -> AceStepHandler:
+    """Tiny: the demo checkpoints (under ``root``, else written now) through the real loaders.
+    Full: random full-size DiT, VAE and text encoder from the real configs in memory, with the
+    demo text tokenizer."""
+    root = root or demo_root()
     if tiny:
         dit = AceStepHandler()
         dit.initialize_service(str(root), "acestep-v15-turbo", device=str(device), dtype=dtype)

@@ -159,7 +159,7 @@ def bench_encoders(bench: Bench, dtype: torch.dtype, iters: int) -> None:
 def bench_lm(bench: Bench, dtype: torch.dtype, iters: int) -> None:
     from bench.lm import run
 
-    run(bench, dtype)
+    run(bench, dtype, repeats=iters)
 
 
 def bench_lm_serving(bench: Bench, dtype: torch.dtype, iters: int) -> None:

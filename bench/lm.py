@@ -35,7 +35,7 @@ TINY_LABEL = "demo LM (random, vocab 66,108)"
 FULL_LABEL = f"{LM_NAME} config, random weights"
 SECTION = "lm decode (codes phase, CFG 2.0)"
 CFG_SCALE, TEMPERATURE, TOP_P = 2.0, 0.85, 0.9
-REPEATS = 5  # median of at least five timed runs per figure
+REPEATS = 5  # timed runs per figure (their median) unless --iters says otherwise
 CAPTION = "energetic synth pop with driving drums and bright leads"
 METADATA = {"bpm": 120, "keyscale": "C major", "timesignature": "4", "duration": 30, "language": "en"}
 
@@ -114,17 +114,17 @@ def generate_cfg(model, base: LMRequest, pairs: int, tokens: int, codes_only: Co
                           pad_token_id=pad_id)
 
 
-def ms_per_step(device: torch.device, run, tokens: int) -> float:
+def ms_per_step(device: torch.device, run, tokens: int, repeats: int = REPEATS) -> float:
     """(median t(tokens) - median t(1)) / (tokens - 1); ``run(n)`` generates n tokens per row."""
     from bench.gpu import median_ms
 
-    one = median_ms(lambda: run(1), device, REPEATS)
-    full = median_ms(lambda: run(tokens), device, REPEATS)
+    one = median_ms(lambda: run(1), device, repeats)
+    full = median_ms(lambda: run(tokens), device, repeats)
     return round((full - one) / (tokens - 1), 3)
 
 
 @torch.no_grad()
-def run(bench, dtype: torch.dtype) -> None:
+def run(bench, dtype: torch.dtype, repeats: int = REPEATS) -> None:
     rows_list = [2, 8] if bench.tiny else [2, 16, 32]
     tokens = 24 if bench.tiny else 64
     handler = lm_handler(bench.tiny, bench.device, dtype, EngineSettings(max_rows=max(rows_list)))
@@ -139,10 +139,11 @@ def run(bench, dtype: torch.dtype) -> None:
             bench.check_time()
             pairs = rows // 2
             # n codes then EOS: n + 1 tokens, so t(N) - t(1) is N - 1 decode steps, as for generate
-            ours = ms_per_step(bench.device, lambda n: engine.generate(with_codes(base, pairs, n)), tokens)
-            reference = ms_per_step(bench.device, lambda n: plain.generate(with_codes(base, pairs, n)), tokens)
+            ours = ms_per_step(bench.device, lambda n: engine.generate(with_codes(base, pairs, n)), tokens, repeats)
+            reference = ms_per_step(bench.device, lambda n: plain.generate(with_codes(base, pairs, n)), tokens,
+                                    repeats)
             baseline = ms_per_step(bench.device, lambda n: generate_cfg(backend.model, base, pairs, n, codes_only,
-                                                                       backend.pad_id), tokens)
+                                                                       backend.pad_id), tokens, repeats)
             bench.add(SECTION, {"model": model_label(bench.tiny), "rows": rows, "cfg_pairs": pairs,
                                 "prompt_tokens": len(base.prompt_ids), "uncond_tokens": len(base.uncond_ids),
                                 "new_tokens": tokens, "generate_cfg_ms_per_step": baseline,

@@ -7,6 +7,7 @@ import torch
 
 from acestep.checkpoints.demo import real_config, tiny_dit_config, TINY_TEXT_ENCODER_OVERRIDES, TINY_VAE_OVERRIDES
 from acestep.checkpoints.loader import build_dit_modules
+from acestep.dit import vae as vae_ops
 
 
 def randomize_(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
@@ -40,7 +41,9 @@ def build_vae(tiny: bool, device, dtype):
         config["decoder_input_channels"] = dit_config(True)["audio_acoustic_hidden_dim"]
     with torch.device("meta"):
         vae = AutoencoderOobleck.from_config(config)
-    return randomize_(vae, device, dtype)
+    vae = randomize_(vae, device, dtype)
+    vae_ops.use_inplace_snakes(vae)  # as the checkpoint loader does
+    return vae
 
 
 def build_text_encoder(tiny: bool, device, dtype):

@@ -59,7 +59,7 @@ class Outcome:
 
 def mixed_workload(quick: bool) -> List[Arrival]:
     """Durations evenly spread over the range in a seeded shuffled order, seeded arrival offsets."""
-    count, shortest, longest, spread_s = (6, 10, 30, 1.0) if quick else (16, 10, 240, 4.0)
+    count, shortest, longest, spread_s = (4, 10, 20, 0.5) if quick else (16, 10, 240, 4.0)
     rng = random.Random(WORKLOAD_SEED)
     durations = [round(shortest + (longest - shortest) * i / (count - 1)) for i in range(count)]
     rng.shuffle(durations)
@@ -185,7 +185,7 @@ def bench_mixed(bench, handler, quick: bool) -> None:
 
 
 def bench_short_behind_long(bench, handler, quick: bool) -> None:
-    long_s, short_s, gap_s, solo_runs = (60, 10, 1.0, 1) if quick else (240, 10, 1.0, 3)
+    long_s, short_s, gap_s, solo_runs = (30, 10, 0.5, 1) if quick else (240, 10, 1.0, 3)
     short_alone = Arrival(1, short_s, 0.0)
     pair = [Arrival(0, long_s, 0.0), Arrival(1, short_s, gap_s)]
     for mode, policy in MODES.items():

@@ -12,6 +12,7 @@ from torch import nn
 from acestep.checkpoints.layout import DiTCheckpoint
 from acestep.checkpoints.loader import load_diffusers_module, load_official_dit
 from acestep.checkpoints.mapping import DIT_COMPONENTS
+from acestep.dit import vae as vae_ops
 
 
 @dataclass
@@ -67,6 +68,7 @@ def load_dit_bundle(checkpoint: DiTCheckpoint, dtype: Optional[torch.dtype] = No
         modules = {name: load_diffusers_module(checkpoint.dit_dir / name, cls, dtype=dtype, device=device)
                    for name, cls in DIT_COMPONENTS.items()}
     vae = load_diffusers_module(checkpoint.vae_dir, AutoencoderOobleck, dtype=dtype, device=device)
+    vae_ops.use_inplace_snakes(vae)
     text_encoder = load_text_encoder(checkpoint.text_encoder_dir, dtype, device)
     return DiTBundle(vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(checkpoint.tokenizer_dir),
                      checkpoint=checkpoint, **modules)

@@ -14,8 +14,21 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from diffusers.pipelines.ace_step.pipeline_ace_step import TASK_INSTRUCTIONS
 
+# The official instructions, as in diffusers' pipeline_ace_step (a test checks they agree). Not
+# imported from there: that module pulls in transformers and most of diffusers, seconds of import
+# in every process that validates a request (the Serve ingress and controller need neither).
+TASK_INSTRUCTIONS = {
+    "text2music": "Fill the audio semantic mask based on the given conditions:",
+    "repaint": "Repaint the mask area based on the given conditions:",
+    "cover": "Generate audio semantic tokens based on the given conditions:",
+    "extract": "Extract the {TRACK_NAME} track from the audio:",
+    "extract_default": "Extract the track from the audio:",
+    "lego": "Generate the {TRACK_NAME} track based on the audio context:",
+    "lego_default": "Generate the track based on the audio context:",
+    "complete": "Complete the input track with {TRACK_CLASSES}:",
+    "complete_default": "Complete the input track:",
+}
 TASK_TYPES = ("text2music", "cover", "repaint", "lego", "extract", "complete")
 BASE_ONLY_TASKS = ("lego", "extract", "complete")
 SOURCE_TASKS = ("cover", "repaint", "lego", "extract", "complete")

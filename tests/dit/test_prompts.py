@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from acestep.dit.conditioning import TextCondition
-from acestep.dit.tasks import instruction_tracks, resolve_instruction
+from acestep.dit.tasks import TASK_INSTRUCTIONS, instruction_tracks, resolve_instruction
 
 
 def test_caption_prompt_with_all_metas():
@@ -22,6 +22,12 @@ def test_caption_prompt_missing_metas_are_na():
                          lyrics="", language="unknown", bpm=None, timesignature="", keyscale="n/a", duration_s=None)
     assert cond.caption_prompt().endswith(
         "# Metas\n- bpm: N/A\n- timesignature: N/A\n- keyscale: N/A\n- duration: 30 seconds\n<|endoftext|>\n")
+
+
+def test_task_instructions_are_the_official_ones():
+    from diffusers.pipelines.ace_step.pipeline_ace_step import TASK_INSTRUCTIONS as OFFICIAL
+
+    assert TASK_INSTRUCTIONS == OFFICIAL
 
 
 def test_task_instructions():

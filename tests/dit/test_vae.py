@@ -31,3 +31,26 @@ def test_postprocess_peak_guard_and_minus_one_dbfs():
     assert torch.allclose(out / out.abs().max(), loud / 4.0)
     silent = torch.zeros(2, 10)
     assert torch.equal(vae_ops.postprocess(silent), silent)
+
+
+def test_inplace_snake_equals_diffusers_snake_bit_for_bit():
+    from diffusers.models.autoencoders.autoencoder_oobleck import Snake1d
+
+    snake = Snake1d(4)
+    with torch.no_grad():
+        snake.alpha.normal_(0.0, 0.5)
+        snake.beta.normal_(0.0, 0.5)
+    x = torch.randn(2, 4, 1000, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = snake(x)
+        vae_ops.use_inplace_snakes(torch.nn.Sequential(snake))
+        assert isinstance(snake, vae_ops.InPlaceSnake1d)
+        assert torch.equal(snake(x), expected)
+    x.requires_grad_(True)
+    snake(x).sum().backward()  # with autograd it takes diffusers' out-of-place path
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_loaded_vae_uses_the_inplace_snake(turbo_handler):
+    snakes = [m for m in turbo_handler.bundle.vae.modules() if "Snake" in type(m).__name__]
+    assert snakes and all(isinstance(m, vae_ops.InPlaceSnake1d) for m in snakes)

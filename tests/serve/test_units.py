@@ -174,3 +174,16 @@ def test_compat_takes_back_files_this_server_returned_and_no_other_path():
         with pytest.raises(FieldError) as raised:
             compat.to_library({"prompt": "x", "src_audio_path": path}, stored)
         assert raised.value.status_code == 400 and "upload" in raised.value.message
+
+
+def test_the_app_module_imports_neither_transformers_nor_diffusers():
+    """The ingress and controller import the app only (seconds of start-up each on 2 cores); the
+    model replicas import what they load."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, serve.app; print(sorted({'transformers', 'diffusers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout
+    assert out.strip() == "[]"
