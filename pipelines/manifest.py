@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterable, List, Optional
 MANIFEST_JSONL = "manifest.jsonl"
 MANIFEST_PARQUET = "manifest.parquet"
 JOURNAL = ".manifest.journal.jsonl"
-JSON_COLUMNS = ("params", "lm_metadata", "time_costs")  # nested values: JSON text in Parquet
+JSON_COLUMNS = ("params", "lm_metadata", "time_costs", "nodes")  # nested values: JSON text in Parquet
 
 
 @dataclass
@@ -39,6 +39,7 @@ class ManifestRecord:
     duration: Optional[float] = None  # seconds of audio per item
     time_costs: Dict[str, float] = field(default_factory=dict)
     error: Optional[str] = None
+    nodes: Dict[str, str] = field(default_factory=dict)  # Ray node id each model stage ran on ("lm", "dit")
     planned_at: float = 0.0  # unix time the LM stage finished the row (0 without the LM)
     finished_at: float = 0.0  # unix time the row finished
 
@@ -141,7 +142,7 @@ def write_parquet(records: List[ManifestRecord], path: Path) -> None:
         ("id", pa.string()), ("index", pa.int64()), ("params", pa.string()), ("seeds", pa.list_(pa.int64())),
         ("lm_metadata", pa.string()), ("codes", pa.list_(pa.string())), ("files", pa.list_(pa.string())),
         ("duration", pa.float64()), ("time_costs", pa.string()), ("error", pa.string()),
-        ("planned_at", pa.float64()), ("finished_at", pa.float64()),
+        ("nodes", pa.string()), ("planned_at", pa.float64()), ("finished_at", pa.float64()),
     ])
     rows = []
     for record in records:

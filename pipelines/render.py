@@ -4,11 +4,12 @@
     acestep render --input prompts.parquet --output out/ --demo --no-lm
     acestep render --input prompts.jsonl --output out/ --via-serve acestep   # a running Serve app
 
-Pipeline: input rows (driver: ids, resume) → ``LMStage`` (actor pool; each actor keeps
+Pipeline: input rows (``pipelines.source``: read tasks read and parse the files, the driver holds
+only ids, for resume) → ``LMStage`` (actor pool; each actor keeps
 ``--lm-rows-in-flight`` rows planning at once in its one LM engine, a stream of rows: a finished row
 leaves and the next joins) → ``DiTStage`` (its own actor pool; each actor keeps ``--dit-rows-in-flight``
 rows in its one DiT worker, joining its running batch between sampling steps; writes
-``audio/{id}_{i}.{format}``) →
+``audio/{id}_{i}.{format}``; ``--lm-resources`` / ``--dit-resources`` put each pool on its own nodes) →
 the driver's writer (journal, then ``manifest.jsonl`` + ``manifest.parquet``). ``--via-serve`` replaces
 both model stages with ``ServeStage``. Rerunning the same command resumes: complete rows are skipped.
 """
@@ -22,10 +23,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from pipelines.manifest import Manifest, ManifestRecord
-from pipelines.rows import InputRow, read_rows
+from pipelines.source import RowKey, input_keys, pending_rows
 
 from acestep.lm.constants import DEFAULT_LM_MODEL
 
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 class RenderOptions:
     """Everything the job needs; ``main`` fills it from the command line."""
 
-    input: str  # prompts.jsonl / prompts.parquet
+    input: str  # prompts.jsonl / prompts.parquet / a folder of them, local or a filesystem URI (s3://...)
     output: str  # output folder: audio/, manifest.jsonl, manifest.parquet
     checkpoints: Optional[str] = None  # checkpoints root (DiT folders, vae/, text encoder, LM folders)
     demo: bool = False  # write the tiny demo checkpoints under {output}/.demo-checkpoints and use them
@@ -51,6 +52,8 @@ class RenderOptions:
     dit_gpus: float = 0.0  # GPUs per DiT actor
     lm_cpus: float = 1.0  # CPUs per LM actor
     dit_cpus: float = 1.0  # CPUs per DiT actor
+    lm_resources: Dict[str, float] = field(default_factory=dict)  # custom resources per LM actor
+    dit_resources: Dict[str, float] = field(default_factory=dict)  # custom resources per DiT actor
     lm_rows_in_flight: int = 8  # rows one LM actor plans at once (they share its engine's batch)
     dit_rows_in_flight: int = 8  # rows one DiT actor renders at once (they share its worker's batch)
     via_serve: Optional[str] = None  # Serve app name: send rows to it instead of starting model actors
@@ -81,10 +84,24 @@ class RenderSummary:
                 f"(of {self.total}); {self.songs} songs in {self.seconds:.1f}s ({self.songs_per_minute:.1f} songs/min)")
 
 
+def resources_json(text: str) -> Dict[str, float]:
+    """``--lm-resources`` / ``--dit-resources``: a JSON object of resource name → amount."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+            for k, v in value.items()):
+        raise argparse.ArgumentTypeError(f"expected an object of resource name → amount >= 0, got {text}")
+    return {name: float(amount) for name, amount in value.items()}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.render", description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", required=True, help="prompts.jsonl or prompts.parquet (GenerationParams fields, "
-                                                  "optional id, seed, batch_size, audio_format)")
+    p.add_argument("--input", required=True, help="prompts.jsonl / prompts.parquet, a folder of them, or a "
+                                                  "filesystem URI such as s3://bucket/prompts/ (GenerationParams "
+                                                  "fields, optional id, seed, batch_size, audio_format)")
     p.add_argument("--output", required=True, help="output folder (audio/ + manifest.jsonl + manifest.parquet)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--checkpoints", help="checkpoints root")
@@ -99,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{stage}-actors", type=int, default=1, help=f"{stage.upper()} actor pool size")
         p.add_argument(f"--{stage}-gpus", type=float, default=0.0, help=f"GPUs per {stage.upper()} actor")
         p.add_argument(f"--{stage}-cpus", type=float, default=1.0, help=f"CPUs per {stage.upper()} actor")
+        p.add_argument(f"--{stage}-resources", type=resources_json, default={}, metavar="JSON",
+                       help=f"custom resources per {stage.upper()} actor, e.g. '{{\"{stage}_gpu\": 1}}': "
+                            f"nodes that advertise them take the {stage.upper()} actors")
     p.add_argument("--lm-rows-in-flight", type=int, default=8,
                    help="rows one LM actor plans at once; a finished row makes room for the next")
     p.add_argument("--dit-rows-in-flight", type=int, default=8,
@@ -148,13 +168,12 @@ def _ensure_ray() -> None:
         ray.init()  # RAY_ADDRESS (set in a RayJob) or a new local Ray
 
 
-def build_dataset(options: RenderOptions, pending: List[InputRow]):
-    """The lazy Dataset of manifest records (column ``record``, JSON) for the ``pending`` rows."""
+def build_dataset(options: RenderOptions, pending: List[RowKey], rows: int):
+    """The lazy Dataset of manifest records (column ``record``, JSON) for the ``pending`` rows of an
+    input of ``rows`` rows."""
     import ray
 
-    rows = [{"id": r.id, "index": r.index, "fields": r.fields, "error": r.error} for r in pending]
-    ds = ray.data.from_items([{"row": json.dumps(r, ensure_ascii=False)} for r in rows],
-                             override_num_blocks=max(1, min(len(rows), 64)))
+    ds = pending_rows(options.input, pending, rows)
     output = str(Path(options.output).resolve())
     if options.via_serve:
         from pipelines.stages import ServeStage
@@ -173,12 +192,13 @@ def build_dataset(options: RenderOptions, pending: List[InputRow]):
                                                "backend": options.lm_backend, "device": options.device,
                                                "audio_format": options.audio_format},
                         compute=_streaming_pool(options.lm_actors, options.lm_rows_in_flight),
-                        num_cpus=options.lm_cpus, num_gpus=options.lm_gpus)
+                        num_cpus=options.lm_cpus, num_gpus=options.lm_gpus, resources=options.lm_resources or None)
     return ds.map_batches(DiTStage, batch_size=1,
                           fn_constructor_kwargs={"checkpoints": options.checkpoints, "output_dir": output,
                                                  "dit_config": options.dit_config, "device": options.device},
                           compute=_streaming_pool(options.dit_actors, options.dit_rows_in_flight),
-                          num_cpus=options.dit_cpus, num_gpus=options.dit_gpus)
+                          num_cpus=options.dit_cpus, num_gpus=options.dit_gpus,
+                          resources=options.dit_resources or None)
 
 
 def _streaming_pool(actors: int, in_flight: int):
@@ -193,19 +213,19 @@ def _streaming_pool(actors: int, in_flight: int):
 def run(options: RenderOptions) -> RenderSummary:
     """Resume from the manifest, render the pending rows, write the manifest; returns the summary."""
     started = time.perf_counter()
-    rows = read_rows(options.input)
+    if not options.via_serve:
+        _resolve_models(options)
+    _ensure_ray()
+    keys = input_keys(options.input)
     manifest = Manifest(options.output)
     previous = manifest.load()
-    pending = [row for row in rows if not manifest.is_complete(previous.get(row.id))]
-    skipped = len(rows) - len(pending)
+    pending = [key for key in keys if not manifest.is_complete(previous.get(key.id))]
+    skipped = len(keys) - len(pending)
     if options.limit is not None:
         pending = pending[:max(0, options.limit)]
     done = failed = songs = 0
     if pending:
-        if not options.via_serve:
-            _resolve_models(options)
-        _ensure_ray()
-        for item in build_dataset(options, pending).iter_rows():  # the writer: one journal line per row
+        for item in build_dataset(options, pending, len(keys)).iter_rows():  # the writer: one journal line per row
             record = ManifestRecord.from_dict(json.loads(item["record"]))
             manifest.append(record)
             if record.error:
@@ -213,8 +233,8 @@ def run(options: RenderOptions) -> RenderSummary:
             failed += record.error is not None
             done += record.error is None
             songs += len(record.files) if record.error is None else 0
-    records = manifest.finalize([row.id for row in rows])
-    return RenderSummary(total=len(rows), skipped=skipped, done=done, failed=failed, songs=songs,
+    records = manifest.finalize([key.id for key in keys])
+    return RenderSummary(total=len(keys), skipped=skipped, done=done, failed=failed, songs=songs,
                          seconds=time.perf_counter() - started, records=records)
 
 

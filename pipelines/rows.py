@@ -1,10 +1,10 @@
-"""Input rows: read prompts.jsonl / prompts.parquet, give every row an id, turn a row into the
-library's ``GenerationParams`` / ``GenerationConfig``.
+"""Input rows: how one prompts row parses, which id it gets, and how it becomes the library's
+``GenerationParams`` / ``GenerationConfig``. Reading the files is ``pipelines.source`` (Ray Data).
 
 A row is a flat mapping of ``GenerationParams`` fields plus the optional job fields ``id``,
 ``batch_size`` and ``audio_format`` (``seed`` is a ``GenerationParams`` field: a seed >= 0 fixes the
 seeds of the row's items to seed, seed+1, ...). Reading never raises for one bad line: the row comes
-back with ``error`` set and the job records it in the manifest.
+back with an error and the job records it in the manifest.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from acestep.params import GenerationConfig, GenerationParams
 
@@ -53,45 +52,34 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _read_jsonl(path: Path) -> List[Tuple[Optional[Dict[str, Any]], Optional[str]]]:
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as error:
-            rows.append((None, f"line {number}: invalid JSON ({error})"))
-            continue
-        if not isinstance(value, dict):
-            rows.append((None, f"line {number}: expected a JSON object, got {type(value).__name__}"))
-        else:
-            rows.append((value, None))
-    return rows
+def parse_line(line: bytes, number: int) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """One JSONL line (``number`` counts from 1) → (object, None) or (None, why it is not a row)."""
+    try:
+        value = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        return None, f"line {number}: not UTF-8 ({error})"
+    except json.JSONDecodeError as error:
+        return None, f"line {number}: invalid JSON ({error})"
+    if not isinstance(value, dict):
+        return None, f"line {number}: expected a JSON object, got {type(value).__name__}"
+    return value, None
 
 
-def _read_parquet(path: Path) -> List[Tuple[Optional[Dict[str, Any]], Optional[str]]]:
-    import pyarrow.parquet as pq
+def split_fields(values: Dict[str, Any]) -> Tuple[Optional[str], Dict[str, Any]]:
+    """A parsed row → (its own id or None, its other fields without missing cells)."""
+    fields = {k: _plain(v) for k, v in values.items() if not _is_missing(v)}
+    own = fields.pop("id", None)
+    return (str(own) if own else None), fields
 
-    return [(row, None) for row in pq.read_table(path).to_pylist()]
 
+def assign_ids(rows: Iterable[Tuple[Optional[str], Optional[str]]]) -> List[Tuple[str, Optional[str]]]:
+    """(own id, read error) of every row, in input order → (id, error) of each.
 
-def read_rows(path: str | Path) -> List[InputRow]:
-    """All rows of a ``.jsonl`` / ``.json`` (one object per line) or ``.parquet`` file, in order.
-
-    Ids: the row's ``id`` when given, else ``row-{index:06d}``; an id that is not file-name safe or
+    Ids: the row's own when given, else ``row-{index:06d}``; an id that is not file-name safe or
     repeats an earlier one makes that row a bad row."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        raw = _read_parquet(path)
-    elif path.suffix in (".jsonl", ".json", ".ndjson"):
-        raw = _read_jsonl(path)
-    else:
-        raise ValueError(f"--input {path}: expected a .jsonl or .parquet file")
-    rows, seen = [], set()
-    for index, (values, error) in enumerate(raw):
-        values = {k: _plain(v) for k, v in (values or {}).items() if not _is_missing(v)}
-        row_id = str(values.pop("id", None) or f"row-{index:06d}")
+    out, seen = [], set()
+    for index, (own, error) in enumerate(rows):
+        row_id = own or f"row-{index:06d}"
         if error is None and not ID_PATTERN.match(row_id):
             error = f"id {row_id!r}: expected letters, digits, '.', '_' or '-' (a file-name safe id)"
             row_id = f"row-{index:06d}"
@@ -99,8 +87,8 @@ def read_rows(path: str | Path) -> List[InputRow]:
             error = error or f"id {row_id!r} repeats an earlier row"
             row_id = f"{row_id}.dup-{index:06d}"
         seen.add(row_id)
-        rows.append(InputRow(id=row_id, index=index, fields=values, error=error))
-    return rows
+        out.append((row_id, error))
+    return out
 
 
 def to_request(fields: Dict[str, Any], audio_format: str = "flac") -> Tuple[GenerationParams, GenerationConfig]:

@@ -3,7 +3,7 @@
 Batches carry one column of JSON text per stage (Arrow-friendly, whatever the rows hold):
 
 - input: ``row`` = {id, index, fields, error}
-- ``LMStage`` → ``row`` + {params, config, seeds, plans, lm_time_costs}: validates and resolves seeds
+- ``LMStage`` → ``row`` + {params, config, seeds, plans, lm_time_costs, lm_node}: validates and resolves seeds
   (``prepare_request``), then plans the rows with the 5 Hz LM. The job calls it with one row per
   call and several calls at once per actor (threads), so rows stream through the actor's one engine.
 - ``DiTStage`` → ``record`` (a ``ManifestRecord``): renders with DiT + VAE and writes the audio files
@@ -12,6 +12,7 @@ Batches carry one column of JSON text per stage (Arrow-friendly, whatever the ro
 - ``ServeStage`` → ``record``: instead of both, sends each row to a running Serve app's ingress.
 
 A row that fails in any stage carries its error on; the later stages pass it through untouched.
+Each record names the Ray node each model stage ran on (``nodes``: lm, dit).
 """
 
 from __future__ import annotations
@@ -68,9 +69,16 @@ def _encode(rows: List[Dict[str, Any]], column: str) -> Dict[str, List[str]]:
     return {column: [json.dumps(row, ensure_ascii=False) for row in rows]}
 
 
-def new_record(row: Dict[str, Any]) -> ManifestRecord:
+def new_record(row: Dict[str, Any], **nodes: str) -> ManifestRecord:
     return ManifestRecord(id=row["id"], index=row["index"], params=row.get("fields") or {}, error=row.get("error"),
-                          planned_at=row.get("planned_at") or 0.0)
+                          planned_at=row.get("planned_at") or 0.0, nodes={k: v for k, v in nodes.items() if v})
+
+
+def node_id() -> str:
+    """The Ray node this actor runs on."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def finish_record(record: ManifestRecord, result: GenerationResult, output_dir: Path,
@@ -110,6 +118,7 @@ class LMStage:
     def __init__(self, checkpoints: str, lm_model: Optional[str] = None, backend: str = "pt",
                  device: str = "auto", audio_format: str = "flac"):
         self.audio_format = audio_format
+        self.node = node_id()
         self.handler = None
         if lm_model:
             from acestep.llm_inference import LLMHandler
@@ -123,6 +132,7 @@ class LMStage:
         rows = _decode(batch, "row")
         jobs, live = [], []
         for row in rows:
+            row["lm_node"] = self.node
             if row.get("error"):
                 continue
             try:
@@ -166,6 +176,7 @@ class DiTStage:
 
         self.output_dir = Path(output_dir)
         (self.output_dir / AUDIO_DIR).mkdir(parents=True, exist_ok=True)
+        self.node = node_id()
         self.handler = AceStepHandler()
         self.handler.initialize_service(checkpoints, dit_config, device=device)
 
@@ -175,7 +186,7 @@ class DiTStage:
         from acestep.inference import render_music_batch
 
         rows = _decode(batch, "row")
-        records = [new_record(row) for row in rows]
+        records = [new_record(row, lm=row.get("lm_node"), dit=self.node) for row in rows]
         jobs, owners = [], []
         for row, record in zip(rows, records):
             if record.error is None:

@@ -2,36 +2,45 @@
 
 from __future__ import annotations
 
+import io
 import json
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from pipelines.manifest import JOURNAL, Manifest, ManifestRecord, read_manifest
-from pipelines.rows import RowError, read_rows, to_request
+from pipelines.rows import RowError, assign_ids, split_fields, to_request
 
 
-def test_jsonl_rows_ids_and_bad_lines(tmp_path, jsonl):
-    path = jsonl(tmp_path / "p.jsonl", [{"id": "x", "caption": "a"}, {"caption": "b"}, "{oops",
-                                              {"id": "x", "caption": "dup"}, {"id": "../evil"}])
-    rows = read_rows(path)
-    assert [r.id for r in rows][:3] == ["x", "row-000001", "row-000002"]
-    assert rows[0].error is None and rows[1].fields == {"caption": "b"}
-    assert "invalid JSON" in rows[2].error
-    assert "repeats" in rows[3].error and rows[3].id != "x"
-    assert "file-name safe" in rows[4].error
+def test_jsonl_lines_across_read_chunks_and_bad_lines(monkeypatch):
+    """Lines split across read chunks come back whole, numbered as in the file; blank lines are no row."""
+    import pipelines.source as source
+
+    monkeypatch.setattr(source, "READ_CHUNK", 7)
+    text = '{"id": "x", "caption": "a long caption"}\n\n{"caption": "b"}\r\n{oops\n[1, 2]\n\xff\n{"caption": "end"}'
+    rows = list(source.jsonl_rows(io.BytesIO(text.encode("latin-1"))))
+    assert [number for number, _, _ in rows] == [1, 3, 4, 5, 6, 7]
+    assert rows[0][1:] == ({"id": "x", "caption": "a long caption"}, None)
+    assert rows[1][1:] == ({"caption": "b"}, None)
+    assert rows[2][1] is None and rows[2][2].startswith("line 4: invalid JSON")
+    assert rows[3][2] == "line 5: expected a JSON object, got list"
+    assert rows[4][2].startswith("line 6: not UTF-8")
+    assert rows[5][1:] == ({"caption": "end"}, None)  # no newline at the end
 
 
-def test_parquet_rows_missing_cells_take_defaults(tmp_path):
-    table = pa.Table.from_pylist([{"id": "a", "caption": "x", "bpm": 90, "seed": 3},
-                                  {"id": "b", "caption": "y", "bpm": None, "seed": None}])
-    pq.write_table(table, tmp_path / "p.parquet")
-    rows = read_rows(tmp_path / "p.parquet")
-    assert rows[1].fields == {"caption": "y"}
-    params, config = to_request(rows[0].fields)
+def test_ids_default_to_the_position_and_bad_or_repeated_ids_are_bad_rows():
+    ids = assign_ids([("x", None), (None, None), (None, "line 3: invalid JSON"), ("x", None), ("../evil", None)])
+    assert [i for i, _ in ids] == ["x", "row-000001", "row-000002", "x.dup-000003", "row-000004"]
+    assert ids[0][1] is None and ids[1][1] is None and "invalid JSON" in ids[2][1]
+    assert "repeats" in ids[3][1] and "file-name safe" in ids[4][1]
+
+
+def test_parquet_cells_missing_ones_take_defaults():
+    assert split_fields({"id": "a", "caption": "x", "bpm": 90, "seed": 3}) == ("a", {"caption": "x", "bpm": 90, "seed": 3})
+    own, fields = split_fields({"id": None, "caption": "y", "bpm": float("nan"), "seed": None})
+    assert own is None and fields == {"caption": "y"}
+    params, config = to_request({"caption": "x", "bpm": 90, "seed": 3})
     assert params.bpm == 90 and config.batch_size == 1 and config.use_random_seed is False
-    params, config = to_request(rows[1].fields)
+    params, config = to_request(fields)
     assert params.seed == -1 and config.use_random_seed is True
 
 
@@ -78,3 +87,15 @@ def test_a_missing_lm_folder_is_one_line_before_ray_starts(tmp_path, jsonl, caps
     assert "Traceback" not in err
     (line,) = [line for line in err.splitlines() if line.startswith("error:")]
     assert "acestep-5Hz-lm-1.7B" in line and f"LM folders in {demo_root}: {DEFAULT_LM_MODEL}" in line
+
+
+def test_stage_resources_are_a_json_object_of_amounts(demo_root):
+    from pipelines.render import parse_options
+
+    args = ["--input", "p.jsonl", "--output", "out", "--checkpoints", str(demo_root)]
+    options = parse_options(args + ["--lm-resources", '{"lm_gpu": 1}', "--dit-resources", '{"dit_gpu": 0.5}'])
+    assert options.lm_resources == {"lm_gpu": 1.0} and options.dit_resources == {"dit_gpu": 0.5}
+    assert parse_options(args).lm_resources == {}
+    for bad in ('{"lm_gpu": "one"}', '["lm_gpu"]', "lm_gpu=1", '{"lm_gpu": -1}'):
+        with pytest.raises(SystemExit):
+            parse_options(args + ["--lm-resources", bad])
