@@ -18,11 +18,13 @@ from tests.cluster.harness import REPO_ROOT, MultiNode, rendered_app, replica_cp
 from tests.serve.redis_server import start_redis
 
 APP = "acestep"
-# short windows so the replica counts move within a test; bounds that fit two replicas per node
+# short windows so the replica counts move within a test; bounds that fit two replicas per node; a
+# target of two, so that a deployment a load only passes through (its share of the tasks in flight
+# well under a quarter, in bursts) stays at one replica
 AUTOSCALING = {
-    "lm": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
+    "lm": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 1,
            "downscale_delay_s": 4, "look_back_period_s": 11},
-    "dit": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
+    "dit": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 1,
             "downscale_delay_s": 4, "look_back_period_s": 11},
     "ingress": {"min_replicas": 1, "max_replicas": 1},
 }

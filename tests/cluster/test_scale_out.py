@@ -18,6 +18,7 @@ from tests.cluster.harness import replica_cpus, replica_nodes, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 LM, DIT, INGRESS = "LMDeployment", "DiTDeployment", "Ingress"
+IN_FLIGHT = 8  # tasks a load keeps running: four per replica of the deployment it loads, at its max
 
 
 def _kinds(cluster_app):
@@ -49,6 +50,11 @@ def test_the_plan_travels_lm_to_dit_without_the_ingress_unpickling_it(cluster_ap
     assert dit["plans_unpacked"] >= 1  # the DiT replica did
 
 
+def _counts(cluster_app) -> dict:
+    nodes = replica_nodes(cluster_app.name)
+    return {LM: len(nodes[LM]), DIT: len(nodes[DIT])}
+
+
 class Load:
     """Keeps ``in_flight`` tasks of one shape running from a thread; samples replica counts."""
 
@@ -62,16 +68,14 @@ class Load:
         running = []
         while not self._stop.is_set():
             running = [t for t in running if task(self.app.url, t)["phase"] not in ("done", "failed")]
-            while len(running) < self.in_flight:
+            if len(running) < self.in_flight:  # one a tick: tasks started together would move in lockstep
                 running.append(submit(self.app.url, **self.fields))
                 self.accepted.append(running[-1])
             time.sleep(0.5)
 
     def counts(self):
-        nodes = replica_nodes(self.app.name)
-        sample = {LM: len(nodes[LM]), DIT: len(nodes[DIT])}
-        self.samples.append(sample)
-        return sample
+        self.samples.append(_counts(self.app))
+        return self.samples[-1]
 
     def __enter__(self):
         self._thread.start()
@@ -86,25 +90,26 @@ def _scale_shape(cluster_app, heavy: str, light: str, **fields):
     """Load that is ``heavy``-bound raises ``heavy`` to its max while ``light`` stays at its min; both
     come back down after the load stops."""
     high = AUTOSCALING["lm" if heavy == LM else "dit"]["max_replicas"]
-    with Load(cluster_app, in_flight=6, **fields) as load:
+    at_rest = {LM: 1, DIT: 1}
+    wait_for(lambda: _counts(cluster_app) == at_rest, 240, "both deployments at 1 before the load")
+    with Load(cluster_app, in_flight=IN_FLIGHT, **fields) as load:
         wait_for(lambda: load.counts()[heavy] == high, 240, f"{heavy} to scale to {high}")
         for _ in range(6):  # it stays up while the load lasts
             assert load.counts()[heavy] == high, load.samples
             time.sleep(0.5)
     assert {s[light] for s in load.samples} == {1}, load.samples
     wait_final(cluster_app.url, load.accepted, 300)
-    wait_for(lambda: load.counts() == {LM: 1, DIT: 1}, 240, "both deployments to scale back to 1")
-    return load.samples
+    wait_for(lambda: load.counts() == at_rest, 240, "both deployments to scale back to 1")
 
 
 def test_dit_heavy_load_scales_the_dit_and_not_the_lm(cluster_app):
-    samples = _scale_shape(cluster_app, DIT, LM, thinking=False, duration=30, inference_steps=4)
-    assert samples[0] == {LM: 1, DIT: 1} and samples[-1] == {LM: 1, DIT: 1}
+    # long songs, and nothing for the LM to write (no codes, no CoT): every task's time is DiT time
+    _scale_shape(cluster_app, DIT, LM, thinking=False, use_cot_metas=False, duration=30, inference_steps=4)
 
 
 def test_lm_heavy_load_scales_the_lm_and_not_the_dit(cluster_app):
-    samples = _scale_shape(cluster_app, LM, DIT, thinking=True, duration=10, inference_steps=2)
-    assert samples[0] == {LM: 1, DIT: 1} and samples[-1] == {LM: 1, DIT: 1}
+    # codes and CoT for the shortest songs at one diffusion step: nearly every task's time is LM time
+    _scale_shape(cluster_app, LM, DIT, thinking=True, duration=10, inference_steps=1)
 
 
 @pytest.mark.parametrize("kind,deployment,fields", [

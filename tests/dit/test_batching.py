@@ -31,8 +31,16 @@ def _wait_for(condition, timeout_s: float = 120.0) -> None:
 def held(handler):
     """Keep the handler's worker thread busy until the block ends, so everything submitted inside
     it is admitted together."""
-    release = threading.Event()
-    blocker = handler.loop.call(release.wait)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        holding.set()
+        release.wait()
+
+    blocker = handler.loop.call(hold)
+    # until the loop thread runs ``hold``, it could still take the block's submissions in the same
+    # wake-up as the call, and hold them where nobody sees them waiting
+    assert holding.wait(120), "the worker thread never ran the hold"
     try:
         yield
     finally:
