@@ -421,10 +421,10 @@ def test_real_http_content_length_over_limit_answered_before_the_body(server):
     CALLS.clear()
     head = (f"POST /v1/understand HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
             f"Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n").encode()
-    started = time.monotonic()
-    reply = raw_request(port, head)  # the body is never sent; an answer shows nobody waited for it
+    # the body is never sent: a server waiting for it would leave the socket's timeout to fail this
+    reply = raw_request(port, head)
     assert reply.startswith(b"HTTP/1.1 413") and b'"too_large"' in reply and b"4096 bytes" in reply
-    assert time.monotonic() - started < 3 and CALLS == []
+    assert CALLS == []
 
 
 def test_real_http_chunked_bodies(server):
@@ -501,13 +501,11 @@ def test_parse_json_accepts_valid_input_within_limits():
     assert nesting_depth('[{"a": "]]]"}, [[]]]') == 3
 
 
-def test_parse_json_one_mib_quickly():
+def test_parse_json_takes_a_one_mib_body_whole():
     body = json.dumps({"lyrics": "la la land " * 70000, "seeds": list(range(20000)),
                        "items": [{"caption": "x\u00e9", "bpm": i} for i in range(5000)]}).encode()
     assert len(body) > 1 << 20
-    started = time.perf_counter()
-    data = parse_json(body)
-    assert time.perf_counter() - started < 0.25 and len(data["seeds"]) == 20000
+    assert parse_json(body) == json.loads(body)
 
 
 def test_check_text():
