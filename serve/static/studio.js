@@ -113,7 +113,8 @@ function newCard(taskId, caption) {
 
 function onEvent(view, event) {
   const seconds = ((Date.now() - view.started) / 1000).toFixed(1);
-  view.phase.textContent = `${event.phase} · ${event.message || ""} · ${seconds} s`;
+  const said = event.message && event.message !== event.phase ? ` · ${event.message}` : "";
+  view.phase.textContent = `${event.phase}${said} · ${seconds} s`;
   view.card.dataset.phase = event.phase;
   view.seen.add(event.phase);
   view.card.dataset.seen = [...view.seen].join(",");

@@ -35,7 +35,21 @@ def test_the_form_takes_defaults_and_ranges_from_the_schema(page):
     assert page.get_by_label("Format").input_value() == "flac"
 
 
+# Every value each card's progress bars take, in order (a bar's value property reflects to its
+# attribute, so an observer sees each update the page makes).
+RECORD_BARS = """
+window.__bars = {LM: [], DiT: []};
+new MutationObserver((changes) => {
+  for (const change of changes) {
+    const bar = change.target;
+    if (bar.tagName === 'PROGRESS') window.__bars[bar.parentElement.firstChild.textContent].push(bar.value);
+  }
+}).observe(document, {subtree: true, attributes: true, attributeFilter: ['value']});
+"""
+
+
 def test_text2music_end_to_end(page, tmp_path):
+    page.add_init_script(RECORD_BARS)
     _open(page)
     _fill_song(page)
     page.get_by_label("Thinking (the LM plans the song)").check()
@@ -46,6 +60,9 @@ def test_text2music_end_to_end(page, tmp_path):
     assert {"lm", "dit", "done"} <= set(seen), seen
     assert card.locator("progress").nth(0).evaluate("p => p.value") == 1
     assert card.locator("progress").nth(1).evaluate("p => p.value") == 1
+    bars = page.evaluate("() => window.__bars")
+    for name, values in bars.items():  # each bar moved: a value between empty and full on the way
+        assert any(0 < value < 1 for value in values) and values[-1] == 1, (name, values)
     page.wait_for_function("document.querySelector('.card audio') && document.querySelector('.card audio').duration > 0",
                            timeout=60_000)
     assert "bpm" in card.locator(".plan").text_content()
