@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from acestep.dit.adapters import MAX_WEIGHT, AdapterError, list_adapters, read_adapter, resolve_adapter_path
 from serve import compat, intake
+from serve.adapter_pool import holders
 from serve.errors import FieldError
 from serve.http_app import api, json_body
 
@@ -132,15 +133,16 @@ class AdapterRoutes:
 
     @api.get("/v1/adapters")
     async def adapters(self):
-        """The adapter directory's adapters (format, kind, rank, alpha, target modules, size), the
-        default set, and the adapters the polled DiT replica holds."""
+        """The adapter directory's adapters (format, kind, rank, alpha, target modules, size, the
+        replicas of every DiT deployment that hold it) and the default set."""
         settings = self.config.dit.adapters
         root = Path(settings.dir) if settings.dir else None
         found = await asyncio.to_thread(_describe_all, root) if root is not None else []
-        dit = (await asyncio.to_thread(self.state.stats)).get("dit") or {}
-        pool, replica = dit.get("adapters") or {}, dit.get("replica")
+        # a live replica republishes on every health check: three missed checks mean it is gone
+        fresh_s = 3 * self.config.dit.deployment.health_check_period_s + 10
+        held = await asyncio.to_thread(holders, self.state.store, fresh_s) if found else {}
         for entry in found:
-            entry["replicas"] = [replica] if entry["name"] in pool.get("loaded", []) else []
+            entry["replicas"] = held.get(entry["name"], [])
         return {"adapters": found, "default": await self._defaults(), "max_loaded_per_replica": settings.max_loaded}
 
 

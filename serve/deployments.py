@@ -84,9 +84,10 @@ class _ModelReplica:
         # and the LM engine's CPU rows stay batch-invariant (see acestep/lm/fast/graphs.py)
         torch.set_num_threads(max(1, int(options.ray_actor_options.num_cpus)))
         url, ttl = config.task_store_url(), config.store.task_ttl_s
-        self._progress = ProgressSink(lambda: open_task_store(url, ttl_s=ttl, max_records=config.store.max_records))
+        self._open_store = lambda: open_task_store(url, ttl_s=ttl, max_records=config.store.max_records)
+        self._progress = ProgressSink(self._open_store)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=type(self).__name__)
-        self._replica = f"{type(self).__name__}-pid{os.getpid()}"
+        self._replica = _replica_name(type(self).__name__)
         self._health = StallWatch()
         self._inflight = 0
 
@@ -127,6 +128,15 @@ class _ModelReplica:
     def stats(self) -> Dict[str, Any]:
         return {"replica": self._replica, "pid": os.getpid(), "inflight": self._inflight,
                 "plans_unpacked": plans_unpacked()}
+
+
+def _replica_name(fallback: str) -> str:
+    """``<deployment>#<replica id>`` as Serve names this replica (``fallback-pid<pid>`` outside Serve)."""
+    try:
+        replica_id = serve.get_replica_context().replica_id
+        return f"{replica_id.deployment_id.name}#{replica_id.unique_id}"
+    except Exception:  # not inside a Serve replica (a plain instance in a test)
+        return f"{fallback}-pid{os.getpid()}"
 
 
 LM_START, LM_DONE = 0.05, 0.3  # the LM's share of a task's progress
@@ -264,7 +274,8 @@ class DiTDeployment(_ModelReplica):
         self.handler = load_dit(config, self.model)
         metrics.watch(self.handler.stats, metrics.DiTMeter(self.model))
         adapters = config.dit.adapters
-        self.adapters = AdapterPool(self.handler, adapters.dir, adapters.max_loaded) if adapters.dir else None
+        self.adapters = AdapterPool(self.handler, adapters.dir, adapters.max_loaded, replica=self._replica,
+                                    open_store=self._open_store) if adapters.dir else None
 
     @serve.multiplexed(max_num_models_per_replica=256)
     async def adapter_set(self, model_id: str) -> str:
@@ -275,6 +286,16 @@ class DiTDeployment(_ModelReplica):
 
     def info(self) -> Dict[str, Any]:
         return {"model": self.model, "is_turbo": bool(getattr(self.handler, "is_turbo", False))}
+
+    def check_health(self) -> None:
+        super().check_health()
+        if self.adapters is not None:
+            self.adapters.refresh()  # the record saying which adapters this replica holds stays fresh
+
+    def __del__(self):
+        # Serve calls this on a graceful shutdown; a crashed replica's record goes stale instead
+        if getattr(self, "adapters", None) is not None:
+            self.adapters.withdraw()
 
     def stats(self) -> Dict[str, Any]:
         """The worker's requests, queue and forward sizes (``worker.items_per_forward``, ``rows_per_forward``,

@@ -291,6 +291,14 @@ class RedisTaskStore(TaskStore):
     def put_setting(self, name: str, value: Any) -> None:
         self._redis.hset(self._key("settings"), name, json.dumps(value))
 
+    def settings(self, prefix: str) -> Dict[str, Any]:
+        # a handful of entries (defaults, one per DiT replica holding adapters): one round trip
+        stored = self._redis.hgetall(self._key("settings"))
+        return {name: json.loads(value) for name, value in stored.items() if name.startswith(prefix)}
+
+    def delete_setting(self, name: str) -> None:
+        self._redis.hdel(self._key("settings"), name)
+
     def ping(self) -> bool:
         try:
             return bool(self._redis.ping())

@@ -264,6 +264,15 @@ class SQLiteTaskStore(TaskStore):
             conn.execute("INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "
                          "value = excluded.value", (name, json.dumps(value)))
 
+    def settings(self, prefix: str) -> Dict[str, Any]:
+        rows = self._conn().execute("SELECT name, value FROM settings WHERE substr(name, 1, ?) = ?",
+                                    (len(prefix), prefix))
+        return {name: json.loads(value) for name, value in rows}
+
+    def delete_setting(self, name: str) -> None:
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM settings WHERE name = ?", (name,))
+
     def ping(self) -> bool:
         try:
             return self._conn().execute("SELECT 1").fetchone()[0] == 1

@@ -301,6 +301,14 @@ class TaskStore(abc.ABC):
         ...
 
     @abc.abstractmethod
+    def settings(self, prefix: str) -> Dict[str, Any]:
+        """{name: value} of the settings whose names start with ``prefix``."""
+
+    @abc.abstractmethod
+    def delete_setting(self, name: str) -> None:
+        """Forget ``name`` (nothing happens when it is not set)."""
+
+    @abc.abstractmethod
     def ping(self) -> bool:
         ...
 

@@ -65,3 +65,46 @@ def test_adapter_choice_names_lora_and_never_a_path(tmp_path):
     defaulted = AppConfig.model_validate({"demo": True, "dit": {"adapters": {"dir": str(tmp_path), "default": "warm",
                                                                             "default_scale": 0.7}}})
     assert adapter_choice(defaulted, {}) == {"adapters": [["warm", 0.7]]}
+
+
+def test_adapter_pools_publish_what_they_hold_and_gone_replicas_drop_out(demo_root, tmp_path):
+    import asyncio
+    import time
+
+    from serve.adapter_pool import HOLDINGS, AdapterPool, holders
+    from serve.tasks import open_task_store
+    from tests.conftest import dit_handler
+
+    for seed, name in enumerate(("warm", "bright"), start=1):
+        write_demo_lora(tmp_path / "adapters" / name, seed=seed)
+    url = f"sqlite:///{tmp_path}/tasks.db"
+    store = open_task_store(url)
+    handler = dit_handler(demo_root)
+    try:
+        pool = AdapterPool(handler, str(tmp_path / "adapters"), max_loaded=1, replica="DiTDeployment#a",
+                           open_store=lambda: open_task_store(url))
+
+        async def use(name):
+            async with pool.using([name]):
+                pass
+
+        assert holders(store, 60) == {}
+        asyncio.run(use("warm"))
+        assert holders(store, 60) == {"warm": ["DiTDeployment#a"]}
+        store.put_setting(HOLDINGS + "DiTDeployment#b", {"loaded": ["warm", "bright"], "at": time.time()})
+        asyncio.run(use("bright"))  # evicts warm here; replica b still holds both
+        assert holders(store, 60) == {"warm": ["DiTDeployment#b"], "bright": ["DiTDeployment#a", "DiTDeployment#b"]}
+        # b stops refreshing (gone): its record ages out and is deleted; a's health checks refresh its own
+        store.put_setting(HOLDINGS + "DiTDeployment#b", {"loaded": ["warm"], "at": time.time() - 120})
+        store.put_setting(HOLDINGS + "DiTDeployment#a", {"loaded": ["bright"], "at": time.time() - 120})
+        pool.refresh()
+        deadline = time.time() + 30  # the refresh writes from a thread of its own; a bound, not a timing
+        while store.get_setting(HOLDINGS + "DiTDeployment#a")["at"] < time.time() - 60:
+            assert time.time() < deadline, "the pool's record was not refreshed"
+            time.sleep(0.05)
+        assert holders(store, 60) == {"bright": ["DiTDeployment#a"]}
+        assert store.get_setting(HOLDINGS + "DiTDeployment#b") is None
+        pool.withdraw()  # a graceful shutdown
+        assert holders(store, 60) == {} and store.settings(HOLDINGS) == {}
+    finally:
+        handler.loop.close()

@@ -533,3 +533,18 @@ def test_settings_are_shared_by_every_store_on_the_same_url(open_store):
     first.create({"caption": "x"})
     first.purge(now=time.time() + 10**9)
     assert second.get_setting("lora_default") == {"adapters": {}, "use_lora": False}  # purge keeps settings
+
+
+def test_settings_by_prefix_and_deleted(open_store):
+    first, second = open_store(), open_store()
+    first.put_setting("holdings/a", {"loaded": ["warm"]})
+    second.put_setting("holdings/b", {"loaded": []})
+    first.put_setting("holdingsX", 1)
+    first.put_setting("lora_default", {"adapters": {}})
+    first.put_setting("hold_%_like", 2)  # SQL LIKE wildcards in a name are plain characters
+    assert second.settings("holdings/") == {"holdings/a": {"loaded": ["warm"]}, "holdings/b": {"loaded": []}}
+    assert first.settings("hold_%") == {"hold_%_like": 2}
+    second.delete_setting("holdings/a")
+    second.delete_setting("never-set")
+    assert first.settings("holdings/") == {"holdings/b": {"loaded": []}}
+    assert first.get_setting("holdings/a") is None
