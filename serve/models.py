@@ -93,12 +93,20 @@ class ModelSet:
 
 def adapter_choice(config, choice: Dict[str, Any], defaults: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The request's adapters as task extras (``{"adapters": [[name, scale]]}``; {} for none): its
-    ``lora`` / ``lora_scale``, else the default set (``defaults``: {"adapters": {name: scale},
-    "use_lora"}, set by /v1/lora/*; else the configured default). 422 naming the field."""
+    ``loras`` ({name: weight}) or ``lora`` / ``lora_scale``, else the default set (``defaults``:
+    {"adapters": {name: scale}, "use_lora"}, set by /v1/lora/*; else the configured default). 422
+    naming the field."""
     from acestep.dit.adapters import AdapterError, adapter_setting, list_adapters
 
     settings = config.dit.adapters
-    if choice.get("lora"):
+    field = "loras" if choice.get("loras") else "lora"
+    if choice.get("loras"):
+        if choice.get("lora"):
+            raise FieldError("loras", "name adapters with `lora` (one) or `loras` (several), not both")
+        wanted = dict(choice["loras"])
+        if len(wanted) > settings.max_loaded:
+            raise FieldError("loras", f"at most {settings.max_loaded} adapters per request (dit.adapters.max_loaded)")
+    elif choice.get("lora"):
         wanted = {choice["lora"]: choice.get("lora_scale", 1.0)}
     else:
         if defaults is None:
@@ -110,13 +118,13 @@ def adapter_choice(config, choice: Dict[str, Any], defaults: Optional[Dict[str, 
     if not wanted:
         return {}
     if not settings.dir:
-        raise FieldError("lora", "this app serves no adapters (dit.adapters.dir is not set)")
+        raise FieldError(field, "this app serves no adapters (dit.adapters.dir is not set)")
     try:
         setting = adapter_setting({name: float(scale) for name, scale in wanted.items()})
     except AdapterError as error:
-        raise FieldError("lora_scale" if "lora_scale" in str(error) else "lora", str(error)) from None
+        raise FieldError("lora_scale" if field == "lora" and "lora_scale" in str(error) else field, str(error)) from None
     root = Path(settings.dir)
     missing = [name for name in wanted if root.is_dir() and name not in list_adapters(root)]
     if missing:  # (a directory not on this node: the DiT replica checks)
-        raise FieldError("lora", f"no adapter named {missing[0]!r} in the adapter directory (GET /v1/adapters)")
+        raise FieldError(field, f"no adapter named {missing[0]!r} in the adapter directory (GET /v1/adapters)")
     return {"adapters": [list(pair) for pair in setting]}

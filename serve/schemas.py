@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Dict, List, Optional, Tuple, get_type_hints
+from typing import Annotated, Any, Dict, List, Optional, Tuple, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
 from acestep.params import LM_HELPER_DEFAULTS, GenerationConfig, GenerationParams
 
@@ -70,8 +70,12 @@ GenerateRequest = create_model(
     lora=(Optional[str], Field(None, max_length=64, description="Adapter name from the server's adapter directory "
                                                                 "(GET /v1/adapters); default: the app's default adapter.")),
     lora_scale=(float, Field(1.0, ge=0, le=2, description="Scale of `lora` (0 renders the base model).")),
+    loras=(Optional[Dict[Annotated[str, StringConstraints(max_length=64)], Annotated[float, Field(ge=0, le=2)]]],
+           Field(None, max_length=16, description=(
+               "Several adapters at once, {name: weight} (weights 0-2, summed as peft's set_adapters does); "
+               "at most dit.adapters.max_loaded of them; instead of `lora`."))),
 )
-ROUTING_FIELDS = ("model", "lm_model", "lora", "lora_scale")
+ROUTING_FIELDS = ("model", "lm_model", "lora", "lora_scale", "loras")
 
 
 def to_library(request: BaseModel) -> Tuple[GenerationParams, GenerationConfig]:

@@ -109,6 +109,27 @@ def test_fused_weights_equal_the_unfused_adapter(handler, adapter_dir):
         handler.unload_lora()
 
 
+def test_a_weighted_blend_of_two_adapters_equals_its_merged_weights(handler, adapter_dir):
+    handler.load_lora(str(adapter_dir / "warm"))
+    handler.load_lora(str(adapter_dir / "bright"))
+    try:
+        handler.set_lora_scale(0.5, "warm")
+        handler.set_lora_scale(1.5, "bright")
+        assert handler.lora_setting == (("bright", 1.5), ("warm", 0.5))
+        blend = _audio(_render(handler))
+        assert torch.equal(_audio(_render(handler, adapters=adapter_setting({"warm": 0.5, "bright": 1.5}))), blend)
+        for solo in ({"warm": 0.5}, {"bright": 1.5}):
+            assert not torch.allclose(_audio(_render(handler, adapters=adapter_setting(solo))), blend, atol=1e-4)
+        handler.fuse_lora()  # W + 0.5 dW_warm + 1.5 dW_bright, merged
+        try:
+            merged = _audio(_render(handler))
+        finally:
+            handler.unfuse_lora()
+        assert torch.allclose(merged, blend, atol=1e-5) and (merged - blend).abs().max() > 0
+    finally:
+        handler.unload_lora()
+
+
 def test_different_adapters_share_the_worker_but_never_a_forward(handler, adapter_dir):
     for name in ("warm", "bright"):
         handler.load_lora(str(adapter_dir / name), activate=False)

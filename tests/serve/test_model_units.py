@@ -67,6 +67,22 @@ def test_adapter_choice_names_lora_and_never_a_path(tmp_path):
     assert adapter_choice(defaulted, {}) == {"adapters": [["warm", 0.7]]}
 
 
+def test_several_adapters_with_weights_in_loras(tmp_path):
+    for name in ("warm", "bright", "dark"):
+        write_demo_lora(tmp_path / name)
+    config = AppConfig.model_validate({"demo": True, "dit": {"adapters": {"dir": str(tmp_path), "max_loaded": 2}}})
+    assert adapter_choice(config, {"loras": {"warm": 0.5, "bright": 1.5}}) == {"adapters": [["bright", 1.5], ["warm", 0.5]]}
+    assert adapter_choice(config, {"loras": {"warm": 1.0, "bright": 0}}) == adapter_choice(config, {"lora": "warm"})
+    for choice in ({"loras": {"warm": 1, "cold": 1}}, {"loras": {"../warm": 1}}, {"loras": {"warm": 2.5}},
+                   {"loras": {"warm": 1, "bright": 1, "dark": 1}}, {"loras": {"warm": 1}, "lora": "bright"}):
+        with pytest.raises(FieldError) as raised:
+            adapter_choice(config, choice)
+        assert _field(raised) == "loras", choice
+    with pytest.raises(FieldError) as raised:
+        adapter_choice(config, {"loras": {"warm": 1, "bright": 1, "dark": 1}})
+    assert "at most 2" in raised.value.message
+
+
 def test_adapter_pools_publish_what_they_hold_and_gone_replicas_drop_out(demo_root, tmp_path):
     import asyncio
     import time

@@ -136,6 +136,24 @@ def test_requests_with_different_adapters_never_share_a_forward(http, models_app
     assert grew == {"warm@1", "bright@1"}  # one label per forward: never a mixed one
 
 
+def test_several_adapters_with_weights_in_one_request(http, models_app):
+    warm = _generate(http, lora="warm", seeds=[41])
+    # a zero weight drops out: the same setting, the same file as `lora` alone
+    assert _generate(http, loras={"warm": 1.0, "bright": 0}, seeds=[41])["audios"][0]["key"] == warm["audios"][0]["key"]
+    before = _stats(models_app, "DiTDeployment")["worker"]["forwards_by_adapters"].get("bright@0.5+warm@0.5", 0)
+    mixed = _generate(http, loras={"warm": 0.5, "bright": 0.5}, seeds=[41])
+    assert mixed["metadata"]["models"]["adapters"] == [["bright", 0.5], ["warm", 0.5]]
+    assert _stats(models_app, "DiTDeployment")["worker"]["forwards_by_adapters"]["bright@0.5+warm@0.5"] > before
+    blend = _audio(http, mixed)
+    assert not np.allclose(blend, _audio(http, warm), atol=1e-3)
+    assert np.array_equal(_audio(http, _generate(http, loras={"bright": 0.5, "warm": 0.5}, seeds=[41])), blend)
+    for body in ({"loras": {"warm": 1, "bright": 1, "dark": 1}}, {"loras": {"cold": 1}},
+                 {"loras": {"warm": 1}, "lora": "bright"}, {"loras": {"warm": 9}}):
+        response = http.post("/v1/generate", json={**SONG, **body})
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"][:2] == ["body", "loras"], response.text
+
+
 def test_three_adapters_in_an_lru_of_two(http, models_app):
     for name in ("warm", "bright"):
         _generate(http, lora=name)
