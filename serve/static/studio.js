@@ -2,6 +2,7 @@
 // /openapi.json), one card per generation fed by its server-sent events, and a history of this
 // browser's tasks in localStorage.
 import { ApiError, apiKey, audioBlob, events, json, request, setApiKey, upload } from "/studio/api.js";
+import { loadModels, wireModels } from "/studio/models.js";
 import { chosenFiles, loadTasks, taskFields, useAsSource, wireSources } from "/studio/tasks.js";
 import { picture } from "/studio/wave.js";
 
@@ -153,7 +154,7 @@ async function showResult(view, taskId) {
     link.download = item.key;
     link.textContent = `Download ${item.format}`;
     const meta = document.createElement("p");
-    meta.textContent = `seed ${item.seed} · ${item.params.bpm || "?"} bpm · ${item.params.keyscale || "?"}`;
+    meta.textContent = `seed ${item.seed} · ${item.params.bpm || "?"} bpm · ${item.params.keyscale || "?"}${usedModels(status)}`;
     const again = document.createElement("button");
     again.type = "button";
     again.textContent = "Same settings, new seed";
@@ -171,6 +172,13 @@ async function showResult(view, taskId) {
     view.results.append(figure);
   }
   return status;
+}
+
+// " · <DiT> · <adapter>@<scale>" of a finished task, as its result names them.
+function usedModels(status) {
+  const models = (status.result.metadata || {}).models || {};
+  const adapters = (models.adapters || []).map(([name, scale]) => `${name}@${scale}`);
+  return [models.dit, ...adapters].filter(Boolean).map((part) => ` · ${part}`).join("");
 }
 
 async function follow(view, taskId) {
@@ -271,9 +279,10 @@ async function helper(path, payload) {
 function start() {
   const key = document.getElementById("api-key");
   key.value = apiKey();
-  key.addEventListener("change", () => { setApiKey(key.value); clearErrors(); applySchema().then(loadTasks).catch(showError); });
+  key.addEventListener("change", () => { setApiKey(key.value); clearErrors(); setUp().catch(showError); });
   form.addEventListener("submit", (event) => { event.preventDefault(); submit(body(), chosenFiles()); });
   wireSources();
+  wireModels();
   form.querySelectorAll("[data-tag]").forEach((button) => button.addEventListener("click", () => {
     const lyrics = field("lyrics");
     lyrics.value = `${lyrics.value}${lyrics.value && !lyrics.value.endsWith("\n") ? "\n" : ""}${button.dataset.tag}\n`;
@@ -284,7 +293,12 @@ function start() {
   document.getElementById("format-sample").addEventListener("click", () =>
     helper("/v1/format_sample", { caption: field("caption").value, lyrics: field("lyrics").value }));
   renderHistory();
-  applySchema().then(loadTasks).then(refreshHistory).catch(showError);
+  setUp().then(refreshHistory).catch(showError);
+}
+
+async function setUp() {
+  await applySchema();
+  await Promise.all([loadTasks(), loadModels()]);
 }
 
 start();

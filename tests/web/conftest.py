@@ -37,7 +37,13 @@ def browser():
 
 @pytest.fixture(scope="session")
 def studio_app(demo_root, tmp_path_factory):
-    yield from deployed_app(demo_root, tmp_path_factory.mktemp("studio-state"))
+    """The default app with an adapter directory (one demo LoRA, "warm") for the model choice."""
+    from acestep.checkpoints.demo_lora import write_demo_lora
+
+    adapters = tmp_path_factory.mktemp("studio-adapters")
+    write_demo_lora(adapters / "warm", seed=1)
+    yield from deployed_app(demo_root, tmp_path_factory.mktemp("studio-state"),
+                            dit={"adapters": {"dir": str(adapters)}})
 
 
 @pytest.fixture
