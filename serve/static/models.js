@@ -21,7 +21,7 @@ export async function loadModels() {
     const listed = await (await request("/v1/adapters")).json();
     adapters = listed.adapters.filter((adapter) => !adapter.error).map((adapter) => adapter.name);
   }
-  options(form.elements.lora, adapters, "none (the server's default)");
+  options(form.elements.lora, adapters, "none (default)");
   for (const part of form.querySelectorAll("[data-adapters]")) part.hidden = adapters.length === 0;
   document.getElementById("models").hidden = dits.length < 2 && info.lm_models.length < 2 && adapters.length === 0;
   syncScale();

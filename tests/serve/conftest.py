@@ -12,6 +12,7 @@ import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import httpx
 import pytest
@@ -48,10 +49,11 @@ def serve_app(demo_root, tmp_path_factory):
     yield from deployed_app(demo_root, tmp_path_factory.mktemp("state"), dit={"batch": batch})
 
 
-def deployed_app(demo_root, state_dir, **overrides):
+def deployed_app(demo_root, state_dir, metrics_report_ms: Optional[int] = None, **overrides):
     """Start a local Ray (its own, even when another cluster runs on this machine; its metrics agent on
-    a free port), deploy the app with API keys (one from ACESTEP_API_KEY, named "default", and two
-    from a keys file), yield its handle data, stop everything."""
+    a free port; workers report metrics every ``metrics_report_ms``, else at Ray's default), deploy
+    the app with API keys (one from ACESTEP_API_KEY, named "default", and two from a keys file),
+    yield its handle data, stop everything."""
     import ray
     from ray import serve
     from ray.serve.context import _get_global_client
@@ -69,8 +71,9 @@ def deployed_app(demo_root, state_dir, **overrides):
     serve_config = load_serve_config()
     schema = ServeDeploySchema.model_validate({**serve_config, "http_options": http, "applications": [app]})
     metrics_port = _free_port()
+    system = {"metrics_report_interval_ms": metrics_report_ms} if metrics_report_ms else None
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             _metrics_export_port=metrics_port)
+             _metrics_export_port=metrics_port, _system_config=system)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=serve_config.get("logging_config"))
         _get_global_client().deploy_apps(schema)

@@ -30,8 +30,10 @@ def obs_app(demo_root, tmp_path_factory):
     adapters = tmp_path_factory.mktemp("obs-adapters")
     for seed, name in enumerate(("warm", "bright"), start=1):
         write_demo_lora(adapters / name, seed=seed)
-    # one unfinished task at most: a second one while the long task runs is a cheap 429
-    yield from deployed_app(demo_root, tmp_path_factory.mktemp("obs-state"),
+    # one unfinished task at most: a second one while the long task runs is a cheap 429. Workers
+    # report every second: the long task's LM phase (the only time KV rows are in use) lasts a few
+    # seconds on the demo LM, shorter than Ray's default 10 s report interval
+    yield from deployed_app(demo_root, tmp_path_factory.mktemp("obs-state"), metrics_report_ms=1000,
                             dit={"adapters": {"dir": str(adapters), "max_loaded": 1}},
                             ingress={"max_unfinished_tasks": 1})
 

@@ -32,7 +32,7 @@ def test_one_served_model_is_not_a_choice_but_the_adapters_are(page):
     assert page.locator("#models").is_visible()
     assert page.get_by_label("DiT model").is_hidden() and page.get_by_label("LM model").is_hidden()
     adapter = page.get_by_label("Adapter (LoRA)")
-    assert adapter.locator("option").all_text_contents() == ["none (the server's default)", "warm"]
+    assert adapter.locator("option").all_text_contents() == ["none (default)", "warm"]
     scale = page.get_by_label("Adapter scale")
     assert scale.is_disabled(), "a scale alone would rescale the server's default adapter"
     assert (scale.get_attribute("min"), scale.get_attribute("max")) == ("0", "2")  # the schema's range
