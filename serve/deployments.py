@@ -132,11 +132,13 @@ class _ModelReplica:
 
 def _replica_name(fallback: str) -> str:
     """``<deployment>#<replica id>`` as Serve names this replica (``fallback-pid<pid>`` outside Serve)."""
+    from ray.serve.exceptions import RayServeException
+
     try:
         replica_id = serve.get_replica_context().replica_id
-        return f"{replica_id.deployment_id.name}#{replica_id.unique_id}"
-    except Exception:  # not inside a Serve replica (a plain instance in a test)
+    except RayServeException:  # not inside a Serve replica (a plain instance in a test)
         return f"{fallback}-pid{os.getpid()}"
+    return f"{replica_id.deployment_id.name}#{replica_id.unique_id}"
 
 
 LM_START, LM_DONE = 0.05, 0.3  # the LM's share of a task's progress

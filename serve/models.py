@@ -104,8 +104,6 @@ def adapter_choice(config, choice: Dict[str, Any], defaults: Optional[Dict[str, 
         if choice.get("lora"):
             raise FieldError("loras", "name adapters with `lora` (one) or `loras` (several), not both")
         wanted = dict(choice["loras"])
-        if len(wanted) > settings.max_loaded:
-            raise FieldError("loras", f"at most {settings.max_loaded} adapters per request (dit.adapters.max_loaded)")
     elif choice.get("lora"):
         wanted = {choice["lora"]: choice.get("lora_scale", 1.0)}
     else:
@@ -123,6 +121,8 @@ def adapter_choice(config, choice: Dict[str, Any], defaults: Optional[Dict[str, 
         setting = adapter_setting({name: float(scale) for name, scale in wanted.items()})
     except AdapterError as error:
         raise FieldError("lora_scale" if field == "lora" and "lora_scale" in str(error) else field, str(error)) from None
+    if len(setting) > settings.max_loaded:  # zero weights are dropped above: they count for nothing
+        raise FieldError(field, f"at most {settings.max_loaded} adapters per request (dit.adapters.max_loaded)")
     root = Path(settings.dir)
     missing = [name for name in wanted if root.is_dir() and name not in list_adapters(root)]
     if missing:  # (a directory not on this node: the DiT replica checks)

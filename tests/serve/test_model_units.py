@@ -73,6 +73,7 @@ def test_several_adapters_with_weights_in_loras(tmp_path):
     config = AppConfig.model_validate({"demo": True, "dit": {"adapters": {"dir": str(tmp_path), "max_loaded": 2}}})
     assert adapter_choice(config, {"loras": {"warm": 0.5, "bright": 1.5}}) == {"adapters": [["bright", 1.5], ["warm", 0.5]]}
     assert adapter_choice(config, {"loras": {"warm": 1.0, "bright": 0}}) == adapter_choice(config, {"lora": "warm"})
+    assert adapter_choice(config, {"loras": {"warm": 1, "bright": 1, "dark": 0}}) == {"adapters": [["bright", 1.0], ["warm", 1.0]]}
     for choice in ({"loras": {"warm": 1, "cold": 1}}, {"loras": {"../warm": 1}}, {"loras": {"warm": 2.5}},
                    {"loras": {"warm": 1, "bright": 1, "dark": 1}}, {"loras": {"warm": 1}, "lora": "bright"}):
         with pytest.raises(FieldError) as raised:
