@@ -20,7 +20,7 @@ import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Set
 
 import torch
 from ray import serve
@@ -197,12 +197,18 @@ class LMDeployment(_ModelReplica):
         return ShippedPlan(outcome)
 
     def _progress_reporter(self, task_id: str):
+        seen: Set[str] = set()
+
         def report(event) -> None:  # on the engine thread
             detail = {"lm_phase": event.phase, "tokens_done": event.tokens_done,
                       "tokens_expected": event.tokens_expected}
             expected = event.tokens_expected or "?"
-            self._report([task_id], "lm", lm_fraction(event), f"LM {event.phase} {event.tokens_done}/{expected}",
-                         detail)
+            # the first event of the CoT and of the codes survives coalescing: a short phase may
+            # otherwise end, and be overwritten by "LM done", before the sink's next write
+            milestone = event.phase not in seen
+            seen.add(event.phase)
+            self._progress.report(task_id, "lm", lm_fraction(event), f"LM {event.phase} {event.tokens_done}/{expected}",
+                                  detail, milestone=milestone)
 
         return report
 

@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import threading
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from serve.logs import log
 
@@ -80,19 +80,25 @@ async def until_ready(ref: Any, first_poll_s: float = 0.02, max_poll_s: float = 
 
 
 class ProgressSink:
-    """Coalesced, fire-and-forget ``store.update`` calls; safe from any thread."""
+    """Coalesced, fire-and-forget ``store.update`` calls; safe from any thread.
+
+    Between flushes a task keeps only its latest update, except milestones (a sub-phase's first
+    event): those are written even when later updates follow within the same period."""
 
     def __init__(self, open_store: Callable[[], Any], period_s: float = 0.1):
         self._open_store, self._store = open_store, None
         self.period_s = period_s
-        self._pending: Dict[str, Update] = {}
+        self._pending: Dict[str, List[Tuple[Update, bool]]] = {}
         self._lock = threading.Condition()
         self._thread: Optional[threading.Thread] = None
 
     def report(self, task_id: str, phase: str, progress: float, message: str = "",
-               detail: Optional[Dict[str, Any]] = None) -> None:
+               detail: Optional[Dict[str, Any]] = None, milestone: bool = False) -> None:
         with self._lock:
-            self._pending[task_id] = (phase, progress, message, detail)
+            queue = self._pending.setdefault(task_id, [])
+            if queue and not queue[-1][1]:
+                queue.pop()  # a plain update is superseded by the next one
+            queue.append(((phase, progress, message, detail), milestone))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="progress-sink", daemon=True)
                 self._thread.start()
@@ -106,8 +112,9 @@ class ProgressSink:
         try:
             if self._store is None:
                 self._store = self._open_store()
-            for task_id, (phase, progress, message, detail) in pending.items():
-                self._store.update(task_id, phase, progress, message, detail)
+            for task_id, queue in pending.items():
+                for (phase, progress, message, detail), _ in queue:
+                    self._store.update(task_id, phase, progress, message, detail)
         except Exception:  # progress is advisory: a store hiccup must not fail the work itself
             log.warning("progress update failed", exc_info=True)
 

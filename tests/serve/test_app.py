@@ -69,7 +69,7 @@ def test_async_task_progress_events_in_order(client):
     progress = [e["progress"] for e in events]
     assert progress == sorted(progress) and progress[-1] == 1.0
     # token-level LM progress, rising; replicas write it at most every 0.1 s per task (the demo LM
-    # writes a 10 s song's 50 codes in about that), so there may be few such events
+    # writes a 10 s song's 50 codes in about that), but always the first event of the codes
     lm_details = [e["detail"] for e in events if (e.get("detail") or {}).get("lm_phase") == "codes"]
     codes = [d["tokens_done"] for d in lm_details]
     assert codes and codes == sorted(set(codes)) and all(d["tokens_expected"] for d in lm_details), codes

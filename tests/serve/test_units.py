@@ -119,6 +119,29 @@ def test_serve_refuses_a_public_host_without_a_key():
         assert auth_problem(host, has_keys=False, insecure=False) is None
 
 
+def test_progress_sink_keeps_each_sub_phase_start_and_the_latest_update(tmp_path):
+    from serve.replica import ProgressSink
+    from serve.tasks import open_task_store
+
+    store = open_task_store(f"sqlite://{tmp_path}/tasks.db")
+    task_id, _ = store.create({})
+    sink = ProgressSink(lambda: store, period_s=3600)  # only the explicit flush below writes
+    try:
+        sink.report(task_id, "lm", 0.05, "cot 0", {"lm_phase": "cot"}, milestone=True)
+        sink.report(task_id, "lm", 0.06, "cot 16")
+        sink.report(task_id, "lm", 0.10, "codes 1", {"lm_phase": "codes"}, milestone=True)
+        sink.report(task_id, "lm", 0.20, "codes 25")
+        sink.report(task_id, "lm", 0.25, "codes 40")  # supersedes "codes 25"
+        sink.report(task_id, "lm", 0.30, "LM done")  # supersedes "codes 40", not the milestones
+        sink.flush()
+        assert [e.message for e in store.events(task_id)] == ["queued", "cot 0", "codes 1", "LM done"]
+        sink.report(task_id, "dit", 0.5, "step 1")
+        sink.flush()
+        assert store.get(task_id).message == "step 1"
+    finally:
+        store.close()
+
+
 def test_stall_watch_fails_a_busy_replica_without_progress():
     from serve.replica import StallWatch
 
