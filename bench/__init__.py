@@ -1,0 +1,15 @@
+"""Benchmarks: each prints ratios measured in one run (see README's Benchmarks section)."""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder (demo checkpoints, state, audio) removed when the benchmark exits."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path

@@ -5,7 +5,6 @@ on the GPU machine)."""
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -28,7 +27,7 @@ from acestep.inference import (
     render_music_batch,
 )
 from acestep.llm_inference import LLMHandler
-from bench import models
+from bench import models, scratch_dir
 
 LM_NAME = "acestep-5Hz-lm-1.7B"
 
@@ -46,7 +45,7 @@ def build_handlers(tiny: bool, device: torch.device, dtype: torch.dtype):
 
 
 def demo_root() -> Path:
-    root = Path(tempfile.mkdtemp(prefix="acestep-bench-"))
+    root = scratch_dir("acestep-bench-")
     write_demo_checkpoints(root)
     return root
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import tempfile
 from pathlib import Path
 from typing import List
 
@@ -28,7 +27,7 @@ from acestep.lm.fsm import FsmSpec
 from acestep.lm.request import LMRequest
 from acestep.llm_inference import LLMHandler
 from acestep.params import GenerationParams
-from bench import models
+from bench import models, scratch_dir
 
 LM_NAME = "acestep-5Hz-lm-1.7B"
 TINY_LABEL = "demo LM (random, vocab 66,108)"
@@ -43,7 +42,7 @@ METADATA = {"bpm": 120, "keyscale": "C major", "timesignature": "4", "duration":
 @functools.lru_cache(maxsize=1)
 def demo_lm_root() -> Path:
     """A checkpoints root holding the demo LM folder (written once per process)."""
-    root = Path(tempfile.mkdtemp(prefix="acestep-bench-lm-"))
+    root = scratch_dir("acestep-bench-lm-")
     write_demo_lm(root / DEMO_LM_DIRNAME)
     return root
 

@@ -271,12 +271,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by torch at import, here and in the replicas
     import json
-    import tempfile
+    from bench import scratch_dir
 
     import torch
 
     torch.set_num_threads(args.threads)
-    scratch = Path(tempfile.mkdtemp(prefix="acestep-serve-overhead-"))
+    scratch = scratch_dir("acestep-serve-overhead-")
     args.demo_dir = args.demo_dir or str(scratch / "demo_checkpoints")
     args.state_dir = str(scratch / "state")
     http, app, config = app_entry(args, args.port or _free_port())

@@ -14,13 +14,14 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List
 
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)  # run by path: nothing in bench/ may shadow a top-level module
+
+from bench import scratch_dir  # noqa: E402
 
 SONG = {"caption": "soak test loop", "duration": 10, "inference_steps": 2, "batch_size": 1, "thinking": True,
         "audio_format": "flac"}
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    scratch = Path(tempfile.mkdtemp(prefix="acestep-soak-"))
+    scratch = scratch_dir("acestep-soak-")
     state = scratch / "state"
     import ray
     from ray import serve
