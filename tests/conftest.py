@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -12,6 +14,28 @@ import pytest
 import soundfile as sf
 
 from acestep.checkpoints.demo import write_demo_checkpoints
+
+
+_EXIT_STATUS = pytest.StashKey[int]()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """End a process that ran Ray without interpreter finalization: the suite starts and stops Ray
+    many times, and a driver-side C++ thread left behind can call into the interpreter while it
+    tears down (a SIGSEGV after every result was reported). Exit handlers still run; the session's
+    status is the exit status."""
+    status = config.stash.get(_EXIT_STATUS, None)
+    if status is None or "ray._raylet" not in sys.modules:
+        return
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 @pytest.fixture(scope="session")
