@@ -1,5 +1,5 @@
-"""Prompts are byte-identical to the official ones (expected strings written out from
-shared/reference/lm-and-pipeline.md §2-§3), rendered through the checkpoint's chat template."""
+"""Prompts are byte-identical to the official ones (expected strings written out from the
+upstream ACE-Step 1.5 prompt code), rendered through the checkpoint's chat template."""
 
 from __future__ import annotations
 
