@@ -1,4 +1,4 @@
-"""Benchmarks: each prints ratios measured in one run (see README's Benchmarks section)."""
+"""Benchmarks: each prints ratios measured in one run (the Command line table in README lists them)."""
 
 from __future__ import annotations
 
