@@ -8,8 +8,10 @@ written after every section (JSON + a markdown table beside it), so a deadline s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import signal
 import statistics
 import subprocess
 import time
@@ -187,8 +189,47 @@ def bench_e2e(bench: Bench, dtype: torch.dtype, iters: int) -> None:
 
 
 SECTIONS = {"dit": bench_dit, "vae": bench_vae, "encoders": bench_encoders, "lm": bench_lm,
-            "lm-serving": bench_lm_serving, "dit-serving": bench_dit_serving, "adapters": bench_adapters,
-            "e2e": bench_e2e}
+            "e2e": bench_e2e, "dit-serving": bench_dit_serving, "lm-serving": bench_lm_serving,
+            "adapters": bench_adapters}
+# The most a section may take at full size (seconds) before the watchdog moves on to the next; a
+# section also never runs past the global budget. Sized so that all of them fit one device call.
+SECTION_CAPS_S = {"dit": 90, "vae": 45, "encoders": 20, "lm": 120, "e2e": 90, "dit-serving": 90,
+                  "lm-serving": 90, "adapters": 45}
+
+
+@contextlib.contextmanager
+def watchdog(seconds: float):
+    """Raise ``Deadline`` in the main thread once ``seconds`` have passed (SIGALRM): a section stuck
+    in Python (a compile, a long loop) gives up its remaining time. A hang inside one native call
+    is the outer ``timeout``'s to end (scripts/gpu-check.sh)."""
+    if seconds <= 0:
+        raise Deadline()
+
+    def expire(signum, frame):
+        raise Deadline()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_sections(bench: Bench, names: List[str], dtype: torch.dtype, iters: int, section_scale: float) -> None:
+    """Each section under its own watchdog (its cap × ``section_scale``, at most what the global
+    budget has left); a section that runs out is recorded in ``skipped`` and the next one starts.
+    Results are saved after every section."""
+    for name in names:
+        left = bench.deadline - time.monotonic()
+        try:
+            with watchdog(min(SECTION_CAPS_S[name] * section_scale, left)):
+                SECTIONS[name](bench, dtype, iters)
+        except Deadline:
+            reason = "deadline" if left <= SECTION_CAPS_S[name] * section_scale else "section cap"
+            bench.results.setdefault("skipped", []).append(f"{name}: {reason}")
+        bench.save()
 
 
 def standalone(argv, prog: str, description: str, out: str, run) -> int:
@@ -220,6 +261,8 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of: {', '.join(SECTIONS)}")
+    parser.add_argument("--section-scale", type=float, default=None,
+                        help="multiplies every section's cap (SECTION_CAPS_S); default 1 at full size, no caps with --tiny")
     args = parser.parse_args(argv)
     unknown = [name for name in args.sections.split(",") if name not in SECTIONS]
     if unknown:
@@ -227,14 +270,8 @@ def main(argv: List[str] | None = None) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     bench = Bench(Path(args.out), args.budget_s, device, args.tiny)
-    for name in args.sections.split(","):
-        try:
-            SECTIONS[name](bench, dtype, args.iters)
-        except Deadline:
-            bench.results.setdefault("skipped", []).append(f"{name}: deadline")
-            bench.save()
-            break
-        bench.save()
+    scale = args.section_scale if args.section_scale is not None else (float("inf") if args.tiny else 1.0)
+    run_sections(bench, args.sections.split(","), dtype, args.iters, scale)
     print(to_markdown(bench.results))
     return 0
 

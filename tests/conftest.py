@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import sys
 
@@ -17,6 +18,31 @@ from acestep.checkpoints.demo import write_demo_checkpoints
 
 
 _EXIT_STATUS = pytest.StashKey[int]()
+
+# The GPU machine has no Ray (nor FastAPI, Redis, a browser): there `pytest -m gpu tests` collects
+# the library's rooms only. Wherever Ray is installed every room is collected.
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
+if not _importable("ray"):
+    collect_ignore = ["serve", "pipelines", "cluster", "web"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need a CUDA device: without one they are skipped here, in one place,
+    so `-m gpu` selects every CUDA test and none hides behind its own skip."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="marker gpu: needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 def pytest_sessionfinish(session, exitstatus):

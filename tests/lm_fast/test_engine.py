@@ -115,7 +115,7 @@ def test_rejects_requests_longer_than_the_cache(lm_handler, make_request):
         engine.add_request(make_request("cot", 1, 2.0, 10))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_cuda_graph_engine_matches_eager_engine(lm_handler, make_request):
     """On a GPU: decode steps replayed from CUDA graphs (bucketed rows and lengths) give the
     eager engine's tokens (fp32; bucketed lengths may change float rounding, hence 'most')."""

@@ -90,7 +90,7 @@ def test_cuda_graphs_are_off_on_cpu(gqa_model):
     assert torch.allclose(logits[0], _reference(gqa_model, [5, 6, 7, 8])[-1], atol=1e-5, rtol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.gpu
 @torch.no_grad()
 def test_cuda_graph_replay_equals_eager(gqa_model):
     model = gqa_model.to("cuda")
