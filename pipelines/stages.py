@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import soundfile as sf
+
 from acestep.audio import SAMPLE_RATE, save_audio
 from acestep.params import GenerationConfig, GenerationParams, GenerationResult, LMPlan
 from pipelines.manifest import ManifestRecord
@@ -49,12 +51,20 @@ def audio_name(row_id: str, item: int, audio_format: str) -> str:
     return f"{AUDIO_DIR}/{row_id}_{item}.{audio_format}"
 
 
-def write_audio(tensor, output_dir: Path, name: str, audio_format: str) -> None:
-    """Write through a temporary name and rename, so a killed job never leaves a torn file."""
+def write_audio(audio: Dict[str, Any], output_dir: Path, name: str, audio_format: str) -> float:
+    """Write one item through a temporary name and rename, so a killed job never leaves a torn file:
+    its encoded ``bytes`` as they are when the item has them (the Serve app stored them already),
+    else its ``tensor`` encoded here. Returns the duration in seconds."""
     target = output_dir / name
     tmp = target.with_name(f".{target.name}.part")
-    save_audio(tensor, tmp, audio_format)
+    if audio.get("bytes") is not None:
+        tmp.write_bytes(audio["bytes"])
+        seconds = sf.info(str(tmp)).duration
+    else:
+        save_audio(audio["tensor"], tmp, audio_format)
+        seconds = audio["tensor"].shape[-1] / float(audio.get("sample_rate") or SAMPLE_RATE)
     os.replace(tmp, target)
+    return seconds
 
 
 def _json_safe(value: Any) -> Any:
@@ -87,16 +97,15 @@ def finish_record(record: ManifestRecord, result: GenerationResult, output_dir: 
     codes, LM metadata, duration and time costs."""
     if not result.success:
         raise GenerationFailed(result.error or result.status_message or "generation failed")
-    files = []
+    files, durations = [], []
     for index, audio in enumerate(result.audios):
         name = audio_name(record.id, index, audio_format)
-        write_audio(audio["tensor"], output_dir, name, audio_format)
+        durations.append(write_audio(audio, output_dir, name, audio_format))
         files.append(name)
-    first = result.audios[0]
     record.files = files
     record.seeds = [int(a["params"]["seed"]) for a in result.audios]
     record.codes = [str(a["params"].get("audio_codes") or "") for a in result.audios]
-    record.duration = first["tensor"].shape[-1] / float(first.get("sample_rate") or SAMPLE_RATE)
+    record.duration = durations[0]
     record.lm_metadata = _json_safe(result.extra_outputs.get("lm_metadata"))
     record.time_costs = _json_safe(result.extra_outputs.get("time_costs") or {})
     return record
@@ -236,7 +245,8 @@ class ServeStage:
             if record.error is None:
                 try:
                     params, config = to_request(row["fields"], self.audio_format)
-                    calls[record.id] = (config.audio_format, self.method.remote(params, config))
+                    # the app's stored files come back as bytes, written as they are: no decode/encode here
+                    calls[record.id] = (config.audio_format, self.method.remote(params, config, include_tensors=False))
                 except Exception as error:
                     record.error = describe(error)
         for record in records:  # all calls are in flight; the app batches them

@@ -1,4 +1,5 @@
-"""ACE-Step 1.5 on Ray Serve: the only package here that imports Ray (the library ``acestep`` does not).
+"""ACE-Step 1.5 on Ray Serve. The library ``acestep`` imports no Ray; this package and ``pipelines``
+(Ray Data) do.
 
 Build and run::
 
@@ -14,15 +15,14 @@ Python handle calls (inside the cluster, or a driver connected to it)::
     app = serve.get_app_handle("acestep")                      # the Ingress
     result = app.generate.remote(GenerationParams(caption="lofi piano", duration=30),
                                  GenerationConfig(batch_size=1, audio_format="flac")).result()
+    result.audios[0]["bytes"]       # the stored file (flac), as GET /v1/audio/<key>.flac serves it
     result.audios[0]["tensor"]      # [2, samples] float32, as from acestep.inference.generate_music
-    result.audios[0]["url"]         # /v1/audio/<key>.flac on the HTTP port
+                                    # (include_tensors=False skips decoding it)
 
     lm = serve.get_deployment_handle("LMDeployment", app_name="acestep")
-    lm.stats.remote().result()      # batch sizes this LM replica has seen
+    lm.stats.remote().result()      # rows, steps and requests of this LM replica's engine
 
-Modules: ``config`` (AppConfig, the ``args`` of serve_config.yaml), ``app`` (``build_app``), ``deployments``
-(LMDeployment, DiTDeployment, TaskStore; cross-request LM batching is the library's
-``acestep.inference.plan_music_batch``), ``api`` (FastAPI
-ingress), ``schemas`` (HTTP models), ``compat`` (the official /release_task, /query_result), ``tasks``
-(task store and progress events), ``cli`` (``acestep serve``).
+Rooms: ARCHITECTURE.md lists them (``api`` the ingress, ``submission`` and ``pipeline`` the task
+path, ``store/`` the task and audio stores, ``edge/`` the input defences, ``compat/`` the official
+dialects, ``deployments`` the LM and DiT replicas, ``cli`` ``acestep serve``).
 """

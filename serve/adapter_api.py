@@ -17,9 +17,10 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from acestep.dit.adapters import MAX_WEIGHT, AdapterError, list_adapters, read_adapter, resolve_adapter_path
-from serve import compat, intake
+from serve.compat import release as compat
+from serve.edge import intake
 from serve.adapter_pool import holders
-from serve.errors import FieldError
+from serve.edge.errors import FieldError, error_responses
 from serve.http_app import api, json_body
 
 LORA_DEFAULT = "lora_default"
@@ -73,7 +74,7 @@ class AdapterRoutes:
             raise FieldError("lora_path", "this app serves no adapters (dit.adapters.dir is not set)", 400)
         return Path(self.config.dit.adapters.dir)
 
-    @api.post("/v1/lora/load", openapi_extra=json_body(LoraLoadBody))
+    @api.post("/v1/lora/load", openapi_extra=json_body(LoraLoadBody), responses=error_responses(400, 422))
     async def lora_load(self, request: Request):
         """Make an adapter of the adapter directory the default (official shape)."""
         body = await _parse(request, LoraLoadBody)
@@ -97,7 +98,7 @@ class AdapterRoutes:
         await self._save_defaults({"adapters": {}, "use_lora": False})
         return compat.envelope({"message": "LoRA unloaded, using the base model"})
 
-    @api.post("/v1/lora/toggle", openapi_extra=json_body(LoraToggleBody))
+    @api.post("/v1/lora/toggle", openapi_extra=json_body(LoraToggleBody), responses=error_responses(400, 422))
     async def lora_toggle(self, request: Request):
         body = await _parse(request, LoraToggleBody)
         defaults = await self._defaults()
@@ -107,7 +108,7 @@ class AdapterRoutes:
         return compat.envelope({"message": f"LoRA {'enabled' if body.use_lora else 'disabled'}",
                                 "use_lora": body.use_lora})
 
-    @api.post("/v1/lora/scale", openapi_extra=json_body(LoraScaleBody))
+    @api.post("/v1/lora/scale", openapi_extra=json_body(LoraScaleBody), responses=error_responses(400, 422))
     async def lora_scale(self, request: Request):
         body = await _parse(request, LoraScaleBody)
         defaults = await self._defaults()

@@ -128,28 +128,40 @@ def run_serve(args: argparse.Namespace) -> int:
     # its own in-process Ray, even when another Ray runs on this machine
     ray.init(address="local", num_cpus=getattr(args, "num_cpus", None), num_gpus=getattr(args, "num_gpus", None),
              include_dashboard=False, _metrics_export_port=getattr(args, "metrics_port", None))
-    serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": http.get("port", 8000)},
-                logging_config=logging_config)
-    serve.run(build_app(config), name=app.get("name", "acestep"), route_prefix=app.get("route_prefix", "/"),
-              logging_config=logging_config)
-    url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
-    print(f"acestep serve: ready at {url} (OpenAPI at {url}/docs); Ctrl-C to stop", flush=True)
-    metrics_port = next((n["MetricsExportPort"] for n in ray.nodes() if n.get("Alive")), None)
-    print(f"metrics: http://127.0.0.1:{metrics_port}/metrics (Prometheus); JSON logs: the Ray session's logs/serve/",
-          flush=True)
+    # From here on SIGTERM stops cleanly, also while the models still load (after ray.init, whose
+    # own handler would otherwise exit mid-start and abort the process).
     signal.signal(signal.SIGTERM, _interrupt)
+    serving = False
     try:
+        serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": http.get("port", 8000)},
+                    logging_config=logging_config)
+        serve.run(build_app(config), name=app.get("name", "acestep"), route_prefix=app.get("route_prefix", "/"),
+                  logging_config=logging_config)
+        serving = True
+        _announce(http, ray)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("stopping: draining tasks in flight", file=sys.stderr, flush=True)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the drain short
-        drain(app.get("name", "acestep"), config.ingress.drain_grace_s)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stop short
+        if serving:
+            print("stopping: draining tasks in flight", file=sys.stderr, flush=True)
+            drain(app.get("name", "acestep"), config.ingress.drain_grace_s)
+        else:
+            print("stopping before the app was ready; queued tasks stay in the store for the next start",
+                  file=sys.stderr, flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
     print("stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _announce(http: Dict[str, Any], ray) -> None:
+    url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    print(f"acestep serve: ready at {url} (OpenAPI at {url}/docs); Ctrl-C to stop", flush=True)
+    metrics_port = next((n["MetricsExportPort"] for n in ray.nodes() if n.get("Alive")), None)
+    print(f"metrics: http://127.0.0.1:{metrics_port}/metrics (Prometheus); JSON logs: the Ray session's logs/serve/",
+          flush=True)
 
 
 def _interrupt(signum, frame) -> None:
@@ -174,7 +186,7 @@ def drain(app_name: str, grace_s: float) -> None:
 
 
 def main(argv=None) -> int:
-    """Standalone entry (``python -m serve.cli``) until ``acestep/cli.py`` wires the subcommand."""
+    """``python -m serve.cli serve ...``: the same subcommand as ``acestep serve``."""
     parser = argparse.ArgumentParser(prog="acestep")
     add_serve_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

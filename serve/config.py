@@ -17,6 +17,8 @@ from acestep.lm.constants import DEFAULT_LM_MODEL, DEFAULT_MAX_MODEL_LEN
 from acestep.dit.batch import DiTLimits
 from acestep.lm.engine import ENGINE_DEFAULTS, EngineSettings
 
+DEMO_BASE_DIT = "acestep-v15-base"  # the demo set's base variant: lego, extract, complete
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -187,7 +189,7 @@ class IngressSettings(_Strict):
     max_sync_requests: int = Field(16, ge=1, description="POST /v1/generate calls waiting at once (their own bound).")
     per_key_unfinished: Optional[int] = Field(None, ge=1, description="Unfinished tasks one key may hold; null: no cap.")
     per_key_rpm: Optional[float] = Field(None, gt=0, description="Task submissions per minute per key; null: no cap.")
-    request_timeout_s: float = Field(1800.0, gt=0, description="How long POST /v1/generate waits (then 504 + task id).")
+    request_timeout_s: float = Field(1800.0, gt=0, description="How long POST /v1/generate waits (then 408 + task id).")
     max_drives: int = Field(32, ge=1, description="Tasks one ingress replica drives at once; the rest wait in the store.")
     lease_s: float = Field(30.0, ge=1, description="A driven task's lease; one not renewed in time is re-driven elsewhere.")
     retries: int = Field(2, ge=0, le=10, description="Retries of a task's LM/DiT calls after replica death or overload.")
@@ -239,6 +241,9 @@ class AppConfig(_Strict):
     def _checkpoint_source(self) -> "AppConfig":
         if not self.demo and not self.checkpoints:
             raise ValueError("set 'checkpoints' (a checkpoints root) or 'demo: true'")
+        if self.demo and "extra_models" not in self.dit.model_fields_set and self.dit.model != DEMO_BASE_DIT:
+            # the demo set has a base variant too (a few MB): serving it lets a newcomer try every task
+            self.dit.extra_models = [DEMO_BASE_DIT]
         return self
 
     def state_path(self) -> Path:

@@ -7,7 +7,7 @@
   reads uploads from the audio store and writes the encoded files there, so no audio bytes travel
   through other actors.
 
-Task records and audio live outside every replica (``serve.tasks``, ``serve.audio_store``); the
+Task records and audio live outside every replica (``serve.store.records``, ``serve.store.audio``); the
 replicas write progress there themselves (``serve.replica.ProgressSink``). ``check_health`` fails a
 replica that holds requests without progress, so Serve replaces it and the ingress re-drives.
 """
@@ -28,10 +28,10 @@ from ray import serve
 from acestep.dit.adapters import AdapterError
 from serve import metrics
 from serve.adapter_pool import AdapterPool
-from serve.audio_store import AudioStore
+from serve.store.audio import AudioStore
 from serve.config import AppConfig
 from serve.replica import PlanRef, ProgressSink, ShippedPlan, StallWatch, json_safe, plans_unpacked
-from serve.tasks import open_task_store
+from serve.store import open_task_store
 
 
 @dataclass
@@ -371,7 +371,9 @@ class DiTDeployment(_ModelReplica):
 
         result = render_result(render_job, output)
         items = [self._store_file(audio, render_job.config.audio_format, setting) for audio in result.audios]
-        metadata = {"plans": [json_safe(p) for p in (outcome.plans or [])], "lm_status": outcome.status}
+        # each item's codes travel once, in its params (``audio_codes``); the plan keeps the rest
+        plans = [{k: v for k, v in json_safe(p).items() if k != "audio_codes"} for p in (outcome.plans or [])]
+        metadata = {"plans": plans, "lm_status": outcome.status}
         time_costs = json_safe(result.extra_outputs.get("time_costs", {}))
         return RenderReply(items, result.status_message, time_costs, metadata)
 

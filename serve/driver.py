@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Set
 from serve import metrics
 from serve.logs import bind_request_id, extra, log
 from serve.replica import PlanLost
-from serve.tasks import FINAL_PHASES, TaskEvent, TaskRecord, TaskStore
+from serve.store.records import FINAL_PHASES, TaskEvent, TaskRecord, TaskStore
 
 
 MESSAGES = {

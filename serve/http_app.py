@@ -3,6 +3,7 @@
 Routes are methods of ``serve.api.Ingress`` and of the route groups it inherits
 (``serve.adapter_api``); they all register on this one app."""
 
+import importlib.metadata
 from typing import Any, Dict
 
 from fastapi import FastAPI, Request
@@ -10,11 +11,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from serve.driver import store_unavailable
-from serve.errors import APIError, error_responses, retry_after
+from serve.edge.errors import APIError, error_responses, retry_after
 
 api = FastAPI(
     title="ACE-Step serve",
-    version="1.0",
+    version=importlib.metadata.version("acestep-serve"),
     description="ACE-Step 1.5 music generation on Ray Serve: a 5 Hz LM plans, a DiT + VAE renders 48 kHz "
                 "stereo. Authenticate with `Authorization: Bearer <key>` when the server has keys. Every "
                 "error of the /v1 routes has the shape `{\"detail\": [{\"loc\", \"msg\", \"type\"}]}`.",

@@ -18,14 +18,15 @@ import uuid
 from typing import Any, Dict, Optional, Tuple
 
 from serve import metrics
-from serve.admission import Admission, AdmissionLimits
-from serve.audio_store import AudioStore
+from serve.edge.admission import Admission, AdmissionLimits
+from serve.store.audio import AudioStore
 from serve.config import AppConfig
 from serve.driver import DriverSettings, TaskDriver
-from serve.errors import APIError, retry_after
+from serve.edge.errors import APIError, retry_after
 from serve.logs import log
 from serve.replica import plans_unpacked
-from serve.tasks import FINAL_PHASES, StoreFull, TaskRecord, open_task_store, wait_final
+from serve.store.records import FINAL_PHASES, StoreFull, TaskRecord, wait_final
+from serve.store import open_task_store
 
 
 MAX_UPLOAD_SECONDS = 600.0  # the DiT's longest song; longer sources cannot be covered or repainted
@@ -43,7 +44,7 @@ def failure_status(code: Optional[str]) -> Tuple[int, Optional[Dict[str, str]]]:
 
 def guard_settings(config: AppConfig):
     """The request guard's settings: keys from the environment/--api-key and the keys file."""
-    from serve.guard import GuardSettings, KeyRing
+    from serve.edge.guard import GuardSettings, KeyRing
 
     ingress = config.ingress
     lora = {"/v1/lora/load", "/v1/lora/unload", "/v1/lora/toggle", "/v1/lora/scale"}
@@ -67,7 +68,7 @@ def guard_settings(config: AppConfig):
 
 class IngressState:
     def __init__(self, config: AppConfig, pipeline, lms: Dict[str, Any], dits: Dict[str, Any]):
-        from serve.uploads import UploadChecker
+        from serve.edge.uploads import UploadChecker
 
         ingress, store = config.ingress, config.store
         self.config, self.lms, self.dits = config, lms, dits
@@ -79,7 +80,8 @@ class IngressState:
                                 max_bytes=int(store.max_audio_mb * 2**20))
         self.admission = Admission(AdmissionLimits(
             max_unfinished=ingress.max_unfinished_tasks, per_key_unfinished=ingress.per_key_unfinished,
-            per_key_rpm=ingress.per_key_rpm, sync_max_inflight=ingress.max_sync_requests))
+            per_key_rpm=ingress.per_key_rpm, sync_max_inflight=ingress.max_sync_requests),
+            shared=self.store.take_token)
         self.uploads = UploadChecker(max_duration_s=MAX_UPLOAD_SECONDS)
         timeouts = ingress.timeouts
         settings = DriverSettings(
@@ -215,7 +217,7 @@ class IngressState:
                            loc=("service",), code="draining", headers=retry_after(self.config.ingress.drain_grace_s))
         unfinished = await asyncio.to_thread(self.store.count_unfinished)
         mine = await asyncio.to_thread(self.store.count_unfinished, key_name) if key_name else 0
-        self.admission.admit(key_name, unfinished, mine)
+        await asyncio.to_thread(self.admission.admit, key_name, unfinished, mine)  # the rate bucket is in the store
 
     def bounds(self, key_name: str):
         ingress = self.config.ingress
@@ -247,7 +249,8 @@ class IngressState:
         return record
 
     def handle_result(self, record: TaskRecord, include_tensors: bool):
-        """A done task's record → ``GenerationResult`` as ``generate_music`` returns it."""
+        """A done task's record → ``GenerationResult`` as ``generate_music`` returns it, plus each
+        item's encoded file (``bytes``); ``include_tensors=False`` skips decoding it."""
         import soundfile as sf
         import torch
 
@@ -256,11 +259,12 @@ class IngressState:
         output = record.result
         audios = []
         for item in output["audios"]:
+            data = self.audio.read(item["key"])  # the file as stored: callers keep these bytes as they are
             tensor = None
             if include_tensors:
-                samples, _ = sf.read(io.BytesIO(self.audio.read(item["key"])), dtype="float32", always_2d=True)
+                samples, _ = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
                 tensor = torch.from_numpy(samples.T.copy())
-            audios.append({"path": "", "tensor": tensor, "key": item["key"].rsplit(".", 1)[0],
+            audios.append({"path": "", "tensor": tensor, "bytes": data, "key": item["key"].rsplit(".", 1)[0],
                            "sample_rate": item["sample_rate"], "params": item["params"], "url": item["url"],
                            "format": item["format"]})
         plans = (output["metadata"] or {}).get("plans") or []

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from acestep.dit.tasks import BASE_ONLY_TASKS
-from serve.errors import FieldError
+from serve.edge.errors import FieldError
 
 DIT_DEPLOYMENT, LM_DEPLOYMENT = "DiTDeployment", "LMDeployment"
 

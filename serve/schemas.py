@@ -143,6 +143,8 @@ class _LMSamplingRequest(_RequestBase):
     top_p: Optional[float] = Field(LM_HELPER_DEFAULTS.top_p, gt=0, le=1)
     repetition_penalty: float = Field(LM_HELPER_DEFAULTS.repetition_penalty, gt=0)
     use_constrained_decoding: bool = LM_HELPER_DEFAULTS.use_constrained_decoding
+    lm_model: Optional[str] = Field(None, max_length=200,
+                                    description="A served LM's name (GET /v1/models); unset: the default LM.")
 
 
 class UnderstandRequest(_LMSamplingRequest):
@@ -160,3 +162,13 @@ class FormatSampleRequest(_LMSamplingRequest):
     lyrics: str = Field("", max_length=16384)
     user_metadata: Optional[Dict[str, Any]] = Field(
         None, description="bpm, duration, keyscale, timesignature, language.")
+
+
+# /v1/generate and /v1/tasks take JSON or multipart; FastAPI cannot infer that from a Request parameter.
+_MULTIPART = {"type": "object", "properties": {
+    "request": {"type": "string", "description": "GenerateRequest as JSON"},
+    "src_audio": {"type": "string", "format": "binary"},
+    "reference_audio": {"type": "string", "format": "binary"}}}
+GENERATE_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": GenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
+    "multipart/form-data": {"schema": _MULTIPART}}}}

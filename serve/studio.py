@@ -10,7 +10,7 @@ from pathlib import Path
 from fastapi.responses import FileResponse
 
 from acestep.dit.tasks import TRACK_NAMES, task_catalog
-from serve.errors import APIError, FieldError
+from serve.edge.errors import APIError, FieldError
 from serve.http_app import api
 
 STATIC = Path(__file__).with_name("static")

@@ -99,3 +99,28 @@ def test_stage_resources_are_a_json_object_of_amounts(demo_root):
     for bad in ('{"lm_gpu": "one"}', '["lm_gpu"]', "lm_gpu=1", '{"lm_gpu": -1}'):
         with pytest.raises(SystemExit):
             parse_options(args + ["--lm-resources", bad])
+
+
+def test_items_with_stored_bytes_are_written_as_they_are(tmp_path, monkeypatch):
+    """A Serve result carries each stored file's bytes: they are written unchanged, nothing encoded."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from acestep.params import GenerationResult
+    from pipelines import stages
+
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros((48000 * 2, 2), dtype=np.float32), 48000, format="FLAC")
+    encoded = buffer.getvalue()
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("encoded again")
+
+    monkeypatch.setattr(stages, "save_audio", no_encoding)
+    result = GenerationResult(audios=[{"tensor": None, "bytes": encoded, "sample_rate": 48000,
+                                       "params": {"seed": 3, "audio_codes": ""}}])
+    (tmp_path / "audio").mkdir()
+    record = stages.finish_record(stages.new_record({"id": "x", "index": 0, "fields": {}}), result, tmp_path, "flac")
+    assert (tmp_path / record.files[0]).read_bytes() == encoded and record.duration == 2.0

@@ -5,6 +5,7 @@ the quicker test in test_render.py that uses a tiny in-test deployment with the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -41,7 +42,10 @@ def test_rows_render_through_the_real_app(demo_root, tmp_path):
     assert records["lm"]["error"] is None and records["lm"]["codes"][0].startswith("<|audio_code_")
     assert isinstance(records["lm"]["lm_metadata"].get("bpm"), int)
     assert records["two"]["seeds"] == [4, 5] and len(records["two"]["files"]) == 2
+    stored = {hashlib.sha256(f.read_bytes()).digest() for f in (tmp_path / "state" / "audio").rglob("*.flac")}
     for record in (records["lm"], records["two"]):
         for name in record["files"]:
             assert sf.read(tmp_path / "out" / name)[0].shape == (480000, 2)
+            # the app's stored file, byte for byte: encoded once, never decoded and encoded again
+            assert hashlib.sha256((tmp_path / "out" / name).read_bytes()).digest() in stored
     assert "inference_steps" in records["bad"]["error"] and not records["bad"]["files"]

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from serve.admission import Admission, AdmissionLimits, TokenBucket
-from serve.errors import APIError
+from serve.edge.admission import Admission, AdmissionLimits, TokenBucket
+from serve.edge.errors import APIError
 
 
 class FakeClock:
@@ -35,10 +35,10 @@ def _retry(error: APIError) -> int:
     return value
 
 
-def _admission(clock=None, **limits) -> Admission:
+def _admission(clock=None, shared=None, **limits) -> Admission:
     values = {"max_unfinished": 4}
     values.update(limits)
-    return Admission(AdmissionLimits(**values), clock=clock or FakeClock())
+    return Admission(AdmissionLimits(**values), clock=clock or FakeClock(), shared=shared)
 
 
 def test_limits_validated():
@@ -235,3 +235,19 @@ def test_stats_counts():
     assert stats["refused"] == {"global": 1, "key_unfinished": 1, "key_rate": 1, "sync": 1}
     assert stats["sync_inflight"] == 0 and stats["sync_max_inflight"] == 1
     assert stats["recent_task_s"] == 12.5 and stats["recent_completions"] == 1
+
+
+def test_two_replicas_share_one_key_rate(tmp_path):
+    """Each ingress replica has its own Admission; with the task store's buckets a key gets its rate
+    once in all, not once per replica."""
+    from serve.store import open_task_store
+
+    store = open_task_store(f"sqlite:///{tmp_path / 'tasks.db'}")
+    try:
+        replicas = [_admission(per_key_rpm=6.0, shared=store.take_token) for _ in range(4)]
+        replicas[0].admit("alice", 0, 0)  # burst max(1, 6 / 6) = 1
+        for replica in replicas:
+            assert _retry(_refusal(lambda: replica.admit("alice", 0, 0))) >= 1
+        replicas[3].admit("bob", 0, 0)
+    finally:
+        store.close()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from serve.tasks import PHASES
+from serve.store.records import PHASES
 
 SONG = {"caption": "calm piano with soft strings", "lyrics": "[verse]\nhello night", "duration": 10,
         "inference_steps": 2, "batch_size": 1}
@@ -43,6 +43,9 @@ def test_sync_generate_returns_files(client):
     body = response.json()
     assert [a["seed"] for a in body["audios"]] == [1, 2]
     assert body["metadata"]["plans"], "thinking=true: the LM planned each item"
+    # each item's codes come back once, in its params, not again in its plan
+    assert all("audio_codes" not in plan for plan in body["metadata"]["plans"])
+    assert all(a["params"]["audio_codes"].startswith("<|audio_code_") for a in body["audios"])
     for audio in body["audios"]:
         data, rate, media = _read_audio(client, audio["url"])
         assert rate == 48000 and data.shape[1] == 2 and media == "audio/wav"
@@ -115,6 +118,11 @@ def test_handle_generate_matches_generate_music(serve_app, turbo_handler):
     assert served["key"] == direct["key"] and served["params"]["seed"] == 7
     assert served["tensor"].shape == direct["tensor"].shape
     assert np.allclose(served["tensor"].numpy(), direct["tensor"].numpy(), atol=1e-4)
+    # the stored file as it is (what GET /v1/audio serves); without tensors nothing is decoded
+    stored = httpx.get(serve_app.url + served["url"], headers=serve_app.headers, timeout=60).content
+    assert served["bytes"] == stored
+    bare = handle.generate.remote(params, config, include_tensors=False).result(timeout_s=300)
+    assert bare.audios[0]["tensor"] is None and bare.audios[0]["bytes"] == stored
     # the deployments behind the ingress are reachable by name too
     lm = serve.get_deployment_handle("LMDeployment", app_name=serve_app.name)
     assert lm.info.remote().result(timeout_s=30)["enabled"] is True
@@ -294,6 +302,25 @@ def test_lm_helpers_info_and_docs(client):
     for path in ("/v1/generate", "/v1/tasks", "/v1/tasks/{task_id}", "/v1/tasks/{task_id}/events", "/release_task",
                  "/query_result", "/v1/audio/{key}", "/v1/understand", "/v1/create_sample", "/v1/format_sample"):
         assert path in paths
+
+
+def test_every_route_group_answers_on_a_replica(client):
+    """The routes the ingress inherits from groups in other modules (studio, adapters, the official
+    dialect) get their injected ``self`` in the replica too, as the native ones do."""
+    for method, path, body in (("get", "/v1/task_types", None), ("get", "/studio", None),
+                               ("get", "/v1/adapters", None), ("get", "/v1/lora/status", None),
+                               ("post", "/query_result", {"task_id_list": ["nope"]}),
+                               ("post", "/create_random_sample", {}), ("get", "/v1/info", None)):
+        response = client.request(method, path, json=body)
+        assert response.status_code == 200, (path, response.text)
+    assert len(client.get("/v1/task_types").json()["tasks"]) == 6
+
+
+def test_lm_helpers_take_a_served_lm_by_name(client):
+    sample = client.post("/v1/create_sample", json={"query": "a quiet folk song", "lm_model": "acestep-5Hz-lm-0.6B"})
+    assert sample.status_code == 200, sample.text
+    refused = client.post("/v1/create_sample", json={"query": "a quiet folk song", "lm_model": "../lm"})
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"][-1] == "lm_model"
 
 
 def test_default_app_opens_no_client_named_path(client, source_audio):

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from fastapi import FastAPI, Header, Request
 
-from serve.audio_store import AudioStore, audio_response, parse_range, valid_key
-from serve.errors import APIError
+from serve.store.audio import AudioStore, audio_response, parse_range, valid_key
+from serve.edge.errors import APIError
 
 DATA = bytes(range(256)) * 40  # 10,240 bytes, every offset distinguishable within a period
 

@@ -10,10 +10,12 @@ import os
 
 import pytest
 
-from serve import chat, client_paths, compat
+from serve.compat import chat
+from serve.edge import client_paths
+from serve.compat import release as compat
 from serve.driver import TaskFailure
-from serve.errors import FieldError
-from serve.intake import ValidationFailed
+from serve.edge.errors import FieldError
+from serve.edge.intake import ValidationFailed
 
 
 def _request(**fields):

@@ -67,7 +67,8 @@ def test_a_public_host_without_a_key_is_refused(tmp_path):
 
 
 def test_acestep_serve_demo_with_a_key_drains_on_sigterm_and_resumes_its_queue(tmp_path):
-    """The README's command with a key; SIGTERM with 4 tasks queued (one driver slot), exit 0; the
+    """The README's command with a key: every task type servable (the demo serves its base DiT
+    beside turbo); SIGTERM with 4 tasks queued (one driver slot), exit 0; the
     same command on the same state directory finishes all 4."""
     config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
     config["applications"][0]["args"]["ingress"]["max_drives"] = 1
@@ -79,6 +80,11 @@ def test_acestep_serve_demo_with_a_key_drains_on_sigterm_and_resumes_its_queue(t
     process, url = _start(tmp_path, port, *args)
     try:
         assert (tmp_path / "acestep" / "demo_checkpoints" / ".complete").exists()
+        catalog = httpx.get(f"{url}/v1/task_types", headers=headers, timeout=30)
+        assert catalog.status_code == 200, catalog.text
+        tasks = catalog.json()["tasks"]
+        assert len(tasks) == 6 and all(task["servable"] for task in tasks), tasks  # the demo serves base too
+        assert {task["model"] for task in tasks} == {"acestep-v15-turbo", "acestep-v15-base"}
         assert httpx.post(f"{url}/v1/generate", json=SONG, timeout=30).status_code == 401
         response = httpx.post(f"{url}/v1/generate", json=SONG, headers=headers, timeout=300)
         assert response.status_code == 200, response.text
@@ -106,3 +112,29 @@ def test_acestep_serve_demo_with_a_key_drains_on_sigterm_and_resumes_its_queue(t
             time.sleep(1)
     finally:
         assert _stop(process, signal.SIGINT) == 0
+
+
+def test_sigterm_while_the_models_load_stops_cleanly(tmp_path):
+    """SIGTERM once the HTTP proxy answers but before the app is ready (the models are loading): the
+    server stops with exit 0 and says so, instead of aborting mid-start."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    env.pop("ACESTEP_API_KEY", None)
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "acestep.cli", "serve", "--demo", "--port", str(port),
+                                "--state-dir", str(tmp_path / "state")],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while True:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code
+            break  # the proxy answers: Serve is up, the app is being deployed
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, "the HTTP proxy never came up"
+        time.sleep(0.2)
+    assert ready != 200, "the app was already ready: this test needs the loading window"
+    code = _stop(process)
+    output = process.stdout.read()
+    assert code == 0, output
+    assert "stopping before the app was ready" in output and "stopped" in output

@@ -10,7 +10,7 @@ import ray.exceptions as rex
 from ray.serve.exceptions import BackPressureError
 
 from serve.driver import DriverSettings, TaskDriver, TaskFailure, classify
-from serve.tasks import open_task_store
+from serve.store import open_task_store
 
 
 def _settings(**changes) -> DriverSettings:
@@ -227,7 +227,7 @@ def phase_lines():
 
 def test_phase_clock_logs_each_transition_once_with_its_duration(phase_lines):
     from serve.driver import PhaseClock
-    from serve.tasks import TaskEvent
+    from serve.store.records import TaskEvent
 
     def event(seq, phase, time):
         return TaskEvent(seq, phase, 0.0, "", time)

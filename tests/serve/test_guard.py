@@ -22,10 +22,10 @@ from fastapi import FastAPI, Request
 from starlette.datastructures import UploadFile
 from starlette.testclient import TestClient
 
-from serve.errors import APIError, FieldError
-from serve.guard import (Guard, GuardSettings, KeyRing, bearer_token, body_limit, check_content_type,
+from serve.edge.errors import APIError, FieldError
+from serve.edge.guard import (Guard, GuardSettings, KeyRing, bearer_token, body_limit, check_content_type,
                          declared_length, find_ai_token)
-from serve.safejson import check_text, nesting_depth, parse_json
+from serve.edge.safejson import check_text, nesting_depth, parse_json
 
 KEY = "k-alice-0123456789abcdef"
 BOB_KEY = "k-bob-fedcba9876543210"

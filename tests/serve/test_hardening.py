@@ -134,6 +134,10 @@ HOSTILE_BODIES = [
     ("json array", "/v1/generate", b"[1, 2]", _JSON, 400, None),
     ("over 1 MiB", "/v1/understand", b'{"audio_codes": "' + b"x" * (2 << 20) + b'"}', _JSON, 413, None),
     ("over the upload limit", "/v1/tasks", b'{"src_audio_base64": "' + b"A" * (12 << 20) + b'"}', _JSON, 413, None),
+    # an upload route's body may reach two uploads' size, but only inside the base64 upload values
+    ("JSON over 1 MiB on an upload route", "/v1/tasks", b'{"caption": "' + b"c" * (3 << 20) + b'"}', _JSON, 413,
+     "body"),
+    ("official JSON over 1 MiB", "/release_task", b'{"prompt": "' + b"p" * (3 << 20) + b'"}', _JSON, 413, "body"),
 ]
 
 
@@ -159,10 +163,11 @@ def test_hostile_uploads_get_422_invalid_audio(http, name):
     as_b64 = http.post("/v1/tasks", json={**body, "src_audio_base64": base64.b64encode(data).decode()})
     as_file = http.post("/v1/tasks", data={"request": json.dumps(body)}, files={"src_audio": ("x.wav", data)})
     official = http.post("/release_task", data={"prompt": "x", "task_type": "cover"}, files={"ctx_audio": ("a", data)})
-    for response in (as_b64, as_file, official):
+    for response, field in ((as_b64, "src_audio_base64"), (as_file, "src_audio"), (official, None)):
         assert response.status_code == status, (name, response.status_code, response.text[:300])
         item = response.json()["detail"][0]
         assert item["type"] == (code if status == 422 else "too_large"), item
+        assert field is None or item["loc"][-1] == field, item  # the field as the client sent it
 
 
 def test_an_empty_upload_is_refused(http):

@@ -6,7 +6,7 @@ import pytest
 
 from acestep.checkpoints.demo_lora import write_demo_lora
 from serve.config import AppConfig
-from serve.errors import FieldError
+from serve.edge.errors import FieldError
 from serve.models import ModelSet, adapter_choice, deployment_name
 
 TURBO = {"acestep-v15-turbo": True, "acestep-v15-base": False, "acestep-v15-sft": False}
@@ -89,7 +89,7 @@ def test_adapter_pools_publish_what_they_hold_and_gone_replicas_drop_out(demo_ro
     import time
 
     from serve.adapter_pool import HOLDINGS, AdapterPool, holders
-    from serve.tasks import open_task_store
+    from serve.store import open_task_store
     from tests.conftest import dit_handler
 
     for seed, name in enumerate(("warm", "bright"), start=1):
@@ -125,3 +125,14 @@ def test_adapter_pools_publish_what_they_hold_and_gone_replicas_drop_out(demo_ro
         assert holders(store, 60) == {} and store.settings(HOLDINGS) == {}
     finally:
         handler.loop.close()
+
+
+def test_lora_routes_declare_the_client_errors_they_answer():
+    """A malformed body (400), an unknown or unloadable adapter name (400) and a field out of range
+    (422) are in each route's OpenAPI, so schema-checking clients and fuzzers expect them."""
+    import serve.api  # noqa: F401  (registers the routes)
+    from serve.http_app import api
+
+    paths = api.openapi()["paths"]
+    for route in ("load", "toggle", "scale"):
+        assert {"400", "422"} <= set(paths[f"/v1/lora/{route}"]["post"]["responses"]), route

@@ -223,3 +223,27 @@ def test_adapters_lists_the_directory_with_formats_and_holders(http, models_app)
     by_name = {entry["name"]: entry for entry in http.get("/v1/adapters").json()["adapters"]}
     assert by_name["dark"]["replicas"] == sorted([turbo_replica, _stats(models_app, f"DiTDeployment-{BASE}")["replica"]])
     assert not by_name["bright"]["replicas"] or by_name["bright"]["replicas"] == [turbo_replica]
+
+
+def _engine_requests(models_app, lm: str) -> int:
+    deployment = "LMDeployment" if lm == "acestep-5Hz-lm-0.6B" else f"LMDeployment-{lm}"
+    return _stats(models_app, deployment)["engine"]["requests_finished"]
+
+
+def test_official_sample_format_and_analysis_modes_use_the_chosen_lm(http, models_app):
+    """Every task path asks the same ``models_for``: the official LM steps run on the LM the body
+    names, and the result says which it was."""
+    from tests.serve.test_official_api import _poll, _release
+
+    default_before = _engine_requests(models_app, "acestep-5Hz-lm-0.6B")
+    big_before = _engine_requests(models_app, BIG_LM)
+    bodies = ({"prompt": "calm piano", "lyrics": "[Instrumental]", "use_format": True},
+              {"sample_query": "a calm piano piece", "thinking": False},
+              {"prompt": "warm jazz trio", "analysis_only": True})
+    for body in bodies:
+        item = _poll(http, _release(http, json={**body, "lm_model_path": BIG_LM, "audio_duration": 10,
+                                                "inference_steps": 2, "batch_size": 1}))
+        assert item["status"] == 1, item
+        assert all(entry["lm_model"] == BIG_LM for entry in json.loads(item["result"])), item
+    assert _engine_requests(models_app, BIG_LM) >= big_before + len(bodies)
+    assert _engine_requests(models_app, "acestep-5Hz-lm-0.6B") == default_before

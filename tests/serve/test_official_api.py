@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from serve.compat import release as compat
 from tests.serve.conftest import deployed_app
 
 FAST = {"inference_steps": 2, "batch_size": 1, "thinking": False}
@@ -127,7 +128,8 @@ def test_query_result_known_unknown_and_missing_ids_in_order(http):
                      http.post("/query_result", data={"task_id_list": json.dumps(asked)})):
         data = response.json()["data"]
         assert response.status_code == 200 and [item["task_id"] for item in data] == asked
-        assert data[0] == {"task_id": "nope", "status": 0, "result": "[]", "progress_text": ""}
+        assert data[0]["task_id"] == "nope" and data[0]["status"] == 2  # failed: a poller stops
+        assert json.loads(data[0]["result"])[0]["error"] == data[0]["progress_text"] == compat.UNKNOWN_TASK
         assert data[1]["status"] == 1 and json.loads(data[1]["result"])[0]["file"]
     for body in ({}, {"task_id_list": {"not": "a list"}}, {"task_id_list": [1, 2]}):
         response = http.post("/query_result", json=body)

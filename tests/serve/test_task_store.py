@@ -19,13 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
-from serve.store_redis import RedisTaskStore
-from serve.store_sqlite import SQLiteTaskStore
-from serve.tasks import (
-    StoreFull,
-    MAX_EVENTS, PHASES, IdempotencyConflict, TaskRecord, open_task_store, wait_events,
-    wait_final,
-)
+from serve.store.redis import RedisTaskStore
+from serve.store.sqlite import SQLiteTaskStore
+from serve.store.records import StoreFull, MAX_EVENTS, PHASES, IdempotencyConflict, TaskRecord, wait_events, wait_final
+from serve.store import open_task_store
 from tests.serve.redis_server import start_redis
 
 SUMMARY_KEYS = {"task_id", "phase", "progress", "message", "finished", "created_at", "updated_at",
@@ -548,3 +545,17 @@ def test_settings_by_prefix_and_deleted(open_store):
     second.delete_setting("never-set")
     assert first.settings("holdings/") == {"holdings/b": {"loaded": []}}
     assert first.get_setting("holdings/a") is None
+
+
+def test_token_buckets_are_shared_by_every_store_client(open_store):
+    """Two clients of one store (two ingress replicas) charge one bucket: a burst of 2 passes once
+    across both, and the bucket refills at its rate."""
+    first, second = open_store(), open_store()
+    now = 5000.0
+    assert first.take_token("rpm:alice", 0.5, 2.0, now=now) == 0.0
+    assert second.take_token("rpm:alice", 0.5, 2.0, now=now) == 0.0
+    assert first.take_token("rpm:alice", 0.5, 2.0, now=now) == pytest.approx(2.0)  # 1 token / 0.5 per s
+    assert second.take_token("rpm:bob", 0.5, 2.0, now=now) == 0.0  # another key, its own bucket
+    assert second.take_token("rpm:alice", 0.5, 2.0, now=now + 1.0) == pytest.approx(1.0)  # half a token
+    assert first.take_token("rpm:alice", 0.5, 2.0, now=now + 2.0) == 0.0
+    assert second.take_token("rpm:alice", 0.5, 2.0, now=now + 2.0) > 0

@@ -9,10 +9,10 @@ import pytest
 from pydantic import ValidationError
 
 from acestep.params import GenerationParams
-from serve import compat
+from serve.compat import release as compat
 from serve.cli import DEFAULT_CONFIG, apply_overrides, load_serve_config
 from serve.config import AppConfig
-from serve.errors import FieldError
+from serve.edge.errors import FieldError
 from serve.schemas import GenerateRequest, to_library
 
 
@@ -96,7 +96,8 @@ def test_compat_query_items_shapes():
     assert items[0]["seed_value"] == "3" and items[0]["dit_model"] == "dit"
     assert compat.task_ids_from({"task_id_list": '["a", "b"]'}) == ["a", "b"]
     assert compat.task_ids_from({}) == [] and compat.task_ids_from({"task_id_list": 5}) == []
-    assert compat.unknown_item("x") == {"task_id": "x", "status": 0, "result": "[]", "progress_text": ""}
+    unknown = compat.unknown_item("x")
+    assert unknown["status"] == 2 and json.loads(unknown["result"])[0]["stage"] == "failed"
 
 
 def test_a_missing_model_folder_is_named_before_anything_starts(demo_root):
@@ -121,7 +122,7 @@ def test_serve_refuses_a_public_host_without_a_key():
 
 def test_progress_sink_keeps_each_sub_phase_start_and_the_latest_update(tmp_path):
     from serve.replica import ProgressSink
-    from serve.tasks import open_task_store
+    from serve.store import open_task_store
 
     store = open_task_store(f"sqlite://{tmp_path}/tasks.db")
     task_id, _ = store.create({})
@@ -165,7 +166,7 @@ def test_event_stream_sends_heartbeats_and_ends_at_a_final_phase(tmp_path):
     from types import SimpleNamespace
 
     from serve.api import _events
-    from serve.tasks import open_task_store
+    from serve.store import open_task_store
 
     store = open_task_store(f"sqlite:///{tmp_path / 'tasks.db'}")
     task_id, _ = store.create({})

@@ -1,4 +1,4 @@
-"""serve.uploads: hostile uploads get a 413/422 FieldError (never another exception), real audio
+"""serve.edge.uploads: hostile uploads get a 413/422 FieldError (never another exception), real audio
 round-trips with the right probe values, and the decode worker survives being killed or stuck."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from serve.errors import FieldError
-from serve.uploads import AudioProbe, InvalidAudio, UploadChecker, probe_header, range_problem, sniff
+from serve.edge.errors import FieldError
+from serve.edge.uploads import AudioProbe, InvalidAudio, UploadChecker, probe_header, range_problem, sniff
 
 MAX_DURATION_S = 60.0
 MAX_BYTES = 8 * 2**20

@@ -2,22 +2,23 @@
 its envelope, ``/v1/models`` as its OpenRouter list (what that server actually answers there),
 ``/v1/model_inventory``, ``/format_input``'s fields and ``/create_random_sample``'s examples.
 
-Pure functions over what the ingress already knows; the routes live in ``serve.api``. The example
+Pure functions over what the ingress already knows; the routes live in ``serve.compat.routes``. The example
 files under ``serve/examples`` are this project's own.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import random
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from acestep.dit.tasks import BASE_ONLY_TASKS, TASK_TYPES
-from serve.errors import FieldError
+from serve.edge.errors import FieldError
 
-EXAMPLES = Path(__file__).with_name("examples")
-VERSION = "1.0"
+EXAMPLES = Path(__file__).parents[1] / "examples"
+VERSION = importlib.metadata.version("acestep-serve")
 
 
 def health_data(models: Dict[str, Any]) -> Dict[str, Any]:

@@ -8,7 +8,7 @@ like lyrics (structure tags, or four or more short lines) is the lyrics, any oth
 a description for sample mode. ``input_audio`` parts are the source audio (tasks that edit a
 source: first part source, second reference) or the reference (text2music).
 
-Pure functions over the request and the finished task; the route lives in ``serve.api``.
+Pure functions over the request and the finished task; the route lives in ``serve.compat.routes``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Literal,
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serve.errors import FieldError
+from serve.edge.errors import FieldError
 
 SOURCE_TASKS = {"cover", "repaint", "lego", "extract", "complete"}
 LYRICS_MARKERS = ("[verse", "[chorus", "[bridge", "[intro", "[outro", "[hook", "[pre-chorus", "[refrain", "[inst")
@@ -93,7 +93,7 @@ class ChatInput:
 
 
 def parse_request(body: Dict[str, Any]) -> ChatRequest:
-    from serve.intake import ValidationFailed, validation_errors
+    from serve.edge.intake import ValidationFailed, validation_errors
 
     try:
         return ChatRequest.model_validate(body)
@@ -170,7 +170,7 @@ def resolve_input(request: ChatRequest, found: ChatInput) -> ChatInput:
 
 def audio_uploads(request: ChatRequest, found: ChatInput, max_bytes: int) -> Dict[str, bytes]:
     """``input_audio`` parts → upload bytes by field, routed by the task type."""
-    from serve.intake import decode_base64
+    from serve.edge.intake import decode_base64
 
     names = ["src_audio", "reference_audio"] if request.task_type in SOURCE_TASKS else ["reference_audio"]
     if len(found.audios) > len(names):

@@ -12,7 +12,7 @@ An upload passes three gates, cheapest first:
    clock timeout (``UploadChecker``). The worker counts frames and looks for NaN/inf; it returns no
    samples. A worker that crashes, runs out of memory or overruns is killed and replaced.
 
-Every refusal is a ``serve.errors.FieldError``: 413 ``too_large`` for size, otherwise 422
+Every refusal is a ``serve.edge.errors.FieldError``: 413 ``too_large`` for size, otherwise 422
 ``invalid_audio``. Messages say what is allowed and never repeat the uploaded bytes. Nothing here
 takes a client file name.
 """
@@ -28,7 +28,7 @@ import threading
 from dataclasses import dataclass
 from typing import Optional
 
-from serve.errors import FieldError
+from serve.edge.errors import FieldError
 
 FORMATS = ("wav", "flac", "mp3", "ogg")
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8_000, 192_000

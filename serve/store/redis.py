@@ -11,7 +11,7 @@ Layout, all under one key prefix:
 - ``P:idem:HASH`` hash (task_id, digest) for each key name's idempotency key;
 - ``P:settings`` hash of the service-wide settings (JSON values).
 
-Read-modify-writes WATCH the task's hash, apply the shared rules from ``serve.tasks`` and write the
+Read-modify-writes WATCH the task's hash, apply the shared rules from ``serve.store.records`` and write the
 record and every index in one MULTI, retrying when another client changed the hash in between, so
 concurrent claimers anywhere in the cluster serialise. Finished records also get a Redis TTL a
 little past ``ttl_s`` so they go away even when nothing purges. Leases compare wall-clock times
@@ -29,9 +29,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import redis
 
-from serve.tasks import (
+from serve.store.records import (
     MAX_EVENTS, PHASES, IdempotencyConflict, Mutation, TaskEvent, TaskRecord, TaskStore,
-    check_bounds, new_record, same_body,
+    BUCKET_IDLE_S, check_bounds, new_record, same_body, take_token,
 )
 
 _FIELDS = tuple(f.name for f in fields(TaskRecord))
@@ -283,6 +283,21 @@ class RedisTaskStore(TaskStore):
             counts[phase] = max(int(count), 0)
         counts["done"], counts["failed"] = finished - failed, failed
         return {"tasks": counts, "records": unfinished + finished}
+
+    def take_token(self, bucket: str, rate_per_s: float, burst: float, now: Optional[float] = None) -> float:
+        key = self._key("bucket", bucket)
+
+        def body(pipe) -> float:
+            stored = pipe.hgetall(key)
+            at = time.time() if now is None else now
+            tokens, wait = take_token(float(stored["tokens"]) if stored else None,
+                                      float(stored.get("updated", at)) if stored else at, rate_per_s, burst, at)
+            pipe.multi()
+            pipe.hset(key, mapping={"tokens": repr(tokens), "updated": repr(at)})
+            pipe.expire(key, int(BUCKET_IDLE_S))
+            return wait
+
+        return self._atomic([key], body)
 
     def get_setting(self, name: str) -> Optional[Any]:
         value = self._redis.hget(self._key("settings"), name)

@@ -23,7 +23,7 @@ from fsspec.implementations.local import LocalFileSystem
 from starlette.concurrency import iterate_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
-from serve.errors import APIError
+from serve.edge.errors import APIError
 
 CHUNK_SIZE = 256 * 1024
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")

@@ -17,8 +17,8 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from acestep.params import GenerationConfig, GenerationParams
-from serve.errors import FieldError
-from serve.safejson import check_text, parse_json
+from serve.edge.errors import FieldError
+from serve.edge.safejson import JSON_LIMIT, check_text, parse_json
 
 # canonical name -> accepted spellings (first is the upstream name)
 ALIASES: Dict[str, Tuple[str, ...]] = {
@@ -95,6 +95,8 @@ async def read_body(request: Request, max_upload_bytes: int) -> Tuple[Dict[str, 
                 fields[name] = check_text(name, value)
         return fields, _named_uploads(uploads)
     raw = await request.body()
+    if len(raw) > JSON_LIMIT:  # the official JSON carries no uploads: the route's larger bound is for forms
+        raise FieldError("body", f"a JSON or text body must be at most {JSON_LIMIT} bytes", 413, code="too_large")
     if content_type and not (content_type == "application/json" or content_type.endswith("+json")):
         if content_type != "text/plain":
             raise FieldError("content-type", f"unsupported content type {content_type!r}", 415)
@@ -258,9 +260,14 @@ def file_url(path: str) -> str:
     return "/v1/audio?path=" + quote(path, safe="")
 
 
+UNKNOWN_TASK = "unknown task id: never created here, or expired from the task store"
+
+
 def unknown_item(task_id: str) -> Dict[str, Any]:
-    """Upstream's answer for an id it has never seen: queued, no files."""
-    return {"task_id": task_id, "status": 0, "result": "[]", "progress_text": ""}
+    """An id this server does not know: failed (status 2) with the reason, so that a client polling
+    until status 1 or 2 stops; upstream answers 0 (queued), which keeps such a client polling."""
+    item = {"file": "", "wave": "", "status": 2, "progress": 0.0, "stage": "failed", "error": UNKNOWN_TASK}
+    return {"task_id": task_id, "status": 2, "result": json.dumps([item]), "progress_text": UNKNOWN_TASK}
 
 
 def query_items(record: Optional[Dict[str, Any]], models: Dict[str, str],
@@ -275,6 +282,8 @@ def query_items(record: Optional[Dict[str, Any]], models: Dict[str, str],
     if record["phase"] != "done":
         return 0, [{**base, "status": 0, "progress": record["progress"], "stage": record["phase"]}]
     result = record["result"]
+    models = {**models, **{k: v for k, v in (result.get("metadata", {}).get("models") or {}).items()
+                           if k in ("lm", "dit")}}  # what served the task, when it says
     analysis = result.get("metadata", {}).get("analysis")
     if analysis is not None:
         return 1, [analysis_item(analysis, base)]

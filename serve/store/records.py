@@ -3,8 +3,8 @@
 A task is one asynchronous generation request: its record holds the request (enough to re-run it),
 forward-only progress, the result or a failure code, and a lease saying which ingress replica drives
 it. ``TaskStore`` is plain and synchronous so that any process can use it; two backends implement it:
-``serve.store_sqlite`` (one file shared by the processes of one machine, the default) and
-``serve.store_redis`` (shared by a cluster). ``open_task_store`` picks one from a URL, and
+``serve.store.sqlite`` (one file shared by the processes of one machine, the default) and
+``serve.store.redis`` (shared by a cluster). ``open_task_store`` picks one from a URL, and
 ``wait_events`` / ``wait_final`` let async callers poll without blocking their event loop.
 
 The state rules (what an update, finish, fail or claim may change) are written once here as
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -205,6 +207,22 @@ def _lease_rule(rule: Callable[..., bool], *args) -> Mutation:
     return run
 
 
+# A bucket idle this long is full again (admission's rates are at least one request per minute), so
+# stores may forget it.
+BUCKET_IDLE_S = 3600.0
+
+
+def take_token(tokens: Optional[float], updated: float, rate_per_s: float, burst: float,
+               now: float) -> Tuple[float, float]:
+    """One take from a token bucket of ``burst`` tokens refilled at ``rate_per_s`` (``tokens`` None:
+    a new bucket, full) → (tokens left, wait): wait is 0.0 when a token was taken, else the seconds
+    until one is there, and nothing is taken."""
+    level = burst if tokens is None else min(burst, tokens + max(0.0, now - updated) * rate_per_s)
+    if level >= 1.0:
+        return level - 1.0, 0.0
+    return level, (1.0 - level) / rate_per_s
+
+
 # -- the interface ------------------------------------------------------------------------------
 
 class TaskStore(abc.ABC):
@@ -301,6 +319,11 @@ class TaskStore(abc.ABC):
         ...
 
     @abc.abstractmethod
+    def take_token(self, bucket: str, rate_per_s: float, burst: float, now: Optional[float] = None) -> float:
+        """``take_token`` on the named bucket, atomically for every process using this store: 0.0
+        when a token was taken, else the seconds until one is there."""
+
+    @abc.abstractmethod
     def settings(self, prefix: str) -> Dict[str, Any]:
         """{name: value} of the settings whose names start with ``prefix``."""
 
@@ -315,28 +338,6 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         ...
-
-
-def open_task_store(url: str, *, ttl_s: float = 86400.0, max_records: int = 10000) -> TaskStore:
-    """``sqlite:///abs/path/tasks.db`` or a plain path → SQLite; ``redis://host:port/db`` → Redis."""
-    scheme, sep, rest = str(url).partition("://")
-    if not sep:
-        scheme, rest = "sqlite", str(url)
-    scheme = scheme.lower()
-    if scheme == "sqlite":
-        if not rest:
-            raise ValueError(f"sqlite task store URL {url!r} names no file: use sqlite:///path/tasks.db")
-        from serve.store_sqlite import SQLiteTaskStore
-
-        # sqlite:///abs and sqlite:////abs both mean /abs (POSIX would keep a leading "//").
-        path = "/" + rest.lstrip("/") if rest.startswith("/") else rest
-        return SQLiteTaskStore(path, ttl_s=ttl_s, max_records=max_records)
-    if scheme in ("redis", "rediss", "unix"):
-        from serve.store_redis import RedisTaskStore
-
-        return RedisTaskStore(url, ttl_s=ttl_s, max_records=max_records)
-    raise ValueError(f"unsupported task store URL scheme {scheme!r} in {url!r}: "
-                     "use sqlite:///path/tasks.db, a file path, or redis://host:port/db")
 
 
 # -- polling helpers for async callers ----------------------------------------------------------
@@ -368,3 +369,23 @@ async def wait_final(store: TaskStore, task_id: str, timeout_s: float,
         if left <= 0:
             return record.phase
         await asyncio.sleep(min(poll_s, left))
+
+
+async def sse_events(store: TaskStore, task_id: str, after: int, heartbeat_s: float = 15.0):
+    """Server-sent events in order, a comment line every ``heartbeat_s`` of quiet; ends at done/failed."""
+    quiet_since = time.monotonic()
+    while True:
+        events = await asyncio.to_thread(store.events, task_id, after)
+        if events is None:
+            return
+        for event in events:
+            after = event.seq
+            yield f"id: {after}\nevent: {event.phase}\ndata: {json.dumps(dataclasses.asdict(event))}\n\n"
+            if event.phase in FINAL_PHASES:
+                return
+        if events:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= heartbeat_s:
+            quiet_since = time.monotonic()
+            yield ": keep-alive\n\n"
+        await asyncio.sleep(0.25)

@@ -14,7 +14,7 @@ import stat
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from serve.errors import FieldError
+from serve.edge.errors import FieldError
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from dataclasses import fields
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from serve.tasks import (
+from serve.store.records import (
     MAX_EVENTS, PHASES, IdempotencyConflict, Mutation, TaskEvent, TaskRecord, TaskStore,
-    check_bounds, new_record, same_body,
+    BUCKET_IDLE_S, check_bounds, new_record, same_body, take_token,
 )
 
 _SCHEMA = (
@@ -35,6 +35,7 @@ _SCHEMA = (
         message TEXT NOT NULL, time REAL NOT NULL, detail TEXT, PRIMARY KEY (task_id, seq)
     ) WITHOUT ROWID""",
     "CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS buckets (name TEXT PRIMARY KEY, tokens REAL NOT NULL, updated REAL NOT NULL)",
     "CREATE INDEX IF NOT EXISTS tasks_phase ON tasks (phase)",
     "CREATE INDEX IF NOT EXISTS tasks_unfinished_key ON tasks (key_name) WHERE finished = 0",
     "CREATE INDEX IF NOT EXISTS tasks_lease ON tasks (lease_until) WHERE finished = 0",
@@ -186,9 +187,20 @@ class SQLiteTaskStore(TaskStore):
             conn.execute("DELETE FROM events WHERE task_id = ? AND seq > 0 AND seq <= ?",
                          (task_id, event.seq - MAX_EVENTS + 1))
 
-    def purge(self, now: Optional[float] = None) -> int:
-        cutoff = (time.time() if now is None else now) - self.ttl_s
+    def take_token(self, bucket: str, rate_per_s: float, burst: float, now: Optional[float] = None) -> float:
+        now = time.time() if now is None else now
         with self._transaction() as conn:
+            row = conn.execute("SELECT tokens, updated FROM buckets WHERE name = ?", (bucket,)).fetchone()
+            tokens, wait = take_token(row[0] if row else None, row[1] if row else now, rate_per_s, burst, now)
+            conn.execute("INSERT INTO buckets (name, tokens, updated) VALUES (?, ?, ?) ON CONFLICT(name) "
+                         "DO UPDATE SET tokens = excluded.tokens, updated = excluded.updated", (bucket, tokens, now))
+        return wait
+
+    def purge(self, now: Optional[float] = None) -> int:
+        now = time.time() if now is None else now
+        cutoff = now - self.ttl_s
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM buckets WHERE updated < ?", (now - BUCKET_IDLE_S,))
             stale = [row[0] for row in conn.execute(
                 "SELECT task_id FROM tasks WHERE finished = 1 AND updated_at < ?", (cutoff,))]
             self._delete(conn, stale)

@@ -1,7 +1,8 @@
 """Bounded admission for new tasks, with a Retry-After derived from the actual backlog.
 
 Three bounds guard task creation: the server's unfinished tasks, one API key's unfinished tasks and
-one key's request rate (a token bucket). The sync route, whose requests hold a connection until the
+one key's request rate (a token bucket kept in the task store, so every ingress replica charges the
+same one). The sync route, whose requests hold a connection until the
 result is ready, has its own smaller bound on requests in flight. A refusal is a 429 in the one error
 model (``type: overloaded``) whose Retry-After estimates when capacity frees up, from the queue depth
 and the recent task wall time, instead of a fixed guess.
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Iterator, Optional, Sequence
 
 from serve import metrics
-from serve.errors import APIError, retry_after
+from serve.edge.errors import APIError, retry_after
+from serve.store.records import take_token
 
 Clock = Callable[[], float]
 
@@ -64,7 +66,8 @@ class AdmissionLimits:
 
 
 class TokenBucket:
-    """``burst`` tokens, refilled at ``rate_per_s``; starts full. Not locked: callers serialize."""
+    """``burst`` tokens, refilled at ``rate_per_s``; starts full; in this process only (the shared
+    one is the task store's ``take_token``, the same rule). Not locked: callers serialize."""
 
     def __init__(self, rate_per_s: float, burst: float, clock: Clock = time.monotonic):
         if not rate_per_s > 0 or burst < 1:
@@ -72,24 +75,20 @@ class TokenBucket:
         self.rate_per_s, self.burst, self.clock = float(rate_per_s), float(burst), clock
         self.tokens, self.updated = float(burst), clock()
 
-    def _refill(self) -> float:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.updated) * self.rate_per_s)
-        self.updated = now
-        return now
-
     def take(self) -> float:
         """0.0 after consuming a token, else the seconds until one is there (nothing consumed)."""
-        self._refill()
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return 0.0
-        return (1.0 - self.tokens) / self.rate_per_s
+        now = self.clock()
+        self.tokens, wait = take_token(self.tokens, self.updated, self.rate_per_s, self.burst, now)
+        self.updated = now
+        return wait
 
     def is_full(self) -> bool:
         """A full bucket behaves exactly like a new one, so it can be dropped without effect."""
-        self._refill()
-        return self.tokens >= self.burst
+        return self.tokens + max(0.0, self.clock() - self.updated) * self.rate_per_s >= self.burst
+
+
+# take(bucket name, rate per second, burst) -> wait: a bucket every ingress replica shares
+SharedBuckets = Callable[[str, float, float], float]
 
 
 class Admission:
@@ -107,8 +106,12 @@ class Admission:
     the first). For the rate bound Retry-After is the bucket's wait for its next token.
     """
 
-    def __init__(self, limits: AdmissionLimits, clock: Clock = time.monotonic, *, max_buckets: int = MAX_BUCKETS):
+    def __init__(self, limits: AdmissionLimits, clock: Clock = time.monotonic, *, max_buckets: int = MAX_BUCKETS,
+                 shared: Optional[SharedBuckets] = None):
+        """``shared``: the per-key rate buckets live there (the task store, so every ingress replica
+        charges the same bucket); None: in this process (one replica, or tests with a fake clock)."""
         self.limits, self.clock, self.max_buckets = limits, clock, max(1, max_buckets)
+        self.shared = shared
         self._lock = threading.Lock()
         self._buckets: "OrderedDict[str, TokenBucket]" = OrderedDict()
         self._task_s: Optional[float] = None
@@ -180,13 +183,18 @@ class Admission:
                     "key_unfinished", f"{cap} unfinished tasks is the limit for this key",
                     _KEY_LOC, self._queue_wait(unfinished_key, cap))
             if limits.per_key_rpm is not None:
-                wait = self._bucket(key_name).take()
+                wait = self._take(key_name)
                 if wait > 0:
                     raise self._refuse(
                         "key_rate", f"{limits.per_key_rpm:g} requests per minute is the limit for this key",
                         _KEY_LOC, wait)
             self._admitted += 1
         metrics.admitted("task")
+
+    def _take(self, key_name: str) -> float:
+        if self.shared is not None:
+            return self.shared(f"rpm:{key_name}", self.limits.per_key_rpm / 60.0, self.limits.per_key_burst)
+        return self._bucket(key_name).take()
 
     def _bucket(self, key_name: str) -> TokenBucket:
         bucket = self._buckets.get(key_name)

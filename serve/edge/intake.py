@@ -1,8 +1,8 @@
 """Reading a generate request at the edge: body → validated library params, checked uploads.
 
 Everything here answers bad input with a ``FieldError`` (4xx naming the field, never the input):
-JSON goes through ``serve.safejson`` (UTF-8, nesting and number limits), uploads through
-``serve.uploads`` (magic bytes, header sanity, a sandboxed decode), fields through the pydantic
+JSON goes through ``serve.edge.safejson`` (UTF-8, nesting and number limits), uploads through
+``serve.edge.uploads`` (magic bytes, header sanity, a sandboxed decode), fields through the pydantic
 request model and then the library's own ``prepare_request`` (ranges, cross-field rules, the
 repaint window against the source's length). A task's stored request is plain JSON, so any
 ingress replica can run it again after a crash: params and config as dicts, seeds resolved,
@@ -15,14 +15,17 @@ import asyncio
 import base64
 import binascii
 import dataclasses
+import hashlib
+import json
+import re
 from typing import Any, Dict, List, Optional, Tuple
 
 from pydantic import ValidationError
 from starlette.requests import Request
 
 from acestep.params import GenerationConfig, GenerationParams
-from serve.errors import APIError, FieldError
-from serve.safejson import check_text, parse_json
+from serve.edge.errors import APIError, FieldError
+from serve.edge.safejson import JSON_LIMIT, check_text, parse_json
 from serve.schemas import CONFIG_FIELDS, PARAM_FIELDS, ROUTING_FIELDS, UPLOAD_FIELDS, GenerateRequest, to_library
 
 KNOWN_FIELDS = set(PARAM_FIELDS) | set(CONFIG_FIELDS) | set(UPLOAD_FIELDS)
@@ -62,13 +65,33 @@ async def read_json_object(request: Request) -> Dict[str, Any]:
     return body
 
 
+# An upload's base64 value in a JSON body: base64 has no quotes or escapes, so a scan finds its end.
+_BASE64_VALUE = re.compile(rb'"(?:' + b"|".join(n.encode() for n in UPLOAD_FIELDS) + rb')_base64"\s*:\s*"[A-Za-z0-9+/=\s]*"')
+
+
+def check_json_outside_uploads(raw: bytes) -> None:
+    """413 before parsing when the JSON besides the base64 upload values is over ``JSON_LIMIT``: the
+    guard lets an upload route's body reach two uploads' size, which is no licence for the rest."""
+    if len(raw) <= JSON_LIMIT:
+        return
+    outside = len(raw) - sum(match.end() - match.start() for match in _BASE64_VALUE.finditer(raw))
+    if outside > JSON_LIMIT:
+        raise FieldError("body", f"JSON besides the base64 uploads must be at most {JSON_LIMIT} bytes", 413,
+                         code="too_large")
+
+
 async def read_generate_body(request: Request, max_upload: int) -> Tuple[Dict[str, Any], Uploads]:
     """JSON body, or multipart with a ``request`` JSON part plus ``src_audio``/``reference_audio`` files."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if not content_type.startswith("multipart/"):
-        return await read_json_object(request), {}
+        raw = await request.body()
+        check_json_outside_uploads(raw)
+        body = parse_json(raw)
+        if not isinstance(body, dict):
+            raise FieldError("body", "the JSON body must be an object", 400)
+        return body, {}
     try:
-        form = await request.form(max_part_size=2 * max_upload + (1 << 20))
+        form = await request.form(max_part_size=2 * max_upload + JSON_LIMIT)
     except Exception:  # malformed multipart: starlette raises several types
         raise FieldError("body", "malformed multipart body", 400) from None
     files: Uploads = {}
@@ -78,7 +101,7 @@ async def read_generate_body(request: Request, max_upload: int) -> Tuple[Dict[st
             files[name] = await upload.read(max_upload + 1)
     raw = form.get("request") or "{}"
     if not isinstance(raw, str):
-        raw = (await raw.read(1 << 20)).decode("utf-8", "surrogateescape")
+        raw = (await raw.read(JSON_LIMIT)).decode("utf-8", "surrogateescape")
     check_text("request", raw)
     body = parse_json(raw)
     if not isinstance(body, dict):
@@ -91,8 +114,10 @@ def routing(body: Dict[str, Any]) -> Dict[str, Any]:
     return {name: body[name] for name in ROUTING_FIELDS if body.get(name) is not None}
 
 
-def to_params(body: Dict[str, Any], files: Uploads, max_upload: int) -> Tuple[GenerationParams, GenerationConfig, Uploads]:
-    """The request model's checks, base64 uploads decoded; uploads not yet inspected."""
+def to_params(body: Dict[str, Any], files: Uploads, max_upload: int
+              ) -> Tuple[GenerationParams, GenerationConfig, Uploads, Dict[str, str]]:
+    """The request model's checks, base64 uploads decoded; uploads not yet inspected. The last item
+    names the field each upload was sent as (``src_audio_base64``), for the errors about it."""
     for name in UPLOAD_FIELDS:
         if isinstance(body.get(name), str):
             raise FieldError(name, f"the server never reads a client-named path; upload the file "
@@ -101,13 +126,14 @@ def to_params(body: Dict[str, Any], files: Uploads, max_upload: int) -> Tuple[Ge
         model = GenerateRequest.model_validate(body)
     except ValidationError as error:
         raise ValidationFailed(validation_errors(error)) from None
-    files = dict(files)
+    files, sent_as = dict(files), {}
     for name in UPLOAD_FIELDS:
         text = getattr(model, f"{name}_base64")
         if text:
             files[name] = decode_base64(f"{name}_base64", text, max_upload)
+            sent_as[name] = f"{name}_base64"
     params, config = to_library(model)
-    return params, config, files
+    return params, config, files, sent_as
 
 
 def decode_base64(field: str, text: str, max_bytes: int) -> bytes:
@@ -119,10 +145,12 @@ def decode_base64(field: str, text: str, max_bytes: int) -> bytes:
         raise FieldError(field, "not valid base64") from None
 
 
-async def check_uploads(checker, files: Uploads, max_upload: int) -> Uploads:
-    """Each upload inspected in the sandboxed checker (422 invalid_audio / 413 too_large)."""
+async def check_uploads(checker, files: Uploads, max_upload: int,
+                        sent_as: Optional[Dict[str, str]] = None) -> Uploads:
+    """Each upload inspected in the sandboxed checker (422 invalid_audio / 413 too_large), its errors
+    naming the field it was sent as."""
     for name, data in files.items():
-        await asyncio.to_thread(checker.check, name, data, max_upload)
+        await asyncio.to_thread(checker.check, (sent_as or {}).get(name, name), data, max_upload)
     return files
 
 
@@ -153,3 +181,12 @@ def from_task_request(request: Dict[str, Any]):
     params = GenerationParams(**request["params"])
     config = GenerationConfig(**request["config"])
     return params, config, list(request["seeds"]), dict(request.get("uploads") or {}), dict(request.get("extras") or {})
+
+
+def request_digest(body: Dict[str, Any], files: Dict[str, bytes]) -> str:
+    """What "the same body" means for Idempotency-Key: the parsed fields and the upload bytes
+    (raw multipart bytes differ by their random boundary)."""
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8", "surrogatepass"))
+    for name in sorted(files):
+        digest.update(name.encode() + hashlib.sha256(files[name]).digest())
+    return digest.hexdigest()

@@ -4,7 +4,7 @@ FastAPI's own validation errors already have this shape, so every 4xx/5xx of the
 of the request guard (auth, size, content type) uses it too. ``type`` is a stable code a client can
 branch on (``value_error``, ``unauthorized``, ``too_large``, ``unsupported_media_type``,
 ``overloaded``, ``invalid_audio``, ``not_found``...); ``msg`` names the allowed range and never
-echoes the client's input. The official routes keep their own envelope (``serve.compat``).
+echoes the client's input. The official routes keep their own envelope (``serve.compat.release``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 ``Guard`` is a pure ASGI middleware, so it can refuse a request before the body is read (an
 oversized ``Content-Length`` is answered at once, a chunked body as soon as it passes the limit)
 and hand the route the body it buffered. Every refusal uses the one error model of
-``serve.errors``; a key is never logged, echoed or kept in clear (``KeyRing`` stores digests).
+``serve.edge.errors``; a key is never logged, echoed or kept in clear (``KeyRing`` stores digests).
 
 Wiring::
 
@@ -30,8 +30,8 @@ from typing import (Awaitable, Callable, Dict, Iterable, List, Mapping, MutableM
 from urllib.parse import parse_qsl
 
 from serve import metrics
-from serve.errors import APIError
-from serve.safejson import deeper_than
+from serve.edge.errors import APIError
+from serve.edge.safejson import JSON_LIMIT, deeper_than
 
 __all__ = ["KeyRing", "GuardSettings", "Guard", "DEFAULT_CONTENT_TYPES", "bearer_token", "authorize",
            "body_limit", "declared_length", "check_length", "check_content_type", "find_ai_token",
@@ -147,7 +147,7 @@ class GuardSettings:
     keys: KeyRing = field(default_factory=KeyRing)
     public_paths: frozenset = frozenset({"/health", "/ready"})
     official_paths: frozenset = frozenset({"/release_task", "/query_result"})
-    json_limit: int = 1 << 20
+    json_limit: int = JSON_LIMIT
     upload_limit: int = 50 << 20
     upload_paths: frozenset = frozenset({"/v1/generate", "/v1/tasks", "/release_task"})
     content_types: Mapping[str, frozenset] = field(default_factory=lambda: dict(DEFAULT_CONTENT_TYPES))

@@ -22,7 +22,9 @@ import re
 from itertools import accumulate
 from typing import Any, Iterator, List, Tuple, Union
 
-from serve.errors import FieldError
+from serve.edge.errors import FieldError
+
+JSON_LIMIT = 1 << 20  # bytes of JSON a route parses; upload routes add the base64 upload values to it
 
 __all__ = ["parse_json", "check_text", "nesting_depth", "deeper_than"]
 

@@ -1,0 +1,75 @@
+"""How every route submits a generation: the body → library params (``serve.edge.intake``), the DiT
+and LM that serve it (``serve.models``) and the library's checks with that DiT's rules, then
+admission, the uploads into the audio store and the task record; the replica's driver starts it when
+it has room. A route group the ingress inherits; it needs ``config``, ``served`` and ``state``."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any, Dict
+
+from fastapi import Request
+
+from serve.edge import intake
+from serve.edge.errors import APIError
+from serve.logs import current_request_id, extra, log
+from serve.models import adapter_choice
+from serve.store.records import IdempotencyConflict, StoreFull
+
+
+class Submission:
+    async def _submit_http(self, request: Request, source: str, *, sync: bool) -> str:
+        max_upload = self.state.max_upload
+        idempotency = request.headers.get("idempotency-key")
+        if idempotency is not None and not 1 <= len(idempotency) <= 200:
+            raise APIError(400, "Idempotency-Key must be 1 to 200 characters", loc=("header", "idempotency-key"))
+        body, files = await intake.read_generate_body(request, max_upload)
+        digest = None if idempotency is None else intake.request_digest(body, files)
+        params, config, files, sent_as = intake.to_params(body, files, max_upload)
+        files = await intake.check_uploads(self.state.uploads, files, max_upload, sent_as)
+        params, config, seeds, route = await self._prepare(params, config, files, intake.routing(body))
+        key_name = getattr(request.state, "key_name", "")
+        return await self._submit(source, params, config, seeds, files, route, key_name, sync=sync,
+                                  idempotency=(idempotency, digest))
+
+    async def _prepare(self, params, config, files, choice: Dict[str, Any]):
+        """The DiT and LM for the request (``serve.models``), then the library's checks with that
+        DiT's rules → (params, config, seeds, the choice as task extras)."""
+        turbo = await self.state.turbo_by_model()
+        dit = self.served.pick_dit(choice.get("model"), params.task_type, turbo)
+        lm = self.served.lm_name(choice.get("lm_model"))
+        params, config, seeds = intake.prepare(params, config, files, is_turbo=turbo[dit])
+        adapters = adapter_choice(self.config, choice, await self._defaults() if self.config.dit.adapters.dir else None)
+        return params, config, seeds, {"dit_model": dit, "lm_model": lm, **adapters}
+
+    async def _submit(self, source, params, config, seeds, files, extras, key_name, *, sync=False,
+                      idempotency=(None, None)) -> str:
+        """Admission, then the uploads and the task record; this replica drives it when it has room."""
+        state = self.state
+        state.start_background()
+        await state.admit(key_name)
+        task_id = uuid.uuid4().hex
+        upload_keys = {}
+        for name, data in files.items():
+            upload_keys[name] = f"upload-{task_id}-{name}"
+            await asyncio.to_thread(state.audio.put, upload_keys[name], data)
+        request = intake.task_request(source, params, config, seeds, upload_keys, extras,
+                                      request_id=current_request_id())
+        claim = state.driver.has_room()
+        try:
+            task_id, created = await asyncio.to_thread(
+                state.store.create, request, key_name=key_name, task_id=task_id, idempotency_key=idempotency[0],
+                body_digest=idempotency[1], owner=state.driver.owner if claim else None,
+                lease_s=self.config.ingress.lease_s, bounds=state.bounds(key_name))
+        except StoreFull as full:
+            for key in upload_keys.values():
+                await asyncio.to_thread(state.audio.delete, key)
+            raise state.refusal(full, key_name) from None
+        except IdempotencyConflict:
+            raise APIError(409, "Idempotency-Key already used with a different body",
+                           loc=("header", "idempotency-key"), code="conflict") from None
+        log.info("task %s accepted", task_id, extra=extra(task_id=task_id, source=source, created=created))
+        if created and claim:
+            state.driver.start(task_id, claimed=True)
+        return task_id
