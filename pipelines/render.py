@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from pipelines.manifest import Manifest, ManifestRecord
+from pipelines.placement import LIGHT_CPUS, Pool, fit_cpus, free_cpus
 from pipelines.source import RowKey, input_keys, pending_rows
 
 from acestep.lm.constants import DEFAULT_LM_MODEL
@@ -50,8 +51,8 @@ class RenderOptions:
     dit_actors: int = 1  # DiT actor pool size
     lm_gpus: float = 0.0  # GPUs per LM actor
     dit_gpus: float = 0.0  # GPUs per DiT actor
-    lm_cpus: float = 1.0  # CPUs per LM actor
-    dit_cpus: float = 1.0  # CPUs per DiT actor
+    lm_cpus: Optional[float] = None  # CPUs per LM actor; None: fitted to the free CPUs (pipelines.placement)
+    dit_cpus: Optional[float] = None  # CPUs per DiT actor; None: fitted to the free CPUs (pipelines.placement)
     lm_resources: Dict[str, float] = field(default_factory=dict)  # custom resources per LM actor
     dit_resources: Dict[str, float] = field(default_factory=dict)  # custom resources per DiT actor
     lm_rows_in_flight: int = 8  # rows one LM actor plans at once (they share its engine's batch)
@@ -115,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in ("lm", "dit"):
         p.add_argument(f"--{stage}-actors", type=int, default=1, help=f"{stage.upper()} actor pool size")
         p.add_argument(f"--{stage}-gpus", type=float, default=0.0, help=f"GPUs per {stage.upper()} actor")
-        p.add_argument(f"--{stage}-cpus", type=float, default=1.0, help=f"CPUs per {stage.upper()} actor")
+        p.add_argument(f"--{stage}-cpus", type=float, default=None,
+                       help=f"CPUs per {stage.upper()} actor (default: an equal share of the CPUs free at start, "
+                            f"less room for the read tasks, at most 1)")
         p.add_argument(f"--{stage}-resources", type=resources_json, default={}, metavar="JSON",
                        help=f"custom resources per {stage.upper()} actor, e.g. '{{\"{stage}_gpu\": 1}}': "
                             f"nodes that advertise them take the {stage.upper()} actors")
@@ -168,6 +171,17 @@ def _ensure_ray() -> None:
         ray.init()  # RAY_ADDRESS (set in a RayJob) or a new local Ray
 
 
+def _fit_actor_cpus(options: RenderOptions) -> None:
+    """Fill in the pools' CPUs per actor the user left unset, from the CPUs free now."""
+    if options.lm_cpus is not None and options.dit_cpus is not None:
+        return
+    free = free_cpus()
+    claims = fit_cpus(free, Pool(options.lm_actors, options.lm_cpus, light=not options.lm),
+                      Pool(options.dit_actors, options.dit_cpus))
+    options.lm_cpus, options.dit_cpus = claims.lm, claims.dit
+    logger.info("CPUs per actor: LM %g, DiT %g (%g free)", claims.lm, claims.dit, free)
+
+
 def build_dataset(options: RenderOptions, pending: List[RowKey], rows: int):
     """The lazy Dataset of manifest records (column ``record``, JSON) for the ``pending`` rows of an
     input of ``rows`` rows."""
@@ -181,7 +195,7 @@ def build_dataset(options: RenderOptions, pending: List[RowKey], rows: int):
         return ds.map_batches(ServeStage, batch_size=options.serve_batch_size,
                               fn_constructor_kwargs={"app_name": options.via_serve, "output_dir": output,
                                                      "audio_format": options.audio_format},
-                              compute=ray.data.ActorPoolStrategy(size=options.serve_actors), num_cpus=0.1)
+                              compute=ray.data.ActorPoolStrategy(size=options.serve_actors), num_cpus=LIGHT_CPUS)
     from pipelines.stages import DiTStage, LMStage
 
     # One row per call, many calls running at once per actor (threads): rows stream through the
@@ -216,6 +230,8 @@ def run(options: RenderOptions) -> RenderSummary:
     if not options.via_serve:
         _resolve_models(options)
     _ensure_ray()
+    if not options.via_serve:
+        _fit_actor_cpus(options)
     keys = input_keys(options.input)
     manifest = Manifest(options.output)
     previous = manifest.load()

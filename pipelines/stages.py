@@ -8,7 +8,8 @@ Batches carry one column of JSON text per stage (Arrow-friendly, whatever the ro
   call and several calls at once per actor (threads), so rows stream through the actor's one engine.
 - ``DiTStage`` → ``record`` (a ``ManifestRecord``): renders with DiT + VAE and writes the audio files
   itself (``{output}/audio/{id}_{i}.{format}``), so raw audio never enters the object store. Called
-  the same way, one row per call and several at once: the rows join the actor's one DiT worker.
+  the same way, one row per call and several at once: the rows join the actor's one DiT worker, whose
+  forwards hold as many rows as its device's limits allow (``DiTLimits.for_device``: one on a CPU).
 - ``ServeStage`` → ``record``: instead of both, sends each row to a running Serve app's ingress.
 
 A row that fails in any stage carries its error on; the later stages pass it through untouched.
@@ -181,13 +182,14 @@ class DiTStage:
 
     def __init__(self, checkpoints: str, output_dir: str, dit_config: str = "acestep-v15-turbo",
                  device: str = "auto"):
+        from acestep.dit.batch import DiTLimits
         from acestep.handler import AceStepHandler
 
         self.output_dir = Path(output_dir)
         (self.output_dir / AUDIO_DIR).mkdir(parents=True, exist_ok=True)
         self.node = node_id()
         self.handler = AceStepHandler()
-        self.handler.initialize_service(checkpoints, dit_config, device=device)
+        self.handler.initialize_service(checkpoints, dit_config, device=device, limits=DiTLimits.for_device(device))
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[str]]:
         """All rows of the batch in one ``render_music_batch`` call (concurrent calls' rows share the

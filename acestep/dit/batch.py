@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 FRAME_BUCKET = 8  # latent frames (0.32 s); a multiple of the DiT's patch size
+CPU_MAX_ROWS = 1  # on a CPU a batched forward costs its rows' solo forwards plus padding (BENCHMARKS.md)
+GPU_MAX_ROWS = 32  # 32 songs of 120 s (turbo, no CFG) in one forward on one GPU
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,15 @@ class DiTLimits:
 
     def fits(self, rows: int, row_frames: int) -> bool:
         return rows <= self.max_rows and row_frames <= self.max_row_frames
+
+    @classmethod
+    def for_device(cls, device="auto") -> "DiTLimits":
+        """The limits for a torch device or its name ("auto": CUDA when there is one): one row per
+        forward on a CPU, where batching loses, ``GPU_MAX_ROWS`` on a GPU."""
+        name = "auto" if device is None else str(device)
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls(max_rows=CPU_MAX_ROWS if torch.device(name).type == "cpu" else GPU_MAX_ROWS)
 
 
 def bucket_frames(frames: int) -> int:

@@ -1,6 +1,7 @@
 """The Ray Data render job on a multi-node cluster (one machine, ``tests/cluster/harness.py``): the LM
-pool on the LM node and the DiT pool on a DiT node, placed by the custom resources of the GPU profile
-(``--lm-resources`` / ``--dit-resources``); the DiT node is removed mid-job, and the job, or its rerun
+pool on the LM node (the demo 5 Hz LM plans every row: metadata and audio codes) and the DiT pool on a
+DiT node, placed by the custom resources of the GPU profile (``--lm-resources`` / ``--dit-resources``;
+CPUs per actor left to the job's defaults); the DiT node is removed mid-job, and the job, or its rerun
 (same command, same output), ends with every input row in the manifest exactly once.
 
 The job runs as its own driver process (as the RayJob's entrypoint does), so a run that outlives its
@@ -48,9 +49,8 @@ def nodes():
 def job_command(prompts, output, checkpoints):
     resources = profile_resources()
     return [sys.executable, "-m", "pipelines.render", "--input", str(prompts), "--output", str(output),
-            "--checkpoints", str(checkpoints), "--no-lm", "--device", "cpu",
-            "--lm-cpus", "1", "--lm-resources", json.dumps(resources["lm"]),
-            "--dit-cpus", "1", "--dit-resources", json.dumps(resources["dit"]), "--dit-rows-in-flight", "1"]
+            "--checkpoints", str(checkpoints), "--device", "cpu", "--lm-resources", json.dumps(resources["lm"]),
+            "--dit-resources", json.dumps(resources["dit"]), "--dit-rows-in-flight", "1"]
 
 
 def journal(output):
@@ -86,7 +86,7 @@ def test_stages_on_their_nodes_and_a_lost_dit_node_loses_no_row(nodes, demo_root
     ids = [f"song-{i:02d}" for i in range(ROWS)]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": row_id, "caption": f"cluster song {i}", "duration": 10,
-                                           "seed": 100 + i, "thinking": False}) + "\n"
+                                           "seed": 100 + i, "thinking": True}) + "\n"
                                for i, row_id in enumerate(ids)))
     output, command = tmp_path / "out", job_command(prompts, tmp_path / "out", demo_root)
     (lm_node,) = [n.node_id for n in nodes.of_kind("lm")]
@@ -115,6 +115,8 @@ def test_stages_on_their_nodes_and_a_lost_dit_node_loses_no_row(nodes, demo_root
     assert len((output / "manifest.jsonl").read_text().splitlines()) == ROWS
     for record in records:
         assert record["error"] is None and record["seeds"] == [100 + record["index"]]
+        assert record["lm_metadata"] and record["codes"][0].startswith("<|audio_code_")  # planned by the LM
+        assert record["time_costs"]["lm_total_time"] > 0
         (name,) = record["files"]
         data, rate = sf.read(output / name)
         assert rate == 48000 and data.shape == (480000, 2)

@@ -1,6 +1,6 @@
 """One local Ray per test module (2 CPUs, no dashboard); demo checkpoints from tests/conftest.py.
 
-Stage actors ask for 0.5 CPU each so the LM and DiT pools (and a Serve app) fit on 2 CPUs."""
+The stage actors claim the job's default CPUs: shares that fit the pools and the read tasks on 2 CPUs."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-SMALL_ACTORS = ["--lm-cpus", "0.5", "--dit-cpus", "0.5"]
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,9 @@ which checks resume (no duplicate, no missing row) and determinism (identical fi
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,9 @@ import soundfile as sf
 from pipelines.manifest import JOURNAL, read_manifest
 from pipelines.render import main
 
-SMALL = ["--lm-cpus", "0.5", "--dit-cpus", "0.5", "--dit-actors", "2"]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["--dit-actors", "2"]  # three actors (LM, 2 DiT) on 2 CPUs, each claiming its default share
+README_RUN_BOUND_S = 600  # the README's command as its own driver, model loads included
 
 
 def job_rows(source_audio: str):
@@ -175,3 +180,42 @@ def test_lm_rows_stream_through_the_engine(ray_session, demo_root, tmp_path, jso
     planned = {r["id"]: r["planned_at"] for r in read_manifest(output)}
     assert set(planned) == {r["id"] for r in rows} and all(planned.values())
     assert max(planned, key=planned.get) == "long", planned  # the order the LM finished them, not a time
+
+
+def test_readme_command_with_default_cpus_finishes_on_two_cpus(ray_session, demo_root, tmp_path, jsonl):
+    """``acestep render --input … --output … --checkpoints …`` as the README writes it (default LM, no CPU
+    options), as its own driver on this module's 2-CPU Ray: the pools' default claims leave room for the
+    read tasks, so every row reaches the manifest (claims of one CPU per actor left none: no row, ever)."""
+    prompts = jsonl(tmp_path / "prompts.jsonl", [
+        {"id": "planned", "caption": "lofi piano", "duration": 10, "seed": 11, "thinking": True},
+        {"id": "plain", "caption": "jazz trio", "duration": 10, "seed": 12, "thinking": False},
+    ])
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "acestep.cli", "render", "--input", prompts, "--output", str(output),
+               "--checkpoints", str(demo_root)]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    try:
+        done = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=README_RUN_BOUND_S)
+    except subprocess.TimeoutExpired as expired:  # its output comes back as bytes, whatever text= says
+        log = (expired.stderr or b"").decode(errors="replace") if isinstance(expired.stderr, bytes) else expired.stderr
+        raise AssertionError(f"the job ran past {README_RUN_BOUND_S} s:\n{(log or '')[-4000:]}") from None
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "2 rows done, 0 failed, 0 skipped (of 2)" in done.stdout
+    rows = {r["id"]: r for r in read_manifest(output)}
+    assert list(rows) == ["planned", "plain"] and all(r["error"] is None for r in rows.values())
+    for row in rows.values():
+        (name,) = row["files"]
+        assert sf.read(output / name)[0].shape == (480000, 2)
+    assert rows["planned"]["codes"][0].startswith("<|audio_code_")  # the default LM planned it
+
+
+def test_a_cpu_dit_stage_renders_one_row_per_forward(ray_session, demo_root, tmp_path):
+    from pipelines.stages import DiTStage
+
+    stage = DiTStage(str(demo_root), str(tmp_path), device="cpu")
+    try:
+        assert stage.handler.loop.worker.limits.max_rows == 1
+    finally:
+        stage.handler.loop.close()
