@@ -414,5 +414,5 @@ def load_dit(config: AppConfig, model: str):
     handler = AceStepHandler()
     handler.initialize_service(str(config.checkpoint_root()), model, device=config.dit.device,
                                attention=config.dit.attention, compile_model=config.dit.compile_model,
-                               limits=config.dit.batch.to_library())
+                               limits=config.dit.batch.to_library(config.dit.device))
     return handler
