@@ -23,7 +23,8 @@ import torch
 
 from acestep.params import AudioSource
 
-SAMPLE_RATE = 48000
+SAMPLE_RATE = 48000  # the VAE's output: 48 kHz stereo
+HOP = 1920  # samples per latent frame (25 latent frames per second)
 AUDIO_FORMATS = ("flac", "wav", "mp3")
 _SUBTYPES = {"flac": "PCM_24", "wav": "FLOAT", "mp3": None}
 _BYTES_TYPES = (bytes, bytearray, memoryview)

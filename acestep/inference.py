@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 
 from acestep.audio import (
+    SAMPLE_RATE,
     AudioLoadError,
     audio_duration,
     is_audio_bytes,
@@ -209,7 +210,7 @@ def _save_items(audios, item_params, seeds, plans, audio_format: str, save_dir: 
             path = str(save_audio(audio, Path(save_dir) / f"{key}.{audio_format}", audio_format))
         if silent:
             warnings.append(f"item {i} is silent and was not saved")
-        results.append({"path": path, "tensor": audio, "key": key, "sample_rate": 48000, "params": audio_params,
+        results.append({"path": path, "tensor": audio, "key": key, "sample_rate": SAMPLE_RATE, "params": audio_params,
                         "silent": silent})
     return results, warnings
 

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional
 import soundfile as sf
 
 from acestep.audio import SAMPLE_RATE, save_audio
-from acestep.params import GenerationConfig, GenerationParams, GenerationResult, LMPlan
+from acestep.params import GenerationConfig, GenerationParams, GenerationResult, LMPlan, json_safe
 from pipelines.manifest import ManifestRecord
 from pipelines.rows import to_request
 
@@ -68,10 +68,6 @@ def write_audio(audio: Dict[str, Any], output_dir: Path, name: str, audio_format
     return seconds
 
 
-def _json_safe(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda v: None))
-
-
 def _decode(batch: Dict[str, Any], column: str) -> List[Dict[str, Any]]:
     return [json.loads(text) for text in batch[column]]
 
@@ -107,8 +103,8 @@ def finish_record(record: ManifestRecord, result: GenerationResult, output_dir: 
     record.seeds = [int(a["params"]["seed"]) for a in result.audios]
     record.codes = [str(a["params"].get("audio_codes") or "") for a in result.audios]
     record.duration = durations[0]
-    record.lm_metadata = _json_safe(result.extra_outputs.get("lm_metadata"))
-    record.time_costs = _json_safe(result.extra_outputs.get("time_costs") or {})
+    record.lm_metadata = json_safe(result.extra_outputs.get("lm_metadata"))
+    record.time_costs = json_safe(result.extra_outputs.get("time_costs") or {})
     return record
 
 

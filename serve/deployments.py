@@ -25,12 +25,14 @@ from typing import Any, Callable, Dict, List, Optional, Set
 import torch
 from ray import serve
 
+from acestep.audio import SAMPLE_RATE
 from acestep.dit.adapters import AdapterError
+from acestep.params import json_safe
 from serve import metrics
 from serve.adapter_pool import AdapterPool
 from serve.store.audio import AudioStore
 from serve.config import AppConfig
-from serve.replica import PlanRef, ProgressSink, ShippedPlan, StallWatch, json_safe, plans_unpacked
+from serve.replica import PlanRef, ProgressSink, ShippedPlan, StallWatch, plans_unpacked
 from serve.store import open_task_store
 
 
@@ -394,7 +396,7 @@ class DiTDeployment(_ModelReplica):
         return RenderedItem(
             key=key, file_key=file_key, size=len(data), format=audio_format,
             media_type=self.audio.media_type(file_key),
-            sample_rate=int(audio.get("sample_rate", 48000)), seed=params.get("seed"), params=params,
+            sample_rate=int(audio.get("sample_rate", SAMPLE_RATE)), seed=params.get("seed"), params=params,
         )
 
 

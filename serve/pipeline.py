@@ -13,12 +13,12 @@ import asyncio
 import dataclasses
 from typing import Any, Dict, NamedTuple
 
-from acestep.params import GenerationParams
+from acestep.params import GenerationParams, json_safe
 from serve.compat import release as compat
 from serve.deployments import PlanRequest, RenderReply, RenderRequest
 from serve.edge import intake
 from serve.models import ModelSet
-from serve.replica import PlanRef, json_safe, until_ready
+from serve.replica import PlanRef, until_ready
 from serve.schemas import AudioItem, GenerationOutput
 
 

@@ -149,20 +149,3 @@ class StallWatch:
             return
         if now - self._since > self.stall_s:
             raise RuntimeError(f"replica unhealthy: busy without progress for {now - self._since:.0f}s")
-
-
-def json_safe(value: Any) -> Any:
-    """Drop what JSON cannot carry (tensors, arrays, bytes); keep plain data."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items() if _is_plain(v)}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value if _is_plain(v)]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return json_safe(dataclasses.asdict(value))
-    return value
-
-
-def _is_plain(value: Any) -> bool:
-    if isinstance(value, (str, int, float, bool, type(None), dict, list, tuple)):
-        return True
-    return dataclasses.is_dataclass(value) and not isinstance(value, type)

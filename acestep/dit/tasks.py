@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from acestep.audio import HOP, SAMPLE_RATE
+
 # The official instructions, as in diffusers' pipeline_ace_step (a test checks they agree). Not
 # imported from there: that module pulls in transformers and most of diffusers, seconds of import
 # in every process that validates a request (the Serve ingress and controller need neither).
@@ -100,11 +102,11 @@ def task_catalog() -> List[Dict[str, Any]]:
 
 def seconds_to_frames(duration_s: float) -> int:
     """Latent length for a duration: int(round(d, 1)·48000) // 1920, at least 128 frames."""
-    return max(MIN_FRAMES, int(round(duration_s, 1) * 48000) // 1920)
+    return max(MIN_FRAMES, int(round(duration_s, 1) * SAMPLE_RATE) // HOP)
 
 
 def time_to_frame(seconds: float) -> int:
-    return int(seconds * 48000 // 1920)
+    return int(seconds * SAMPLE_RATE // HOP)
 
 
 @dataclass
@@ -159,7 +161,7 @@ def crossfade_mask(window: Window, frames: int, ramp: int, device=None) -> torch
 
 
 def splice_waveform(generated: torch.Tensor, original: torch.Tensor, window: Window, crossfade_s: float,
-                    hop: int = 1920, sample_rate: int = 48000) -> torch.Tensor:
+                    hop: int = HOP, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
     """Put the original waveform back outside the window, with linear crossfades at the edges."""
     length = min(generated.shape[-1], original.shape[-1])
     out = generated.clone()

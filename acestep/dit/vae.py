@@ -7,8 +7,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from diffusers.models.autoencoders.autoencoder_oobleck import Snake1d
 
-SAMPLE_RATE = 48000
-HOP = 1920  # samples per latent frame (25 Hz)
+from acestep.audio import HOP, SAMPLE_RATE
+
 ENCODE_TILE_S = 30.0
 ENCODE_OVERLAP_S = 2.0
 CPU_DECODE_WINDOW = 256
