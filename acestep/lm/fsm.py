@@ -4,12 +4,12 @@
 A request's FSM is compiled once into ops (forced token runs, value tries, free-text fields,
 codes); ``allowed`` returns the allowed set for the next token as an id tensor (precomputed per state,
 ``None`` = unconstrained) and ``advance`` consumes the sampled token.
-Each row owns its state, so a batch never shares FSM state (upstream bug B10: one FSM advanced
+Each row owns its state, so a batch never shares FSM state (upstream: one FSM advanced
 with the first sequence's token).
 
 Deviations from upstream, all to keep outputs parseable whatever the model samples:
 - after the caption the next field is the next one in the fixed order (upstream lets the model
-  pick it with unconstrained tokens, B10); a caption line continues only with a whitespace-led
+  pick it with unconstrained tokens); a caption line continues only with a whitespace-led
   token, and the caption's first token must be a " word" token (upstream allows an empty value
   that its own parser then drops);
 - free-text values (caption, genres) never contain added/special tokens (EOS, ``<think>``, codes),

@@ -61,7 +61,7 @@ def parse_metadata(reasoning: str) -> Dict[str, Any]:
             lines.append(line)
     flush()
     if "language" in metadata:
-        # Fix of upstream bug B2: the DiT reads vocal_language, the CoT writes language.
+        # Upstream drops this: the DiT reads vocal_language, the CoT writes language.
         metadata["vocal_language"] = metadata["language"]
     return metadata
 

@@ -53,7 +53,7 @@ def _with_cot(render: Render, caption: str, lyrics: str, cot_text: str) -> str:
         {"role": "user", "content": f"# Caption\n{caption or ''}\n\n# Lyric\n{lyrics or ''}\n"},
         {"role": "assistant", "content": cot_text},
     ]
-    # The Qwen3 template closes the assistant turn: the prompt ends "</think>\n\n<|im_end|>\n" (B9).
+    # The Qwen3 template closes the assistant turn: the prompt ends "</think>\n\n<|im_end|>\n".
     formatted = render(messages, False)
     return formatted if formatted.endswith("\n") else formatted + "\n"
 

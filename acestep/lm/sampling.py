@@ -3,7 +3,7 @@
 Per-step order (the official PT backend's, with its bugs fixed):
 CFG mix in fp32 → constrained-decoding mask → repetition penalty (HF formula, over the
 conditional row's prompt + completion) → temperature → top-k → top-p → sample.
-Fixes: upstream's GPU backend never applied top-p or the repetition penalty (B1), and its PT
+Fixes: upstream's GPU backend never applied top-p or the repetition penalty, and its PT
 backend applied top-p to the *untempered* logits; here top-p is applied after temperature (vLLM
 semantics). Each row draws from its own ``torch.Generator`` (inverse-CDF sampling from one
 uniform per step), so a row's tokens do not depend on the other rows of its batch (upstream
