@@ -189,11 +189,16 @@ class WorkerLoop:
 
     def _step(self) -> None:
         try:
-            finished = self.worker.step()
-        except Exception as error:  # a failed forward fails every request it carried
+            left = self.worker.step()
+        except Exception as error:  # outside any item's own work: every running request fails
             logger.exception("DiT step failed")
             self._fail(list({id(t.owner): t.owner for t in self.worker.running}.values()), error)
             return
+        for track in left:
+            if track.error is not None:
+                logger.error("DiT item failed: %r", track.error)
+                self._fail([track.owner], track.error)
+        finished = [t for t in left if t.error is None]
         if finished:
             self._finish(finished)
 

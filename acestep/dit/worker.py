@@ -6,7 +6,9 @@ timestep index, latents (fp32), seeded generator, guidance state (APG momentum) 
 its latents equal its solo run's to float rounding whoever it shares steps with. Items whose
 adapter settings differ run in separate forwards (``acestep.dit.adapters``). Guidance wraps
 the velocity per row (``acestep.dit.guidance.combine``) and the sampler steps per row
-(``acestep.dit.samplers``), as in a solo run.
+(``acestep.dit.samplers``), as in a solo run. A forward that raises runs again on halves of its
+items (``acestep.steploop.isolate``): only an item whose own forward or step raises leaves with
+its ``error``; its batch-mates go on.
 
 The worker is single-threaded tensor work; a caller that serves many requests drives it from one
 thread (``serve.deployments.DiTDeployment``)."""
@@ -15,7 +17,8 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from functools import partial
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 import torch
 from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer
@@ -27,8 +30,10 @@ from acestep.dit.guidance import APG_MOMENTUM, combine, in_cfg_interval
 from acestep.dit.samplers import ode_step, sde_step
 from acestep.dit.schedules import build_schedule
 from acestep.dit.tasks import REPAINT_CROSSFADE_FRAMES, REPAINT_INJECT_RATIO, crossfade_mask, silence_frames
+from acestep.steploop import isolate
 
 StepHook = Callable[["Track"], None]
+Velocities = Tuple[torch.Tensor, Optional[torch.Tensor]]  # (v_cond, v_uncond or None) of one track
 
 
 @dataclass(eq=False)
@@ -51,6 +56,7 @@ class Track:
     inject_steps: int = 0
     step: int = 0
     owner: Any = None
+    error: Optional[Exception] = None  # set when this item's own forward or step raised
     on_step: Optional[StepHook] = field(default=None, repr=False)
 
     @property
@@ -113,6 +119,8 @@ class DiTWorker:
         clean = _fit(item.src_latents.float().to(device), item.frames, silence_frames(silence, item.frames).float())
         timesteps = build_schedule(is_turbo=bundle.is_turbo, steps=settings.steps, shift=settings.shift,
                                    timesteps=settings.timesteps, dtype=bundle.dtype)
+        if len(timesteps) < 2:
+            raise ValueError(f"timesteps: {list(settings.timesteps or ())} leave no sampling step")
         track = Track(item, settings, timesteps, noise.clone(), noise, clean, generator,
                       _condition(bundle, item, item.text, True), owner=owner, on_step=on_step)
         if settings.cover_strength < 1.0 and item.cover_fallback is not None:
@@ -158,46 +166,50 @@ class DiTWorker:
     # -- one step ------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> List[Track]:
-        """Admit, run one DiT forward for every running track's current step; returns finished tracks."""
+        """Admit, run one DiT forward for every running track's current step; returns the tracks
+        that left the batch: finished ones, and failed ones (``error`` set)."""
         self._admit()
         tracks = list(self.running)
         if not tracks:
             return []
-        velocities = self._velocities(tracks)
-        finished = []
-        for track, (v_cond, v_uncond) in zip(tracks, velocities):
-            self._advance(track, v_cond, v_uncond)
-            if track.on_step is not None:
+        left = []
+        for track, result in zip(tracks, self._velocities(tracks)):
+            track.error = result if isinstance(result, Exception) else _attempt(partial(self._advance, track, *result))
+            if track.error is None and track.on_step is not None:
                 track.on_step(track)
-            if track.done:
+            if track.error is not None or track.done:
                 self.running.remove(track)
-                finished.append(_finish_repaint(track))
-        return finished
+                left.append(track if track.error is not None else _finish_repaint(track))
+        return left
 
-    def _velocities(self, tracks: List[Track]) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        """(v_cond, v_uncond or None) per track. Tracks with different adapter settings never share
-        a forward; within a setting, one forward per group of similar lengths (``forward_groups``),
-        each holding its tracks' cond rows, then the null rows of those whose guidance applies now."""
-        out: Dict[int, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+    def _velocities(self, tracks: List[Track]) -> List[Union[Velocities, Exception]]:
+        """(v_cond, v_uncond or None) per track, or the exception its own forward raised. Tracks with
+        different adapter settings never share a forward; within a setting, one forward per group
+        of similar lengths (``forward_groups``), each holding its tracks' cond rows, then the null
+        rows of those whose guidance applies now."""
+        out: Dict[int, Union[Velocities, Exception]] = {}
         by_setting: Dict[AdapterSetting, List[int]] = {}
         for i, track in enumerate(tracks):
             by_setting.setdefault(track.adapters, []).append(i)
         for setting, indices in by_setting.items():
-            if self.adapters is not None:
-                self.adapters.activate(setting)
+            activation_error = _attempt(partial(self.adapters.activate, setting)) if self.adapters is not None else None
             for group in forward_groups([tracks[i].item.frames for i in indices], self.limits.max_padding):
                 members = [tracks[indices[j]] for j in group]
-                for track, result in zip(members, self._forward(members)):
+                if activation_error is not None:  # no forward of this setting can run
+                    results = [activation_error] * len(members)
+                else:
+                    results = isolate(self._forward, members)
+                for track, result in zip(members, results):
                     out[id(track)] = result
                 _count(self.forwards_by_adapters, setting_label(setting))
         return [out[id(t)] for t in tracks]
 
-    def _forward(self, members: List[Track]) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    def _forward(self, members: List[Track]) -> List[Velocities]:
         guided = [t for t in members if t.use_cfg and in_cfg_interval(t.timesteps[t.step], *t.settings.cfg_interval)]
         rows = [(t, False) for t in members] + [(t, True) for t in guided]
+        v = velocity(self.bundle.transformer, *self._rows(rows))
         _count(self.items_per_forward, len(members))
         _count(self.rows_per_forward, len(rows))
-        v = velocity(self.bundle.transformer, *self._rows(rows))
         return [(v[k], v[len(members) + guided.index(t)] if t in guided else None) for k, t in enumerate(members)]
 
     def _rows(self, rows: List[Tuple[Track, bool]]):
@@ -229,6 +241,15 @@ class DiTWorker:
         if track.keep is not None and track.step < track.inject_steps and t_next > 0:
             x = track.keep * x + (1 - track.keep) * (t_next * track.noise + (1 - t_next) * track.clean)
         track.x, track.step = x, track.step + 1
+
+
+def _attempt(fn: Callable[[], Any]) -> Optional[Exception]:
+    """None when ``fn()`` returns, else what it raised (one item's failure, kept on its track)."""
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001 - fails that item only
+        return error
+    return None
 
 
 def _count(counter: Dict[Any, int], size: Any) -> None:

@@ -126,7 +126,7 @@ class EngineLoop:
     def _step(self) -> None:
         try:
             done = self.engine.step()
-        except Exception as error:  # a failed step fails every request in it; the loop goes on
+        except Exception as error:  # outside any request's own work: every request fails; the loop goes on
             logger.exception("LM engine step failed")
             for rid in self.engine.abort_all():
                 future, _ = self._live.pop(rid, (None, None))
@@ -137,7 +137,12 @@ class EngineLoop:
         for rid in done:
             future, _ = self._live.pop(rid)
             self._rid_of.pop(id(future), None)
-            _settle(future, result=self.engine.pop_result(rid))
+            try:
+                tokens = self.engine.pop_result(rid)
+            except Exception as error:  # this request's own step raised
+                _settle(future, error=error)
+            else:
+                _settle(future, result=tokens)
         for rid, tokens in self.engine.progress():
             on_step = self._live[rid][1]
             if on_step is not None:

@@ -109,6 +109,61 @@ def test_gpu_shaped_steps_give_the_same_tokens(peaked, runner, make_request):
     _assert_same(plain, engine.generate(requests))
 
 
+def test_a_request_whose_sampling_raises_fails_alone_and_its_seven_mates_are_unchanged(peaked, make_request,
+                                                                                       monkeypatch):
+    """Eight one-row requests share every step; the sampler raises whenever it sees the marked
+    request's row after its fifth token (a fault on one row's own step, below intake)."""
+    from acestep.lm import engine as engine_module
+
+    engine = make_engine(peaked, max_rows=8, max_len=1024, check_fsm=True)
+    requests = [make_request("codes", 80 + i, 1.0) for i in range(8)]
+    bad = requests[5]
+    mates = [r for r in requests if r is not bad]
+    without = engine.generate(mates)
+    real = engine_module.sample
+
+    def sample(logits, table, seen, x):
+        marked = [s.cond_slot for s in engine.scheduler.running if s.request is bad and len(s.tokens) >= 5]
+        if marked and marked[0] in x.cond.tolist():
+            raise RuntimeError("poisoned row")
+        return real(logits, table, seen, x)
+
+    monkeypatch.setattr(engine_module, "sample", sample)
+    rids = [engine.add_request(r) for r in requests]
+    left = []
+    while engine.has_unfinished():
+        left += engine.step()
+    assert sorted(left) == sorted(rids)
+    with pytest.raises(RuntimeError, match="poisoned row"):
+        engine.pop_result(rids[5])
+    assert [engine.pop_result(rid) for rid in rids[:5] + rids[6:]] == without
+    stats = engine.stats()
+    assert stats["requests_failed"] == 1 and stats["rows_in_use"] == 0
+    assert stats["rows_per_step"][8] == 6  # all eight: its five tokens, then the step that raised
+
+
+def test_a_request_whose_prefill_raises_fails_alone(peaked, make_request, monkeypatch):
+    engine = make_engine(peaked, max_rows=8, max_len=1024, batch_prefill=True)
+    requests = [make_request("codes", 90 + i, 2.0 if i % 2 else 1.0) for i in range(4)]
+    requests[2] = bad = make_request("codes", 92, 1.0, caption="the one marked prompt")
+    without = engine.generate(requests[:2] + requests[3:])
+    real = engine.net.prefill_many
+
+    def prefill_many(prompts, slots):
+        if any(list(p) == list(bad.prompt_ids) for p in prompts):
+            raise RuntimeError("poisoned prompt")
+        return real(prompts, slots)
+
+    monkeypatch.setattr(engine.net, "prefill_many", prefill_many)
+    rids = [engine.add_request(r) for r in requests]
+    while engine.has_unfinished():
+        engine.step()
+    with pytest.raises(RuntimeError, match="poisoned prompt"):
+        engine.pop_result(rids[2])
+    assert [engine.pop_result(rid) for rid in rids[:2] + rids[3:]] == without
+    assert engine.stats()["rows_in_use"] == 0
+
+
 def test_rejects_requests_longer_than_the_cache(lm_handler, make_request):
     engine = make_engine(lm_handler.llm, max_rows=2, max_len=16)
     with pytest.raises(ValueError, match="max_len"):
