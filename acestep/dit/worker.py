@@ -1,4 +1,5 @@
-"""``DiTWorker``: a running batch of DiT items, each at its own sampling step.
+"""``DiTWorker``: the DiT side's stepper -- requests in, decoded audio out -- over a
+``RunningBatch`` of DiT items, each at its own sampling step.
 
 Items join at any step boundary and leave when their schedule ends; one DiT forward per step covers
 every running item (padded and masked, ``acestep.dit.batch``). Each item keeps its own schedule,
@@ -10,11 +11,16 @@ the velocity per row (``acestep.dit.guidance.combine``) and the sampler steps pe
 items (``acestep.steploop.isolate``): only an item whose own forward or step raises leaves with
 its ``error``; its batch-mates go on.
 
-The worker is single-threaded tensor work; a caller that serves many requests drives it from one
-thread (``serve.deployments.DiTDeployment``)."""
+``DiTWorker.add`` queues one request (its items, or a function that prepares them); its ``step``
+prepares queued requests, runs one batch step, decodes the items that finished in it together
+with the VAE and returns an ``Outcome`` (a ``RenderOutput``, or the error) for every request
+whose last item finished or whose own work failed. It is single-threaded tensor work, driven by
+one ``acestep.steploop.StepLoop`` thread (``acestep.handler.AceStepHandler``)."""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,15 +29,20 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 import torch
 from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer
 
+from acestep.dit import vae as vae_ops
 from acestep.dit.adapters import AdapterError, AdapterSetting, AdapterSlots, setting_label
-from acestep.dit.batch import DiTLimits, bucket_frames, forward_groups, velocity
+from acestep.dit.batch import DiTLimits, bucket_frames, forward_groups, pad_rows, velocity
 from acestep.dit.conditioning import encode_conditions
 from acestep.dit.guidance import APG_MOMENTUM, combine, in_cfg_interval
+from acestep.dit.items import DiTItem, Progress, RenderOutput, SamplingSettings
 from acestep.dit.samplers import ode_step, sde_step
 from acestep.dit.schedules import build_schedule
-from acestep.dit.tasks import REPAINT_CROSSFADE_FRAMES, REPAINT_INJECT_RATIO, crossfade_mask, silence_frames
-from acestep.steploop import isolate
+from acestep.dit.tasks import (REPAINT_CROSSFADE_FRAMES, REPAINT_INJECT_RATIO, REPAINT_WAV_CROSSFADE_S, crossfade_mask,
+                               silence_frames, splice_waveform)
+from acestep.steploop import Outcome, isolate
 
+logger = logging.getLogger(__name__)
+Items = Union[List[DiTItem], Callable[[], List[DiTItem]]]
 StepHook = Callable[["Track"], None]
 Velocities = Tuple[torch.Tensor, Optional[torch.Tensor]]  # (v_cond, v_uncond or None) of one track
 
@@ -96,7 +107,7 @@ def _condition(bundle, item, text, use_hints: bool):
     return states[0], mask[0], _context(item, item.frames, silence, use_hints)
 
 
-class DiTWorker:
+class RunningBatch:
     """Running items plus a queue of waiting ones, admitted while ``limits`` allow."""
 
     def __init__(self, bundle, limits: DiTLimits = DiTLimits(), adapters: Optional[AdapterSlots] = None):
@@ -269,3 +280,176 @@ def _finish_repaint(track: Track) -> Track:
                               track.x.device).unsqueeze(-1)
         track.x = soft * track.x + (1 - soft) * track.clean
     return track
+
+
+@dataclass(eq=False)
+class Render:
+    """One request in the worker: its items (prepared on the worker's thread), their tracks, the
+    audio of those decoded so far and the request's timings."""
+
+    items: Items
+    settings: SamplingSettings
+    progress: Optional[Progress] = None
+    tracks: List[Track] = field(default_factory=list)
+    audios: Dict[int, torch.Tensor] = field(default_factory=dict)  # track index -> audio
+    costs: Dict[str, float] = field(default_factory=dict)
+    failed: bool = False
+
+    def report(self, _track: Track) -> None:
+        if self.progress is None:
+            return
+        done, total = sum(t.step for t in self.tracks), sum(t.steps for t in self.tracks)
+        step, steps = min(t.step for t in self.tracks), max(t.steps for t in self.tracks)
+        try:
+            self.progress(done / max(total, 1), f"diffusion step {step}/{steps}")
+        except Exception:  # a progress sink must never stop the batch
+            logger.exception("DiT progress callback failed")
+
+
+class DiTWorker:
+    """Requests → ``RenderOutput``s on one ``RunningBatch`` (the stepper a ``StepLoop`` drives)."""
+
+    def __init__(self, bundle, limits: DiTLimits = DiTLimits(), adapters: Optional[AdapterSlots] = None):
+        self.bundle = bundle
+        self.batch = RunningBatch(bundle, limits, adapters)
+        self.pending: Deque[Render] = deque()  # added, items not prepared yet
+        self.requests = 0
+
+    def add(self, items: Items, settings: SamplingSettings, progress: Optional[Progress] = None) -> Render:
+        """Queue one request: its items, or a function that prepares them at the next step (what it
+        raises fails this request only)."""
+        render = Render(items, settings, progress)
+        self.pending.append(render)
+        self.requests += 1
+        return render
+
+    def abort(self, render: Render) -> None:
+        """Drop a request's waiting and running items (its caller went away)."""
+        if render in self.pending:
+            self.pending.remove(render)
+        for track in render.tracks:
+            self.batch.drop(track)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.pending) or self.batch.has_work
+
+    def in_use(self, name: str) -> bool:
+        """Whether a queued, waiting or running request uses adapter ``name``."""
+        return self.batch.in_use(name) or any(name == n for r in self.pending for n, _ in r.settings.adapters or ())
+
+    def stats(self) -> Dict[str, Any]:
+        """Requests, queue and batch sizes (``items_per_forward``, ``rows_per_forward``)."""
+        # the counters are only written by the stepping thread; copies taken in one C call are consistent
+        batch = self.batch
+        items, rows = dict(batch.items_per_forward), dict(batch.rows_per_forward)
+        stats = {"requests": self.requests, "waiting": len(self.pending) + len(batch.waiting),
+                 "running": len(batch.running), "steps": sum(items.values()),
+                 "items_per_forward": dict(sorted(items.items())), "rows_per_forward": dict(sorted(rows.items())),
+                 "forwards_by_adapters": dict(sorted(dict(batch.forwards_by_adapters).items()))}
+        if batch.adapters is not None:
+            stats["adapters"] = batch.adapters.stats()
+        return stats
+
+    @torch.no_grad()
+    def step(self) -> List[Outcome]:
+        """Prepare queued requests, run one batch step, decode the items that finished in it; an
+        ``Outcome`` for every request that completed or failed."""
+        outcomes = [self._prepare(render) for render in self._take_pending()]
+        finished = []
+        for track in self.batch.step():
+            render = track.owner
+            if render.failed:  # another of its items failed earlier in this step
+                continue
+            if track.error is not None:
+                outcomes.append(self._fail(render, track.error))
+            elif not torch.isfinite(track.x).all():
+                outcomes.append(self._fail(render, RuntimeError("the DiT produced NaN/Inf latents")))
+            else:
+                finished.append(track)
+        if finished:
+            outcomes += self._decode(finished)
+        return [o for o in outcomes if o is not None]
+
+    def _take_pending(self) -> List[Render]:
+        pending, self.pending = list(self.pending), deque()
+        return pending
+
+    def _prepare(self, render: Render) -> Optional[Outcome]:
+        """Build and queue a request's tracks (audio read and encoded, conditions encoded)."""
+        render.costs["started"] = time.perf_counter()
+        try:
+            items = render.items() if callable(render.items) else render.items
+            for item in items:
+                render.tracks.append(self.batch.track(item, render.settings, owner=render, on_step=render.report))
+        except Exception as error:  # unreadable audio, bad codes...: this request only
+            return self._fail(render, error)
+        render.costs["encoded"] = time.perf_counter()
+        return None
+
+    def _fail(self, render: Render, error: Exception) -> Outcome:
+        logger.error("DiT request failed: %r", error)
+        render.failed = True
+        self.abort(render)
+        return Outcome(render, error=error)
+
+    def _decode(self, tracks: List[Track]) -> List[Outcome]:
+        """Decode the tracks that finished this step together (an item whose own decode raises
+        fails its request alone); an ``Outcome`` for each request now complete or failed."""
+        sampled = time.perf_counter()
+        audios = isolate(lambda ts: decode_items(self.bundle, [t.item for t in ts], [t.x for t in ts]), tracks)
+        decoded = time.perf_counter()
+        outcomes, renders = [], {}
+        for track, audio in zip(tracks, audios):
+            render = track.owner
+            if render.failed:
+                continue
+            if isinstance(audio, Exception):
+                outcomes.append(self._fail(render, audio))
+                continue
+            render.audios[render.tracks.index(track)] = audio
+            renders[id(render)] = render
+        for render in renders.values():
+            if render.failed:
+                continue
+            render.costs["vae"] = render.costs.get("vae", 0.0) + decoded - sampled
+            if len(render.audios) == len(render.tracks):
+                render.costs["sampled"] = sampled
+                outcomes.append(Outcome(render, result=_output(render, decoded)))
+        return outcomes
+
+
+def _output(render: Render, decoded: float) -> RenderOutput:
+    c = render.costs
+    steps = max(t.steps for t in render.tracks)
+    diffusion = c["sampled"] - c["encoded"]
+    return collect(render.tracks, [render.audios[i] for i in range(len(render.tracks))], {
+        "encoder_time_cost": c["encoded"] - c["started"], "diffusion_time_cost": diffusion,
+        "diffusion_per_step_time_cost": diffusion / max(steps, 1), "vae_decode_time_cost": c["vae"],
+        "total_time_cost": decoded - c["started"]})
+
+
+def collect(tracks: List[Track], audios: List[torch.Tensor], time_costs: Dict[str, float]) -> RenderOutput:
+    """One request's ``RenderOutput`` from its finished tracks and decoded audio."""
+    main = [t.main for t in tracks]
+    return RenderOutput(
+        audios=audios, latents=pad_rows([t.x for t in tracks]).cpu(),
+        extras={"encoder_hidden_states": pad_rows([m[0] for m in main]).cpu(),
+                "encoder_attention_mask": pad_rows([m[1] for m in main]).cpu(),
+                "context_latents": pad_rows([m[2] for m in main]).cpu(),
+                "src_latents": pad_rows([t.clean for t in tracks]).cpu(),
+                "chunk_masks": pad_rows([m[2][..., -1] for m in main]).cpu()},
+        time_costs=time_costs)
+
+
+def decode_items(bundle, items: List[DiTItem], latents: List[torch.Tensor],
+                 window: Optional[int] = None) -> List[torch.Tensor]:
+    """Latents [T_i, C] per item → post-processed audio [2, T_i·1920] (CPU), decoded together
+    (``vae.decode_batch``); repaint items get the source waveform spliced back outside the window."""
+    decoded = vae_ops.decode_batch(bundle.vae, [x.to(bundle.dtype) for x in latents], window)
+    audios = []
+    for item, wav in zip(items, decoded):
+        if item.repaint is not None and item.source_audio is not None:
+            wav = splice_waveform(wav, item.source_audio, item.repaint, REPAINT_WAV_CROSSFADE_S)
+        audios.append(vae_ops.postprocess(wav).cpu())
+    return audios

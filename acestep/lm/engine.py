@@ -17,8 +17,8 @@ alone: a batched prefill or sampling call that raises runs again on halves of it
 (``acestep.steploop.isolate``), and the request's rows are freed. Only a failed decode step, one
 forward over every row's cache, fails every request it carried.
 
-The engine is single-threaded bookkeeping plus tensor work; ``acestep.lm.loop.EngineLoop`` is the
-one thread that drives it for concurrent callers."""
+The engine is single-threaded bookkeeping plus tensor work, a stepper (``add`` / ``abort`` /
+``has_work`` / ``step``) that one ``acestep.steploop.StepLoop`` thread drives for concurrent callers."""
 
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ from acestep.lm.fast.graphs import DecodeRunner
 from acestep.lm.fast.model import FastQwen3
 from acestep.lm.fast.sampler import SampleInputs, sample
 from acestep.lm.fast.scheduler import Job, Scheduler
-from acestep.lm.request import LMRequest
+from acestep.lm.request import LMRequest, StepCallback
 from acestep.lm.vocab import TokenTables
-from acestep.steploop import isolate
+from acestep.steploop import Outcome, isolate
 
 logger = logging.getLogger(__name__)
 UNIFORM_BLOCK = 64  # uniforms drawn per refill (the CPU stream equals one draw per step)
@@ -48,6 +48,7 @@ UNIFORM_BLOCK = 64  # uniforms drawn per refill (the CPU stream equals one draw 
 class _RowState:
     generator: torch.Generator
     fsm: F.FsmState | None
+    on_step: StepCallback | None = None
     uniforms: list[float] = field(default_factory=list)
 
     def next_uniform(self) -> float:
@@ -118,9 +119,7 @@ class LMEngine:
         self.seen = torch.zeros((settings.max_rows, self.vocab), dtype=torch.bool, device=self.device)
         self.scheduler = Scheduler(settings.max_rows, settings.max_admit_per_step)
         self.stop_ids = {tables.eos_id} | ({tables.pad_id} if tables.pad_id is not None else set())
-        self.results: dict[int, list[int]] = {}
-        self.errors: dict[int, Exception] = {}  # failed requests' errors, until ``pop_result``
-        self._left: list[int] = []  # ids that left during the current step
+        self._left: list[Outcome] = []  # requests that left during the current step
         self.check_fsm = settings.check_fsm
         self.batch_prefill = self.device.type == "cuda" if settings.batch_prefill is None else settings.batch_prefill
         self._jobs: dict[int, Job] = {}
@@ -140,14 +139,15 @@ class LMEngine:
         if request.rows > self.settings.max_rows:
             raise ValueError(f"request needs {request.rows} rows; the engine has {self.settings.max_rows}")
 
-    def add_request(self, request: LMRequest) -> int:
-        """Queue a request; returns its id (its tokens land in ``results[rid]`` when done)."""
+    def add(self, request: LMRequest, on_step: Optional[StepCallback] = None) -> int:
+        """Queue a request; returns its id (``step`` reports its tokens in an ``Outcome`` when it
+        finishes). ``on_step(tokens_done)`` runs after every step it takes part in; it must be quick."""
         self.check(request)
         gen = torch.Generator()
         gen.manual_seed(int(request.seed) & 0xFFFF_FFFF_FFFF_FFFF)
         state = F.new_state(request.fsm, self.tables, self.encode) if request.fsm is not None else None
         rid, self._next_rid = self._next_rid, self._next_rid + 1
-        job = Job(rid, request, request.rows, _RowState(gen, state))
+        job = Job(rid, request, request.rows, _RowState(gen, state, on_step))
         self.scheduler.add(job)
         self._jobs[rid] = job
         self._counts["added"] += 1
@@ -173,28 +173,18 @@ class LMEngine:
 
     def capture_cuda_graphs(self) -> int:
         """Capture all decode graphs now instead of on first use (CUDA only; engine idle)."""
-        if self.has_unfinished():
+        if self.has_work:
             raise RuntimeError("capture the CUDA graphs before adding requests")
         return self.decoder.capture_all()
 
-    def has_unfinished(self) -> bool:
+    @property
+    def has_work(self) -> bool:
         return self.scheduler.has_unfinished
 
-    def pop_result(self, rid: int) -> list[int]:
-        """A finished request's tokens; raises a failed request's error."""
-        error = self.errors.pop(rid, None)
-        if error is not None:
-            raise error
-        return self.results.pop(rid)
-
-    def progress(self) -> list[tuple[int, int]]:
-        """(request id, tokens generated so far) of every running request."""
-        return [(job.rid, len(job.tokens)) for job in self.scheduler.running]
-
     @torch.inference_mode()
-    def step(self) -> list[int]:
-        """Admit, sample one token for every running request, decode; returns the ids that left:
-        finished (``pop_result`` gives the tokens) and failed (``pop_result`` raises the error)."""
+    def step(self) -> list[Outcome]:
+        """Admit, sample one token for every running request, decode; returns the requests that
+        left: finished (their generated ids, stop token included) and failed (their error)."""
         self._left = []
         joined = self.scheduler.admit()
         if joined:
@@ -217,7 +207,17 @@ class LMEngine:
             except Exception as error:  # noqa: BLE001 - one forward over every row's cache
                 for seq in list(self.scheduler.running):
                     self._fail(seq, error)
+        self._report(self.scheduler.running)
         return self._left
+
+    @staticmethod
+    def _report(running: list[Job]) -> None:
+        for seq in running:
+            if seq.state.on_step is not None:
+                try:
+                    seq.state.on_step(len(seq.tokens))
+                except Exception:  # progress is best effort; decoding goes on
+                    logger.exception("LM progress callback failed")
 
     def _advance(self, seq: Job, token: int, decision: int) -> None:
         seq.tokens.append(token)
@@ -233,15 +233,17 @@ class LMEngine:
         self._rows_per_step[rows] += 1
 
     def generate(self, requests: Sequence[LMRequest]) -> list[list[int]]:
-        """Generated token ids per request (stop token included, prompt excluded); single caller."""
-        rids = [self.add_request(r) for r in requests]
+        """Generated token ids per request (stop token included, prompt excluded); single caller.
+        Raises the first failed request's error once every request has left."""
+        rids = [self.add(r) for r in requests]
+        outcomes: dict[int, Outcome] = {}
         try:
-            while self.has_unfinished():
-                self.step()
+            while self.has_work:
+                outcomes.update((o.key, o) for o in self.step())
         except BaseException:
             self.abort_all()
             raise
-        return [self.pop_result(rid) for rid in rids]
+        return [outcomes[rid].get() for rid in rids]
 
     def stats(self) -> dict[str, Any]:
         """Rows in use and their peak, running / waiting requests, steps, tokens, steps by KV rows
@@ -262,20 +264,18 @@ class LMEngine:
     def _finish(self, seq: Job) -> None:
         self.scheduler.finish(seq)
         self._jobs.pop(seq.rid, None)
-        self.results[seq.rid] = seq.tokens
         self._counts["finished"] += 1
         self._leave_group(seq.request.group)
-        self._left.append(seq.rid)
+        self._left.append(Outcome(seq.rid, result=seq.tokens))
 
     def _fail(self, seq: Job, error: Exception) -> None:
-        """A request whose own work raised leaves (its rows freed); ``pop_result`` raises ``error``."""
+        """A request whose own work raised leaves with ``error`` (its rows freed)."""
         logger.error("LM request %d failed: %r", seq.rid, error)
         self.scheduler.drop(seq)
         self._jobs.pop(seq.rid, None)
-        self.errors[seq.rid] = error
         self._counts["failed"] += 1
         self._leave_group(seq.request.group)
-        self._left.append(seq.rid)
+        self._left.append(Outcome(seq.rid, error=error))
 
     def _enter_group(self, group: Optional[str]) -> None:
         if group is None:
