@@ -1,6 +1,7 @@
 """AceStepHandler: owns the DiT side's loaded modules (DiT, condition encoder, audio tokenizer /
-detokenizer, VAE, text encoder) and the one ``WorkerLoop`` thread that uses them. Thin: loading is
-in ``acestep.checkpoints``, sampling in ``acestep.dit``. Every call is safe from any thread: calls
+detokenizer, VAE, text encoder), the ``DiTWorker`` sampling with them and the one ``StepLoop``
+thread that drives it (the only thread using the modules). Thin: loading is in
+``acestep.checkpoints``, sampling in ``acestep.dit``. Every call is safe from any thread: calls
 made at the same time share the worker's running batch (``acestep.dit.batch`` says what may)."""
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from acestep.checkpoints.layout import resolve_dit_checkpoint
 from acestep.dit.attention import use_band_attention
 from acestep.dit.batch import DiTLimits
 from acestep.dit.codes import format_audio_codes, latents_to_codes
-from acestep.dit.loop import WorkerLoop
+from acestep.dit.items import DiTItem, Progress, RenderOutput, SamplingSettings
 from acestep.dit.prepare import build_items, encode_source, sampling_settings
-from acestep.dit.runner import DiTItem, Progress, RenderOutput, SamplingSettings
+from acestep.dit.worker import DiTWorker
 from acestep.params import AudioSource, GenerationParams
+from acestep.steploop import StepLoop
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,8 @@ class AceStepHandler:
     def __init__(self):
         self.bundle: Optional[DiTBundle] = None
         self.config_path: Optional[str] = None
-        self.loop: Optional[WorkerLoop] = None
+        self.worker: Optional[DiTWorker] = None
+        self.loop: Optional[StepLoop] = None
         self.adapters: Optional[AdapterSlots] = None
         self._lora_scales: Dict[str, float] = {}  # adapters of the default setting -> scale
         self.use_lora = False
@@ -94,7 +97,8 @@ class AceStepHandler:
         self.bundle = bundle
         self.adapters = AdapterSlots(bundle.transformer)
         self._lora_scales, self.use_lora = {}, False
-        self.loop = WorkerLoop(bundle, limits or DiTLimits(), adapters=self.adapters)
+        self.worker = DiTWorker(bundle, limits or DiTLimits(), adapters=self.adapters)
+        self.loop = StepLoop(self.worker, "acestep-dit-worker")
 
     @property
     def is_initialized(self) -> bool:
@@ -127,23 +131,23 @@ class AceStepHandler:
         settings = settings or sampling_settings(item_params[0])
         if settings.adapters is None:
             settings = replace(settings, adapters=self.lora_setting)
-        return self._worker().submit(lambda: build_items(bundle, item_params, seeds), settings, progress)
+        return self._loop().submit(lambda: build_items(bundle, item_params, seeds), settings, progress)
 
     def prepare(self, item_params: List[GenerationParams], seeds: List[int]) -> List[DiTItem]:
         """Read and encode audio inputs, decode codes, build task contexts: one DiTItem per seed."""
         bundle = self._require()
-        return self._worker().call(lambda: build_items(bundle, item_params, seeds)).result()
+        return self._loop().call(lambda: build_items(bundle, item_params, seeds)).result()
 
     def render_items(self, items: List[DiTItem], settings: SamplingSettings,
                      progress: Optional[Progress] = None) -> RenderOutput:
         """Sample and decode prepared items (sharing the running batch with concurrent calls)."""
-        return self._worker().submit(items, settings, progress).result()
+        return self._loop().submit(items, settings, progress).result()
 
     def stats(self) -> Dict[str, Any]:
         """The worker's requests, queue and batch sizes (``items_per_forward``, ``rows_per_forward``)."""
-        return self._worker().stats()
+        return self._loop().stats()
 
-    def _worker(self) -> WorkerLoop:
+    def _loop(self) -> StepLoop:
         self._require()
         return self.loop
 
@@ -151,7 +155,7 @@ class AceStepHandler:
         """Source audio (a path, bytes or binary file object) → 5 Hz code string (VAE encode, then
         the FSQ tokenizer)."""
         bundle = self._require()
-        return self._worker().call(
+        return self._loop().call(
             lambda: format_audio_codes(latents_to_codes(bundle, encode_source(bundle, audio_path, seed).latents))).result()
 
     # -- adapters (LoRA / LoKr; ``acestep.dit.adapters``) ------------------------------------------
@@ -162,7 +166,7 @@ class AceStepHandler:
         available to requests that name it (``SamplingSettings.adapters``)."""
         self._require()
         adapter = read_adapter(name_or_dir, adapter_name)
-        info = self._worker().call(lambda: self.adapters.load(adapter)).result()
+        info = self._loop().call(lambda: self.adapters.load(adapter)).result()
         if activate:
             self._lora_scales[info.name] = 1.0
             self.use_lora = True
@@ -174,10 +178,10 @@ class AceStepHandler:
 
         def unload() -> None:
             for name in names:
-                if self.loop.worker.in_use(name):
+                if self.worker.in_use(name):
                     raise AdapterError(f"lora: {name!r} is in use by running items; unload it when they finish")
                 self.adapters.unload(name)
-        self._worker().call(unload).result()
+        self._loop().call(unload).result()
         for name in names:
             self._lora_scales.pop(name, None)
         self.use_lora = self.use_lora and bool(self._lora_scales)
@@ -218,11 +222,11 @@ class AceStepHandler:
         """Merge the default setting into the DiT weights: faster, and no other setting runs until
         ``unfuse_lora`` (base weights come back to float rounding)."""
         setting = self.lora_setting
-        self._worker().call(lambda: self.adapters.fuse(setting)).result()
+        self._loop().call(lambda: self.adapters.fuse(setting)).result()
         return setting
 
     def unfuse_lora(self) -> None:
-        self._worker().call(self.adapters.unfuse).result()
+        self._loop().call(self.adapters.unfuse).result()
 
     def _require_adapters(self) -> AdapterSlots:
         self._require()

@@ -23,8 +23,7 @@ from acestep.lm import constants as C
 from acestep.lm import planner
 from acestep.lm import prompts as P
 from acestep.lm.engine import ENGINE_DEFAULTS, EngineSettings
-from acestep.lm.loop import StepCallback
-from acestep.lm.request import Cancellation, LMRequest
+from acestep.lm.request import Cancellation, LMRequest, StepCallback
 from acestep.params import GenerationConfig, GenerationParams, LMPlan
 
 logger = logging.getLogger(__name__)

@@ -76,10 +76,12 @@ def _int_between(lo, hi) -> Callable[[Any], bool]:
     return _Between(lo, hi, integer=True)
 
 
-def _decreasing_unit(values) -> bool:
+def _schedule(values) -> bool:
+    """Strictly decreasing in [0, 1] with a first value above 0: a trailing 0 only ends the
+    schedule (turbo snapping drops it), so a list of zeros would leave no step to run."""
     if not isinstance(values, (list, tuple)) or not values or not all(_number(v) and 0 <= v <= 1 for v in values):
         return False
-    return all(a > b for a, b in zip(values, values[1:]))
+    return values[0] > 0 and all(a > b for a, b in zip(values, values[1:]))
 
 
 def _seeds(value) -> bool:
@@ -114,8 +116,8 @@ RULES: List[Rule] = [
     Rule("params", "cfg_interval_start", _between(0.0, 1.0), "0.0 to 1.0"),
     Rule("params", "cfg_interval_end", _between(0.0, 1.0), "0.0 to 1.0"),
     Rule("params", "infer_method", lambda v: v in ("ode", "sde"), "'ode' or 'sde'"),
-    Rule("params", "timesteps", _decreasing_unit, "a non-empty list of floats in [0, 1], strictly decreasing",
-         optional=True),
+    Rule("params", "timesteps", _schedule, "a strictly decreasing list of floats in [0, 1] with at least one "
+         "value above 0 (a trailing 0 ends the schedule)", optional=True),
     Rule("params", "audio_cover_strength", _between(0.0, 1.0), "0.0 to 1.0"),
     Rule("params", "seed", _int_between(-1, MAX_SEED), f"-1 (random) or 0 to {MAX_SEED}"),
     Rule("params", "caption", lambda v: isinstance(v, str) and len(v) <= MAX_CAPTION_CHARS,

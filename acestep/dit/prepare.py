@@ -13,7 +13,7 @@ from acestep.audio import load_audio, source_key
 from acestep.dit import vae as vae_ops
 from acestep.dit.codes import codes_to_hints, latents_to_hints, parse_audio_codes
 from acestep.dit.conditioning import INSTRUMENTAL_LYRICS, TextCondition
-from acestep.dit.runner import DiTItem, SamplingSettings
+from acestep.dit.items import DiTItem, SamplingSettings
 from acestep.dit.tasks import (
     SOURCE_TASKS,
     TIMBRE_FRAMES,

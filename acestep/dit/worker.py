@@ -1,4 +1,5 @@
-"""``DiTWorker``: a running batch of DiT items, each at its own sampling step.
+"""``DiTWorker``: the DiT side's stepper -- requests in, decoded audio out -- over a
+``RunningBatch`` of DiT items, each at its own sampling step.
 
 Items join at any step boundary and leave when their schedule ends; one DiT forward per step covers
 every running item (padded and masked, ``acestep.dit.batch``). Each item keeps its own schedule,
@@ -6,29 +7,44 @@ timestep index, latents (fp32), seeded generator, guidance state (APG momentum) 
 its latents equal its solo run's to float rounding whoever it shares steps with. Items whose
 adapter settings differ run in separate forwards (``acestep.dit.adapters``). Guidance wraps
 the velocity per row (``acestep.dit.guidance.combine``) and the sampler steps per row
-(``acestep.dit.samplers``), as in a solo run.
+(``acestep.dit.samplers``), as in a solo run. A forward that raises runs again on halves of its
+items (``acestep.steploop.isolate``): only an item whose own forward or step raises leaves with
+its ``error``; its batch-mates go on.
 
-The worker is single-threaded tensor work; a caller that serves many requests drives it from one
-thread (``serve.deployments.DiTDeployment``)."""
+``DiTWorker.add`` queues one request (its items, or a function that prepares them); its ``step``
+prepares queued requests, runs one batch step, decodes the items that finished in it together
+with the VAE and returns an ``Outcome`` (a ``RenderOutput``, or the error) for every request
+whose last item finished or whose own work failed. It is single-threaded tensor work, driven by
+one ``acestep.steploop.StepLoop`` thread (``acestep.handler.AceStepHandler``)."""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from functools import partial
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 import torch
 from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer
 
+from acestep.dit import vae as vae_ops
 from acestep.dit.adapters import AdapterError, AdapterSetting, AdapterSlots, setting_label
-from acestep.dit.batch import DiTLimits, bucket_frames, forward_groups, velocity
+from acestep.dit.batch import DiTLimits, bucket_frames, forward_groups, pad_rows, velocity
 from acestep.dit.conditioning import encode_conditions
 from acestep.dit.guidance import APG_MOMENTUM, combine, in_cfg_interval
+from acestep.dit.items import DiTItem, Progress, RenderOutput, SamplingSettings
 from acestep.dit.samplers import ode_step, sde_step
 from acestep.dit.schedules import build_schedule
-from acestep.dit.tasks import REPAINT_CROSSFADE_FRAMES, REPAINT_INJECT_RATIO, crossfade_mask, silence_frames
+from acestep.dit.tasks import (REPAINT_CROSSFADE_FRAMES, REPAINT_INJECT_RATIO, REPAINT_WAV_CROSSFADE_S, crossfade_mask,
+                               silence_frames, splice_waveform)
+from acestep.steploop import Outcome, isolate
 
+logger = logging.getLogger(__name__)
+Items = Union[List[DiTItem], Callable[[], List[DiTItem]]]
 StepHook = Callable[["Track"], None]
+Velocities = Tuple[torch.Tensor, Optional[torch.Tensor]]  # (v_cond, v_uncond or None) of one track
 
 
 @dataclass(eq=False)
@@ -51,6 +67,7 @@ class Track:
     inject_steps: int = 0
     step: int = 0
     owner: Any = None
+    error: Optional[Exception] = None  # set when this item's own forward or step raised
     on_step: Optional[StepHook] = field(default=None, repr=False)
 
     @property
@@ -90,7 +107,7 @@ def _condition(bundle, item, text, use_hints: bool):
     return states[0], mask[0], _context(item, item.frames, silence, use_hints)
 
 
-class DiTWorker:
+class RunningBatch:
     """Running items plus a queue of waiting ones, admitted while ``limits`` allow."""
 
     def __init__(self, bundle, limits: DiTLimits = DiTLimits(), adapters: Optional[AdapterSlots] = None):
@@ -113,6 +130,8 @@ class DiTWorker:
         clean = _fit(item.src_latents.float().to(device), item.frames, silence_frames(silence, item.frames).float())
         timesteps = build_schedule(is_turbo=bundle.is_turbo, steps=settings.steps, shift=settings.shift,
                                    timesteps=settings.timesteps, dtype=bundle.dtype)
+        if len(timesteps) < 2:
+            raise ValueError(f"timesteps: {list(settings.timesteps or ())} leave no sampling step")
         track = Track(item, settings, timesteps, noise.clone(), noise, clean, generator,
                       _condition(bundle, item, item.text, True), owner=owner, on_step=on_step)
         if settings.cover_strength < 1.0 and item.cover_fallback is not None:
@@ -158,46 +177,50 @@ class DiTWorker:
     # -- one step ------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> List[Track]:
-        """Admit, run one DiT forward for every running track's current step; returns finished tracks."""
+        """Admit, run one DiT forward for every running track's current step; returns the tracks
+        that left the batch: finished ones, and failed ones (``error`` set)."""
         self._admit()
         tracks = list(self.running)
         if not tracks:
             return []
-        velocities = self._velocities(tracks)
-        finished = []
-        for track, (v_cond, v_uncond) in zip(tracks, velocities):
-            self._advance(track, v_cond, v_uncond)
-            if track.on_step is not None:
+        left = []
+        for track, result in zip(tracks, self._velocities(tracks)):
+            track.error = result if isinstance(result, Exception) else _attempt(partial(self._advance, track, *result))
+            if track.error is None and track.on_step is not None:
                 track.on_step(track)
-            if track.done:
+            if track.error is not None or track.done:
                 self.running.remove(track)
-                finished.append(_finish_repaint(track))
-        return finished
+                left.append(track if track.error is not None else _finish_repaint(track))
+        return left
 
-    def _velocities(self, tracks: List[Track]) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        """(v_cond, v_uncond or None) per track. Tracks with different adapter settings never share
-        a forward; within a setting, one forward per group of similar lengths (``forward_groups``),
-        each holding its tracks' cond rows, then the null rows of those whose guidance applies now."""
-        out: Dict[int, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+    def _velocities(self, tracks: List[Track]) -> List[Union[Velocities, Exception]]:
+        """(v_cond, v_uncond or None) per track, or the exception its own forward raised. Tracks with
+        different adapter settings never share a forward; within a setting, one forward per group
+        of similar lengths (``forward_groups``), each holding its tracks' cond rows, then the null
+        rows of those whose guidance applies now."""
+        out: Dict[int, Union[Velocities, Exception]] = {}
         by_setting: Dict[AdapterSetting, List[int]] = {}
         for i, track in enumerate(tracks):
             by_setting.setdefault(track.adapters, []).append(i)
         for setting, indices in by_setting.items():
-            if self.adapters is not None:
-                self.adapters.activate(setting)
+            activation_error = _attempt(partial(self.adapters.activate, setting)) if self.adapters is not None else None
             for group in forward_groups([tracks[i].item.frames for i in indices], self.limits.max_padding):
                 members = [tracks[indices[j]] for j in group]
-                for track, result in zip(members, self._forward(members)):
+                if activation_error is not None:  # no forward of this setting can run
+                    results = [activation_error] * len(members)
+                else:
+                    results = isolate(self._forward, members)
+                for track, result in zip(members, results):
                     out[id(track)] = result
                 _count(self.forwards_by_adapters, setting_label(setting))
         return [out[id(t)] for t in tracks]
 
-    def _forward(self, members: List[Track]) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    def _forward(self, members: List[Track]) -> List[Velocities]:
         guided = [t for t in members if t.use_cfg and in_cfg_interval(t.timesteps[t.step], *t.settings.cfg_interval)]
         rows = [(t, False) for t in members] + [(t, True) for t in guided]
+        v = velocity(self.bundle.transformer, *self._rows(rows))
         _count(self.items_per_forward, len(members))
         _count(self.rows_per_forward, len(rows))
-        v = velocity(self.bundle.transformer, *self._rows(rows))
         return [(v[k], v[len(members) + guided.index(t)] if t in guided else None) for k, t in enumerate(members)]
 
     def _rows(self, rows: List[Tuple[Track, bool]]):
@@ -231,6 +254,15 @@ class DiTWorker:
         track.x, track.step = x, track.step + 1
 
 
+def _attempt(fn: Callable[[], Any]) -> Optional[Exception]:
+    """None when ``fn()`` returns, else what it raised (one item's failure, kept on its track)."""
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001 - fails that item only
+        return error
+    return None
+
+
 def _count(counter: Dict[Any, int], size: Any) -> None:
     counter[size] = counter.get(size, 0) + 1
 
@@ -248,3 +280,176 @@ def _finish_repaint(track: Track) -> Track:
                               track.x.device).unsqueeze(-1)
         track.x = soft * track.x + (1 - soft) * track.clean
     return track
+
+
+@dataclass(eq=False)
+class Render:
+    """One request in the worker: its items (prepared on the worker's thread), their tracks, the
+    audio of those decoded so far and the request's timings."""
+
+    items: Items
+    settings: SamplingSettings
+    progress: Optional[Progress] = None
+    tracks: List[Track] = field(default_factory=list)
+    audios: Dict[int, torch.Tensor] = field(default_factory=dict)  # track index -> audio
+    costs: Dict[str, float] = field(default_factory=dict)
+    failed: bool = False
+
+    def report(self, _track: Track) -> None:
+        if self.progress is None:
+            return
+        done, total = sum(t.step for t in self.tracks), sum(t.steps for t in self.tracks)
+        step, steps = min(t.step for t in self.tracks), max(t.steps for t in self.tracks)
+        try:
+            self.progress(done / max(total, 1), f"diffusion step {step}/{steps}")
+        except Exception:  # a progress sink must never stop the batch
+            logger.exception("DiT progress callback failed")
+
+
+class DiTWorker:
+    """Requests → ``RenderOutput``s on one ``RunningBatch`` (the stepper a ``StepLoop`` drives)."""
+
+    def __init__(self, bundle, limits: DiTLimits = DiTLimits(), adapters: Optional[AdapterSlots] = None):
+        self.bundle = bundle
+        self.batch = RunningBatch(bundle, limits, adapters)
+        self.pending: Deque[Render] = deque()  # added, items not prepared yet
+        self.requests = 0
+
+    def add(self, items: Items, settings: SamplingSettings, progress: Optional[Progress] = None) -> Render:
+        """Queue one request: its items, or a function that prepares them at the next step (what it
+        raises fails this request only)."""
+        render = Render(items, settings, progress)
+        self.pending.append(render)
+        self.requests += 1
+        return render
+
+    def abort(self, render: Render) -> None:
+        """Drop a request's waiting and running items (its caller went away)."""
+        if render in self.pending:
+            self.pending.remove(render)
+        for track in render.tracks:
+            self.batch.drop(track)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.pending) or self.batch.has_work
+
+    def in_use(self, name: str) -> bool:
+        """Whether a queued, waiting or running request uses adapter ``name``."""
+        return self.batch.in_use(name) or any(name == n for r in self.pending for n, _ in r.settings.adapters or ())
+
+    def stats(self) -> Dict[str, Any]:
+        """Requests, queue and batch sizes (``items_per_forward``, ``rows_per_forward``)."""
+        # the counters are only written by the stepping thread; copies taken in one C call are consistent
+        batch = self.batch
+        items, rows = dict(batch.items_per_forward), dict(batch.rows_per_forward)
+        stats = {"requests": self.requests, "waiting": len(self.pending) + len(batch.waiting),
+                 "running": len(batch.running), "steps": sum(items.values()),
+                 "items_per_forward": dict(sorted(items.items())), "rows_per_forward": dict(sorted(rows.items())),
+                 "forwards_by_adapters": dict(sorted(dict(batch.forwards_by_adapters).items()))}
+        if batch.adapters is not None:
+            stats["adapters"] = batch.adapters.stats()
+        return stats
+
+    @torch.no_grad()
+    def step(self) -> List[Outcome]:
+        """Prepare queued requests, run one batch step, decode the items that finished in it; an
+        ``Outcome`` for every request that completed or failed."""
+        outcomes = [self._prepare(render) for render in self._take_pending()]
+        finished = []
+        for track in self.batch.step():
+            render = track.owner
+            if render.failed:  # another of its items failed earlier in this step
+                continue
+            if track.error is not None:
+                outcomes.append(self._fail(render, track.error))
+            elif not torch.isfinite(track.x).all():
+                outcomes.append(self._fail(render, RuntimeError("the DiT produced NaN/Inf latents")))
+            else:
+                finished.append(track)
+        if finished:
+            outcomes += self._decode(finished)
+        return [o for o in outcomes if o is not None]
+
+    def _take_pending(self) -> List[Render]:
+        pending, self.pending = list(self.pending), deque()
+        return pending
+
+    def _prepare(self, render: Render) -> Optional[Outcome]:
+        """Build and queue a request's tracks (audio read and encoded, conditions encoded)."""
+        render.costs["started"] = time.perf_counter()
+        try:
+            items = render.items() if callable(render.items) else render.items
+            for item in items:
+                render.tracks.append(self.batch.track(item, render.settings, owner=render, on_step=render.report))
+        except Exception as error:  # unreadable audio, bad codes...: this request only
+            return self._fail(render, error)
+        render.costs["encoded"] = time.perf_counter()
+        return None
+
+    def _fail(self, render: Render, error: Exception) -> Outcome:
+        logger.error("DiT request failed: %r", error)
+        render.failed = True
+        self.abort(render)
+        return Outcome(render, error=error)
+
+    def _decode(self, tracks: List[Track]) -> List[Outcome]:
+        """Decode the tracks that finished this step together (an item whose own decode raises
+        fails its request alone); an ``Outcome`` for each request now complete or failed."""
+        sampled = time.perf_counter()
+        audios = isolate(lambda ts: decode_items(self.bundle, [t.item for t in ts], [t.x for t in ts]), tracks)
+        decoded = time.perf_counter()
+        outcomes, renders = [], {}
+        for track, audio in zip(tracks, audios):
+            render = track.owner
+            if render.failed:
+                continue
+            if isinstance(audio, Exception):
+                outcomes.append(self._fail(render, audio))
+                continue
+            render.audios[render.tracks.index(track)] = audio
+            renders[id(render)] = render
+        for render in renders.values():
+            if render.failed:
+                continue
+            render.costs["vae"] = render.costs.get("vae", 0.0) + decoded - sampled
+            if len(render.audios) == len(render.tracks):
+                render.costs["sampled"] = sampled
+                outcomes.append(Outcome(render, result=_output(render, decoded)))
+        return outcomes
+
+
+def _output(render: Render, decoded: float) -> RenderOutput:
+    c = render.costs
+    steps = max(t.steps for t in render.tracks)
+    diffusion = c["sampled"] - c["encoded"]
+    return collect(render.tracks, [render.audios[i] for i in range(len(render.tracks))], {
+        "encoder_time_cost": c["encoded"] - c["started"], "diffusion_time_cost": diffusion,
+        "diffusion_per_step_time_cost": diffusion / max(steps, 1), "vae_decode_time_cost": c["vae"],
+        "total_time_cost": decoded - c["started"]})
+
+
+def collect(tracks: List[Track], audios: List[torch.Tensor], time_costs: Dict[str, float]) -> RenderOutput:
+    """One request's ``RenderOutput`` from its finished tracks and decoded audio."""
+    main = [t.main for t in tracks]
+    return RenderOutput(
+        audios=audios, latents=pad_rows([t.x for t in tracks]).cpu(),
+        extras={"encoder_hidden_states": pad_rows([m[0] for m in main]).cpu(),
+                "encoder_attention_mask": pad_rows([m[1] for m in main]).cpu(),
+                "context_latents": pad_rows([m[2] for m in main]).cpu(),
+                "src_latents": pad_rows([t.clean for t in tracks]).cpu(),
+                "chunk_masks": pad_rows([m[2][..., -1] for m in main]).cpu()},
+        time_costs=time_costs)
+
+
+def decode_items(bundle, items: List[DiTItem], latents: List[torch.Tensor],
+                 window: Optional[int] = None) -> List[torch.Tensor]:
+    """Latents [T_i, C] per item → post-processed audio [2, T_i·1920] (CPU), decoded together
+    (``vae.decode_batch``); repaint items get the source waveform spliced back outside the window."""
+    decoded = vae_ops.decode_batch(bundle.vae, [x.to(bundle.dtype) for x in latents], window)
+    audios = []
+    for item, wav in zip(items, decoded):
+        if item.repaint is not None and item.source_audio is not None:
+            wav = splice_waveform(wav, item.source_audio, item.repaint, REPAINT_WAV_CROSSFADE_S)
+        audios.append(vae_ops.postprocess(wav).cpu())
+    return audios

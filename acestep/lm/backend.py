@@ -2,7 +2,7 @@
 stop token included), ``stats()``, ``close()``.
 
 - ``PtBackend`` (default, CPU and CUDA): a transformers ``Qwen3ForCausalLM`` (stock classes, never
-  trust_remote_code) driven by our ``LMEngine`` through one ``EngineLoop`` thread.
+  trust_remote_code) driven by our ``LMEngine`` through one ``StepLoop`` thread.
 - ``acestep.lm.vllm_backend.VllmBackend`` (optional extra, CUDA only, ``lm_cfg_scale == 1`` only)."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any, Dict, List, Optional, Protocol, Sequence
 import torch
 
 from acestep.lm.engine import ENGINE_DEFAULTS, EngineSettings, LMEngine
-from acestep.lm.loop import EngineLoop, StepCallback
 from acestep.lm.plain import PtRunner
-from acestep.lm.request import LMRequest
+from acestep.lm.request import LMRequest, StepCallback
 from acestep.lm.vocab import build_token_tables
+from acestep.steploop import StepLoop
 
 
 class LMBackend(Protocol):
@@ -55,7 +55,7 @@ class PtBackend:
 
         self.encode = encode
         self.engine = LMEngine(self.model, self.tables, self.encode, self.pad_id, settings)
-        self.loop = EngineLoop(self.engine)
+        self.loop = StepLoop(self.engine, "acestep-lm-engine")
 
     @classmethod
     def load(cls, model_dir: Path, device: str, dtype: torch.dtype, tokenizer, max_duration: int,
@@ -67,6 +67,9 @@ class PtBackend:
         return int(self.model.config.vocab_size)
 
     def submit(self, request: LMRequest, on_step: Optional[StepCallback] = None) -> Future:
+        """The future of ``request``'s generated ids (stop token included). Raises ValueError at
+        once for a request the engine can never run."""
+        self.engine.check(request)
         return self.loop.submit(request, on_step)
 
     def plain_runner(self) -> PtRunner:

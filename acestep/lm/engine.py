@@ -12,11 +12,17 @@ positions and FSM, so its tokens do not depend on its batch-mates; they equal th
 3. the host advances the FSMs, finishes rows (freeing their slots), and runs one decode step (a
    CUDA graph on GPU) feeding each token to both rows of its pair.
 
-The engine is single-threaded bookkeeping plus tensor work; ``acestep.lm.loop.EngineLoop`` is the
-one thread that drives it for concurrent callers."""
+A request whose own work raises (its prefill, its row's plan, its sampling, its FSM advance) fails
+alone: a batched prefill or sampling call that raises runs again on halves of its rows
+(``acestep.steploop.isolate``), and the request's rows are freed. Only a failed decode step, one
+forward over every row's cache, fails every request it carried.
+
+The engine is single-threaded bookkeeping plus tensor work, a stepper (``add`` / ``abort`` /
+``has_work`` / ``step``) that one ``acestep.steploop.StepLoop`` thread drives for concurrent callers."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,9 +36,11 @@ from acestep.lm.fast.graphs import DecodeRunner
 from acestep.lm.fast.model import FastQwen3
 from acestep.lm.fast.sampler import SampleInputs, sample
 from acestep.lm.fast.scheduler import Job, Scheduler
-from acestep.lm.request import LMRequest
+from acestep.lm.request import LMRequest, StepCallback
 from acestep.lm.vocab import TokenTables
+from acestep.steploop import Outcome, isolate
 
+logger = logging.getLogger(__name__)
 UNIFORM_BLOCK = 64  # uniforms drawn per refill (the CPU stream equals one draw per step)
 
 
@@ -40,6 +48,7 @@ UNIFORM_BLOCK = 64  # uniforms drawn per refill (the CPU stream equals one draw 
 class _RowState:
     generator: torch.Generator
     fsm: F.FsmState | None
+    on_step: StepCallback | None = None
     uniforms: list[float] = field(default_factory=list)
 
     def next_uniform(self) -> float:
@@ -77,6 +86,17 @@ class EngineSettings:
             raise ValueError(f"max_admit_per_step must be >= 1, got {self.max_admit_per_step}")
 
 
+@dataclass
+class _Row:
+    """One running request's sampling inputs for this step (host lists, packed with the others)."""
+
+    seq: Job
+    ints: list[int]
+    floats: list[float]
+    flags: list[bool]  # argmax_one, greedy, uses top-k, uses top-p
+    plan: M.RowPlan
+
+
 ENGINE_DEFAULTS = EngineSettings()
 _GROUPS_KEPT = 1024  # per-group peaks remembered for stats
 
@@ -99,7 +119,7 @@ class LMEngine:
         self.seen = torch.zeros((settings.max_rows, self.vocab), dtype=torch.bool, device=self.device)
         self.scheduler = Scheduler(settings.max_rows, settings.max_admit_per_step)
         self.stop_ids = {tables.eos_id} | ({tables.pad_id} if tables.pad_id is not None else set())
-        self.results: dict[int, list[int]] = {}
+        self._left: list[Outcome] = []  # requests that left during the current step
         self.check_fsm = settings.check_fsm
         self.batch_prefill = self.device.type == "cuda" if settings.batch_prefill is None else settings.batch_prefill
         self._jobs: dict[int, Job] = {}
@@ -119,14 +139,15 @@ class LMEngine:
         if request.rows > self.settings.max_rows:
             raise ValueError(f"request needs {request.rows} rows; the engine has {self.settings.max_rows}")
 
-    def add_request(self, request: LMRequest) -> int:
-        """Queue a request; returns its id (its tokens land in ``results[rid]`` when done)."""
+    def add(self, request: LMRequest, on_step: Optional[StepCallback] = None) -> int:
+        """Queue a request; returns its id (``step`` reports its tokens in an ``Outcome`` when it
+        finishes). ``on_step(tokens_done)`` runs after every step it takes part in; it must be quick."""
         self.check(request)
         gen = torch.Generator()
         gen.manual_seed(int(request.seed) & 0xFFFF_FFFF_FFFF_FFFF)
         state = F.new_state(request.fsm, self.tables, self.encode) if request.fsm is not None else None
         rid, self._next_rid = self._next_rid, self._next_rid + 1
-        job = Job(rid, request, request.rows, _RowState(gen, state))
+        job = Job(rid, request, request.rows, _RowState(gen, state, on_step))
         self.scheduler.add(job)
         self._jobs[rid] = job
         self._counts["added"] += 1
@@ -152,56 +173,77 @@ class LMEngine:
 
     def capture_cuda_graphs(self) -> int:
         """Capture all decode graphs now instead of on first use (CUDA only; engine idle)."""
-        if self.has_unfinished():
+        if self.has_work:
             raise RuntimeError("capture the CUDA graphs before adding requests")
         return self.decoder.capture_all()
 
-    def has_unfinished(self) -> bool:
+    @property
+    def has_work(self) -> bool:
         return self.scheduler.has_unfinished
 
-    def pop_result(self, rid: int) -> list[int]:
-        return self.results.pop(rid)
-
-    def progress(self) -> list[tuple[int, int]]:
-        """(request id, tokens generated so far) of every running request."""
-        return [(job.rid, len(job.tokens)) for job in self.scheduler.running]
-
     @torch.inference_mode()
-    def step(self) -> list[int]:
-        """Admit, sample one token for every running request, decode; returns finished ids."""
+    def step(self) -> list[Outcome]:
+        """Admit, sample one token for every running request, decode; returns the requests that
+        left: finished (their generated ids, stop token included) and failed (their error)."""
+        self._left = []
         joined = self.scheduler.admit()
         if joined:
             self._prefill(joined)
         running = list(self.scheduler.running)
         if not running:
-            return []
-        picks = self._sample(running)  # the step's one host sync
-        done: list[int] = []
-        for seq, (token, decision) in zip(running, picks):
-            seq.tokens.append(token)
-            M.advance_row(seq.state.fsm, self.tables, token, decision, self.check_fsm)
-            if token in self.stop_ids or len(seq.tokens) >= seq.request.max_new_tokens:
-                self._finish(seq)
-                done.append(seq.rid)
+            return self._left
+        rows = self._rows(running)
+        for row, pick in zip(rows, isolate(self._sample, rows)):  # the step's one host sync
+            try:
+                if isinstance(pick, Exception):
+                    raise pick
+                self._advance(row.seq, *pick)
+            except Exception as error:  # noqa: BLE001 - this request only
+                self._fail(row.seq, error)
+        self._count_step(running)
+        if self.scheduler.running:
+            try:
+                self._decode(self.scheduler.running)
+            except Exception as error:  # noqa: BLE001 - one forward over every row's cache
+                for seq in list(self.scheduler.running):
+                    self._fail(seq, error)
+        self._report(self.scheduler.running)
+        return self._left
+
+    @staticmethod
+    def _report(running: list[Job]) -> None:
+        for seq in running:
+            if seq.state.on_step is not None:
+                try:
+                    seq.state.on_step(len(seq.tokens))
+                except Exception:  # progress is best effort; decoding goes on
+                    logger.exception("LM progress callback failed")
+
+    def _advance(self, seq: Job, token: int, decision: int) -> None:
+        seq.tokens.append(token)
+        M.advance_row(seq.state.fsm, self.tables, token, decision, self.check_fsm)
+        if token in self.stop_ids or len(seq.tokens) >= seq.request.max_new_tokens:
+            self._finish(seq)
+
+    def _count_step(self, running: list[Job]) -> None:
         rows = sum(seq.slots_needed for seq in running)
         self._counts["steps"] += 1
         self._counts["tokens"] += len(running)
         self._counts["peak_rows_in_use"] = max(self._counts["peak_rows_in_use"], rows)
         self._rows_per_step[rows] += 1
-        if self.scheduler.running:
-            self._decode(self.scheduler.running)
-        return done
 
     def generate(self, requests: Sequence[LMRequest]) -> list[list[int]]:
-        """Generated token ids per request (stop token included, prompt excluded); single caller."""
-        rids = [self.add_request(r) for r in requests]
+        """Generated token ids per request (stop token included, prompt excluded); single caller.
+        Raises the first failed request's error once every request has left."""
+        rids = [self.add(r) for r in requests]
+        outcomes: dict[int, Outcome] = {}
         try:
-            while self.has_unfinished():
-                self.step()
+            while self.has_work:
+                outcomes.update((o.key, o) for o in self.step())
         except BaseException:
             self.abort_all()
             raise
-        return [self.pop_result(rid) for rid in rids]
+        return [outcomes[rid].get() for rid in rids]
 
     def stats(self) -> dict[str, Any]:
         """Rows in use and their peak, running / waiting requests, steps, tokens, steps by KV rows
@@ -214,16 +256,26 @@ class LMEngine:
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
             "steps": counts.get("steps", 0), "tokens": counts.get("tokens", 0),
             "requests_added": counts.get("added", 0), "requests_finished": counts.get("finished", 0),
-            "requests_aborted": counts.get("aborted", 0), "group_peaks": dict(self._group_peak),
+            "requests_aborted": counts.get("aborted", 0), "requests_failed": counts.get("failed", 0),
+            "group_peaks": dict(self._group_peak),
             "rows_per_step": dict(sorted(dict(self._rows_per_step).items())),
         }
 
     def _finish(self, seq: Job) -> None:
         self.scheduler.finish(seq)
         self._jobs.pop(seq.rid, None)
-        self.results[seq.rid] = seq.tokens
         self._counts["finished"] += 1
         self._leave_group(seq.request.group)
+        self._left.append(Outcome(seq.rid, result=seq.tokens))
+
+    def _fail(self, seq: Job, error: Exception) -> None:
+        """A request whose own work raised leaves with ``error`` (its rows freed)."""
+        logger.error("LM request %d failed: %r", seq.rid, error)
+        self.scheduler.drop(seq)
+        self._jobs.pop(seq.rid, None)
+        self._counts["failed"] += 1
+        self._leave_group(seq.request.group)
+        self._left.append(Outcome(seq.rid, error=error))
 
     def _enter_group(self, group: Optional[str]) -> None:
         if group is None:
@@ -242,6 +294,12 @@ class LMEngine:
 
     # -- tensor work ---------------------------------------------------------------------------
     def _prefill(self, joined: list[Job]) -> None:
+        """Prefill the joiners' prompts; a joiner whose own prefill raises fails."""
+        for seq, outcome in zip(joined, isolate(self._prefill_rows, joined)):
+            if isinstance(outcome, Exception):
+                self._fail(seq, outcome)
+
+    def _prefill_rows(self, joined: list[Job]) -> list[None]:
         prompts, slots = [], []
         for seq in joined:
             prompts.append(seq.request.prompt_ids)
@@ -258,47 +316,58 @@ class LMEngine:
         for seq in joined:
             self.seen[seq.cond_slot] = False
             self.seen[seq.cond_slot, self._ids(seq.request.prompt_ids)] = True
+        return [None] * len(joined)
 
     def _ids(self, ids: Sequence[int]) -> torch.Tensor:
         return torch.tensor(list(ids), dtype=torch.long).to(self.device, non_blocking=True)
 
-    def _inputs(self, running: list[Job]) -> SampleInputs:
-        ints, floats, flags, plans = [], [], [], []
-        use_k = use_p = False
-        width = 1
+    def _rows(self, running: list[Job]) -> list[_Row]:
+        """Each running request's inputs for this step (drawn once: a retried sampling call reuses
+        them); a request whose own plan raises fails."""
+        rows = []
         for seq in running:
-            cfg, row = seq.request.sampling, seq.state
-            plan = M.plan_row(row.fsm, self.tables, self.masks)
-            plans.append(plan)
-            greedy = cfg.temperature <= 0
-            width = max(width, plan.width(self.masks))
-            k, p = cfg.effective_top_k, cfg.effective_top_p
-            use_k, use_p = use_k or k is not None, use_p or p is not None
-            uncond = seq.uncond_slot if seq.uncond_slot is not None else seq.cond_slot
-            ints.append([seq.cond_slot, uncond, plan.if_true, plan.if_false, plan.predicate, plan.decide,
-                         k if k is not None else self.vocab])
-            floats.append([cfg.cfg_scale, 1.0 if greedy else cfg.temperature, cfg.repetition_penalty,
-                           p if p is not None else 2.0, 0.0 if greedy else row.next_uniform()])
-            flags.append([plan.argmax_one, greedy])
-        i = self._upload(torch.tensor(ints, dtype=torch.long).T)
-        f = self._upload(torch.tensor(floats, dtype=torch.float32).T)
-        b = self._upload(torch.tensor(flags, dtype=torch.bool).T)
+            try:
+                rows.append(self._row(seq))
+            except Exception as error:  # noqa: BLE001 - this request only
+                self._fail(seq, error)
+        return rows
+
+    def _row(self, seq: Job) -> _Row:
+        cfg, state = seq.request.sampling, seq.state
+        plan = M.plan_row(state.fsm, self.tables, self.masks)
+        greedy = cfg.temperature <= 0
+        k, p = cfg.effective_top_k, cfg.effective_top_p
+        uncond = seq.uncond_slot if seq.uncond_slot is not None else seq.cond_slot
+        ints = [seq.cond_slot, uncond, plan.if_true, plan.if_false, plan.predicate, plan.decide,
+                k if k is not None else self.vocab]
+        floats = [cfg.cfg_scale, 1.0 if greedy else cfg.temperature, cfg.repetition_penalty,
+                  p if p is not None else 2.0, 0.0 if greedy else state.next_uniform()]
+        return _Row(seq, ints, floats, [plan.argmax_one, greedy, k is not None, p is not None], plan)
+
+    def _inputs(self, rows: list[_Row]) -> SampleInputs:
+        plans = [r.plan for r in rows]
+        i = self._upload(torch.tensor([r.ints for r in rows], dtype=torch.long).T)
+        f = self._upload(torch.tensor([r.floats for r in rows], dtype=torch.float32).T)
+        b = self._upload(torch.tensor([r.flags for r in rows], dtype=torch.bool).T)
         static = {p.if_true for p in plans if not p.argmax_one and p.if_true == p.if_false}
         any_decision = any(p.argmax_one or p.if_true != p.if_false for p in plans)
         shared = self.masks.ids(static.pop()) if len(static) == 1 and not any_decision else None
         return SampleInputs(cond=i[0], uncond=i[1], plan=i[2:6].T, argmax_one=b[0], greedy=b[1], scale=f[0],
-                            temperature=f[1], penalty=f[2], top_k=i[6], top_p=f[3], uniform=f[4], width=width,
-                            use_top_k=use_k, use_top_p=use_p, any_decision=any_decision,
-                            any_penalty=any(row[2] != 1.0 for row in floats),
-                            any_greedy=any(flag[1] for flag in flags), shared_ids=shared)
+                            temperature=f[1], penalty=f[2], top_k=i[6], top_p=f[3], uniform=f[4],
+                            width=max([1] + [p.width(self.masks) for p in plans]),
+                            use_top_k=any(r.flags[2] for r in rows), use_top_p=any(r.flags[3] for r in rows),
+                            any_decision=any_decision,
+                            any_penalty=any(r.floats[2] != 1.0 for r in rows),
+                            any_greedy=any(r.flags[1] for r in rows), shared_ids=shared)
 
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
             return host.contiguous().pin_memory().to(self.device, non_blocking=True)
         return host.contiguous()
 
-    def _sample(self, running: list[Job]):
-        x = self._inputs(running)
+    def _sample(self, rows: list[_Row]) -> list[list[int]]:
+        """[token, decision] per row."""
+        x = self._inputs(rows)
         out = sample(self.decoder.logits, self.masks.masks[: self.masks.size], self.seen[x.cond], x)
         self.seen[x.cond, out[:, 0]] = True
         return out.tolist()

@@ -7,10 +7,12 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import List, Optional, Set
+from typing import Callable, List, Optional, Set
 
 from acestep.lm.fsm import FsmSpec
 from acestep.params import DEFAULT_LM_TEMPERATURE
+
+StepCallback = Callable[[int], None]  # tokens generated so far, after each step a request took part in
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+import pytest
 import torch
 
 from acestep.inference import GenerationConfig, GenerationParams, RenderJob, prepare_request, render_music_batch
@@ -95,3 +96,56 @@ def test_a_cancelled_request_leaves_the_batch_and_its_mates_finish(turbo_handler
     assert len(output.audios) == 1 and doomed.cancelled()
     stats = turbo_handler.stats()
     assert stats["running"] == 0 and stats["waiting"] == 0
+
+
+POISON = 7.0  # a source-latent value no real item has: the injected fault's mark
+
+
+@pytest.fixture
+def poisoned_forward(turbo_handler, monkeypatch):
+    """The DiT's input projection raises for a forward that carries a row whose context (source
+    latents) is all ``POISON``: a fault below intake, in the model, on one item's own data."""
+    conv = turbo_handler.bundle.transformer.proj_in_conv
+    real = conv.forward
+    channels = turbo_handler.bundle.silence_latent.shape[-1]
+
+    def forward(x):  # [B, 2C + C, T]: the context's source latents come first
+        if (x[:, :channels] == POISON).flatten(1).all(dim=1).any():
+            raise RuntimeError("poisoned row")
+        return real(x)
+
+    monkeypatch.setattr(conv, "forward", forward)
+
+
+def test_an_item_whose_forward_raises_fails_alone_and_its_seven_mates_are_unchanged(turbo_handler, poisoned_forward):
+    from dataclasses import replace
+
+    from acestep.dit.batch import DiTLimits
+    from acestep.dit.prepare import sampling_settings
+    from acestep.handler import AceStepHandler
+
+    handler = AceStepHandler.from_bundle(turbo_handler.bundle, DiTLimits(max_rows=8))
+    try:
+        params = GenerationParams(thinking=False, caption="mates", duration=10)
+        settings = sampling_settings(params)
+        items = handler.prepare([params] * 8, list(range(20, 28)))
+        bad = replace(items[3], src_latents=torch.full_like(items[3].src_latents, POISON))
+        good = items[:3] + items[4:]
+
+        def render_each(batch):
+            with held(handler):
+                futures = [handler.loop.submit([item], settings) for item in batch]
+            return futures
+
+        alone = [f.result(timeout=120) for f in render_each(good)]
+        before = dict(handler.stats()["items_per_forward"])
+        futures = render_each(items[:3] + [bad] + items[4:])
+        with pytest.raises(RuntimeError, match="poisoned row"):
+            futures[3].result(timeout=120)
+        mates = [f.result(timeout=120) for f in futures[:3] + futures[4:]]
+    finally:
+        handler.loop.close()
+    assert handler.stats()["items_per_forward"].get(7, 0) - before.get(7, 0) == 7  # steps 2..8 without it
+    for want, got in zip(alone, mates):
+        assert got.audios[0].shape == want.audios[0].shape
+        assert torch.allclose(got.audios[0], want.audios[0], atol=1e-5)  # step 1 ran in smaller forwards

@@ -9,7 +9,7 @@ import torch
 from acestep.dit import vae as vae_ops
 from acestep.dit.prepare import sampling_settings
 from acestep.dit.batch import DiTLimits, forward_groups
-from acestep.dit.worker import DiTWorker
+from acestep.dit.worker import RunningBatch
 from acestep.handler import AceStepHandler
 from acestep.params import GenerationParams
 
@@ -43,13 +43,13 @@ def _items(handler, specs, source_audio=None):
 
 
 def _sample(handler, items, settings, limits=ONE_FORWARD):
-    """Sampled latents of ``items`` run together on a fresh worker (the handler's loop runs the
-    same worker; the VAE decode after it does not change the latents), and that worker."""
-    worker = DiTWorker(handler.bundle, limits)
-    tracks = [worker.track(item, settings) for item in items]
-    while worker.has_work:
-        worker.step()
-    return [track.x for track in tracks], worker
+    """Sampled latents of ``items`` run together on a fresh running batch (the handler's worker
+    runs the same batch; the VAE decode after it does not change the latents), and that batch."""
+    batch = RunningBatch(handler.bundle, limits)
+    tracks = [batch.track(item, settings) for item in items]
+    while batch.has_work:
+        batch.step()
+    return [track.x for track in tracks], batch
 
 
 def _solo(handler, item, settings):
@@ -98,8 +98,8 @@ def test_cover_and_repaint_share_a_batch_with_text2music(turbo_mixer, source_aud
              MIXED[2]]
     items, settings = _items(turbo_mixer, specs, source_audio)
     settings = type(settings)(**{**settings.__dict__, "cover_strength": 0.5})
-    together, worker = _sample(turbo_mixer, items, settings)
-    assert worker.items_per_forward == {4: settings.steps}  # all four in every forward
+    together, batch = _sample(turbo_mixer, items, settings)
+    assert batch.items_per_forward == {4: settings.steps}  # all four in every forward
     _assert_solo(turbo_mixer, items, settings, together)
 
 
@@ -108,22 +108,22 @@ def test_guided_base_model_rows_keep_their_own_guidance(base_mixer, use_adg):
     specs = [{**spec, "inference_steps": 6, "guidance_scale": 4.0, "shift": 3.0, "use_adg": use_adg,
               "cfg_interval_start": 0.1, "cfg_interval_end": 0.9} for spec in MIXED]
     items, settings = _items(base_mixer, specs)
-    together, worker = _sample(base_mixer, items, settings)
-    assert worker.items_per_forward == {3: settings.steps}
+    together, batch = _sample(base_mixer, items, settings)
+    assert batch.items_per_forward == {3: settings.steps}
     _assert_solo(base_mixer, items, settings, together)
 
 
 def test_an_item_joining_at_step_3_equals_its_solo_run(turbo_mixer, mixed_solos):
     items, settings = _items(turbo_mixer, MIXED[:2])
-    worker = DiTWorker(turbo_mixer.bundle, ONE_FORWARD)
-    first = worker.track(items[0], settings)
+    batch = RunningBatch(turbo_mixer.bundle, ONE_FORWARD)
+    first = batch.track(items[0], settings)
     for _ in range(3):
-        worker.step()
+        batch.step()
     assert first.step == 3
-    second = worker.track(items[1], settings)
-    while worker.has_work:
-        worker.step()
-    assert worker.items_per_forward == {1: 6, 2: 5}  # 3 alone, 5 shared, then the second's last 3 alone
+    second = batch.track(items[1], settings)
+    while batch.has_work:
+        batch.step()
+    assert batch.items_per_forward == {1: 6, 2: 5}  # 3 alone, 5 shared, then the second's last 3 alone
     _assert_solo(turbo_mixer, items, settings, [first.x, second.x], mixed_solos)
 
 

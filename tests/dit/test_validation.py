@@ -11,7 +11,7 @@ BAD_PARAMS = [
     ("bpm", 20), ("bpm", 301), ("duration", 5), ("duration", 601), ("inference_steps", 0), ("inference_steps", 201),
     ("guidance_scale", 0.5), ("guidance_scale", 16), ("shift", 0.5), ("shift", 6), ("cfg_interval_start", -0.1),
     ("cfg_interval_end", 1.5), ("infer_method", "euler"), ("timesteps", [0.5, 0.7, 0]), ("timesteps", [1.2, 0]),
-    ("timesteps", []), ("task_type", "remix"), ("audio_cover_strength", 1.5), ("lm_temperature", 3.0),
+    ("timesteps", []), ("timesteps", [0]), ("timesteps", [0.0]), ("task_type", "remix"), ("audio_cover_strength", 1.5), ("lm_temperature", 3.0),
     ("lm_top_p", 1.5), ("lm_cfg_scale", 0.5), ("caption", "x" * 513), ("lyrics", "y" * 4097), ("seed", -2),
     ("repainting_start", -1.0), ("keyscale", "H major"), ("keyscale", "C" * 10_000), ("timesignature", "5"),
     ("timesignature", "4" * 10_000), ("vocal_language", "klingon"), ("vocal_language", "x" * 10_000),
@@ -50,6 +50,15 @@ def test_bad_config_names_the_field(field, value):
 def test_allowed_range_is_in_the_message():
     with pytest.raises(ValidationError, match="30 to 300"):
         prepare_request(GenerationParams(bpm=999), GenerationConfig())
+
+
+@pytest.mark.parametrize("timesteps", [[0], (0.0,)])
+def test_a_schedule_without_a_step_is_refused_at_intake(timesteps):
+    """A lone 0 is strictly decreasing but leaves no step once the terminal 0 is dropped."""
+    with pytest.raises(ValidationError) as info:
+        prepare_request(GenerationParams(timesteps=timesteps), GenerationConfig())
+    assert info.value.field == "timesteps" and "above 0" in info.value.allowed
+    prepare_request(GenerationParams(timesteps=[0.5, 0]), GenerationConfig())  # one step: fine
 
 
 def test_auto_duration_and_null_bpm_are_fine():

@@ -5,12 +5,14 @@ running batch, slots reused after requests leave."""
 from __future__ import annotations
 
 import collections
+import threading
 
 import pytest
 import torch
 
 from acestep.lm.engine import EngineSettings, LMEngine
 from acestep.lm.fast import masks as M
+from acestep.steploop import StepLoop
 from tests.lm_fast.conftest import make_engine
 
 SAMPLING = [{}, {"lm_top_k": 50}, {"lm_top_p": 0.9}, {"lm_top_k": 30, "lm_top_p": 0.8},
@@ -34,6 +36,10 @@ def plan_kinds(monkeypatch):
 
 def _first_difference(a, b):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _outcomes(outcomes):
+    return {o.key: o for o in outcomes}
 
 
 def _assert_same(plain, fast):
@@ -71,27 +77,27 @@ def test_requests_joining_a_running_batch_get_their_solo_tokens(fast_engine, mak
                 make_request("cot", 32, 1.0, 70, use_cot_caption=False), make_request("codes", 33, 1.0)]
     solo = [fast_engine.generate([r])[0] for r in requests]
     joins = {0: [0], 3: [1], 11: [2, 3]}  # step -> requests that join before it
-    rids, step = {}, 0
-    while step <= max(joins) or fast_engine.has_unfinished():
+    rids, outcomes, step = {}, {}, 0
+    while step <= max(joins) or fast_engine.has_work:
         for index in joins.get(step, []):
-            rids[index] = fast_engine.add_request(requests[index])
-        fast_engine.step()
+            rids[index] = fast_engine.add(requests[index])
+        outcomes.update((o.key, o.get()) for o in fast_engine.step())
         step += 1
-    assert [fast_engine.pop_result(rids[i]) for i in range(len(requests))] == solo
+    assert [outcomes[rids[i]] for i in range(len(requests))] == solo
 
 
 def test_small_engine_admits_in_chunks_and_reuses_slots(peaked, runner, make_request):
     engine = make_engine(peaked, max_rows=4, max_len=1024, max_admit_per_step=1)
     requests = [make_request("codes", 40 + i, 2.0 if i % 2 else 1.0) for i in range(5)]
-    rids = [engine.add_request(r) for r in requests]
-    engine.step()
+    rids = [engine.add(r) for r in requests]
+    outcomes = _outcomes(engine.step())
     assert len(engine.scheduler.running) == 1  # max_admit_per_step 1: one request joins per step
-    engine.step()
+    outcomes.update(_outcomes(engine.step()))
     assert [s.slots for s in engine.scheduler.running] == [[0], [1, 2]]
-    while engine.has_unfinished():
-        engine.step()
+    while engine.has_work:
+        outcomes.update(_outcomes(engine.step()))
         assert engine.scheduler.span() <= 4
-    _assert_same(runner.generate(requests), [engine.pop_result(r) for r in rids])
+    _assert_same(runner.generate(requests), [outcomes[r].get() for r in rids])
 
 
 def test_gpu_shaped_steps_give_the_same_tokens(peaked, runner, make_request):
@@ -109,10 +115,73 @@ def test_gpu_shaped_steps_give_the_same_tokens(peaked, runner, make_request):
     _assert_same(plain, engine.generate(requests))
 
 
+def test_a_request_whose_sampling_raises_fails_alone_and_its_seven_mates_are_unchanged(peaked, make_request,
+                                                                                       monkeypatch):
+    """Eight one-row requests share every step; the sampler raises whenever it sees the marked
+    request's row after its fifth token (a fault on one row's own step, below intake): that
+    request's future gets the error, the others their tokens without it."""
+    from acestep.lm import engine as engine_module
+
+    engine = make_engine(peaked, max_rows=8, max_len=1024, check_fsm=True)
+    requests = [make_request("codes", 80 + i, 1.0) for i in range(8)]
+    bad = requests[5]
+    mates = [r for r in requests if r is not bad]
+    without = engine.generate(mates)
+    real = engine_module.sample
+
+    def sample(logits, table, seen, x):
+        marked = [s.cond_slot for s in engine.scheduler.running if s.request is bad and len(s.tokens) >= 5]
+        if marked and marked[0] in x.cond.tolist():
+            raise RuntimeError("poisoned row")
+        return real(logits, table, seen, x)
+
+    monkeypatch.setattr(engine_module, "sample", sample)
+    loop = StepLoop(engine, "test-lm-engine")
+    try:
+        release = threading.Event()
+        held = loop.call(release.wait)  # all eight are handed to the engine in one go
+        futures = [loop.submit(r) for r in requests]
+        release.set()
+        held.result(timeout=60)
+        with pytest.raises(RuntimeError, match="poisoned row"):
+            futures[5].result(timeout=120)
+        assert [f.result(timeout=120) for f in futures[:5] + futures[6:]] == without
+    finally:
+        loop.close()
+    stats = engine.stats()
+    assert stats["requests_failed"] == 1 and stats["rows_in_use"] == 0
+    assert stats["rows_per_step"][8] == 6  # all eight: its five tokens, then the step that raised
+
+
+def test_a_request_whose_prefill_raises_fails_alone(peaked, make_request, monkeypatch):
+    engine = make_engine(peaked, max_rows=8, max_len=1024, batch_prefill=True)
+    requests = [make_request("codes", 90 + i, 2.0 if i % 2 else 1.0) for i in range(4)]
+    requests[2] = bad = make_request("codes", 92, 1.0, caption="the one marked prompt")
+    without = engine.generate(requests[:2] + requests[3:])
+    real = engine.net.prefill_many
+
+    def prefill_many(prompts, slots):
+        if any(list(p) == list(bad.prompt_ids) for p in prompts):
+            raise RuntimeError("poisoned prompt")
+        return real(prompts, slots)
+
+    monkeypatch.setattr(engine.net, "prefill_many", prefill_many)
+    with pytest.raises(RuntimeError, match="poisoned prompt"):
+        engine.generate(requests)  # the others finish first: generate raises once all have left
+    rids = [engine.add(r) for r in requests]
+    outcomes = {}
+    while engine.has_work:
+        outcomes.update(_outcomes(engine.step()))
+    with pytest.raises(RuntimeError, match="poisoned prompt"):
+        outcomes[rids[2]].get()
+    assert [outcomes[rid].get() for rid in rids[:2] + rids[3:]] == without
+    assert engine.stats()["rows_in_use"] == 0
+
+
 def test_rejects_requests_longer_than_the_cache(lm_handler, make_request):
     engine = make_engine(lm_handler.llm, max_rows=2, max_len=16)
     with pytest.raises(ValueError, match="max_len"):
-        engine.add_request(make_request("cot", 1, 2.0, 10))
+        engine.add(make_request("cot", 1, 2.0, 10))
 
 
 @pytest.mark.gpu

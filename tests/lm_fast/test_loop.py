@@ -10,9 +10,9 @@ from concurrent.futures import CancelledError
 
 import pytest
 
-from acestep.lm.loop import EngineLoop
 from acestep.lm.request import Cancellation
 from acestep.params import GenerationConfig, GenerationParams
+from acestep.steploop import StepLoop
 from tests.lm_fast.conftest import make_engine
 
 DEADLINE_S = 120  # generous bound on waits, only so a broken loop fails instead of hanging
@@ -71,7 +71,7 @@ def test_a_short_request_behind_a_long_one_finishes_first(lm_handler, make_reque
 def test_cancelling_one_of_four_frees_its_rows_and_leaves_the_others_unchanged(lm_handler, make_request):
     requests = [make_request("codes", 200 + i, 2.0, duration=30) for i in range(4)]
     solo = _solo(lm_handler, requests)
-    loop = EngineLoop(make_engine(lm_handler.llm, max_rows=8, max_len=1024))  # exactly four CFG pairs
+    loop = StepLoop(make_engine(lm_handler.llm, max_rows=8, max_len=1024), "test-lm-engine")  # four CFG pairs
     try:
         progress = [Tokens() for _ in requests]
         futures = [loop.submit(r, p) for r, p in zip(requests, progress)]

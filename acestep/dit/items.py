@@ -1,0 +1,54 @@
+"""What goes into and comes out of the DiT: prepared items (``DiTItem``), sampling settings and
+the per-request ``RenderOutput``. Plain data (tensors, no files, no request parsing); the
+``acestep.dit.worker.DiTWorker`` samples and decodes them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from acestep.dit.conditioning import TextCondition
+from acestep.dit.tasks import Window
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class DiTItem:
+    """One audio to render."""
+
+    text: TextCondition
+    seed: int
+    frames: int
+    src_latents: torch.Tensor  # [T, C]
+    chunk_mask: torch.Tensor  # [T]
+    timbre: torch.Tensor  # [750, C]
+    hints: Optional[torch.Tensor] = None  # [T, C]; set → cover: the context uses the hints
+    repaint: Optional[Window] = None
+    source_audio: Optional[torch.Tensor] = None  # [2, S], for the repaint waveform splice
+    cover_fallback: Optional[TextCondition] = None  # text2music condition once cover strength runs out
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Sampling knobs shared by a batch (all from one GenerationParams)."""
+
+    steps: int = 8
+    shift: float = 1.0
+    timesteps: Optional[tuple] = None
+    method: str = "ode"
+    guidance_scale: float = 7.0
+    use_adg: bool = False
+    cfg_interval: tuple = (0.0, 1.0)
+    cover_strength: float = 1.0
+    adapters: Optional[tuple] = None  # an AdapterSetting; None: the handler's default (``AceStepHandler.lora_setting``)
+
+
+@dataclass
+class RenderOutput:
+    audios: List[torch.Tensor]  # per item [2, S_i] fp32 CPU, post-processed
+    latents: torch.Tensor  # [B, T, C]
+    extras: Dict[str, torch.Tensor] = field(default_factory=dict)
+    time_costs: Dict[str, float] = field(default_factory=dict)
