@@ -22,24 +22,12 @@ from acestep.dit.batch import DiTLimits
 from acestep.dit.codes import format_audio_codes, latents_to_codes
 from acestep.dit.items import DiTItem, Progress, RenderOutput, SamplingSettings
 from acestep.dit.prepare import build_items, encode_source, sampling_settings
+from acestep.devices import default_dtype, resolve_device
 from acestep.dit.worker import DiTWorker
 from acestep.params import AudioSource, GenerationParams
 from acestep.steploop import StepLoop
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA with bf16 support (fp16 otherwise), fp32 elsewhere (as upstream)."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 class AceStepHandler:

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from acestep.checkpoints.layout import resolve_lm_dir
+from acestep.devices import default_dtype, resolve_device
 from acestep.lm import constants as C
 from acestep.lm import planner
 from acestep.lm import prompts as P
@@ -29,20 +30,6 @@ from acestep.params import GenerationConfig, GenerationParams, LMPlan
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("pt", "vllm")
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` → cuda if available else cpu; an unavailable cuda falls back to cpu (warned)."""
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("CUDA requested but unavailable; the LM runs on CPU")
-        return "cpu"
-    return device
-
-
-def default_dtype(device: str) -> torch.dtype:
-    return torch.bfloat16 if device.startswith(("cuda", "xpu")) else torch.float32
 
 
 def _total_vram_gb(device: str) -> Optional[float]:
@@ -87,7 +74,7 @@ class LLMHandler:
         if offload_to_cpu:
             logger.warning("offload_to_cpu is not supported by this LM handler; ignored")
         path = resolve_lm_dir(checkpoint_dir, lm_model_path or C.DEFAULT_LM_MODEL)
-        self.device = resolve_device(device)
+        self.device = str(resolve_device(device))
         self.dtype = dtype or default_dtype(self.device)
         self.max_duration = int(max_duration or C.max_duration_for_vram(_total_vram_gb(self.device)))
         self.max_model_len = int(max_model_len)

@@ -27,6 +27,8 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from acestep.devices import resolve_device
+
 FRAME_BUCKET = 8  # latent frames (0.32 s); a multiple of the DiT's patch size
 CPU_MAX_ROWS = 1  # on a CPU a batched forward costs its rows' solo forwards plus padding (BENCHMARKS.md)
 GPU_MAX_ROWS = 32  # 32 songs of 120 s (turbo, no CFG) in one forward on one GPU
@@ -47,10 +49,9 @@ class DiTLimits:
     def for_device(cls, device="auto") -> "DiTLimits":
         """The limits for a torch device or its name ("auto": CUDA when there is one): one row per
         forward on a CPU, where batching loses, ``GPU_MAX_ROWS`` on a GPU."""
-        name = "auto" if device is None else str(device)
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(max_rows=CPU_MAX_ROWS if torch.device(name).type == "cpu" else GPU_MAX_ROWS)
+        # a named device counts as named (a GPU profile read on a CPU box); only "auto" looks around
+        kind = resolve_device(device).type if device in (None, "", "auto") else torch.device(device).type
+        return cls(max_rows=CPU_MAX_ROWS if kind == "cpu" else GPU_MAX_ROWS)
 
 
 def bucket_frames(frames: int) -> int:
