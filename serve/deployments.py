@@ -83,7 +83,7 @@ class _ModelReplica:
 
     def _setup(self, config: AppConfig, options) -> None:
         # as many torch threads as CPUs the replica reserved: no oversubscription of a shared node,
-        # and the LM engine's CPU rows stay batch-invariant (see acestep/lm/fast/graphs.py)
+        # and the LM engine's CPU rows stay batch-invariant (see acestep/lm/engine/graphs.py)
         torch.set_num_threads(max(1, int(options.ray_actor_options.num_cpus)))
         url, ttl = config.task_store_url(), config.store.task_ttl_s
         self._open_store = lambda: open_task_store(url, ttl_s=ttl, max_records=config.store.max_records)

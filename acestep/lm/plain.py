@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from acestep.lm import fsm as F
-from acestep.lm.fast.graphs import MIN_EAGER_ROWS
+from acestep.lm.engine.graphs import MIN_EAGER_ROWS
 from acestep.lm.request import LMRequest
 from acestep.lm.sampling import cfg_mix, sample_token
 from acestep.lm.vocab import TokenTables

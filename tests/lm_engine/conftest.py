@@ -26,7 +26,7 @@ from acestep.checkpoints.demo_lm import DEMO_LM_DIRNAME, write_demo_lm
 def lm_handler(tmp_path_factory):
     from acestep.llm_inference import LLMHandler
 
-    root = tmp_path_factory.mktemp("lm_fast_checkpoints")
+    root = tmp_path_factory.mktemp("lm_engine_checkpoints")
     write_demo_lm(root / DEMO_LM_DIRNAME, seed=0)
     handler = LLMHandler()
     _, ok = handler.initialize(str(root), DEMO_LM_DIRNAME, backend="pt", device="cpu")

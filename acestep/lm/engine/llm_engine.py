@@ -31,11 +31,11 @@ from typing import Any, Optional
 import torch
 
 from acestep.lm import fsm as F
-from acestep.lm.fast import masks as M
-from acestep.lm.fast.graphs import DecodeRunner
-from acestep.lm.fast.model import FastQwen3
-from acestep.lm.fast.sampler import SampleInputs, sample
-from acestep.lm.fast.scheduler import Job, Scheduler
+from acestep.lm.engine import masks as M
+from acestep.lm.engine.graphs import DecodeRunner
+from acestep.lm.engine.model import FastQwen3
+from acestep.lm.engine.sampler import SampleInputs, sample
+from acestep.lm.engine.scheduler import Job, Scheduler
 from acestep.lm.request import LMRequest, StepCallback
 from acestep.lm.vocab import TokenTables
 from acestep.steploop import Outcome, isolate

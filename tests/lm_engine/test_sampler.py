@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from acestep.lm.fast import masks as M
-from acestep.lm.fast.sampler import SampleInputs, sample
+from acestep.lm.engine import masks as M
+from acestep.lm.engine.sampler import SampleInputs, sample
 from acestep.lm.request import SamplingConfig
 from acestep.lm.sampling import cfg_mix, sample_token
 

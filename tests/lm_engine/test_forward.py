@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from acestep.lm.fast.graphs import DecodeRunner, bucket_for, length_buckets, row_buckets
-from acestep.lm.fast.model import FastQwen3
+from acestep.lm.engine.graphs import DecodeRunner, bucket_for, length_buckets, row_buckets
+from acestep.lm.engine.model import FastQwen3
 
 
 @pytest.fixture(scope="module")

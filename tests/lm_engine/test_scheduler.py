@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from acestep.lm.fast.scheduler import Job, Scheduler
+from acestep.lm.engine.scheduler import Job, Scheduler
 
 
 def _jobs(*slots_needed):

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from acestep.lm.engine import EngineSettings, LMEngine
-from acestep.lm.fast import masks as M
+from acestep.lm.engine import masks as M
 from acestep.steploop import StepLoop
-from tests.lm_fast.conftest import make_engine
+from tests.lm_engine.conftest import make_engine
 
 SAMPLING = [{}, {"lm_top_k": 50}, {"lm_top_p": 0.9}, {"lm_top_k": 30, "lm_top_p": 0.8},
             {"lm_temperature": 0.0}, {"lm_temperature": 1.3, "lm_top_p": 0.95}]
@@ -120,7 +120,7 @@ def test_a_request_whose_sampling_raises_fails_alone_and_its_seven_mates_are_unc
     """Eight one-row requests share every step; the sampler raises whenever it sees the marked
     request's row after its fifth token (a fault on one row's own step, below intake): that
     request's future gets the error, the others their tokens without it."""
-    from acestep.lm import engine as engine_module
+    from acestep.lm.engine import llm_engine as engine_module
 
     engine = make_engine(peaked, max_rows=8, max_len=1024, check_fsm=True)
     requests = [make_request("codes", 80 + i, 1.0) for i in range(8)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from acestep.lm import fsm as F
-from acestep.lm.fast import masks as M
+from acestep.lm.engine import masks as M
 
 
 def _walk_to(state, tables, until):

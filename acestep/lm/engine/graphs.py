@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from acestep.lm.fast.model import FastQwen3
+from acestep.lm.engine.model import FastQwen3
 
 ROW_BUCKETS = (2, 4, 8, 16, 32, 64)
 MIN_LENGTH_BUCKET = 256

@@ -13,7 +13,7 @@ import pytest
 from acestep.lm.request import Cancellation
 from acestep.params import GenerationConfig, GenerationParams
 from acestep.steploop import StepLoop
-from tests.lm_fast.conftest import make_engine
+from tests.lm_engine.conftest import make_engine
 
 DEADLINE_S = 120  # generous bound on waits, only so a broken loop fails instead of hanging
 
