@@ -1,6 +1,6 @@
 """``LMEngine`` gives the plain path's (``PtRunner``) tokens for the same seeds, in fp32 on CPU:
 CoT and codes phases with paired CFG and constraints, every sampling knob, requests joining a
-running batch, slots reused after requests leave."""
+running batch, rows reused after requests leave."""
 
 from __future__ import annotations
 
@@ -86,14 +86,14 @@ def test_requests_joining_a_running_batch_get_their_solo_tokens(fast_engine, mak
     assert [outcomes[rids[i]] for i in range(len(requests))] == solo
 
 
-def test_small_engine_admits_in_chunks_and_reuses_slots(peaked, runner, make_request):
+def test_small_engine_admits_in_chunks_and_reuses_rows(peaked, runner, make_request):
     engine = make_engine(peaked, max_rows=4, max_len=1024, max_admit_per_step=1)
     requests = [make_request("codes", 40 + i, 2.0 if i % 2 else 1.0) for i in range(5)]
     rids = [engine.add(r) for r in requests]
     outcomes = _outcomes(engine.step())
     assert len(engine.scheduler.running) == 1  # max_admit_per_step 1: one request joins per step
     outcomes.update(_outcomes(engine.step()))
-    assert [s.slots for s in engine.scheduler.running] == [[0], [1, 2]]
+    assert [s.rows for s in engine.scheduler.running] == [[0], [1, 2]]
     while engine.has_work:
         outcomes.update(_outcomes(engine.step()))
         assert engine.scheduler.span() <= 4
@@ -130,7 +130,7 @@ def test_a_request_whose_sampling_raises_fails_alone_and_its_seven_mates_are_unc
     real = engine_module.sample
 
     def sample(logits, table, seen, x):
-        marked = [s.cond_slot for s in engine.scheduler.running if s.request is bad and len(s.tokens) >= 5]
+        marked = [s.cond_row for s in engine.scheduler.running if s.request is bad and len(s.tokens) >= 5]
         if marked and marked[0] in x.cond.tolist():
             raise RuntimeError("poisoned row")
         return real(logits, table, seen, x)
@@ -160,10 +160,10 @@ def test_a_request_whose_prefill_raises_fails_alone(peaked, make_request, monkey
     without = engine.generate(requests[:2] + requests[3:])
     real = engine.net.prefill_many
 
-    def prefill_many(prompts, slots):
+    def prefill_many(prompts, rows):
         if any(list(p) == list(bad.prompt_ids) for p in prompts):
             raise RuntimeError("poisoned prompt")
-        return real(prompts, slots)
+        return real(prompts, rows)
 
     monkeypatch.setattr(engine.net, "prefill_many", prefill_many)
     with pytest.raises(RuntimeError, match="poisoned prompt"):

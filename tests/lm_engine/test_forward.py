@@ -1,4 +1,4 @@
-"""The hand-written Qwen3 forward on the static slot cache equals transformers' forward, and the
+"""The hand-written Qwen3 forward on the static row cache equals transformers' forward, and the
 CUDA-graph decode path is skipped cleanly where there is no CUDA."""
 
 from __future__ import annotations
@@ -29,25 +29,25 @@ def _reference(model, ids):
 @pytest.mark.parametrize("attention", ["sdpa", "gqa"])
 @torch.no_grad()
 def test_prefill_and_mixed_position_decode_match_transformers(gqa_model, attention):
-    net = FastQwen3(gqa_model, max_slots=4, max_len=64, decode_attention=attention)
+    net = FastQwen3(gqa_model, max_rows=4, max_len=64, decode_attention=attention)
     gen = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (9, 17, 5)]
-    slots = (0, 2, 3)  # slot 1 stays idle: a hole the decode step covers and ignores
-    for seq, slot in zip(seqs, slots):
-        got = net.prefill(torch.tensor(seq[:-1]), slot)
+    rows = (0, 2, 3)  # row 1 stays idle: a hole the decode step covers and ignores
+    for seq, row in zip(seqs, rows):
+        got = net.prefill(torch.tensor(seq[:-1]), row)
         assert torch.allclose(got, _reference(gqa_model, seq[:-1])[-1], atol=1e-5, rtol=0)
     tokens, positions = [0] * 4, [0] * 4
-    for seq, slot in zip(seqs, slots):
-        tokens[slot], positions[slot] = seq[-1], len(seq) - 1
+    for seq, row in zip(seqs, rows):
+        tokens[row], positions[row] = seq[-1], len(seq) - 1
     out = net.decode(torch.tensor(tokens), torch.tensor(positions), kv_len=max(positions) + 1)
-    for seq, slot in zip(seqs, slots):
-        assert torch.allclose(out[slot], _reference(gqa_model, seq)[-1], atol=1e-5, rtol=0)
+    for seq, row in zip(seqs, rows):
+        assert torch.allclose(out[row], _reference(gqa_model, seq)[-1], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "gqa"])
 @torch.no_grad()
 def test_batched_prefill_matches_transformers(gqa_model, attention):
-    net = FastQwen3(gqa_model, max_slots=4, max_len=64, decode_attention=attention)
+    net = FastQwen3(gqa_model, max_rows=4, max_len=64, decode_attention=attention)
     gen = torch.Generator().manual_seed(2)
     seqs = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (6, 19, 11)]
     got = net.prefill_many([s[:-1] for s in seqs], [3, 0, 1])
@@ -55,14 +55,14 @@ def test_batched_prefill_matches_transformers(gqa_model, attention):
         assert torch.allclose(got[row], _reference(gqa_model, seq[:-1])[-1], atol=1e-5, rtol=0)
     tokens, positions = [seqs[1][-1], seqs[2][-1], 0, seqs[0][-1]], [18, 10, 0, 5]
     out = net.decode(torch.tensor(tokens), torch.tensor(positions), kv_len=19)  # padding writes never seen
-    for slot, seq in ((3, seqs[0]), (0, seqs[1]), (1, seqs[2])):
-        assert torch.allclose(out[slot], _reference(gqa_model, seq)[-1], atol=1e-5, rtol=0)
+    for row, seq in ((3, seqs[0]), (0, seqs[1]), (1, seqs[2])):
+        assert torch.allclose(out[row], _reference(gqa_model, seq)[-1], atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
 def test_demo_lm_logits_match_transformers(lm_handler):
     model = lm_handler.llm.model
-    net = FastQwen3(model, max_slots=2, max_len=128)
+    net = FastQwen3(model, max_rows=2, max_len=128)
     ids = lm_handler.tokenize("<think>\nbpm: 120\ncaption: a calm piano piece")
     got = net.prefill(torch.tensor(ids), 1)
     assert torch.allclose(got, _reference(model, ids)[-1], atol=1e-5, rtol=0)
@@ -81,7 +81,7 @@ def test_buckets():
 
 @torch.no_grad()
 def test_cuda_graphs_are_off_on_cpu(gqa_model):
-    net = FastQwen3(gqa_model, max_slots=4, max_len=64)
+    net = FastQwen3(gqa_model, max_rows=4, max_len=64)
     runner = DecodeRunner(net, use_graphs=True)
     assert not runner.use_graphs
     net.prefill(torch.tensor([5, 6, 7]), 0)
@@ -95,10 +95,10 @@ def test_cuda_graphs_are_off_on_cpu(gqa_model):
 def test_cuda_graph_replay_equals_eager(gqa_model):
     model = gqa_model.to("cuda")
     try:
-        net = FastQwen3(model, max_slots=8, max_len=512)
+        net = FastQwen3(model, max_rows=8, max_len=512)
         eager, graphed = DecodeRunner(net, use_graphs=False), DecodeRunner(net, use_graphs=True)
-        for slot, n in enumerate((5, 9, 3)):
-            net.prefill(torch.arange(1, n + 1, device="cuda"), slot)
+        for row, n in enumerate((5, 9, 3)):
+            net.prefill(torch.arange(1, n + 1, device="cuda"), row)
         want = eager.run([11, 12, 13], [5, 9, 3]).clone()
         got = graphed.run([11, 12, 13], [5, 9, 3])
         assert (4, 256) in graphed.graphs

@@ -1,7 +1,7 @@
 """Decode steps, eager or replayed from CUDA graphs captured per (row bucket, length bucket).
 
-Inputs and outputs live in static buffers (token and position per slot, fp32 logits per slot);
-a step covers slots ``0..B-1`` for the smallest row bucket ``B`` holding the running rows, and
+Inputs and outputs live in static buffers (token and position per row, fp32 logits per row);
+a step covers rows ``0..B-1`` for the smallest row bucket ``B`` holding the running rows, and
 attends over the smallest length bucket holding every row's position. On CPU (or with graphs
 off) the step runs eagerly: GEMMs over a padded number of rows (``eager_rows``), attention per
 row over exactly its own keys, so a row's logits never depend on its batch-mates."""
@@ -22,14 +22,14 @@ MIN_LENGTH_BUCKET = 256
 MIN_EAGER_ROWS = 4
 
 
-def eager_rows(rows: int, max_slots: int) -> int:
-    """Rows an eager decode step covers for ``rows`` running slots (idle slots pad it)."""
+def eager_rows(rows: int, max_rows: int) -> int:
+    """Rows an eager decode step covers for ``rows`` running rows (idle rows pad it)."""
     block = MIN_EAGER_ROWS * max(1, torch.get_num_threads())
-    return min(max_slots, -(-rows // block) * block)
+    return min(max_rows, -(-rows // block) * block)
 
 
-def row_buckets(max_slots: int) -> list[int]:
-    return [b for b in ROW_BUCKETS if b < max_slots] + [max_slots]
+def row_buckets(max_rows: int) -> list[int]:
+    return [b for b in ROW_BUCKETS if b < max_rows] + [max_rows]
 
 
 def length_buckets(max_len: int, smallest: int = MIN_LENGTH_BUCKET) -> list[int]:
@@ -56,10 +56,10 @@ class DecodeRunner:
         self.device = device
         self.use_graphs = bool(use_graphs) and device.type == "cuda"
         self.bucketed = self.use_graphs  # bucketed shapes without graphs: the graph path's maths, eagerly
-        self.tokens = torch.zeros(net.max_slots, dtype=torch.long, device=device)
-        self.positions = torch.zeros(net.max_slots, dtype=torch.long, device=device)
-        self.logits = torch.zeros((net.max_slots, net.dims.vocab), dtype=torch.float32, device=device)
-        self.rows = row_buckets(net.max_slots)
+        self.tokens = torch.zeros(net.max_rows, dtype=torch.long, device=device)
+        self.positions = torch.zeros(net.max_rows, dtype=torch.long, device=device)
+        self.logits = torch.zeros((net.max_rows, net.dims.vocab), dtype=torch.float32, device=device)
+        self.rows = row_buckets(net.max_rows)
         self.lengths = length_buckets(net.max_len)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = None
@@ -77,13 +77,13 @@ class DecodeRunner:
         self.positions[:width].copy_(both[1])
 
     def run(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """Logits [len(tokens), V] for token ``tokens[i]`` at ``positions[i]`` in slot ``i``
-        (idle slots: token 0 at position 0, results ignored)."""
+        """Logits [len(tokens), V] for token ``tokens[i]`` at ``positions[i]`` in row ``i``
+        (idle rows: token 0 at position 0, results ignored)."""
         rows, needed = len(tokens), max(positions) + 1
         if not self.bucketed:
-            width = eager_rows(rows, self.net.max_slots)
+            width = eager_rows(rows, self.net.max_rows)
             self._load(tokens, positions, width)
-            # idle slots (token 0 at position 0) attend over one key, as on the graph path
+            # idle rows (token 0 at position 0) attend over one key, as on the graph path
             self._step(width, needed, [p + 1 for p in positions])
             return self.logits[:rows]
         width, kv_len = bucket_for(rows, self.rows), bucket_for(needed, self.lengths)
@@ -99,7 +99,7 @@ class DecodeRunner:
 
     def capture_all(self) -> int:
         """Capture every (row, length) bucket up front; returns how many graphs exist. Only while
-        no request runs: the warm-up steps write K/V at position 0 of every slot."""
+        no request runs: the warm-up steps write K/V at position 0 of every row."""
         if not self.use_graphs:
             return 0
         for rows in self.rows:

@@ -9,7 +9,7 @@ positions and FSM, so its tokens do not depend on its batch-mates; they equal th
    while KV rows are free); each one's prompts are prefilled into its rows;
 2. the host plans each running row's allowed set (``masks.plan_row``) and the device samples every
    row at once (``sampler.sample``); one sync fetches (token, decision) per row;
-3. the host advances the FSMs, finishes rows (freeing their slots), and runs one decode step (a
+3. the host advances the FSMs, finishes rows (freeing their rows), and runs one decode step (a
    CUDA graph on GPU) feeding each token to both rows of its pair.
 
 A request whose own work raises (its prefill, its row's plan, its sampling, its FSM advance) fails
@@ -226,7 +226,7 @@ class LMEngine:
             self._finish(seq)
 
     def _count_step(self, running: list[Job]) -> None:
-        rows = sum(seq.slots_needed for seq in running)
+        rows = sum(seq.rows_needed for seq in running)
         self._counts["steps"] += 1
         self._counts["tokens"] += len(running)
         self._counts["peak_rows_in_use"] = max(self._counts["peak_rows_in_use"], rows)
@@ -300,22 +300,22 @@ class LMEngine:
                 self._fail(seq, outcome)
 
     def _prefill_rows(self, joined: list[Job]) -> list[None]:
-        prompts, slots = [], []
+        prompts, rows = [], []
         for seq in joined:
             prompts.append(seq.request.prompt_ids)
-            slots.append(seq.cond_slot)
-            if seq.uncond_slot is not None:
+            rows.append(seq.cond_row)
+            if seq.uncond_row is not None:
                 prompts.append(seq.request.uncond_ids)
-                slots.append(seq.uncond_slot)
+                rows.append(seq.uncond_row)
         logits = self.decoder.logits
         if self.batch_prefill:
-            logits[self._ids(slots)] = self.net.prefill_many(prompts, slots)
+            logits[self._ids(rows)] = self.net.prefill_many(prompts, rows)
         else:
-            for prompt, slot in zip(prompts, slots):
-                logits[slot] = self.net.prefill(self._ids(prompt), slot)
+            for prompt, row in zip(prompts, rows):
+                logits[row] = self.net.prefill(self._ids(prompt), row)
         for seq in joined:
-            self.seen[seq.cond_slot] = False
-            self.seen[seq.cond_slot, self._ids(seq.request.prompt_ids)] = True
+            self.seen[seq.cond_row] = False
+            self.seen[seq.cond_row, self._ids(seq.request.prompt_ids)] = True
         return [None] * len(joined)
 
     def _ids(self, ids: Sequence[int]) -> torch.Tensor:
@@ -337,8 +337,8 @@ class LMEngine:
         plan = M.plan_row(state.fsm, self.tables, self.masks)
         greedy = cfg.temperature <= 0
         k, p = cfg.effective_top_k, cfg.effective_top_p
-        uncond = seq.uncond_slot if seq.uncond_slot is not None else seq.cond_slot
-        ints = [seq.cond_slot, uncond, plan.if_true, plan.if_false, plan.predicate, plan.decide,
+        uncond = seq.uncond_row if seq.uncond_row is not None else seq.cond_row
+        ints = [seq.cond_row, uncond, plan.if_true, plan.if_false, plan.predicate, plan.decide,
                 k if k is not None else self.vocab]
         floats = [cfg.cfg_scale, 1.0 if greedy else cfg.temperature, cfg.repetition_penalty,
                   p if p is not None else 2.0, 0.0 if greedy else state.next_uniform()]
@@ -377,10 +377,10 @@ class LMEngine:
         tokens, positions = [0] * span, [0] * span
         for seq in running:
             n = len(seq.tokens) - 1  # the new token's index in the completion
-            tokens[seq.cond_slot] = seq.tokens[-1]
-            positions[seq.cond_slot] = len(seq.request.prompt_ids) + n
-            if seq.uncond_slot is not None:
-                tokens[seq.uncond_slot] = seq.tokens[-1]
-                positions[seq.uncond_slot] = len(seq.request.uncond_ids) + n
+            tokens[seq.cond_row] = seq.tokens[-1]
+            positions[seq.cond_row] = len(seq.request.prompt_ids) + n
+            if seq.uncond_row is not None:
+                tokens[seq.uncond_row] = seq.tokens[-1]
+                positions[seq.uncond_row] = len(seq.request.uncond_ids) + n
         self.decoder.run(tokens, positions)
 

@@ -1,8 +1,8 @@
-"""Hand-written Qwen3 forward over a static, slot-indexed KV cache (gpt-fast style).
+"""Hand-written Qwen3 forward over a static, row-indexed KV cache (gpt-fast style).
 
 The weights are the loaded transformers ``Qwen3ForCausalLM``'s own tensors (no copies). The KV cache
-is two module buffers, ``[layers, slots, kv_heads, max_len, head_dim]`` stored flat per layer: row
-``i`` of a decode step is cache slot ``i``, written in place with ``index_copy_`` at that row's own
+is two module buffers, ``[layers, rows, kv_heads, max_len, head_dim]`` stored flat per layer: row
+``i`` of a decode step is cache row ``i``, written in place with ``index_copy_`` at that row's own
 position, so rows at different positions share one step and a CUDA graph of the step only ever
 touches buffers. Ops follow transformers' Qwen3 (RMSNorm in fp32, q/k RMSNorm per head, RoPE from
 the model's ``inv_freq``, GQA, tied head), so fp32 logits match it to float rounding.
@@ -10,7 +10,7 @@ the model's ``inv_freq``, GQA, tied head), so fp32 logits match it to float roun
 Decode attention: ``"sdpa"`` (``scaled_dot_product_attention`` with ``enable_gqa``, what
 transformers runs; default on CPU) or ``"gqa"`` (default on CUDA: the query heads of each KV head
 are one matrix, so both matmuls read the cache in place -- no repeat of K/V to all heads, no
-gather of the slots)."""
+gather of the rows)."""
 
 from __future__ import annotations
 
@@ -62,13 +62,13 @@ class _Layer:
 
 
 class FastQwen3(nn.Module):
-    """Qwen3 forward for prefill (one row, T tokens) and decode (rows = slots ``0..B-1``)."""
+    """Qwen3 forward for prefill (one row, T tokens) and decode (rows ``0..B-1``)."""
 
-    def __init__(self, hf_model, max_slots: int, max_len: int, decode_attention: str | None = None):
+    def __init__(self, hf_model, max_rows: int, max_len: int, decode_attention: str | None = None):
         super().__init__()
         core = hf_model.model
         self.dims = Qwen3Dims.of(hf_model.config)
-        self.max_slots, self.max_len = int(max_slots), int(max_len)
+        self.max_rows, self.max_len = int(max_rows), int(max_len)
         self.embed = core.embed_tokens.weight
         self.norm = core.norm.weight
         self.head = hf_model.lm_head.weight  # tied: the embedding itself
@@ -78,7 +78,7 @@ class FastQwen3(nn.Module):
         self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
         d = self.dims
         dtype, device = self.embed.dtype, self.embed.device
-        shape = (d.layers, self.max_slots * d.kv_heads * self.max_len, d.head_dim)  # [slot, kv head, pos] flat
+        shape = (d.layers, self.max_rows * d.kv_heads * self.max_len, d.head_dim)  # [row, kv head, pos] flat
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.decode_attention = decode_attention or ("gqa" if device.type == "cuda" else "sdpa")
@@ -103,10 +103,10 @@ class FastQwen3(nn.Module):
         k = k * cos + rotate_half(k) * sin
         return q, k.transpose(1, 2), v
 
-    def _flat(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Cache rows of (slot, every kv head, position) for ``slots``/``positions`` [N]: [N * KVH]."""
-        heads = torch.arange(self.dims.kv_heads, device=slots.device)
-        return ((slots[:, None] * self.dims.kv_heads + heads) * self.max_len + positions[:, None]).reshape(-1)
+    def _flat(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Flat cache indices of (row, every kv head, position) for ``rows``/``positions`` [N]: [N * KVH]."""
+        heads = torch.arange(self.dims.kv_heads, device=rows.device)
+        return ((rows[:, None] * self.dims.kv_heads + heads) * self.max_len + positions[:, None]).reshape(-1)
 
     def _write(self, index: int, flat: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k/v [R, T, KVH, D] into the rows ``flat`` (``_flat`` of the R*T tokens)."""
@@ -114,9 +114,9 @@ class FastQwen3(nn.Module):
         self.k_cache[index].index_copy_(0, flat, k.reshape(-1, D))
         self.v_cache[index].index_copy_(0, flat, v.reshape(-1, D))
 
-    def _slots(self, cache: torch.Tensor, index: int) -> torch.Tensor:
-        """One layer's cache as [slots, KVH, max_len, D] (a view)."""
-        return cache[index].view(self.max_slots, self.dims.kv_heads, self.max_len, self.dims.head_dim)
+    def _rows(self, cache: torch.Tensor, index: int) -> torch.Tensor:
+        """One layer's cache as [rows, KVH, max_len, D] (a view)."""
+        return cache[index].view(self.max_rows, self.dims.kv_heads, self.max_len, self.dims.head_dim)
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         return layer.down(F.silu(layer.gate(x)) * layer.up(x))
@@ -152,21 +152,21 @@ class FastQwen3(nn.Module):
         return F.linear(hidden, self.head).float()
 
     # -- entry points ------------------------------------------------------------------------
-    def prefill(self, ids: torch.Tensor, slot: int) -> torch.Tensor:
-        """Run one prompt ``ids`` [T] into cache slot ``slot`` (positions 0..T-1); fp32 logits [V]
+    def prefill(self, ids: torch.Tensor, row: int) -> torch.Tensor:
+        """Run one prompt ``ids`` [T] into cache row ``row`` (positions 0..T-1); fp32 logits [V]
         of its last token."""
         T = ids.numel()
         positions = torch.arange(T, device=ids.device)
-        flat = self._flat(torch.full_like(positions, slot), positions)
+        flat = self._flat(torch.full_like(positions, row), positions)
 
         def attend(i, q):
-            k, v = (self._slots(c, i)[slot:slot + 1, :, :T] for c in (self.k_cache, self.v_cache))
+            k, v = (self._rows(c, i)[row:row + 1, :, :T] for c in (self.k_cache, self.v_cache))
             return self._attend(q, k, v, None, causal=True)
 
         hidden = self._blocks(F.embedding(ids[None], self.embed), positions[None], flat, attend)
         return self.logits(hidden[0, -1])
 
-    def prefill_many(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+    def prefill_many(self, prompts: list[list[int]], rows: list[int]) -> torch.Tensor:
         """Several prompts in one forward (right-padded to the longest; causal attention never
         sees the padding, whose cache writes land past each prompt and are overwritten before
         any decode step attends to them). fp32 logits [len(prompts), V] of each last token."""
@@ -176,12 +176,12 @@ class FastQwen3(nn.Module):
         for row, prompt in enumerate(prompts):
             ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
         ids = ids.to(device, non_blocking=True)
-        slot_ids = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
+        row_ids = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
         positions = torch.arange(T, device=device).expand(R, T)
-        flat = self._flat(slot_ids[:, None].expand(R, T).reshape(-1), positions.reshape(-1))
+        flat = self._flat(row_ids[:, None].expand(R, T).reshape(-1), positions.reshape(-1))
 
         def attend(i, q):
-            k, v = (self._slots(c, i)[slot_ids, :, :T] for c in (self.k_cache, self.v_cache))
+            k, v = (self._rows(c, i)[row_ids, :, :T] for c in (self.k_cache, self.v_cache))
             return self._attend(q, k, v, None, causal=True)
 
         hidden = self._blocks(F.embedding(ids, self.embed), positions, flat, attend)
@@ -190,7 +190,7 @@ class FastQwen3(nn.Module):
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int,
                row_lengths: list[int] | None = None) -> torch.Tensor:
-        """One token for each of slots ``0..B-1`` (``B = tokens.numel()``) at its own position;
+        """One token for each of rows ``0..B-1`` (``B = tokens.numel()``) at its own position;
         attends over cache positions ``< kv_len`` that are ``<=`` the row's position. fp32 logits
         [B, V]. Only static shapes and in-place buffer writes: CUDA-graph capturable.
 
@@ -203,7 +203,7 @@ class FastQwen3(nn.Module):
         mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
 
         def attend(i, q):
-            k, v = (self._slots(c, i)[:B, :, :kv_len] for c in (self.k_cache, self.v_cache))
+            k, v = (self._rows(c, i)[:B, :, :kv_len] for c in (self.k_cache, self.v_cache))
             if row_lengths is not None:
                 out = torch.zeros_like(q)
                 for r, length in enumerate(row_lengths):

@@ -1,9 +1,9 @@
-"""Continuous batching bookkeeping: which requests run, in which KV-cache slots (no tensors).
+"""Continuous batching bookkeeping: which requests run, in which KV-cache rows (no tensors).
 
-A request takes one slot (two with CFG: cond + uncond). Waiting requests join the running batch
+A request takes one row (two with CFG: cond + uncond). Waiting requests join the running batch
 between steps, at most ``max_admit`` per step, first come first served (a request that does not fit
-yet holds back the ones behind it), while slots are free; a finished request frees its slots at once. Slots are handed out lowest
-first, so the running rows stay packed near slot 0 and a decode step covers few idle slots."""
+yet holds back the ones behind it), while rows are free; a finished request frees its rows at once. Slots are handed out lowest
+first, so the running rows stay packed near row 0 and a decode step covers few idle rows."""
 
 from __future__ import annotations
 
@@ -20,32 +20,32 @@ class Job:
 
     rid: int
     request: Any
-    slots_needed: int
+    rows_needed: int
     state: Any = None
-    cond_slot: int = -1
-    uncond_slot: int | None = None
+    cond_row: int = -1
+    uncond_row: int | None = None
     tokens: list[int] = field(default_factory=list)
     finished: bool = False
 
     @property
-    def slots(self) -> list[int]:
-        return [self.cond_slot] + ([self.uncond_slot] if self.uncond_slot is not None else [])
+    def rows(self) -> list[int]:
+        return [self.cond_row] + ([self.uncond_row] if self.uncond_row is not None else [])
 
 
 class Scheduler:
-    def __init__(self, max_slots: int, max_admit: int):
-        if max_slots < 2:
+    def __init__(self, max_rows: int, max_admit: int):
+        if max_rows < 2:
             raise ValueError("max_rows must be >= 2 (one CFG pair)")
-        self.max_slots = int(max_slots)
+        self.max_rows = int(max_rows)
         self.max_admit = max(1, int(max_admit))
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []
-        self._free = list(range(self.max_slots))
+        self._free = list(range(self.max_rows))
         heapq.heapify(self._free)
 
     def add(self, seq: Job) -> None:
-        if seq.slots_needed > self.max_slots:
-            raise ValueError(f"request needs {seq.slots_needed} rows; the engine has {self.max_slots}")
+        if seq.rows_needed > self.max_rows:
+            raise ValueError(f"request needs {seq.rows_needed} rows; the engine has {self.max_rows}")
         self.waiting.append(seq)
 
     @property
@@ -53,19 +53,19 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def admit(self) -> list[Job]:
-        """Move up to ``max_admit`` waiting sequences into the running batch (slots assigned)."""
+        """Move up to ``max_admit`` waiting sequences into the running batch (rows assigned)."""
         joined: list[Job] = []
-        while self.waiting and len(joined) < self.max_admit and self.waiting[0].slots_needed <= len(self._free):
+        while self.waiting and len(joined) < self.max_admit and self.waiting[0].rows_needed <= len(self._free):
             seq = self.waiting.popleft()
-            seq.cond_slot = heapq.heappop(self._free)
-            if seq.slots_needed == 2:
-                seq.uncond_slot = heapq.heappop(self._free)
+            seq.cond_row = heapq.heappop(self._free)
+            if seq.rows_needed == 2:
+                seq.uncond_row = heapq.heappop(self._free)
             self.running.append(seq)
             joined.append(seq)
         return joined
 
     def drop(self, seq: Job) -> None:
-        """Remove a waiting or running sequence (a running one frees its slots)."""
+        """Remove a waiting or running sequence (a running one frees its rows)."""
         if seq in self.running:
             self.finish(seq)
         elif seq in self.waiting:
@@ -74,14 +74,14 @@ class Scheduler:
 
     @property
     def rows_in_use(self) -> int:
-        return self.max_slots - len(self._free)
+        return self.max_rows - len(self._free)
 
     def finish(self, seq: Job) -> None:
         seq.finished = True
         self.running.remove(seq)
-        for slot in seq.slots:
-            heapq.heappush(self._free, slot)
+        for row in seq.rows:
+            heapq.heappush(self._free, row)
 
     def span(self) -> int:
-        """Rows a decode step must cover: one past the highest slot in use."""
-        return 1 + max((s for seq in self.running for s in seq.slots), default=-1)
+        """Rows a decode step must cover: one past the highest row in use."""
+        return 1 + max((s for seq in self.running for s in seq.rows), default=-1)
