@@ -24,6 +24,8 @@ from acestep.checkpoints.demo import real_config
 from acestep.checkpoints.demo_lora import write_demo_lora
 from acestep.dit.prepare import sampling_settings
 from acestep.params import GenerationParams
+from bench.common import standalone
+from bench.e2e import build_dit_handler
 
 SECTION = "dit adapters (switch cost, mixed stream)"
 
@@ -50,8 +52,6 @@ def _stream(handler, names: List[str], count: int, seconds: float) -> float:
 
 
 def run(bench, dtype: torch.dtype, quick: bool = False) -> None:
-    from bench.e2e import build_dit_handler
-
     handler = build_dit_handler(bench.tiny, bench.device, dtype)
     seconds, rank = (10.0, 4) if bench.tiny else (60.0, 32)
     config = None if bench.tiny else real_config("acestep-v15-turbo")
@@ -81,8 +81,6 @@ def run(bench, dtype: torch.dtype, quick: bool = False) -> None:
 
 
 def main(argv: List[str] | None = None) -> int:
-    from bench.gpu import standalone
-
     return standalone(argv, "python -m bench.adapters", __doc__.split("\n\n")[0], "bench/results/adapters.json", run)
 
 

@@ -21,6 +21,8 @@ from typing import Dict, List, Sequence
 import torch
 
 from acestep.inference import GenerationConfig, GenerationParams, RenderJob, prepare_request, submit_render
+from bench.common import standalone
+from bench.e2e import build_dit_handler
 from bench.serving import percentile
 
 SECTION = "dit serving (mixed requests at once)"
@@ -100,8 +102,6 @@ def bench_concurrent(bench, handler, count: int, seconds: Sequence[int]) -> None
 
 
 def run(bench, dtype: torch.dtype, quick: bool = False) -> None:
-    from bench.e2e import build_dit_handler
-
     handler = build_dit_handler(bench.tiny, bench.device, dtype)
     seconds = (QUICK_TINY_SECONDS if quick else TINY_SECONDS) if bench.tiny else FULL_SECONDS
     submit_render(handler, workload(1, seconds)[0]).result()  # warm-up: first kernels are not measured
@@ -113,8 +113,6 @@ def run(bench, dtype: torch.dtype, quick: bool = False) -> None:
 
 
 def main(argv: List[str] | None = None) -> int:
-    from bench.gpu import standalone
-
     return standalone(argv, "python -m bench.dit_serving", __doc__.split("\n\n")[0], "bench/results/dit-serving.json", run)
 
 

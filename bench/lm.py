@@ -28,6 +28,7 @@ from acestep.lm.request import LMRequest
 from acestep.llm_inference import LLMHandler
 from acestep.params import GenerationParams
 from bench import models, scratch_dir
+from bench.common import median_ms
 
 LM_NAME = "acestep-5Hz-lm-1.7B"
 TINY_LABEL = "demo LM (random, vocab 66,108)"
@@ -115,8 +116,6 @@ def generate_cfg(model, base: LMRequest, pairs: int, tokens: int, codes_only: Co
 
 def ms_per_step(device: torch.device, run, tokens: int, repeats: int = REPEATS) -> float:
     """(median t(tokens) - median t(1)) / (tokens - 1); ``run(n)`` generates n tokens per row."""
-    from bench.gpu import median_ms
-
     one = median_ms(lambda: run(1), device, repeats)
     full = median_ms(lambda: run(tokens), device, repeats)
     return round((full - one) / (tokens - 1), 3)

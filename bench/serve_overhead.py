@@ -7,7 +7,8 @@ With ``--concurrent N`` it measures serving instead: N thinking requests of mixe
 (``DURATIONS`` cycled, distinct seeds) posted to ``/v1/generate`` at once; wall time, songs/min,
 p50/p95 latency and the DiT's forward sharing when the checkout reports it.
 
-Standalone only (it starts Ray): ``python bench/serve_overhead.py [--repeats 5] [--device cuda]``.
+Standalone only (it starts Ray): ``python bench/serve_overhead.py [--repeats 5] [--device cuda]``;
+``--quick`` is its smoke run (one timed run per figure, 2 sampling steps: it checks, not measures).
 It only uses APIs an older checkout has too (``generate_music``, ``serve.app.build_app``,
 ``serve.cli.load_serve_config`` / ``apply_overrides``, ``serve.config.AppConfig``, the
 ``/v1/generate`` route), so it measures that checkout when it comes first on PYTHONPATH:
@@ -32,11 +33,17 @@ REQUEST = {"caption": "calm piano with soft strings", "lyrics": "[verse]\nhello 
            "duration": 10, "inference_steps": 8, "batch_size": 1, "audio_format": "flac",
            "use_random_seed": False, "seeds": [1]}
 DURATIONS = (10, 12, 15, 18, 20, 24, 27, 30)
+QUICK = {"repeats": 1, "inference_steps": 2}  # the smoke run: the fewest runs and steps that still go end to end
+MIN_REPEATS = 5  # a median of fewer is noise on a shared box
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="serve_overhead.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (at least 5)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed runs per figure (at least {MIN_REPEATS}, the default; "
+                             f"{QUICK['repeats']} with --quick)")
+    parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK['repeats']} timed run per "
+                                                             f"figure, {QUICK['inference_steps']} sampling steps")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads, in-process and in the replicas")
     parser.add_argument("--num-cpus", type=int, default=4, help="CPUs of the local Ray")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
@@ -48,8 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--concurrent", type=int, default=0,
                         help="serving mode: this many thinking requests of mixed durations at once")
     args = parser.parse_args(argv)
-    if args.repeats < 5:
-        parser.error("--repeats must be at least 5")
+    if args.repeats is None:
+        args.repeats = QUICK["repeats"] if args.quick else MIN_REPEATS
+    elif args.repeats < MIN_REPEATS and not args.quick:
+        parser.error(f"--repeats must be at least {MIN_REPEATS} (or use --quick)")
+    args.request = {**REQUEST, "inference_steps": QUICK["inference_steps"]} if args.quick else dict(REQUEST)
     return args
 
 
@@ -106,7 +116,8 @@ def load_handlers(config):
     except ImportError:  # a checkout without these helpers: the same loaders by hand
         load_lm = load_dit = None
     if load_lm is not None:
-        return (load_lm(config) if config.lm.enabled else None), load_dit(config)
+        llm = _load(load_lm, config, config.lm.model) if config.lm.enabled else None
+        return llm, _load(load_dit, config, config.dit.model)
     from acestep.handler import AceStepHandler
     from acestep.llm_inference import LLMHandler
 
@@ -120,25 +131,35 @@ def load_handlers(config):
     return llm, dit
 
 
-def library_inputs(thinking: bool):
+def _load(loader, config, model: str):
+    """A Serve loader called as the replicas call it: current ones take the model folder to load
+    (a deployment per model), older checkouts' took the config alone."""
+    import inspect
+
+    if "model" in inspect.signature(loader).parameters:
+        return loader(config, model)
+    return loader(config)
+
+
+def library_inputs(request: dict, thinking: bool):
     """The request body split into the library's GenerationParams / GenerationConfig."""
     import dataclasses
 
     from acestep.inference import GenerationConfig, GenerationParams
 
-    body = {**REQUEST, "thinking": thinking}
+    body = {**request, "thinking": thinking}
     config_fields = {f.name for f in dataclasses.fields(GenerationConfig)}
     params = GenerationParams(**{k: v for k, v in body.items() if k not in config_fields})
     return params, GenerationConfig(**{k: v for k, v in body.items() if k in config_fields})
 
 
-def measure_in_process(config, repeats: int, scratch: Path) -> dict:
+def measure_in_process(config, request: dict, repeats: int, scratch: Path) -> dict:
     from acestep.inference import generate_music
 
     llm, dit = load_handlers(config)
     figures = {}
     for thinking in (True, False):
-        params, gen_config = library_inputs(thinking)
+        params, gen_config = library_inputs(request, thinking)
 
         def once():
             result = generate_music(dit, llm, params, gen_config, save_dir=str(scratch))
@@ -186,7 +207,7 @@ def _wait_healthy(url: str, timeout_s: float = 300.0) -> None:
     raise TimeoutError(f"{url}/health did not answer within {timeout_s}s")
 
 
-def measure_http(url: str, repeats: int) -> dict:
+def measure_http(url: str, request: dict, repeats: int) -> dict:
     """Median ms of POST /v1/generate alone and of POST plus fetching the audio file."""
     import time
 
@@ -198,7 +219,7 @@ def measure_http(url: str, repeats: int) -> dict:
             post, total = [], []
             for run in range(repeats + 1):  # run 0 warms up
                 start = time.perf_counter()
-                response = client.post("/v1/generate", json={**REQUEST, "thinking": thinking})
+                response = client.post("/v1/generate", json={**request, "thinking": thinking})
                 if response.status_code != 200:
                     raise RuntimeError(f"/v1/generate answered {response.status_code}: {response.text[:300]}")
                 posted = time.perf_counter()
@@ -212,12 +233,12 @@ def measure_http(url: str, repeats: int) -> dict:
     return figures
 
 
-def concurrent_bodies(count: int) -> list:
-    return [{**REQUEST, "thinking": True, "duration": DURATIONS[i % len(DURATIONS)], "seeds": [100 + i]}
+def concurrent_bodies(request: dict, count: int) -> list:
+    return [{**request, "thinking": True, "duration": DURATIONS[i % len(DURATIONS)], "seeds": [100 + i]}
             for i in range(count)]
 
 
-def measure_concurrent(url: str, count: int) -> dict:
+def measure_concurrent(url: str, request: dict, count: int) -> dict:
     """One warm-up request, then ``count`` requests posted at once, each fetched when answered."""
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -234,16 +255,16 @@ def measure_concurrent(url: str, count: int) -> dict:
 
     limits = httpx.Limits(max_connections=count + 2)
     with httpx.Client(base_url=url, timeout=1800, limits=limits) as client:
-        one(client, concurrent_bodies(1)[0])
+        one(client, concurrent_bodies(request, 1)[0])
         start = time.perf_counter()
         with ThreadPoolExecutor(count) as pool:
-            latencies = sorted(pool.map(lambda body: one(client, body), concurrent_bodies(count)))
+            latencies = sorted(pool.map(lambda body: one(client, body), concurrent_bodies(request, count)))
         wall = time.perf_counter() - start
         stats = client.get("/v1/stats").json()
     native = stats.get("data", {}).get("serve", stats) if isinstance(stats, dict) else {}  # enveloped since 2026-12
     dit = native.get("dit") or {}
     worker = dit.get("worker", {}) if isinstance(dit, dict) else {}
-    return {"requests": count, "durations_s": sorted(b["duration"] for b in concurrent_bodies(count)),
+    return {"requests": count, "durations_s": sorted(b["duration"] for b in concurrent_bodies(request, count)),
             "wall_s": round(wall, 2), "songs_per_min": round(count * 60 / wall, 2),
             "p50_s": round(latencies[len(latencies) // 2], 2),
             "p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 2),
@@ -281,22 +302,24 @@ def main(argv=None) -> int:
     args.state_dir = str(scratch / "state")
     http, app, config = app_entry(args, args.port or _free_port())
     print(f"checkpoints: {config.checkpoint_root()}; threads: {args.threads}; repeats: {args.repeats}", flush=True)
-    in_process = None if args.concurrent else measure_in_process(config, args.repeats, scratch / "audio")
+    in_process = None if args.concurrent else measure_in_process(config, args.request, args.repeats, scratch / "audio")
     import ray
     from ray import serve
 
     try:
         url = start_serve(args, http, app, config)
-        measured = measure_concurrent(url, args.concurrent) if args.concurrent else measure_http(url, args.repeats)
+        measured = (measure_concurrent(url, args.request, args.concurrent) if args.concurrent
+                    else measure_http(url, args.request, args.repeats))
     finally:
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
     if args.concurrent:
         print(json.dumps(measured, indent=2))
-        result = {"concurrent": measured, "request": REQUEST, "threads": args.threads}
+        result = {"concurrent": measured, "request": args.request, "threads": args.threads}
     else:
-        result = {"rows": report(in_process, measured), "request": REQUEST, "threads": args.threads}
+        result = {"rows": report(in_process, measured), "request": args.request, "threads": args.threads,
+                  "repeats": args.repeats}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

@@ -29,6 +29,7 @@ import torch
 from acestep.lm import planner
 from acestep.lm.parsing import count_codes, parse_lm_output
 from acestep.params import GenerationConfig, GenerationParams
+from bench.common import standalone
 from bench.lm import CAPTION, lm_handler, model_label, song_params
 
 MIXED_SECTION = "lm serving (mixed arrivals)"
@@ -219,8 +220,6 @@ def run(bench, dtype: torch.dtype, quick: bool = False) -> None:
 
 
 def main(argv: List[str] | None = None) -> int:
-    from bench.gpu import standalone
-
     return standalone(argv, "python -m bench.serving", __doc__.split("\n\n")[0], "bench/results/serving.json", run)
 
 

@@ -1,4 +1,6 @@
-"""`python -m bench.gpu --tiny` runs every section on CPU and writes JSON + markdown (no timing asserted)."""
+"""`python -m bench.gpu --tiny` runs every section on CPU and writes JSON + markdown; the serving
+sections' own commands (README's `python -m bench.serving --quick`, `bench.dit_serving --quick`)
+run their quick workload once each instead of through bench.gpu (no timing asserted)."""
 
 from __future__ import annotations
 
@@ -32,9 +34,13 @@ def test_bench_gpu_tiny_runs(tmp_path):
 
 
 def test_bench_serving_quick_runs_both_modes(tmp_path):
-    out = tmp_path / "gpu.json"
-    assert main(["--tiny", "--out", str(out), "--budget-s", "300", "--sections", "lm-serving"]) == 0
-    sections = json.loads(out.read_text())["sections"]
+    from bench.serving import main as serving_main
+
+    out = tmp_path / "serving.json"
+    assert serving_main(["--quick", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["tiny"]  # demo models by default on a CPU
+    sections = results["sections"]
     for name in (MIXED_SECTION, SHORT_SECTION):
         rows = {row["mode"]: row for row in sections[name]}
         assert set(rows) == {"engine service", "waves"}
@@ -67,10 +73,11 @@ def test_bench_gpu_deadline_still_writes_results(tmp_path):
 
 
 def test_bench_dit_serving_quick_runs_both_modes(tmp_path):
-    from bench.dit_serving import SECTION
+    from bench.dit_serving import SECTION, main as dit_serving_main
 
-    out = tmp_path / "gpu.json"
-    assert main(["--tiny", "--out", str(out), "--budget-s", "600", "--sections", "dit-serving"]) == 0
+    out = tmp_path / "dit-serving.json"
+    assert dit_serving_main(["--quick", "--out", str(out)]) == 0
+    assert f"### {SECTION}" in out.with_suffix(".md").read_text()
     rows = {row["mode"]: row for row in json.loads(out.read_text())["sections"][SECTION]}
     assert set(rows) == {"worker", "serial batch 1"}
     assert rows["worker"]["concurrent"] == rows["serial batch 1"]["concurrent"] == 4
@@ -79,6 +86,7 @@ def test_bench_dit_serving_quick_runs_both_modes(tmp_path):
 
 
 def test_bench_adapters_reports_switch_cost_and_the_mixed_stream(tmp_path):
+    # through bench.gpu: the section table's quick-when-tiny path (the same workload as --quick)
     from bench.adapters import SECTION as ADAPTERS_SECTION
 
     out = tmp_path / "gpu.json"
