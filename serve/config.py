@@ -124,7 +124,7 @@ class DiTBatchSettings(_Strict):
     """The DiT replica's one worker (``acestep.dit.batch.DiTLimits``): requests join its running batch
     between sampling steps whatever their lengths; those beyond these bounds wait inside it, in order."""
 
-    max_rows: Optional[int] = Field(
+    max_forward_rows: Optional[int] = Field(
         None, ge=1, le=512, description="Rows in one DiT forward; a guided item (base/sft model, CFG) takes two. "
                                         "null: the device's (DiTLimits.for_device: 1 on a CPU, 32 on a GPU).")
     max_row_frames: int = Field(DIT_LIMITS.max_row_frames, ge=8, le=1 << 24,
@@ -135,8 +135,8 @@ class DiTBatchSettings(_Strict):
 
     def to_library(self, device: str = "auto") -> DiTLimits:
         """The worker's limits on ``device`` (the replica's DiT device; "auto" resolves where it runs)."""
-        rows = DiTLimits.for_device(device).max_rows if self.max_rows is None else self.max_rows
-        return DiTLimits(max_rows=rows, max_row_frames=self.max_row_frames, max_padding=self.max_padding)
+        rows = self.max_forward_rows or DiTLimits.for_device(device).max_forward_rows
+        return DiTLimits(max_forward_rows=rows, max_row_frames=self.max_row_frames, max_padding=self.max_padding)
 
 
 class AdapterSettings(_Strict):

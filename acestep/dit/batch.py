@@ -30,28 +30,28 @@ import torch.nn.functional as F
 from acestep.devices import resolve_device
 
 FRAME_BUCKET = 8  # latent frames (0.32 s); a multiple of the DiT's patch size
-CPU_MAX_ROWS = 1  # on a CPU a batched forward costs its rows' solo forwards plus padding (BENCHMARKS.md)
-GPU_MAX_ROWS = 32  # 32 songs of 120 s (turbo, no CFG) in one forward on one GPU
+CPU_FORWARD_ROWS = 1  # on a CPU a batched forward costs its rows' solo forwards plus padding (BENCHMARKS.md)
+GPU_FORWARD_ROWS = 32  # 32 songs of 120 s (turbo, no CFG) in one forward on one GPU
 
 
 @dataclass(frozen=True)
 class DiTLimits:
     """How much one running batch may hold. An item over the limits alone still runs, alone."""
 
-    max_rows: int = 16  # rows per forward; an item under CFG (base / sft models) takes two
+    max_forward_rows: int = 16  # rows per forward; an item under CFG (base / sft models) takes two
     max_row_frames: int = 16 * 6000  # rows x padded latent frames (25 per second): 16 rows of 240 s
     max_padding: float = 0.25  # padded frames of one forward over its real frames, minus one
 
     def fits(self, rows: int, row_frames: int) -> bool:
-        return rows <= self.max_rows and row_frames <= self.max_row_frames
+        return rows <= self.max_forward_rows and row_frames <= self.max_row_frames
 
     @classmethod
     def for_device(cls, device="auto") -> "DiTLimits":
         """The limits for a torch device or its name ("auto": CUDA when there is one): one row per
-        forward on a CPU, where batching loses, ``GPU_MAX_ROWS`` on a GPU."""
+        forward on a CPU, where batching loses, ``GPU_FORWARD_ROWS`` on a GPU."""
         # a named device counts as named (a GPU profile read on a CPU box); only "auto" looks around
         kind = resolve_device(device).type if device in (None, "", "auto") else torch.device(device).type
-        return cls(max_rows=CPU_MAX_ROWS if kind == "cpu" else GPU_MAX_ROWS)
+        return cls(max_forward_rows=CPU_FORWARD_ROWS if kind == "cpu" else GPU_FORWARD_ROWS)
 
 
 def bucket_frames(frames: int) -> int:

@@ -124,7 +124,7 @@ def test_an_item_whose_forward_raises_fails_alone_and_its_seven_mates_are_unchan
     from acestep.dit.prepare import sampling_settings
     from acestep.handler import AceStepHandler
 
-    handler = AceStepHandler.from_bundle(turbo_handler.bundle, DiTLimits(max_rows=8))
+    handler = AceStepHandler.from_bundle(turbo_handler.bundle, DiTLimits(max_forward_rows=8))
     try:
         params = GenerationParams(thinking=False, caption="mates", duration=10)
         settings = sampling_settings(params)

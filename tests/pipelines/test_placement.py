@@ -40,13 +40,13 @@ def test_cpu_options_are_unset_unless_given():
 
 @pytest.mark.parametrize("device,rows", [("cpu", 1), ("cuda", 32), ("cuda:1", 32)])
 def test_dit_limits_for_a_device_and_the_serve_default_agree(device, rows):
-    assert DiTLimits.for_device(device).max_rows == rows
-    assert DiTBatchSettings().to_library(device).max_rows == rows
-    assert DiTBatchSettings(max_rows=4).to_library(device).max_rows == 4  # a configured value wins
+    assert DiTLimits.for_device(device).max_forward_rows == rows
+    assert DiTBatchSettings().to_library(device).max_forward_rows == rows
+    assert DiTBatchSettings(max_forward_rows=4).to_library(device).max_forward_rows == 4  # a configured value wins
 
 
 def test_auto_is_the_device_this_process_would_use():
     import torch
 
     assert DiTLimits.for_device("auto") == DiTLimits.for_device("cuda" if torch.cuda.is_available() else "cpu")
-    assert DiTBatchSettings().to_library().max_rows == DiTLimits.for_device("auto").max_rows
+    assert DiTBatchSettings().to_library().max_forward_rows == DiTLimits.for_device("auto").max_forward_rows

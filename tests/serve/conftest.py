@@ -45,7 +45,7 @@ def serve_app(demo_root, tmp_path_factory):
     it: the controller imports ``serve.app:build_app`` on a worker and calls it with the file's args."""
     # the GPU profile's step-level batching (the CPU profile renders one row at a time), so the
     # tests see songs share DiT forwards
-    batch = {"max_rows": 16, "max_row_frames": 96000, "max_padding": 0.25}
+    batch = {"max_forward_rows": 16, "max_row_frames": 96000, "max_padding": 0.25}
     yield from deployed_app(demo_root, tmp_path_factory.mktemp("state"), dit={"batch": batch})
 
 

@@ -36,7 +36,7 @@ def adapters(tmp_path_factory):
 def models_app(demo_root, tmp_path_factory, adapters):
     if not (demo_root / BIG_LM).exists():  # a second LM "size": the demo LM under another served name
         shutil.copytree(demo_root / "acestep-5Hz-lm-0.6B", demo_root / BIG_LM)
-    batch = {"max_rows": 16, "max_row_frames": 96000, "max_padding": 0.25}
+    batch = {"max_forward_rows": 16, "max_row_frames": 96000, "max_padding": 0.25}
     yield from deployed_app(demo_root, tmp_path_factory.mktemp("models-state"),
                             dit={"extra_models": [BASE], "batch": batch,
                                  "adapters": {"dir": str(adapters), "max_loaded": 2}},
