@@ -163,17 +163,15 @@ def test_stall_watch_fails_a_busy_replica_without_progress():
 
 
 def test_event_stream_sends_heartbeats_and_ends_at_a_final_phase(tmp_path):
-    from types import SimpleNamespace
-
-    from serve.api import _events
     from serve.store import open_task_store
+    from serve.store.records import sse_events
 
     store = open_task_store(f"sqlite:///{tmp_path / 'tasks.db'}")
     task_id, _ = store.create({})
 
     async def read():
         chunks = []
-        async for chunk in _events(SimpleNamespace(store=store), task_id, -1, heartbeat_s=0.2):
+        async for chunk in sse_events(store, task_id, -1, heartbeat_s=0.2):
             chunks.append(chunk)
             if chunks.count(": keep-alive\n\n") == 2:
                 store.update(task_id, "lm", 0.1, "LM")
