@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Annotated, Any, Dict, List, Optional, Tuple, get_type_hints
+from typing import Annotated, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union, get_args, get_origin
+from typing import get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+import annotated_types
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, WrapValidator
+from pydantic import create_model
+from pydantic_core import PydanticCustomError
 
 from acestep.params import LM_HELPER_DEFAULTS, GenerationConfig, GenerationParams
+from acestep.validation import RULES, Rule
 
 UPLOAD_FIELDS = ("src_audio", "reference_audio")
 # Library fields a client may not set: uploads arrive as bytes, cot_* are LM outputs.
-_HIDDEN = set(UPLOAD_FIELDS) | {f.name for f in dataclasses.fields(GenerationParams) if f.name.startswith("cot_")}
+HIDDEN_FIELDS = set(UPLOAD_FIELDS) | {f.name for f in dataclasses.fields(GenerationParams) if f.name.startswith("cot_")}
+RULE_OF: Dict[str, Rule] = {rule.field: rule for rule in RULES}
 _DESCRIPTIONS = {
     "caption": "Text description of the music (genre, mood, instruments).",
     "lyrics": "Lyrics with structure tags such as [verse]; empty for instrumental.",
@@ -31,15 +37,61 @@ class _RequestBase(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-def _documented_ranges() -> Dict[str, Dict[str, Any]]:
-    """minimum/maximum of the library's range rules, shown in the schema (clients such as the
-    studio read them); the library stays the judge and its messages the answer."""
-    from acestep.validation import RULES
+def _judge(rule: Rule):
+    """A wrap validator answering in the rule's words: a type or range error gets the allowed
+    values appended, a value the rule refuses is named as not allowed."""
 
+    def judge(value, handler):
+        try:
+            value = handler(value)
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise PydanticCustomError(first["type"], "{msg}; allowed: {allowed}",
+                                      {"msg": first["msg"], "allowed": rule.allowed}) from None
+        if value is not None and not rule.check(value):
+            raise PydanticCustomError("value_error", "not allowed: {allowed}", {"allowed": rule.allowed})
+        return value
+
+    return WrapValidator(judge)
+
+
+def checked(annotation, rule_field: str):
+    """``annotation`` judged by the library's rule for ``rule_field`` (``acestep.validation.RULES``):
+    a range rule's bounds become ge/le (the schema's minimum/maximum), failures name the allowed
+    values. ``Optional[...]`` stays optional: None is not judged."""
+    rule = RULE_OF[rule_field]
+    args = get_args(annotation)
+    if get_origin(annotation) is Union and type(None) in args:
+        rest = tuple(arg for arg in args if arg is not type(None))
+        return Optional[checked(rest[0] if len(rest) == 1 else Union[rest], rule_field)]
+    bounds = (annotated_types.Ge(rule.bounds[0]), annotated_types.Le(rule.bounds[1])) if rule.bounds else ()
+    return Annotated[(annotation, *bounds, _judge(rule))]
+
+
+# The LM sampling knobs of every dialect, judged by the one rule each (generation's lm_* fields).
+LMTemperature = checked(float, "lm_temperature")
+LMTopP = checked(float, "lm_top_p")
+LMTopK = checked(int, "lm_top_k")
+
+
+def _documented_ranges() -> Dict[str, Dict[str, Any]]:
+    """minimum/maximum of the library's range rules, shown in the native schema (clients such as the
+    studio read them); there the library stays the judge and its messages the answer."""
     return {rule.field: {"minimum": rule.bounds[0], "maximum": rule.bounds[1]} for rule in RULES if rule.bounds}
 
 
-def _fields_of(dataclass_type, skip=()) -> Dict[str, Tuple[Any, Any]]:
+def spellings(name: str, aliases: Optional[Mapping[str, Sequence[str]]]) -> Optional[AliasChoices]:
+    """The names a field is read under: a dialect's spellings, then the field's own name."""
+    names = tuple((aliases or {}).get(name, ()))
+    return AliasChoices(*names, *(() if name in names else (name,))) if names else None
+
+
+def library_fields(dataclass_type, skip=(), *, defaults: Optional[Mapping[str, Any]] = None,
+                   aliases: Optional[Mapping[str, Sequence[str]]] = None, judged: bool = False
+                   ) -> Dict[str, Tuple[Any, Any]]:
+    """A library dataclass's fields as pydantic field definitions: its types and defaults (a
+    dialect's ``defaults`` where they differ), ``aliases`` as other accepted spellings; ``judged``:
+    each field with a rule is checked by it (else the library judges later)."""
     hints = get_type_hints(dataclass_type)
     ranges = _documented_ranges()
     fields = {}
@@ -47,35 +99,53 @@ def _fields_of(dataclass_type, skip=()) -> Dict[str, Tuple[Any, Any]]:
         if f.name in skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        fields[f.name] = (hints[f.name], Field(default, description=_DESCRIPTIONS.get(f.name),
-                                               json_schema_extra=ranges.get(f.name)))
+        default = (defaults or {}).get(f.name, default)
+        annotation = checked(hints[f.name], f.name) if judged and f.name in RULE_OF else hints[f.name]
+        fields[f.name] = (annotation, Field(default, description=_DESCRIPTIONS.get(f.name),
+                                            validation_alias=spellings(f.name, aliases),
+                                            json_schema_extra=None if judged else ranges.get(f.name)))
     return fields
 
 
-PARAM_FIELDS = tuple(name for name in _fields_of(GenerationParams, _HIDDEN))
-CONFIG_FIELDS = tuple(name for name in _fields_of(GenerationConfig))
+PARAM_FIELDS = tuple(name for name in library_fields(GenerationParams, HIDDEN_FIELDS))
+CONFIG_FIELDS = tuple(name for name in library_fields(GenerationConfig))
+
+
+def routing_fields(names: Sequence[str], aliases: Optional[Mapping[str, Sequence[str]]] = None
+                   ) -> Dict[str, Tuple[Any, Any]]:
+    """The model and adapter choice (``ROUTING_FIELDS``) as the native request declares them;
+    ``aliases``: a dialect's other spellings."""
+    declared = {
+        "model": (Optional[str], dict(default=None, max_length=200, description=(
+            "Served DiT (GET /v1/models): its name, acestep/<name> or turbo/base/sft; default: the app's default, "
+            "or a base variant for lego/extract/complete."))),
+        "lm_model": (Optional[str], dict(default=None, max_length=200,
+                                         description="Served LM name (never a path); default: the app's default.")),
+        "lora": (Optional[str], dict(default=None, max_length=64, description=(
+            "Adapter name from the server's adapter directory (GET /v1/adapters); default: the app's default "
+            "adapter."))),
+        "lora_scale": (float, dict(default=1.0, ge=0, le=2, description="Scale of `lora` (0 renders the base model).")),
+        "loras": (Optional[Dict[Annotated[str, StringConstraints(max_length=64)], Annotated[float, Field(ge=0, le=2)]]],
+                  dict(default=None, max_length=16, description=(
+                      "Several adapters at once, {name: weight} (weights 0-2, summed as peft's set_adapters does); "
+                      "at most dit.adapters.max_loaded of them; instead of `lora`."))),
+    }
+    return {name: (declared[name][0], Field(**declared[name][1], validation_alias=spellings(name, aliases)))
+            for name in names}
+
+
+ROUTING_FIELDS = ("model", "lm_model", "lora", "lora_scale", "loras")
 
 GenerateRequest = create_model(
     "GenerateRequest",
     __base__=_RequestBase,
     __doc__="GenerationParams + GenerationConfig fields (INFERENCE.md), flat; audio uploads as base64.",
-    **_fields_of(GenerationParams, _HIDDEN),
-    **_fields_of(GenerationConfig),
+    **library_fields(GenerationParams, HIDDEN_FIELDS),
+    **library_fields(GenerationConfig),
     src_audio_base64=(Optional[str], Field(None, description="Source audio file (cover/repaint), base64.")),
     reference_audio_base64=(Optional[str], Field(None, description="Reference (timbre) audio file, base64.")),
-    model=(Optional[str], Field(None, max_length=200, description=(
-        "Served DiT (GET /v1/models): its name, acestep/<name> or turbo/base/sft; default: the app's default, "
-        "or a base variant for lego/extract/complete."))),
-    lm_model=(Optional[str], Field(None, max_length=200, description="Served LM name (never a path); default: the app's default.")),
-    lora=(Optional[str], Field(None, max_length=64, description="Adapter name from the server's adapter directory "
-                                                                "(GET /v1/adapters); default: the app's default adapter.")),
-    lora_scale=(float, Field(1.0, ge=0, le=2, description="Scale of `lora` (0 renders the base model).")),
-    loras=(Optional[Dict[Annotated[str, StringConstraints(max_length=64)], Annotated[float, Field(ge=0, le=2)]]],
-           Field(None, max_length=16, description=(
-               "Several adapters at once, {name: weight} (weights 0-2, summed as peft's set_adapters does); "
-               "at most dit.adapters.max_loaded of them; instead of `lora`."))),
+    **routing_fields(ROUTING_FIELDS),
 )
-ROUTING_FIELDS = ("model", "lm_model", "lora", "lora_scale", "loras")
 
 
 def to_library(request: BaseModel) -> Tuple[GenerationParams, GenerationConfig]:
@@ -136,11 +206,11 @@ class TaskStatus(BaseModel):
 
 class _LMSamplingRequest(_RequestBase):
     """Sampling knobs shared by the LM helper endpoints (the seed functions' keyword arguments;
-    defaults from ``acestep.params.LM_HELPER_DEFAULTS``)."""
+    defaults from ``acestep.params.LM_HELPER_DEFAULTS``, ranges from generation's lm_* rules)."""
 
-    temperature: float = Field(LM_HELPER_DEFAULTS.temperature, gt=0, le=2)
-    top_k: Optional[int] = Field(LM_HELPER_DEFAULTS.top_k, ge=0)
-    top_p: Optional[float] = Field(LM_HELPER_DEFAULTS.top_p, gt=0, le=1)
+    temperature: LMTemperature = Field(LM_HELPER_DEFAULTS.temperature, description="0: greedy.")
+    top_k: Optional[LMTopK] = Field(LM_HELPER_DEFAULTS.top_k, description="None or 0: off.")
+    top_p: Optional[LMTopP] = Field(LM_HELPER_DEFAULTS.top_p, description="None, 0 or 1: off.")
     repetition_penalty: float = Field(LM_HELPER_DEFAULTS.repetition_penalty, gt=0)
     use_constrained_decoding: bool = LM_HELPER_DEFAULTS.use_constrained_decoding
     lm_model: Optional[str] = Field(None, max_length=200,

@@ -1,7 +1,7 @@
 """``POST /v1/chat/completions`` for music, in the OpenAI/OpenRouter shape the official server's
-adapter answers: a chat request becomes an upstream ``/release_task`` body (so it gets the same
-aliases, coercion and checks), its result becomes a chat completion whose message carries the
-metadata as markdown and the audio as ``data:`` URLs.
+adapter answers: a chat request becomes an upstream ``/release_task`` body holding only what the
+adapter sets (so it gets the same fields, defaults and checks), its result becomes a chat completion
+whose message carries the metadata as markdown and the audio as ``data:`` URLs.
 
 Message text may use ``<prompt>…</prompt>`` / ``<lyrics>…</lyrics>`` tags; untagged text that looks
 like lyrics (structure tags, or four or more short lines) is the lyrics, any other untagged text is
@@ -24,13 +24,21 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Literal,
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from serve.compat.release import ReleaseRequest
 from serve.edge.errors import FieldError
+from serve.schemas import LMTemperature, LMTopK, LMTopP, checked
 
 SOURCE_TASKS = {"cover", "repaint", "lego", "extract", "complete"}
 LYRICS_MARKERS = ("[verse", "[chorus", "[bridge", "[intro", "[outro", "[hook", "[pre-chorus", "[refrain", "[inst")
 INSTRUMENTAL_LYRICS = ("[inst]", "[instrumental]")
 MAX_MESSAGES = 64
 HEARTBEAT_S = 2.0
+CHAT_BATCH_SIZE = 1  # the official adapter renders one song unless asked (/release_task: 2)
+
+
+def _official(name: str) -> str:
+    """``/release_task``'s default for ``name``, for the descriptions (chat leaves it to that model)."""
+    return f"default {ReleaseRequest.model_fields[name].default!r}"
 
 
 class _Loose(BaseModel):
@@ -39,12 +47,15 @@ class _Loose(BaseModel):
 
 
 class AudioConfig(_Loose):
-    duration: Optional[float] = Field(None, description="Seconds of audio; none: the LM or a default decides.")
-    format: Optional[str] = Field(None, description="Output format: mp3 (default), flac or wav.")
-    bpm: Optional[int] = Field(None, description="Beats per minute.")
-    key_scale: Optional[str] = Field(None, description="Key and scale, e.g. 'C major'.")
-    time_signature: Optional[str] = Field(None, description="Beats per bar: 2, 3, 4 or 6.")
-    vocal_language: Optional[str] = Field(None, description="Language code of the vocals (default en).")
+    duration: Optional[checked(float, "duration")] = Field(
+        None, description="Seconds of audio; none: the LM or a default decides.")
+    format: Optional[checked(str, "audio_format")] = Field(
+        None, description=f"Output format ({_official('audio_format')}).")
+    bpm: Optional[checked(int, "bpm")] = Field(None, description="Beats per minute.")
+    key_scale: Optional[checked(str, "keyscale")] = Field(None, description="Key and scale, e.g. 'C major'.")
+    time_signature: Optional[checked(str, "timesignature")] = Field(None, description="Beats per bar: 2, 3, 4 or 6.")
+    vocal_language: Optional[checked(str, "vocal_language")] = Field(
+        None, description=f"Language code of the vocals ({_official('vocal_language')}).")
     instrumental: Optional[bool] = Field(None, description="No vocals (lyrics become [inst]).")
 
 
@@ -55,30 +66,44 @@ class ChatMessage(_Loose):
 
 
 class ChatRequest(_Loose):
-    """The chat request; besides the OpenAI fields, the ACE-Step fields the official adapter reads."""
+    """The chat request; besides the OpenAI fields, the ACE-Step fields the official adapter reads.
+    An ACE-Step field left out (None) takes ``/release_task``'s default."""
 
     model: Optional[str] = Field(None, description="acestep/<dit model> (see GET /v1/models); none: the default.")
     messages: List[ChatMessage] = Field(..., max_length=MAX_MESSAGES)
     stream: bool = Field(False, description="Server-sent chunks: a heartbeat every 2 s, the audio in the last one.")
     audio_config: Optional[AudioConfig] = None
-    temperature: Optional[float] = Field(None, ge=0, le=2, description="LM temperature (0.85).")
-    top_p: Optional[float] = Field(None, ge=0, le=1, description="LM top-p (0.9).")
-    top_k: Optional[int] = Field(None, ge=0, description="LM top-k (0: off).")
+    temperature: Optional[LMTemperature] = Field(None, description=f"LM temperature ({_official('lm_temperature')}).")
+    top_p: Optional[LMTopP] = Field(None, description=f"LM top-p ({_official('lm_top_p')}).")
+    top_k: Optional[LMTopK] = Field(None, description=f"LM top-k, 0: off ({_official('lm_top_k')}).")
     seed: Union[int, str, None] = Field(None, description="A seed, or comma-separated seeds for a batch; none: random.")
-    thinking: Optional[bool] = Field(None, description="Let the LM write audio codes before the DiT (default false).")
-    guidance_scale: Optional[float] = None
-    batch_size: Optional[int] = Field(None, description="Songs to render (default 1).")
-    inference_steps: Optional[int] = Field(None, description="DiT steps (default 8).")
+    thinking: Optional[bool] = Field(None, description=f"Let the LM write audio codes first ({_official('thinking')}).")
+    guidance_scale: Optional[checked(float, "guidance_scale")] = None
+    batch_size: Optional[checked(int, "batch_size")] = Field(
+        None, description=f"Songs to render (default {CHAT_BATCH_SIZE}).")
+    inference_steps: Optional[checked(int, "inference_steps")] = Field(
+        None, description=f"DiT steps ({_official('inference_steps')}).")
     lyrics: str = Field("", description="Lyrics; the message text is then the caption.")
     sample_mode: bool = Field(False, description="The message text is a description; the LM writes the song.")
     use_format: bool = Field(False, description="Let the LM format caption, lyrics and metadata first.")
-    use_cot_caption: bool = True
-    use_cot_language: bool = True
-    task_type: str = "text2music"
-    repainting_start: float = 0.0
-    repainting_end: Optional[float] = None
-    audio_cover_strength: float = 1.0
+    use_cot_caption: Optional[bool] = None
+    use_cot_language: Optional[bool] = None
+    task_type: Optional[checked(str, "task_type")] = Field(None, description=f"{_official('task_type')}.")
+    repainting_start: Optional[checked(float, "repainting_start")] = None
+    repainting_end: Optional[checked(float, "repainting_end")] = None
+    audio_cover_strength: Optional[checked(float, "audio_cover_strength")] = None
     audio_codes: Optional[str] = Field(None, description="5 Hz audio codes to render instead of LM-written ones.")
+
+
+# Chat fields that pass to /release_task as they are when set, by the name they take there.
+PASSED_ON = {"temperature": "lm_temperature", "top_p": "lm_top_p", "top_k": "lm_top_k", "thinking": "thinking",
+             "guidance_scale": "guidance_scale", "inference_steps": "inference_steps", "task_type": "task_type",
+             "repainting_start": "repainting_start", "repainting_end": "repainting_end",
+             "audio_cover_strength": "audio_cover_strength", "use_cot_caption": "use_cot_caption",
+             "use_cot_language": "use_cot_language", "audio_codes": "audio_code_string"}
+AUDIO_PASSED_ON = {"bpm": "bpm", "key_scale": "key_scale", "time_signature": "time_signature",
+                   "duration": "audio_duration", "vocal_language": "vocal_language", "format": "audio_format",
+                   "instrumental": "instrumental"}
 
 
 @dataclass
@@ -184,31 +209,23 @@ def audio_uploads(request: ChatRequest, found: ChatInput, max_bytes: int) -> Dic
 
 
 def release_body(request: ChatRequest, found: ChatInput) -> Dict[str, Any]:
-    """The chat request as an upstream ``/release_task`` body, with the adapter's defaults."""
+    """The chat request as an upstream ``/release_task`` body: what the messages say, the fields
+    the client set, and the adapter's own choices (one song; ``[inst]`` lyrics for instrumental;
+    sample mode for a free description); everything else is left to ``/release_task``'s defaults."""
     audio = request.audio_config or AudioConfig()
-    lyrics = found.lyrics
-    if audio.instrumental and not lyrics:
-        lyrics = "[inst]"
     body: Dict[str, Any] = {
-        "prompt": found.prompt, "lyrics": lyrics, "sample_query": found.sample_query,
-        "sample_mode": request.sample_mode or bool(found.sample_query), "use_format": request.use_format,
-        "bpm": audio.bpm, "key_scale": audio.key_scale, "time_signature": audio.time_signature,
-        "audio_duration": audio.duration, "vocal_language": audio.vocal_language or "en",
-        "instrumental": bool(audio.instrumental), "audio_format": audio.format or "mp3",
-        "lm_temperature": 0.85 if request.temperature is None else request.temperature,
-        "lm_top_p": 0.9 if request.top_p is None else request.top_p, "lm_top_k": request.top_k or 0,
-        "thinking": bool(request.thinking), "inference_steps": request.inference_steps or 8,
-        "guidance_scale": 7.0 if request.guidance_scale is None else request.guidance_scale,
-        "batch_size": request.batch_size or 1, "task_type": request.task_type,
-        "repainting_start": request.repainting_start, "repainting_end": request.repainting_end,
-        "audio_cover_strength": request.audio_cover_strength, "use_cot_caption": request.use_cot_caption,
-        "use_cot_language": request.use_cot_language, "audio_code_string": request.audio_codes,
+        "prompt": found.prompt, "lyrics": found.lyrics or ("[inst]" if audio.instrumental else ""),
+        "sample_query": found.sample_query, "sample_mode": request.sample_mode or bool(found.sample_query) or None,
+        "use_format": request.use_format or None,
+        "batch_size": CHAT_BATCH_SIZE if request.batch_size is None else request.batch_size,
+        **{sent: getattr(request, name) for name, sent in PASSED_ON.items()},
+        **{sent: getattr(audio, name) for name, sent in AUDIO_PASSED_ON.items()},
     }
     if isinstance(request.seed, str) and "," in request.seed:
         body["seeds"] = request.seed
     elif request.seed is not None:
         body.update(seed=request.seed, use_random_seed=False)
-    return {name: value for name, value in body.items() if value is not None}
+    return {name: value for name, value in body.items() if value is not None and value != ""}
 
 
 def no_input(request: ChatRequest, found: ChatInput) -> bool:

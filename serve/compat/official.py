@@ -14,8 +14,13 @@ import random
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from acestep.dit.tasks import BASE_ONLY_TASKS, TASK_TYPES
+from acestep.params import LM_HELPER_DEFAULTS
 from serve.edge.errors import FieldError
+from serve.edge.intake import ValidationFailed, validation_errors
+from serve.schemas import LMTemperature
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 VERSION = importlib.metadata.version("acestep-serve")
@@ -62,6 +67,15 @@ def model_inventory(dits: List[Dict[str, Any]], lms: List[Dict[str, Any]]) -> Di
             "loaded_lm_model": lm["model"] if enabled else None, "llm_initialized": enabled}
 
 
+class FormatInput(BaseModel):
+    """``/format_input``'s own fields (``param_obj`` is read apart: upstream's key spellings)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    prompt: Optional[str] = None
+    lyrics: Optional[str] = None
+    temperature: LMTemperature = Field(LM_HELPER_DEFAULTS.temperature, description="0: greedy.")
+
+
 def format_input_args(body: Dict[str, Any]) -> Tuple[str, str, Dict[str, Any], float]:
     """(caption, lyrics, user_metadata, temperature) from a ``/format_input`` body."""
     meta = body.get("param_obj") or {}
@@ -73,19 +87,14 @@ def format_input_args(body: Dict[str, Any]) -> Tuple[str, str, Dict[str, Any], f
     if not isinstance(meta, dict):
         raise FieldError("param_obj", "param_obj must be a JSON object", 400)
     try:
-        temperature = float(body.get("temperature", 0.85))
-    except (TypeError, ValueError):
-        raise FieldError("temperature", "temperature must be a number from 0 to 2") from None
-    if not 0 < temperature <= 2:
-        raise FieldError("temperature", "temperature must be a number from 0 to 2")
+        fields = FormatInput.model_validate(body)
+    except ValidationError as error:
+        raise ValidationFailed(validation_errors(error)) from None
     user = {"duration": meta.get("duration"), "bpm": meta.get("bpm"),
             "keyscale": meta.get("key") or meta.get("key_scale"),
             "timesignature": meta.get("time_signature") or body.get("time_signature"),
             "language": meta.get("language")}
-    for name in ("prompt", "lyrics"):
-        if not isinstance(body.get(name, ""), str):
-            raise FieldError(name, f"{name} must be a string")
-    return body.get("prompt", "") or "", body.get("lyrics", "") or "", {k: v for k, v in user.items() if v}, temperature
+    return fields.prompt or "", fields.lyrics or "", {k: v for k, v in user.items() if v}, fields.temperature
 
 
 def format_input_data(sample: Any, caption: str, lyrics: str, user: Dict[str, Any]) -> Dict[str, Any]:

@@ -1,26 +1,31 @@
 """The official ACE-Step API server's ``/release_task`` and ``/query_result`` shapes, so existing
 clients work unchanged: same content types, field aliases, lookup order, defaults and response
-envelope (see the upstream ``acestep/api_server.py``).
+envelope (see the upstream ``acestep/api_server.py``). The body is read by ``ReleaseRequest``, built
+from the library's fields with upstream's spellings and defaults, judged by the library's rules.
 
 Differences on purpose: ``*_path`` fields are refused (the server never reads a path a client names;
-upload the file instead), bad values get a 4xx naming the field instead of a silent default, and an
-unknown task id is not reported as queued forever.
+upload the file instead), bad values get a 4xx naming the field as sent and what is allowed instead
+of a silent default, and an unknown task id is not reported as queued forever.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from acestep.params import GenerationConfig, GenerationParams
+from serve import schemas
 from serve.edge.errors import FieldError
+from serve.edge.intake import ValidationFailed, validation_errors
 from serve.edge.safejson import JSON_LIMIT, check_text, parse_json
 
-# canonical name -> accepted spellings (first is the upstream name)
+# Upstream's spellings of a field (its own name first); every field also takes its library name.
 ALIASES: Dict[str, Tuple[str, ...]] = {
     "caption": ("prompt", "caption"),
     "sample_query": ("sample_query", "sampleQuery", "description", "desc"),
@@ -49,30 +54,57 @@ ALIASES: Dict[str, Tuple[str, ...]] = {
     "full_analysis_only": ("full_analysis_only", "fullAnalysisOnly"),
     "extract_codes_only": ("extract_codes_only", "extractCodesOnly"),
 }
+# The upstream server's defaults where they differ from GenerationParams/GenerationConfig.
+UPSTREAM_DEFAULTS = {"thinking": False, "vocal_language": "en", "shift": 3.0, "audio_format": "mp3",
+                     "lm_cfg_scale": 2.5}
 # The modes that answer with an analysis record instead of audio, and what each needs.
 ANALYSIS_MODES = ("extract_codes_only", "full_analysis_only", "analysis_only")
 ANALYSIS_NEEDS = {"extract_codes_only": {"src_audio"}, "full_analysis_only": {"src_audio", "lm"},
                   "analysis_only": {"lm"}}
+# Request fields that are no library params: they travel as the task's extras when sent.
+EXTRA_FIELDS = ("sample_query", "sample_mode", "use_format", "model", "lm_model", "lora", "lora_scale")
 PATH_FIELDS = {
     "reference_audio": ("reference_audio_path", "ref_audio_path", "referenceAudioPath", "refAudioPath"),
     "src_audio": ("src_audio_path", "ctx_audio_path", "sourceAudioPath", "srcAudioPath", "ctxAudioPath"),
 }
 UPLOAD_NAMES = {"reference_audio": ("ref_audio", "reference_audio"), "src_audio": ("ctx_audio", "src_audio")}
 META_KEYS = ("metas", "meta", "metadata", "user_metadata", "userMetadata")
-EXACT = (
-    "lyrics", "thinking", "bpm", "seed", "batch_size", "repainting_start", "repainting_end", "instruction",
-    "use_adg", "cfg_interval_start", "cfg_interval_end", "shift", "timesteps", "audio_format", "lm_temperature",
-    "lm_cfg_scale", "lm_top_k", "lm_top_p", "lm_negative_prompt", "use_cot_metas", "use_cot_lyrics", "seeds",
+
+
+class _Upstream(BaseModel):
+    # upstream ignores names it does not know (ai_token, use_tiled_decode, lm_backend...)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @field_validator("timesteps", "seeds", mode="before", check_fields=False)
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        """Form bodies send lists as comma-separated text."""
+        if isinstance(value, str):
+            return [piece.strip() for piece in value.split(",") if piece.strip()]
+        return value
+
+
+ReleaseRequest = create_model(
+    "ReleaseRequest",
+    __base__=_Upstream,
+    __doc__="The /release_task body: the library's fields under upstream's spellings and defaults.",
+    **schemas.library_fields(GenerationParams, schemas.HIDDEN_FIELDS, defaults=UPSTREAM_DEFAULTS, aliases=ALIASES,
+                             judged=True),
+    **schemas.library_fields(GenerationConfig, defaults=UPSTREAM_DEFAULTS, aliases=ALIASES, judged=True),
+    **schemas.routing_fields(("model", "lm_model", "lora", "lora_scale"), ALIASES),
+    sample_query=(str, Field("", max_length=4096, validation_alias=schemas.spellings("sample_query", ALIASES),
+                             description="A description of the song: the LM writes caption, lyrics and metadata.")),
+    sample_mode=(bool, Field(False, validation_alias=schemas.spellings("sample_mode", ALIASES),
+                             description="The LM writes the song from sample_query (or from nothing).")),
+    use_format=(bool, Field(False, validation_alias=schemas.spellings("use_format", ALIASES),
+                            description="The LM formats caption, lyrics and metadata first.")),
+    **{mode: (bool, Field(False, validation_alias=schemas.spellings(mode, ALIASES),
+                          description="Answer with an analysis record instead of audio."))
+       for mode in ANALYSIS_MODES},
 )
-# The upstream server's defaults where they differ from GenerationParams/GenerationConfig.
-UPSTREAM_DEFAULTS = {"thinking": False, "vocal_language": "en", "shift": 3.0, "audio_format": "mp3",
-                     "lm_cfg_scale": 2.5}
-BOOLS = {"thinking", "use_random_seed", "use_adg", "use_constrained_decoding", "use_cot_caption", "use_cot_language",
-         "use_cot_metas", "use_cot_lyrics", "allow_lm_batch", "sample_mode", "use_format", "instrumental",
-         "analysis_only", "full_analysis_only", "extract_codes_only"}
-INTS = {"bpm", "seed", "batch_size", "inference_steps", "lm_top_k"}
-FLOATS = {"duration", "guidance_scale", "audio_cover_strength", "repainting_start", "repainting_end",
-          "cfg_interval_start", "cfg_interval_end", "shift", "lm_temperature", "lm_cfg_scale", "lm_top_p", "lora_scale"}
+# Each field's accepted spellings, in upstream's lookup order.
+_SPELLINGS = {name: tuple(field.validation_alias.choices) if field.validation_alias else (name,)
+              for name, field in ReleaseRequest.model_fields.items()}
 
 
 def envelope(data: Any, code: int = 200, error: Optional[str] = None) -> Dict[str, Any]:
@@ -127,8 +159,9 @@ def _named_uploads(files: Dict[str, bytes]) -> Dict[str, bytes]:
     return uploads
 
 
-def lookup(body: Dict[str, Any], stored: Callable[[str], Optional[str]] = lambda value: None) -> Dict[str, Any]:
-    """Canonical name → raw value, looking in the body, then ``param_obj``, then the first metas dict."""
+def _sources(body: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Where upstream looks, in order: the body, ``param_obj`` (object or JSON text), the first
+    metas dict (``META_KEYS``; unreadable JSON text there is skipped, as upstream does)."""
     sources = [body]
     param_obj = body.get("param_obj")
     if isinstance(param_obj, str):
@@ -148,16 +181,28 @@ def lookup(body: Dict[str, Any], stored: Callable[[str], Optional[str]] = lambda
         if isinstance(meta, dict):
             sources.append(meta)
             break
-    names = {**ALIASES, **{name: (name,) for name in EXACT + ("instrumental",)}}
-    found = {}
-    for canonical, spellings in names.items():
+    return sources
+
+
+def gather(body: Dict[str, Any]) -> Dict[str, Any]:
+    """Each field's value under the spelling it was found as (so errors name it as sent): the first
+    source holding any spelling wins, then upstream's spelling order; empty values count as absent."""
+    sources, found = _sources(body), {}
+    for spellings in _SPELLINGS.values():
         for source in sources:
             hit = next((s for s in spellings if source.get(s) not in (None, "")), None)
             if hit is not None:
-                found[canonical] = source[hit]
+                found[hit] = source[hit]
                 break
-    for canonical, spellings in PATH_FIELDS.items():
-        named = next((s for s in spellings + (canonical,) if isinstance(body.get(s), str) and body[s]), None)
+    return found
+
+
+def stored_paths(body: Dict[str, Any], stored: Callable[[str], Optional[str]]) -> Dict[str, Tuple[str, Any]]:
+    """``*_audio_path`` values → {upload: (the field named, what ``stored`` maps it to)}; a value
+    ``stored`` does not know (None) is refused with 400."""
+    found = {}
+    for canonical, names in PATH_FIELDS.items():
+        named = next((s for s in names + (canonical,) if isinstance(body.get(s), str) and body[s]), None)
         if not named:
             continue
         key = stored(body[named])
@@ -165,8 +210,16 @@ def lookup(body: Dict[str, Any], stored: Callable[[str], Optional[str]] = lambda
             raise FieldError(named, f"the server opens no client-named path outside its allowed audio "
                              f"directories; upload the audio as multipart field {UPLOAD_NAMES[canonical][0]!r} "
                              f"instead (or pass a file URL this server returned)", 400)
-        found.setdefault("_stored", {})[canonical] = (named, key)
+        found[canonical] = (named, key)
     return found
+
+
+def parse(body: Dict[str, Any]) -> BaseModel:
+    """An upstream body → ``ReleaseRequest``; bad values → 422 naming each field as sent."""
+    try:
+        return ReleaseRequest.model_validate(gather(body))
+    except ValidationError as error:
+        raise ValidationFailed(validation_errors(error)) from None
 
 
 def returned_file_key(value: str, audio_root: str) -> Optional[str]:
@@ -184,60 +237,28 @@ def returned_file_key(value: str, audio_root: str) -> Optional[str]:
     return name if name and directory.rstrip("/") == audio_root.rstrip("/") else None
 
 
-def _coerce(name: str, value: Any) -> Any:
-    if name in BOOLS:
-        return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "y", "on")
-    try:
-        if name in INTS:
-            number = float(value)
-            if not number.is_integer():
-                raise ValueError
-            return int(number)
-        if name in FLOATS:
-            return float(value)
-    except (TypeError, ValueError):
-        kind = "an integer" if name in INTS else "a number"
-        raise FieldError(name, f"{name} must be {kind}") from None
-    if name == "timesteps" and isinstance(value, str):
-        try:
-            return [float(v) for v in value.split(",") if v.strip()]
-        except ValueError:
-            raise FieldError(name, "timesteps must be a comma-separated list of numbers") from None
-    if name == "seeds" and isinstance(value, str):
-        try:
-            return [int(v) for v in value.split(",") if v.strip()]
-        except ValueError:
-            raise FieldError(name, "seeds must be a comma-separated list of integers") from None
-    return value
-
-
 def to_library(body: Dict[str, Any], stored: Callable[[str], Optional[str]] = lambda value: None
                ) -> Tuple[GenerationParams, GenerationConfig, Dict[str, Any]]:
     """Upstream request fields → (params, config, extras) with the upstream defaults; ``stored`` maps
     a ``*_audio_path`` value to what stands for its bytes (a store key, an allow-listed file) or
     None (→ 400); extras["stored_uploads"] maps the upload to (the field named, that value)."""
-    found = lookup(body, stored)
-    stored_uploads = found.pop("_stored", {})
-    values = {**UPSTREAM_DEFAULTS, **{k: _coerce(k, v) for k, v in found.items()}}
-    modes = [mode for mode in ANALYSIS_MODES if values.pop(mode, False)]
-    extras = {k: values.pop(k) for k in ("sample_query", "sample_mode", "use_format", "model", "lm_model", "lora",
-                                         "lora_scale") if k in values}
+    uploads = stored_paths(body, stored)
+    request = parse(body)
+    params, config = schemas.to_library(request)
+    sent = request.model_fields_set
+    if not config.use_random_seed and params.seed >= 0 and "seeds" not in sent:
+        config = dataclasses.replace(config, seeds=[params.seed])
+    extras = {name: getattr(request, name) for name in EXTRA_FIELDS if name in sent}
+    modes = [mode for mode in ANALYSIS_MODES if getattr(request, mode)]
     if modes:  # as upstream, codes extraction wins over full analysis, which wins over analysis
         extras["analysis"] = modes[0]
-    if stored_uploads:
-        extras["stored_uploads"] = stored_uploads
-    config_names = {"batch_size", "use_random_seed", "allow_lm_batch", "audio_format", "seeds"}
-    config_values = {k: values.pop(k) for k in list(values) if k in config_names}
-    if not config_values.get("use_random_seed", True) and values.get("seed", -1) >= 0 and "seeds" not in config_values:
-        config_values["seeds"] = [values["seed"]]
-    params = GenerationParams(**{k: v for k, v in values.items() if k in GenerationParams.__dataclass_fields__})
-    return params, GenerationConfig(**config_values), extras
+    if uploads:
+        extras["stored_uploads"] = uploads
+    return params, config, extras
 
 
 def apply_sample(params: GenerationParams, sample: Any, *, from_format: bool) -> GenerationParams:
     """Fold a create_sample / format_sample result into the params (upstream sample_mode / use_format)."""
-    import dataclasses
-
     updates = {"caption": sample.caption or params.caption, "lyrics": sample.lyrics or params.lyrics}
     if sample.bpm:
         updates["bpm"] = int(sample.bpm)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import os
 
@@ -58,10 +59,23 @@ def test_chat_request_maps_onto_the_upstream_release_body_and_library_params():
     assert (params.keyscale, params.timesignature, params.vocal_language) == ("C major", "4", "fr")
     assert (params.lm_temperature, params.lm_top_p, params.inference_steps, params.thinking) == (0.9, 0.95, 8, False)
     assert (config.batch_size, config.audio_format, config.seeds) == (2, "wav", [3, 4])
-    assert extras == {"use_format": True, "sample_mode": False}
+    assert extras == {"use_format": True}
     _, config, extras = compat.to_library(chat.release_body(_request(seed=7), chat.ChatInput(sample_query="a song")))
     assert config.seeds == [7] and not config.use_random_seed and config.batch_size == 1
     assert extras["sample_mode"] and extras["sample_query"] == "a song"
+
+
+def test_chat_sets_only_what_its_adapter_changes():
+    body = chat.release_body(_request(), chat.ChatInput(prompt="x", tagged=True))
+    assert body == {"prompt": "x", "batch_size": 1}
+    params, config, _ = compat.to_library(body)
+    official_params, official_config, _ = compat.to_library({"prompt": "x"})
+    assert params == official_params and config == dataclasses.replace(official_config, batch_size=1)
+    # values a client sets pass on, falsy ones too
+    body = chat.release_body(_request(use_cot_caption=False, top_k=0, thinking=False, repainting_start=0,
+                                      audio_config={"instrumental": False}), chat.ChatInput(prompt="x", tagged=True))
+    assert {"use_cot_caption": False, "lm_top_k": 0, "thinking": False, "repainting_start": 0.0,
+            "instrumental": False}.items() <= body.items()
 
 
 def test_input_audio_is_routed_by_task_type_and_bounded():

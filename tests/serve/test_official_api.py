@@ -178,6 +178,23 @@ def test_format_input_random_sample_and_init_take_json_and_form(http):
         assert refused["code"] == 400 and "acestep-v15-turbo" in refused["error"]
 
 
+def test_bad_values_are_refused_naming_the_field_as_sent_with_the_one_sampling_rule(http):
+    message = [{"role": "user", "content": "x"}]
+    cases = [("/v1/generate", {"json": {"caption": "x", "lm_temperature": 2.5}}, "lm_temperature", "0.0 to 2.0"),
+             ("/release_task", {"json": {"prompt": "x", "lm_temperature": 2.5}}, "lm_temperature", "0.0 to 2.0"),
+             ("/release_task", {"data": {"prompt": "x", "lm_temperature": "2.5"}}, "lm_temperature", "0.0 to 2.0"),
+             ("/v1/chat/completions", {"json": {"messages": message, "temperature": 2.5}}, "temperature", "0.0 to 2.0"),
+             ("/v1/format_sample", {"json": {"caption": "x", "temperature": 2.5}}, "temperature", "0.0 to 2.0"),
+             ("/format_input", {"data": {"prompt": "x", "temperature": "2.5"}}, "temperature", "0.0 to 2.0"),
+             ("/release_task", {"data": {"prompt": "x", "audioDuration": "5"}}, "audioDuration", "10 to 600"),
+             ("/release_task", {"json": {"prompt": "x", "param_obj": {"key": "H major"}}}, "key", "C major")]
+    for route, send, field, allowed in cases:
+        response = http.post(route, **send)
+        assert response.status_code == 422, (route, send, response.text)
+        detail = response.json()["detail"][0]
+        assert detail["loc"] == ["body", field] and allowed in detail["msg"], (route, send, detail)
+
+
 # -- chat completions ----------------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ from acestep.params import GenerationParams
 from serve.compat import release as compat
 from serve.cli import DEFAULT_CONFIG, apply_overrides, load_serve_config
 from serve.config import AppConfig
-from serve.edge.errors import FieldError
+from serve.edge.errors import APIError, FieldError
 from serve.schemas import GenerateRequest, to_library
 
 
@@ -69,16 +69,31 @@ def test_compat_aliases_lookup_order_and_upstream_defaults():
     assert compat.to_library({"prompt": "x"})[0].thinking is False  # upstream default
 
 
-@pytest.mark.parametrize("body,field,status", [
-    ({"src_audio_path": "/etc/passwd"}, "src_audio_path", 400),
-    ({"refAudioPath": "/etc/passwd"}, "refAudioPath", 400),
-    ({"bpm": "fast"}, "bpm", 422),
-    ({"bpm": "120.5"}, "bpm", 422),
+@pytest.mark.parametrize("body,field,status,allowed", [
+    ({"src_audio_path": "/etc/passwd"}, "src_audio_path", 400, "upload"),
+    ({"refAudioPath": "/etc/passwd"}, "refAudioPath", 400, "upload"),
+    ({"bpm": "fast"}, "bpm", 422, "30 to 300"),
+    ({"bpm": "120.5"}, "bpm", 422, "30 to 300"),
+    ({"audioDuration": "long"}, "audioDuration", 422, "10 to 600 seconds"),
+    ({"audio_duration": "5"}, "audio_duration", 422, "10 to 600 seconds"),
+    ({"param_obj": json.dumps({"targetDuration": 9000})}, "targetDuration", 422, "10 to 600 seconds"),
+    ({"metas": {"key": "H major"}}, "key", 422, "'C major'"),
+    ({"inferenceSteps": "0"}, "inferenceSteps", 422, "1 to 200"),
+    ({"batch_size": "50"}, "batch_size", 422, "1 to 8"),
+    ({"taskType": "remix"}, "taskType", 422, "text2music"),
+    ({"seeds": "1,x"}, "seeds", 422, "list of integers"),
+    ({"timesteps": "0.5,x"}, "timesteps", 422, "strictly decreasing"),
+    ({"timesteps": "0.2,0.5"}, "timesteps", 422, "strictly decreasing"),
+    ({"thinking": "maybe"}, "thinking", 422, "boolean"),
+    ({"lm_temperature": "2.5"}, "lm_temperature", 422, "0.0 to 2.0"),
+    ({"loraScale": "3"}, "loraScale", 422, "less than or equal to 2"),
 ])
-def test_compat_rejects_paths_and_bad_values_naming_the_field(body, field, status):
-    with pytest.raises(FieldError) as raised:
+def test_compat_rejects_paths_and_bad_values_naming_the_field_as_sent(body, field, status, allowed):
+    with pytest.raises(APIError) as raised:
         compat.to_library(body)
-    assert raised.value.field == field and raised.value.status_code == status
+    error = raised.value.detail()[0]
+    assert raised.value.status_code == status and error["loc"] == ["body", field], error
+    assert allowed in error["msg"], error
 
 
 def test_compat_query_items_shapes():
@@ -209,3 +224,156 @@ def test_the_app_module_imports_neither_transformers_nor_diffusers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2]).stdout
     assert out.strip() == "[]"
+
+
+# Upstream's spellings (its api_server lookup), each with a form value (a string, as a form body
+# sends it), the typed JSON value and what the request must carry afterwards.
+UPSTREAM_SPELLINGS = [
+    ("caption", ("prompt", "caption"), "pop", "pop"),
+    ("sample_query", ("sample_query", "sampleQuery", "description", "desc"), "a song", "a song"),
+    ("use_format", ("use_format", "useFormat", "format"), "true", True),
+    ("model", ("model", "model_name", "modelName", "dit_model", "ditModel"), "acestep-v15-turbo", "acestep-v15-turbo"),
+    ("lm_model", ("lm_model_path", "lm_model", "lmModelPath", "lmModel"), "acestep-5Hz-lm-0.6B", "acestep-5Hz-lm-0.6B"),
+    ("lora", ("lora", "lora_name", "loraName"), "style", "style"),
+    ("lora_scale", ("lora_scale", "loraScale"), "0.5", 0.5),
+    ("keyscale", ("key_scale", "keyscale", "keyScale", "key"), "A minor", "A minor"),
+    ("timesignature", ("time_signature", "timesignature", "timeSignature"), "3", "3"),
+    ("duration", ("audio_duration", "duration", "audioDuration", "target_duration", "targetDuration"), "30", 30.0),
+    ("vocal_language", ("vocal_language", "vocalLanguage", "language"), "ja", "ja"),
+    ("inference_steps", ("inference_steps", "inferenceSteps"), "4", 4),
+    ("guidance_scale", ("guidance_scale", "guidanceScale"), "5.5", 5.5),
+    ("use_random_seed", ("use_random_seed", "useRandomSeed"), "false", False),
+    ("audio_cover_strength", ("audio_cover_strength", "audioCoverStrength"), "0.5", 0.5),
+    ("task_type", ("task_type", "taskType"), "cover", "cover"),
+    ("infer_method", ("infer_method", "inferMethod"), "sde", "sde"),
+    ("use_constrained_decoding", ("constrained_decoding", "constrainedDecoding", "constrained"), "false", False),
+    ("use_cot_caption", ("use_cot_caption", "cot_caption", "cot-caption"), "false", False),
+    ("use_cot_language", ("use_cot_language", "cot_language", "cot-language"), "false", False),
+    ("allow_lm_batch", ("allow_lm_batch", "allowLmBatch", "parallel_thinking"), "true", True),
+    ("sample_mode", ("sample_mode", "sampleMode"), "true", True),
+    ("audio_codes", ("audio_code_string", "audioCodeString", "audio_codes"), "<|audio_code_1|>", "<|audio_code_1|>"),
+    ("analysis_only", ("analysis_only", "analysisOnly"), "true", True),
+    ("full_analysis_only", ("full_analysis_only", "fullAnalysisOnly"), "1", True),
+    ("extract_codes_only", ("extract_codes_only", "extractCodesOnly"), "yes", True),
+    ("lyrics", ("lyrics",), "[verse]\nla", "[verse]\nla"),
+    ("instruction", ("instruction",), "Fill it:", "Fill it:"),
+    ("thinking", ("thinking",), "true", True),
+    ("instrumental", ("instrumental",), "on", True),
+    ("bpm", ("bpm",), "120", 120),
+    ("seed", ("seed",), "5", 5),
+    ("batch_size", ("batch_size",), "3", 3),
+    ("repainting_start", ("repainting_start",), "1.5", 1.5),
+    ("repainting_end", ("repainting_end",), "6", 6.0),
+    ("use_adg", ("use_adg",), "true", True),
+    ("cfg_interval_start", ("cfg_interval_start",), "0.1", 0.1),
+    ("cfg_interval_end", ("cfg_interval_end",), "0.9", 0.9),
+    ("shift", ("shift",), "2", 2.0),
+    ("timesteps", ("timesteps",), "0.9,0.5, 0", [0.9, 0.5, 0.0]),
+    ("audio_format", ("audio_format",), "wav", "wav"),
+    ("lm_temperature", ("lm_temperature",), "0.7", 0.7),
+    ("lm_cfg_scale", ("lm_cfg_scale",), "3", 3.0),
+    ("lm_top_k", ("lm_top_k",), "40", 40),
+    ("lm_top_p", ("lm_top_p",), "0.8", 0.8),
+    ("lm_negative_prompt", ("lm_negative_prompt",), "noise", "noise"),
+    ("use_cot_metas", ("use_cot_metas",), "false", False),
+    ("use_cot_lyrics", ("use_cot_lyrics",), "true", True),
+    ("seeds", ("seeds",), "3, 4", [3, 4]),
+]
+
+
+def _carried(result, name):
+    """Where a /release_task field ends up: params, config, or the extras (the analysis modes as
+    extras["analysis"])."""
+    params, config, extras = result
+    if name in compat.ANALYSIS_MODES:
+        return extras.get("analysis") == name
+    for held in (params, config):
+        if hasattr(held, name):
+            return getattr(held, name)
+    return extras[name]
+
+
+@pytest.mark.parametrize("name,spellings,form,typed", UPSTREAM_SPELLINGS, ids=[row[0] for row in UPSTREAM_SPELLINGS])
+def test_compat_form_and_json_bodies_with_upstream_spellings_give_the_same_request(name, spellings, form, typed):
+    for spelling in spellings:
+        for body in ({spelling: form}, {spelling: typed}, {"param_obj": json.dumps({spelling: typed})}):
+            assert _carried(compat.to_library(body), name) == typed, (spelling, body)
+
+
+def _native(body):
+    """/v1/generate's path: the request model, then the library's checks."""
+    from serve.edge import intake
+
+    params, config, _, _ = intake.to_params(body, {}, 1 << 20)
+    return intake.prepare(params, config, {}, is_turbo=True)
+
+
+def _lm_helper(body):
+    """/v1/format_sample's path: its request model, pydantic's errors in the one error model."""
+    from serve.edge.intake import ValidationFailed, validation_errors
+    from serve.schemas import FormatSampleRequest
+
+    try:
+        return FormatSampleRequest.model_validate({"caption": "x", **body})
+    except ValidationError as error:
+        raise ValidationFailed(validation_errors(error)) from None
+
+
+def _chat(body):
+    from serve.compat import chat
+
+    request = chat.parse_request({"messages": [{"role": "user", "content": "x"}], **body})
+    return compat.to_library(chat.release_body(request, chat.read_messages(request.messages)))
+
+
+def _format_input(body):
+    from serve.compat import official
+
+    return official.format_input_args(body)
+
+
+# Each dialect's reading of a body, and the name it gives each LM sampling rule's field.
+DIALECTS = {
+    "/v1/generate": (_native, {"lm_temperature": "lm_temperature", "lm_top_p": "lm_top_p", "lm_top_k": "lm_top_k"}),
+    "/release_task": (compat.to_library, {"lm_temperature": "lm_temperature", "lm_top_p": "lm_top_p",
+                                          "lm_top_k": "lm_top_k"}),
+    "/release_task form": (lambda body: compat.to_library({k: str(v) for k, v in body.items()}),
+                           {"lm_temperature": "lm_temperature", "lm_top_p": "lm_top_p", "lm_top_k": "lm_top_k"}),
+    "/v1/chat/completions": (_chat, {"lm_temperature": "temperature", "lm_top_p": "top_p", "lm_top_k": "top_k"}),
+    "/v1/format_sample": (_lm_helper, {"lm_temperature": "temperature", "lm_top_p": "top_p", "lm_top_k": "top_k"}),
+    "/format_input": (_format_input, {"lm_temperature": "temperature"}),
+}
+SAMPLING = {"lm_temperature": ((2.5, -0.1), (0.0, 2.0)), "lm_top_p": ((1.5, -0.1), (0.0, 1.0)),
+            "lm_top_k": ((1001, -1), (0, 1000))}
+SAMPLING_CASES = [(dialect, rule) for dialect, (_, names) in DIALECTS.items() for rule in SAMPLING if rule in names]
+
+
+@pytest.mark.parametrize("dialect,rule", SAMPLING_CASES, ids=[f"{d}:{r}" for d, r in SAMPLING_CASES])
+def test_lm_sampling_ranges_are_one_rule_in_every_dialect(dialect, rule):
+    from acestep.validation import RULES
+
+    read, names = DIALECTS[dialect]
+    refused, accepted = SAMPLING[rule]
+    allowed = next(r.allowed for r in RULES if r.field == rule)
+    for value in accepted:
+        read({names[rule]: value})
+    for value in refused:
+        with pytest.raises(APIError) as raised:
+            read({names[rule]: value})
+        error = raised.value.detail()[0]
+        assert raised.value.status_code == 422 and error["loc"] == ["body", names[rule]], (value, error)
+        assert allowed in error["msg"], (value, error)
+
+
+def test_lm_sampling_defaults_are_stated_once():
+    from acestep.params import LM_HELPER_DEFAULTS
+    from serve.compat import chat, official
+    from serve.schemas import FormatSampleRequest
+
+    generation = GenerationParams()
+    params, _, _ = _chat({})
+    assert (params.lm_temperature, params.lm_top_p, params.lm_top_k) == \
+        (generation.lm_temperature, generation.lm_top_p, generation.lm_top_k)
+    assert _format_input({})[3] == FormatSampleRequest(caption="x").temperature == LM_HELPER_DEFAULTS.temperature
+    assert f"default {generation.lm_temperature}" in chat.ChatRequest.model_fields["temperature"].description
+    assert official.FormatInput().temperature == LM_HELPER_DEFAULTS.temperature
