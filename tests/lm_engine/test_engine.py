@@ -8,7 +8,6 @@ import collections
 import threading
 
 import pytest
-import torch
 
 from acestep.lm.engine import EngineSettings, LMEngine
 from acestep.lm.engine import masks as M
