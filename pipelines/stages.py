@@ -23,9 +23,8 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import soundfile as sf
 
@@ -33,6 +32,9 @@ from acestep.audio import SAMPLE_RATE, save_audio
 from acestep.params import GenerationConfig, GenerationParams, GenerationResult, LMPlan, json_safe
 from pipelines.manifest import ManifestRecord
 from pipelines.rows import to_request
+
+if TYPE_CHECKING:
+    from acestep.inference import RenderJob
 
 logger = logging.getLogger(__name__)
 AUDIO_DIR = "audio"
@@ -108,15 +110,6 @@ def finish_record(record: ManifestRecord, result: GenerationResult, output_dir: 
     return record
 
 
-@dataclass
-class _Job:
-    """What ``acestep.inference.plan_music_batch`` needs of a request."""
-
-    params: GenerationParams
-    config: GenerationConfig
-    seeds: List[int]
-
-
 class LMStage:
     """Validate, resolve seeds and plan a batch of rows. ``lm_model=None``: no LM (rows pass on
     with ``plans=None``, the DiT renders from the caption and the user's metadata)."""
@@ -133,7 +126,7 @@ class LMStage:
             self.handler.initialize(checkpoints, lm_model_path=lm_model, backend=backend, device=device)
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[str]]:
-        from acestep.inference import prepare_request
+        from acestep.inference import RenderJob, prepare_request
 
         rows = _decode(batch, "row")
         jobs, live = [], []
@@ -143,7 +136,7 @@ class LMStage:
                 continue
             try:
                 params, config = to_request(row["fields"], self.audio_format)
-                jobs.append(_Job(*prepare_request(params, config)))
+                jobs.append(RenderJob(*prepare_request(params, config)))
                 live.append(row)
             except Exception as error:  # a bad row fails alone
                 row["error"] = describe(error)
@@ -156,7 +149,7 @@ class LMStage:
                        lm_time_costs=outcome.time_costs, planned_at=time.time() if outcome.plans else 0.0)
         return _encode(rows, "row")
 
-    def _plan(self, jobs: List[_Job]) -> List[Any]:
+    def _plan(self, jobs: List[RenderJob]) -> List[Any]:
         """One outcome (or exception) per job; with an LM, the rows join the engine's running batch."""
         from acestep.inference import plan_music
 

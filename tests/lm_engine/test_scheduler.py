@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from acestep.lm.engine.scheduler import Job, Scheduler
+from acestep.lm.engine.scheduler import LMSequence, Scheduler
 
 
 def _jobs(*rows_needed):
-    return [Job(rid, request=None, rows_needed=n) for rid, n in enumerate(rows_needed)]
+    return [LMSequence(rid, request=None, rows_needed=n) for rid, n in enumerate(rows_needed)]
 
 
 def test_admits_in_chunks_fifo_lowest_rows_first():
@@ -32,4 +32,4 @@ def test_rejects_what_can_never_fit():
         Scheduler(max_rows=1, max_admit=1)
     sched = Scheduler(max_rows=2, max_admit=1)
     with pytest.raises(ValueError):
-        sched.add(Job(0, None, 3))
+        sched.add(LMSequence(0, None, 3))

@@ -35,7 +35,7 @@ from acestep.lm.engine import masks as M
 from acestep.lm.engine.graphs import DecodeRunner
 from acestep.lm.engine.model import FastQwen3
 from acestep.lm.engine.sampler import SampleInputs, sample
-from acestep.lm.engine.scheduler import Job, Scheduler
+from acestep.lm.engine.scheduler import LMSequence, Scheduler
 from acestep.lm.request import LMRequest, StepCallback
 from acestep.lm.vocab import TokenTables
 from acestep.steploop import Outcome, isolate
@@ -90,7 +90,7 @@ class EngineSettings:
 class _Row:
     """One running request's sampling inputs for this step (host lists, packed with the others)."""
 
-    seq: Job
+    seq: LMSequence
     ints: list[int]
     floats: list[float]
     flags: list[bool]  # argmax_one, greedy, uses top-k, uses top-p
@@ -122,7 +122,7 @@ class LMEngine:
         self._left: list[Outcome] = []  # requests that left during the current step
         self.check_fsm = settings.check_fsm
         self.batch_prefill = self.device.type == "cuda" if settings.batch_prefill is None else settings.batch_prefill
-        self._jobs: dict[int, Job] = {}
+        self._sequences: dict[int, LMSequence] = {}
         self._next_rid = 0
         self._counts: Counter = Counter()
         self._rows_per_step: Counter = Counter()  # KV rows decoding in one step -> steps
@@ -147,16 +147,16 @@ class LMEngine:
         gen.manual_seed(int(request.seed) & 0xFFFF_FFFF_FFFF_FFFF)
         state = F.new_state(request.fsm, self.tables, self.encode) if request.fsm is not None else None
         rid, self._next_rid = self._next_rid, self._next_rid + 1
-        job = Job(rid, request, request.rows, _RowState(gen, state, on_step))
+        job = LMSequence(rid, request, request.rows, _RowState(gen, state, on_step))
         self.scheduler.add(job)
-        self._jobs[rid] = job
+        self._sequences[rid] = job
         self._counts["added"] += 1
         self._enter_group(request.group)
         return rid
 
     def abort(self, rid: int) -> bool:
         """Drop one waiting or running request (its rows are freed at once, no result)."""
-        job = self._jobs.pop(rid, None)
+        job = self._sequences.pop(rid, None)
         if job is None:
             return False
         self.scheduler.drop(job)
@@ -166,7 +166,7 @@ class LMEngine:
 
     def abort_all(self) -> list[int]:
         """Drop every waiting and running request; returns their ids."""
-        rids = list(self._jobs)
+        rids = list(self._sequences)
         for rid in rids:
             self.abort(rid)
         return rids
@@ -211,7 +211,7 @@ class LMEngine:
         return self._left
 
     @staticmethod
-    def _report(running: list[Job]) -> None:
+    def _report(running: list[LMSequence]) -> None:
         for seq in running:
             if seq.state.on_step is not None:
                 try:
@@ -219,13 +219,13 @@ class LMEngine:
                 except Exception:  # progress is best effort; decoding goes on
                     logger.exception("LM progress callback failed")
 
-    def _advance(self, seq: Job, token: int, decision: int) -> None:
+    def _advance(self, seq: LMSequence, token: int, decision: int) -> None:
         seq.tokens.append(token)
         M.advance_row(seq.state.fsm, self.tables, token, decision, self.check_fsm)
         if token in self.stop_ids or len(seq.tokens) >= seq.request.max_new_tokens:
             self._finish(seq)
 
-    def _count_step(self, running: list[Job]) -> None:
+    def _count_step(self, running: list[LMSequence]) -> None:
         rows = sum(seq.rows_needed for seq in running)
         self._counts["steps"] += 1
         self._counts["tokens"] += len(running)
@@ -261,18 +261,18 @@ class LMEngine:
             "rows_per_step": dict(sorted(dict(self._rows_per_step).items())),
         }
 
-    def _finish(self, seq: Job) -> None:
+    def _finish(self, seq: LMSequence) -> None:
         self.scheduler.finish(seq)
-        self._jobs.pop(seq.rid, None)
+        self._sequences.pop(seq.rid, None)
         self._counts["finished"] += 1
         self._leave_group(seq.request.group)
         self._left.append(Outcome(seq.rid, result=seq.tokens))
 
-    def _fail(self, seq: Job, error: Exception) -> None:
+    def _fail(self, seq: LMSequence, error: Exception) -> None:
         """A request whose own work raised leaves with ``error`` (its rows freed)."""
         logger.error("LM request %d failed: %r", seq.rid, error)
         self.scheduler.drop(seq)
-        self._jobs.pop(seq.rid, None)
+        self._sequences.pop(seq.rid, None)
         self._counts["failed"] += 1
         self._leave_group(seq.request.group)
         self._left.append(Outcome(seq.rid, error=error))
@@ -293,13 +293,13 @@ class LMEngine:
                 del self._group_live[group]
 
     # -- tensor work ---------------------------------------------------------------------------
-    def _prefill(self, joined: list[Job]) -> None:
+    def _prefill(self, joined: list[LMSequence]) -> None:
         """Prefill the joiners' prompts; a joiner whose own prefill raises fails."""
         for seq, outcome in zip(joined, isolate(self._prefill_rows, joined)):
             if isinstance(outcome, Exception):
                 self._fail(seq, outcome)
 
-    def _prefill_rows(self, joined: list[Job]) -> list[None]:
+    def _prefill_rows(self, joined: list[LMSequence]) -> list[None]:
         prompts, rows = [], []
         for seq in joined:
             prompts.append(seq.request.prompt_ids)
@@ -321,7 +321,7 @@ class LMEngine:
     def _ids(self, ids: Sequence[int]) -> torch.Tensor:
         return torch.tensor(list(ids), dtype=torch.long).to(self.device, non_blocking=True)
 
-    def _rows(self, running: list[Job]) -> list[_Row]:
+    def _rows(self, running: list[LMSequence]) -> list[_Row]:
         """Each running request's inputs for this step (drawn once: a retried sampling call reuses
         them); a request whose own plan raises fails."""
         rows = []
@@ -332,7 +332,7 @@ class LMEngine:
                 self._fail(seq, error)
         return rows
 
-    def _row(self, seq: Job) -> _Row:
+    def _row(self, seq: LMSequence) -> _Row:
         cfg, state = seq.request.sampling, seq.state
         plan = M.plan_row(state.fsm, self.tables, self.masks)
         greedy = cfg.temperature <= 0
@@ -372,7 +372,7 @@ class LMEngine:
         self.seen[x.cond, out[:, 0]] = True
         return out.tolist()
 
-    def _decode(self, running: list[Job]) -> None:
+    def _decode(self, running: list[LMSequence]) -> None:
         span = self.scheduler.span()
         tokens, positions = [0] * span, [0] * span
         for seq in running:

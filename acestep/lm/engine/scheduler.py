@@ -14,7 +14,7 @@ from typing import Any
 
 
 @dataclass(eq=False)  # sequences compare by identity
-class Job:
+class LMSequence:
     """One request's decoding state. ``state`` holds the engine's per-request extras (FSM state,
     generator); the scheduler never looks inside."""
 
@@ -38,12 +38,12 @@ class Scheduler:
             raise ValueError("max_rows must be >= 2 (one CFG pair)")
         self.max_rows = int(max_rows)
         self.max_admit = max(1, int(max_admit))
-        self.waiting: deque[Job] = deque()
-        self.running: list[Job] = []
+        self.waiting: deque[LMSequence] = deque()
+        self.running: list[LMSequence] = []
         self._free = list(range(self.max_rows))
         heapq.heapify(self._free)
 
-    def add(self, seq: Job) -> None:
+    def add(self, seq: LMSequence) -> None:
         if seq.rows_needed > self.max_rows:
             raise ValueError(f"request needs {seq.rows_needed} rows; the engine has {self.max_rows}")
         self.waiting.append(seq)
@@ -52,9 +52,9 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def admit(self) -> list[Job]:
+    def admit(self) -> list[LMSequence]:
         """Move up to ``max_admit`` waiting sequences into the running batch (rows assigned)."""
-        joined: list[Job] = []
+        joined: list[LMSequence] = []
         while self.waiting and len(joined) < self.max_admit and self.waiting[0].rows_needed <= len(self._free):
             seq = self.waiting.popleft()
             seq.cond_row = heapq.heappop(self._free)
@@ -64,7 +64,7 @@ class Scheduler:
             joined.append(seq)
         return joined
 
-    def drop(self, seq: Job) -> None:
+    def drop(self, seq: LMSequence) -> None:
         """Remove a waiting or running sequence (a running one frees its rows)."""
         if seq in self.running:
             self.finish(seq)
@@ -76,7 +76,7 @@ class Scheduler:
     def rows_in_use(self) -> int:
         return self.max_rows - len(self._free)
 
-    def finish(self, seq: Job) -> None:
+    def finish(self, seq: LMSequence) -> None:
         seq.finished = True
         self.running.remove(seq)
         for row in seq.rows:
