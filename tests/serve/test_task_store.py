@@ -82,12 +82,6 @@ def clock():
     return FakeClock()
 
 
-@pytest.fixture
-def timed_store(open_store, clock):
-    """An empty store reading ``clock``."""
-    return open_store(clock=clock)
-
-
 def _claim_worker(url, task_ids, owner, barrier, results):
     """Runs in a spawned process: claim every task it can, report which ones it won."""
     store = open_task_store(url)
@@ -117,8 +111,8 @@ def test_create_get_and_summary(store):
     assert store.get("missing") is None and store.events("missing") is None
 
 
-def test_create_with_task_id_and_owner(timed_store, clock):
-    store = timed_store
+def test_create_with_task_id_and_owner(open_store, clock):
+    store = open_store(clock=clock)
     assert store.create({"a": 1}, task_id="fixed") == ("fixed", True)
     assert store.create({"a": 2}, task_id="fixed") == ("fixed", False)
     assert store.get("fixed").request == {"a": 1}
@@ -152,8 +146,8 @@ def test_update_is_forward_only(store):
     assert store.events(task_id)[1].detail == {"tokens_done": 10}
 
 
-def test_finish_is_written_once(timed_store, clock):
-    store = timed_store
+def test_finish_is_written_once(open_store, clock):
+    store = open_store(clock=clock)
     task_id, _ = store.create({})
     clock.advance(1.0)
     assert store.finish(task_id, {"audios": ["a.flac"]})
@@ -185,8 +179,8 @@ def test_fail_sets_code_and_message(store):
     assert not store.fail("missing", "internal")
 
 
-def test_events_order_and_after(timed_store, clock):
-    store = timed_store
+def test_events_order_and_after(open_store, clock):
+    store = open_store(clock=clock)
     task_id, _ = store.create({})
     start = clock.now
     for step in range(1, 6):
@@ -264,8 +258,8 @@ def test_stats_counts_every_phase(store):
     assert store.stats()["tasks"]["queued"] == 0 and store.stats()["tasks"]["dit"] == 2
 
 
-def test_claim_rules_and_lease_expiry(timed_store, clock):
-    store = timed_store
+def test_claim_rules_and_lease_expiry(open_store, clock):
+    store = open_store(clock=clock)
     task_id, _ = store.create({})
     assert store.claim(task_id, "a", 30.0)
     assert not store.claim(task_id, "b", 30.0)
@@ -283,8 +277,8 @@ def test_claim_rules_and_lease_expiry(timed_store, clock):
     assert not store.claim(task_id, "b", 5.0) and not store.claim("missing", "b", 5.0)
 
 
-def test_renew_release_expired(timed_store, clock):
-    store = timed_store
+def test_renew_release_expired(open_store, clock):
+    store = open_store(clock=clock)
     task_id, _ = store.create({}, owner="a", lease_s=30.0)
     store.update(task_id, "dit", 0.4)
     clock.advance(20.0)
@@ -302,8 +296,8 @@ def test_renew_release_expired(timed_store, clock):
     assert not store.renew(task_id, "b", 5.0) and not store.release(task_id, "b") and store.expired() == []
 
 
-def test_expired_order_and_limit(timed_store, clock):
-    store = timed_store
+def test_expired_order_and_limit(open_store, clock):
+    store = open_store(clock=clock)
     ids = []
     for owner, lease_s in ((None, 0.0), ("a", 30.0), ("a", 5.0), (None, 0.0), (None, 0.0)):
         ids.append(store.create({}, owner=owner, lease_s=lease_s)[0])
