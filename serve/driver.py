@@ -140,10 +140,14 @@ class _Stop(Exception):
 
 
 class TaskDriver:
+    """Drives tasks of ``store`` through ``pipeline``. Phase timeouts, lease renewals and task times
+    are measured on ``clock`` (``time.monotonic`` when None); a task's queue age on the store's."""
+
     def __init__(self, store: TaskStore, pipeline: Pipeline, settings: DriverSettings, owner: str,
-                 on_done: Optional[Callable[[float], None]] = None):
+                 on_done: Optional[Callable[[float], None]] = None, clock: Optional[Callable[[], float]] = None):
         self.store, self.pipeline, self.settings, self.owner = store, pipeline, settings, owner
         self.on_done = on_done  # called with each finished task's wall time (admission's estimate)
+        self.clock: Callable[[], float] = clock or time.monotonic
         self.draining = False
         self._drives: Dict[str, asyncio.Task] = {}
         self._reaper: Optional[asyncio.Task] = None
@@ -195,7 +199,7 @@ class TaskDriver:
             record = await asyncio.to_thread(self.store.get, task_id)
             if record is None or record.phase in FINAL_PHASES:
                 continue
-            if record.phase == "queued" and time.time() - record.created_at > self.settings.timeouts["queued"]:
+            if record.phase == "queued" and self.store.clock() - record.created_at > self.settings.timeouts["queued"]:
                 if await asyncio.to_thread(self.store.fail, task_id, "timeout:queued",
                                            "not started within the queue timeout"):
                     metrics.task_finished("failed", "timeout:queued")
@@ -209,7 +213,7 @@ class TaskDriver:
 
     async def _drive(self, task_id: str, claimed: bool) -> None:
         store = self.store
-        began = time.monotonic()
+        began = self.clock()
         clock: Optional[PhaseClock] = None
         try:
             if not claimed and not await asyncio.to_thread(store.claim, task_id, self.owner, self.settings.lease_s):
@@ -224,7 +228,7 @@ class TaskDriver:
             if output is not None and await asyncio.to_thread(store.finish, task_id, output):
                 self._counts["done"] += 1
                 if self.on_done is not None:
-                    self.on_done(time.monotonic() - began)
+                    self.on_done(self.clock() - began)
             await self._settle(clock)
         except TaskFailure as failure:
             self._counts["failed"] += 1
@@ -301,10 +305,10 @@ class TaskDriver:
         """Renew the lease; stop when the task turns final elsewhere or a phase outlives its timeout;
         follow its phase transitions (``clock``)."""
         settings, store = self.settings, self.store
-        phase, since, renewed = None, time.monotonic(), time.monotonic()
+        phase, since, renewed = None, self.clock(), self.clock()
         while True:
             await asyncio.sleep(settings.poll_s)
-            now = time.monotonic()
+            now = self.clock()
             try:
                 if now - renewed >= settings.lease_s / 3:
                     if not await asyncio.to_thread(store.renew, task_id, self.owner, settings.lease_s):

@@ -23,21 +23,31 @@ from acestep.llm_inference import LLMHandler
 
 @pytest.fixture(scope="module")
 def handlers(demo_root):
-    torch.set_num_threads(1)  # small-batch CPU decoding is fastest single-threaded
-    dit_handler = AceStepHandler()
-    dit_handler.initialize_service(project_root=str(demo_root), config_path="acestep-v15-turbo", device="cpu")
-    llm_handler = LLMHandler()
-    llm_handler.initialize(checkpoint_dir=str(demo_root), lm_model_path="acestep-5Hz-lm-0.6B", backend="pt",
-                           device="cpu")
-    return dit_handler, llm_handler
+    """The two handlers, with torch on one thread (small-batch CPU decoding is fastest that way)
+    until the module ends; later modules get the thread count they had before."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dit_handler = AceStepHandler()
+        dit_handler.initialize_service(project_root=str(demo_root), config_path="acestep-v15-turbo", device="cpu")
+        llm_handler = LLMHandler()
+        llm_handler.initialize(checkpoint_dir=str(demo_root), lm_model_path="acestep-5Hz-lm-0.6B", backend="pt",
+                               device="cpu")
+        yield dit_handler, llm_handler
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
 def _seeded_lm_helpers():
     """The LM helpers draw their seed from ``random`` when given none, and the demo LM's song
     durations follow it (10 s to minutes): seeded, every run renders the same lengths (here
-    about 50 s for Examples 5 and 6)."""
+    about 50 s for Examples 5 and 6). The global generator's state is put back afterwards, so
+    later tests do not inherit a fixed sequence."""
+    state = random.getstate()
     random.seed(5)
+    yield
+    random.setstate(state)
 
 
 def _check_audio(result, count, seconds=None):

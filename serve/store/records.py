@@ -230,9 +230,13 @@ class TaskStore(abc.ABC):
 
     Finished records live ``ttl_s`` seconds and at most ``max_records`` records are kept (unfinished
     ones are never deleted); ``create`` purges every ``purge_every`` calls so storage stays flat.
+    ``clock`` is the wall clock (seconds) that times, leases and ages are read from (``time.time``
+    when None); every client of one store must share it.
     """
 
-    def __init__(self, ttl_s: float = 86400.0, max_records: int = 10000):
+    def __init__(self, ttl_s: float = 86400.0, max_records: int = 10000,
+                 clock: Optional[Callable[[], float]] = None):
+        self.clock: Callable[[], float] = clock or time.time
         self.ttl_s = float(ttl_s)
         self.max_records = int(max_records)
         self.purge_every = max(1, min(100, self.max_records // 10))

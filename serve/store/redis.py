@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from dataclasses import asdict, fields
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -77,8 +76,9 @@ class RedisTaskStore(TaskStore):
     """Tasks in Redis at ``url`` (``redis://host:port/db``), keys under ``prefix``."""
 
     def __init__(self, url: str, ttl_s: float = 86400.0, max_records: int = 10000,
-                 prefix: str = "acestep", socket_timeout_s: float = 10.0):
-        super().__init__(ttl_s=ttl_s, max_records=max_records)
+                 prefix: str = "acestep", socket_timeout_s: float = 10.0,
+                 clock: Optional[Callable[[], float]] = None):
+        super().__init__(ttl_s=ttl_s, max_records=max_records, clock=clock)
         self.prefix = prefix
         self._redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=socket_timeout_s,
                                            socket_connect_timeout=socket_timeout_s)
@@ -131,7 +131,7 @@ class RedisTaskStore(TaskStore):
         self._maybe_purge()
         record, event = new_record(request, key_name=key_name, task_id=task_id,
                                    idempotency_key=idempotency_key, body_digest=body_digest,
-                                   owner=owner, lease_s=lease_s)
+                                   owner=owner, lease_s=lease_s, now=self.clock())
         task_key = self._task_key(record.task_id)
         idem_ref = None if idempotency_key is None else self._idem_key(record.key_name, idempotency_key)
 
@@ -175,7 +175,7 @@ class RedisTaskStore(TaskStore):
                 return False
             record = _decode(data)
             before = record.phase
-            changed, event = mutation(record, time.time())
+            changed, event = mutation(record, self.clock())
             if not changed:
                 return False
             pipe.multi()
@@ -215,7 +215,7 @@ class RedisTaskStore(TaskStore):
                 pipe.expire(key, self._expire_s)
 
     def purge(self, now: Optional[float] = None) -> int:
-        cutoff = (time.time() if now is None else now) - self.ttl_s
+        cutoff = (self.clock() if now is None else now) - self.ttl_s
         finished = self._key("finished")
         removed = 0
         while True:
@@ -264,7 +264,7 @@ class RedisTaskStore(TaskStore):
         return [TaskEvent(**json.loads(row)) for row in rows]
 
     def expired(self, limit: int = 100) -> List[str]:
-        due = self._redis.zrangebyscore(self._key("lease"), "-inf", f"({time.time()!r}")
+        due = self._redis.zrangebyscore(self._key("lease"), "-inf", f"({self.clock()!r}")
         if not due:
             return []
         created = self._redis.zmscore(self._key("unfinished"), due)
@@ -289,7 +289,7 @@ class RedisTaskStore(TaskStore):
 
         def body(pipe) -> float:
             stored = pipe.hgetall(key)
-            at = time.time() if now is None else now
+            at = self.clock() if now is None else now
             tokens, wait = take_token(float(stored["tokens"]) if stored else None,
                                       float(stored.get("updated", at)) if stored else at, rate_per_s, burst, at)
             pipe.multi()

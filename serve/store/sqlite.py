@@ -13,10 +13,9 @@ import json
 import os
 import sqlite3
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import fields
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from serve.store.records import (
     MAX_EVENTS, PHASES, IdempotencyConflict, Mutation, TaskEvent, TaskRecord, TaskStore,
@@ -92,8 +91,8 @@ class SQLiteTaskStore(TaskStore):
     """Tasks in one SQLite file (created with its parent directories if missing)."""
 
     def __init__(self, path: str, ttl_s: float = 86400.0, max_records: int = 10000,
-                 busy_timeout_s: float = 30.0):
-        super().__init__(ttl_s=ttl_s, max_records=max_records)
+                 busy_timeout_s: float = 30.0, clock: Optional[Callable[[], float]] = None):
+        super().__init__(ttl_s=ttl_s, max_records=max_records, clock=clock)
         self.path = os.path.abspath(os.path.expanduser(str(path)))
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self._busy_timeout_s = busy_timeout_s
@@ -145,7 +144,7 @@ class SQLiteTaskStore(TaskStore):
         self._maybe_purge()
         record, event = new_record(request, key_name=key_name, task_id=task_id,
                                    idempotency_key=idempotency_key, body_digest=body_digest,
-                                   owner=owner, lease_s=lease_s)
+                                   owner=owner, lease_s=lease_s, now=self.clock())
         with self._transaction() as conn:
             if idempotency_key is not None:
                 row = conn.execute(
@@ -169,7 +168,7 @@ class SQLiteTaskStore(TaskStore):
             if row is None:
                 return False
             record = _record_from_row(row)
-            changed, event = mutation(record, time.time())
+            changed, event = mutation(record, self.clock())
             if not changed:
                 return False
             conn.execute(_UPDATE, [*_column_values(record, _MUTABLE), int(record.finished), task_id])
@@ -188,7 +187,7 @@ class SQLiteTaskStore(TaskStore):
                          (task_id, event.seq - MAX_EVENTS + 1))
 
     def take_token(self, bucket: str, rate_per_s: float, burst: float, now: Optional[float] = None) -> float:
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         with self._transaction() as conn:
             row = conn.execute("SELECT tokens, updated FROM buckets WHERE name = ?", (bucket,)).fetchone()
             tokens, wait = take_token(row[0] if row else None, row[1] if row else now, rate_per_s, burst, now)
@@ -197,7 +196,7 @@ class SQLiteTaskStore(TaskStore):
         return wait
 
     def purge(self, now: Optional[float] = None) -> int:
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         cutoff = now - self.ttl_s
         with self._transaction() as conn:
             conn.execute("DELETE FROM buckets WHERE updated < ?", (now - BUCKET_IDLE_S,))
@@ -258,7 +257,7 @@ class SQLiteTaskStore(TaskStore):
     def expired(self, limit: int = 100) -> List[str]:
         rows = self._conn().execute(
             "SELECT task_id FROM tasks WHERE finished = 0 AND lease_until < ? "
-            "ORDER BY created_at LIMIT ?", (time.time(), int(limit)))
+            "ORDER BY created_at LIMIT ?", (self.clock(), int(limit)))
         return [row[0] for row in rows]
 
     def stats(self) -> Dict[str, Any]:

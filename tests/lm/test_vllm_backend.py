@@ -1,14 +1,21 @@
-"""The vLLM backend's pieces, tested without vLLM: its per-request processor drives the same FSM
-as the pt runner, its settings travel as plain data, CFG is refused with a clear error."""
+"""The vLLM backend's pieces, tested the same whether or not vLLM is installed: its import boundary
+(the module loads without vLLM, the backend then fails naming it, the handler falls back to pt off
+CUDA), its per-request processor drives the same FSM as the pt runner, its settings travel as plain
+data, CFG is refused with a clear error."""
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import json
+import logging
+import sys
+import types
 
 import pytest
 import torch
 
+from acestep.checkpoints.demo_lm import DEMO_LM_DIRNAME
 from acestep.lm import planner
 from acestep.lm import vllm_backend as V
 from acestep.lm.fsm import FsmSpec
@@ -16,9 +23,67 @@ from acestep.lm.sampling import sample_token
 from acestep.params import GenerationParams
 
 
-def test_module_imports_without_vllm():
-    assert importlib.util.find_spec("vllm") is None  # never installed here
-    assert V.AceStepFsmLogitsProcessor.__mro__[1] is object
+class _NoVllm(importlib.abc.MetaPathFinder):
+    """Answers every ``vllm`` import as an uninstalled package does."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "vllm" or name.startswith("vllm."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+@pytest.fixture
+def no_vllm(monkeypatch):
+    """vLLM made unimportable for one test, installed or not (modules already imported forgotten)."""
+    for name in [n for n in sys.modules if n == "vllm" or n.startswith("vllm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_NoVllm(), *sys.meta_path])
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")  # the backend sets it before importing vLLM
+
+
+def _fresh_backend_module(monkeypatch):
+    """A new copy of the backend module, imported under the current ``sys.modules``/``meta_path``
+    (the one the other tests use stays as it is)."""
+    spec = importlib.util.spec_from_file_location("acestep_vllm_backend_copy", V.__file__)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_module_imports_without_vllm(no_vllm, monkeypatch):
+    copy = _fresh_backend_module(monkeypatch)
+    assert copy.AceStepFsmLogitsProcessor.__mro__[1] is object
+    spec = FsmSpec(phase="cot")
+    assert copy.spec_from_extra_args(copy.spec_to_extra_args(spec, 60)) == spec
+
+
+def test_module_builds_on_vllms_processor_base_when_present(monkeypatch):
+    base = type("AdapterLogitsProcessor", (), {})
+    parts = ("vllm", "vllm.v1", "vllm.v1.sample", "vllm.v1.sample.logits_processor")
+    for name in parts:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules[parts[-1]].AdapterLogitsProcessor = base
+    assert _fresh_backend_module(monkeypatch).AceStepFsmLogitsProcessor.__mro__[1] is base
+
+
+def test_backend_without_vllm_fails_naming_it(no_vllm, lm_dir):
+    with pytest.raises(ImportError, match="vllm") as missing:
+        V.VllmBackend(lm_dir, torch.bfloat16, 4096, 240)
+    assert missing.value.name == "vllm"
+
+
+def test_vllm_backend_off_cuda_falls_back_to_pt(no_vllm, lm_checkpoints, caplog):
+    from acestep.llm_inference import LLMHandler
+
+    handler = LLMHandler()
+    with caplog.at_level(logging.WARNING, logger="acestep"):
+        status, ok = handler.initialize(str(lm_checkpoints), DEMO_LM_DIRNAME, backend="vllm", device="cpu")
+    try:
+        assert ok and "Backend: pt" in status and handler.llm_backend == handler.llm.name == "pt"
+        assert "falling back to the pt backend" in caplog.text
+    finally:
+        handler.unload()
 
 
 def test_spec_round_trips_through_extra_args():
@@ -56,10 +121,8 @@ def test_request_processor_matches_the_pt_runner(lm_handler, runner, tables, tok
 
 
 def _fake_vllm(monkeypatch, calls):
-    """Minimal stand-ins for the vLLM classes the backend touches (vLLM is never installed here)."""
-    import sys
-    import types
-
+    """Minimal stand-ins for the vLLM classes the backend touches (in place of vLLM, installed or not)."""
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")  # the backend sets it; not left to later tests
     class SamplingParams:
         def __init__(self, **kwargs):
             self.__dict__.update(kwargs)

@@ -1,4 +1,8 @@
-"""The task driver without Ray: a real SQLite task store, pipelines that fail the way replicas do."""
+"""The task driver without Ray: a real SQLite task store, pipelines that fail the way replicas do.
+
+Store and driver read one fake clock, so leases lapse and phases time out when a test moves it,
+never because this machine is slow. Waits on real time are bounded guards against hangs only.
+"""
 
 from __future__ import annotations
 
@@ -13,28 +17,54 @@ from serve.driver import DriverSettings, TaskDriver, TaskFailure, classify
 from serve.store import open_task_store
 
 
+class FakeClock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+LEASE_S = 30.0
+TIMEOUT_S = 60.0
+
+
 def _settings(**changes) -> DriverSettings:
-    values = dict(max_drives=4, lease_s=1.0, retries=2, retry_backoff_s=0.01,
-                  timeouts={"queued": 60.0, "lm": 60.0, "dit": 60.0, "encode": 60.0}, poll_s=0.05)
+    values = dict(max_drives=4, lease_s=LEASE_S, retries=2, retry_backoff_s=0.01,
+                  timeouts={"queued": TIMEOUT_S, "lm": TIMEOUT_S, "dit": TIMEOUT_S, "encode": TIMEOUT_S}, poll_s=0.05)
     values.update(changes)
     return DriverSettings(**values)
 
 
+def _driver(store, pipeline, owner="a", **changes) -> TaskDriver:
+    return TaskDriver(store, pipeline, _settings(**changes), owner, clock=store.clock)
+
+
 @pytest.fixture
 def store(tmp_path):
-    store = open_task_store(f"sqlite:///{tmp_path / 'tasks.db'}")
+    store = open_task_store(f"sqlite:///{tmp_path / 'tasks.db'}", clock=FakeClock())
     yield store
     store.close()
 
 
-async def _until_final(store, task_id, timeout_s=10.0):
+async def _until(condition, what: str, timeout_s: float = 30.0, tick=None):
+    """Poll ``condition`` (real time bounded by ``timeout_s``); ``tick()`` runs between polls."""
     deadline = asyncio.get_running_loop().time() + timeout_s
-    while asyncio.get_running_loop().time() < deadline:
-        record = store.get(task_id)
-        if record.finished:
-            return record
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"never: {what}"
+        if tick is not None:
+            tick()
         await asyncio.sleep(0.02)
-    raise AssertionError(f"task still {store.get(task_id).phase}")
+
+
+async def _until_final(store, task_id, tick_s: float = 0.0):
+    """The task's final record; the fake clock moves ``tick_s`` between polls."""
+    await _until(lambda: store.get(task_id).finished, f"task {task_id} finished",
+                 tick=lambda: store.clock.advance(tick_s))
+    return store.get(task_id)
 
 
 def _died() -> Exception:
@@ -61,8 +91,8 @@ def test_replica_deaths_are_retried_then_the_task_is_done(store):
         return {"audios": [], "seeds": record.request["seeds"]}
 
     async def main():
-        driver = TaskDriver(store, pipeline, _settings(), "a")
-        task_id, _ = store.create({"seeds": [1]}, owner="a", lease_s=1.0)
+        driver = _driver(store, pipeline)
+        task_id, _ = store.create({"seeds": [1]}, owner="a", lease_s=LEASE_S)
         assert driver.start(task_id, claimed=True)
         return await _until_final(store, task_id), driver
 
@@ -76,8 +106,8 @@ def test_retries_run_out_with_a_code_and_no_raw_text(store):
         raise BackPressureError(num_queued_requests=9, max_queued_requests=1)
 
     async def main():
-        driver = TaskDriver(store, pipeline, _settings(retries=1), "a")
-        task_id, _ = store.create({}, owner="a", lease_s=1.0)
+        driver = _driver(store, pipeline, retries=1)
+        task_id, _ = store.create({}, owner="a", lease_s=LEASE_S)
         driver.start(task_id, claimed=True)
         return await _until_final(store, task_id)
 
@@ -87,87 +117,121 @@ def test_retries_run_out_with_a_code_and_no_raw_text(store):
 
 
 def test_a_phase_past_its_timeout_fails_with_timeout_code(store):
+    """The LM never answers; the clock moves 5 s per poll until the LM phase has run past its 60 s."""
     async def pipeline(record):
         store.update(record.task_id, "lm", 0.1, "LM")
-        await asyncio.sleep(30)
+        await asyncio.Event().wait()
 
     async def main():
-        driver = TaskDriver(store, pipeline, _settings(timeouts={"queued": 60, "lm": 0.3, "dit": 60, "encode": 60}), "a")
-        task_id, _ = store.create({}, owner="a", lease_s=1.0)
+        driver = _driver(store, pipeline, timeouts={"queued": 10 * TIMEOUT_S, "lm": TIMEOUT_S, "dit": TIMEOUT_S,
+                                                    "encode": TIMEOUT_S})
+        task_id, _ = store.create({}, owner="a", lease_s=LEASE_S)
         driver.start(task_id, claimed=True)
-        return await _until_final(store, task_id)
+        return await _until_final(store, task_id, tick_s=5.0)
 
     record = asyncio.run(main())
-    assert record.phase == "failed" and record.error == "timeout:lm"
+    assert (record.phase, record.error) == ("failed", "timeout:lm")
+    assert record.message == "no result within the lm phase's 60s"
+    lm_began = store.events(record.task_id)[1].time
+    assert record.updated_at - lm_began > TIMEOUT_S, "not before the phase ran past its timeout"
 
 
 def test_a_lapsed_lease_is_re_driven_by_another_driver(store):
     """Driver a dies mid-task (its drive vanishes without releasing); b's reaper takes the task over
     once the lease lapses and runs it from the stored request."""
-    async def hang(record):
-        await asyncio.sleep(60)
-
-    async def work(record):
-        return {"by": "b", "request": record.request}
-
     async def main():
-        a = TaskDriver(store, hang, _settings(lease_s=0.5), "a")
-        task_id, _ = store.create({"seeds": [5]}, owner="a", lease_s=0.5)
+        running = asyncio.Event()
+
+        async def hang(record):
+            running.set()
+            await asyncio.Event().wait()
+
+        async def work(record):
+            return {"by": "b", "request": record.request}
+
+        a = _driver(store, hang)
+        task_id, _ = store.create({"seeds": [5]}, owner="a", lease_s=LEASE_S)
         a.start(task_id, claimed=True)
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(running.wait(), 30)
         drive = a.local(task_id)
         drive.cancel()  # the replica is gone: the drive releases nothing in a crash...
         await asyncio.gather(drive, return_exceptions=True)  # (its release has run)
-        store.claim(task_id, "a", 60.0)  # ...so put the lease back as a crash would leave it
-        b = TaskDriver(store, work, _settings(lease_s=0.5), "b")
+        assert store.claim(task_id, "a", LEASE_S)  # ...so put the lease back as a crash would leave it
+        b = _driver(store, work, owner="b")
+        store.clock.advance(LEASE_S - 1)
         assert await b.reap() == 0, "the lease has not lapsed yet"
-        assert store.renew(task_id, "a", 0.05)  # the lease runs out (no clock race: it was 60 s until now)
-        await asyncio.sleep(0.2)
+        store.clock.advance(2)
         assert await b.reap() == 1
         return await _until_final(store, task_id)
 
     record = asyncio.run(main())
-    assert record.phase == "done" and record.result["by"] == "b" and record.attempts >= 2
+    assert record.phase == "done" and record.result["by"] == "b" and record.owner == "b"
+    assert record.attempts == 3, "created claimed by a, claimed again by a, then by b"
     assert record.result["request"] == {"seeds": [5]}
 
 
 def test_cancel_elsewhere_stops_the_pipeline_and_keeps_cancelled(store):
     stopped = []
 
-    async def pipeline(record):
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            stopped.append(record.task_id)
-            raise
-
     async def main():
-        driver = TaskDriver(store, pipeline, _settings(), "a")
-        task_id, _ = store.create({}, owner="a", lease_s=1.0)
+        running = asyncio.Event()
+
+        async def pipeline(record):
+            running.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                stopped.append(record.task_id)
+                raise
+
+        driver = _driver(store, pipeline)
+        task_id, _ = store.create({}, owner="a", lease_s=LEASE_S)
         driver.start(task_id, claimed=True)
-        await asyncio.sleep(0.1)
-        store.fail(task_id, "cancelled", "cancelled")
-        await asyncio.sleep(0.3)
+        drive = driver.local(task_id)
+        await asyncio.wait_for(running.wait(), 30)
+        assert store.fail(task_id, "cancelled", "cancelled")
+        await asyncio.wait_for(drive, 30)  # the drive ends once it sees the task final
         return store.get(task_id)
 
     record = asyncio.run(main())
-    assert record.error == "cancelled" and stopped == [record.task_id]
+    assert (record.phase, record.error) == ("failed", "cancelled") and stopped == [record.task_id]
+
+
+class _LoopClock:
+    """The running loop's clock, moved forward on demand: its timers (a drain's grace) fire as if
+    that much time had passed."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        real, self.skew = loop.time, 0.0
+        loop.time = lambda: real() + self.skew
+
+    def advance(self, seconds: float) -> None:
+        self.skew += seconds
 
 
 def test_drain_finishes_short_tasks_and_releases_long_ones_for_the_next_start(store):
+    """The short task finishes within the grace whatever this machine's speed: the grace ends only
+    when the test moves the loop's clock past it, after the short task is done."""
     async def pipeline(record):
-        await asyncio.sleep(record.request["seconds"])
+        if record.request["long"]:
+            await asyncio.Event().wait()
         return {"ok": True}
 
     async def main():
-        driver = TaskDriver(store, pipeline, _settings(), "a")
-        short, _ = store.create({"seconds": 0.05}, owner="a", lease_s=1.0)
-        long, _ = store.create({"seconds": 60}, owner="a", lease_s=1.0)
-        queued, _ = store.create({"seconds": 0.0})
+        loop_clock = _LoopClock(asyncio.get_running_loop())
+        driver = _driver(store, pipeline)
+        short, _ = store.create({"long": False}, owner="a", lease_s=LEASE_S)
+        long, _ = store.create({"long": True}, owner="a", lease_s=LEASE_S)
+        queued, _ = store.create({"long": False})
         driver.start(short, claimed=True)
         driver.start(long, claimed=True)
-        report = await driver.drain(grace_s=0.5)
+        short_drive = driver.local(short)
+        draining = asyncio.ensure_future(driver.drain(grace_s=TIMEOUT_S))
+        await _until(short_drive.done, "the short task's drive ended")
+        assert not draining.done(), "the long task is still within its grace"
         assert not driver.start(queued), "a draining driver takes nothing new"
+        loop_clock.advance(TIMEOUT_S + 1)
+        report = await asyncio.wait_for(draining, 30)
         return short, long, queued, report
 
     short, long, queued, report = asyncio.run(main())
@@ -187,13 +251,24 @@ def test_max_drives_leaves_the_rest_queued_for_the_reaper(store):
             await release.wait()
             return {}
 
-        driver = TaskDriver(store, pipeline, _settings(max_drives=2), "a")
+        driver = _driver(store, pipeline, max_drives=2)
         ids = [store.create({})[0] for _ in range(5)]
         assert await driver.reap() == 2 and driver.stats()["driving"] == 2
+        assert await driver.reap() == 0, "no room while two drive"
+        owners = lambda: [store.get(task_id).owner for task_id in ids]  # noqa: E731
+        await _until(lambda: owners().count("a") == 2, "the two drives claimed their tasks")
+        assert owners().count(None) == 3, "the rest wait unclaimed"
         release.set()
-        for _ in range(20):
-            await driver.reap()
-            await asyncio.sleep(0.05)
+        driving = []
+
+        async def reap_until_all_done():
+            while not all(store.get(task_id).finished for task_id in ids):
+                await driver.reap()
+                driving.append(driver.stats()["driving"])
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(reap_until_all_done(), 30)
+        assert max(driving) <= 2
         return ids
 
     ids = asyncio.run(main())
@@ -246,23 +321,27 @@ def test_phase_clock_logs_each_transition_once_with_its_duration(phase_lines):
 
 
 def test_a_drive_logs_every_phase_transition_of_its_task(store, phase_lines):
+    """Each phase takes a known time on the clock; the drive's watch logs the transitions it sees
+    (it sees each new phase before the pipeline moves on) and the drive's end logs the last one."""
     async def pipeline(record):
         for phase, progress in (("lm", 0.1), ("lm", 0.2), ("dit", 0.4), ("encode", 0.9)):
+            store.clock.advance(1.0)
             store.update(record.task_id, phase, progress, phase)
-            await asyncio.sleep(0.02)
+            await _until(lambda: phase_lines and phase_lines[-1]["next_phase"] == phase, f"{phase} logged")
+        store.clock.advance(1.0)
         return {"audios": []}
 
     async def main():
-        driver = TaskDriver(store, pipeline, _settings(), "a")
-        task_id, _ = store.create({"request_id": "req-1"}, owner="a", lease_s=1.0)
+        driver = _driver(store, pipeline)
+        task_id, _ = store.create({"request_id": "req-1"}, owner="a", lease_s=LEASE_S)
         driver.start(task_id, claimed=True)
-        await driver.local(task_id)
+        await asyncio.wait_for(driver.local(task_id), 30)
         return task_id
 
     task_id = asyncio.run(main())
     events = store.events(task_id)
-    assert [(f["phase"], f["next_phase"]) for f in phase_lines] == [
-        ("queued", "lm"), ("lm", "dit"), ("dit", "encode"), ("encode", "done")]
+    assert [(f["phase"], f["duration_s"], f["next_phase"]) for f in phase_lines] == [
+        ("queued", 1.0, "lm"), ("lm", 2.0, "dit"), ("dit", 1.0, "encode"), ("encode", 1.0, "done")]
     assert {f["task_id"] for f in phase_lines} == {task_id}
     # the durations are the stored events' own: together, creation to done
-    assert sum(f["duration_s"] for f in phase_lines) == pytest.approx(events[-1].time - events[0].time, abs=0.01)
+    assert sum(f["duration_s"] for f in phase_lines) == events[-1].time - events[0].time == 5.0

@@ -1,8 +1,9 @@
 """The task store contract, run against both backends (SQLite file, real redis-server).
 
 Every test gets an empty store; ``open_store`` opens more instances on the same location (to check
-persistence, or with a different TTL / record cap). Claim races run across threads and across
-spawned processes.
+persistence, or with a different TTL / record cap / clock). Leases and ages are checked on a fake
+clock the test moves, so none depends on how fast this machine runs. Claim races run across threads
+and across spawned processes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ from tests.serve.redis_server import start_redis
 
 SUMMARY_KEYS = {"task_id", "phase", "progress", "message", "finished", "created_at", "updated_at",
                 "result", "error", "detail", "attempts"}
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +77,11 @@ def store(open_store):
     return open_store()
 
 
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
 def _claim_worker(url, task_ids, owner, barrier, results):
     """Runs in a spawned process: claim every task it can, report which ones it won."""
     store = open_task_store(url)
@@ -94,14 +111,15 @@ def test_create_get_and_summary(store):
     assert store.get("missing") is None and store.events("missing") is None
 
 
-def test_create_with_task_id_and_owner(store):
+def test_create_with_task_id_and_owner(open_store, clock):
+    store = open_store(clock=clock)
     assert store.create({"a": 1}, task_id="fixed") == ("fixed", True)
     assert store.create({"a": 2}, task_id="fixed") == ("fixed", False)
     assert store.get("fixed").request == {"a": 1}
     task_id, _ = store.create({}, owner="replica-1", lease_s=30.0)
     record = store.get(task_id)
     assert (record.owner, record.attempts) == ("replica-1", 1)
-    assert record.lease_until > time.time() + 29
+    assert record.created_at == clock.now and record.lease_until == clock.now + 30.0
     assert task_id not in store.expired() and "fixed" in store.expired()
 
 
@@ -128,10 +146,14 @@ def test_update_is_forward_only(store):
     assert store.events(task_id)[1].detail == {"tokens_done": 10}
 
 
-def test_finish_is_written_once(store):
+def test_finish_is_written_once(open_store, clock):
+    store = open_store(clock=clock)
     task_id, _ = store.create({})
+    clock.advance(1.0)
     assert store.finish(task_id, {"audios": ["a.flac"]})
     updated_at = store.get(task_id).updated_at
+    assert updated_at == clock.now
+    clock.advance(1.0)  # a second write would show in updated_at
     assert not store.finish(task_id, {"audios": ["b.flac"]})
     assert not store.fail(task_id, "internal")
     record = store.get(task_id)
@@ -157,15 +179,19 @@ def test_fail_sets_code_and_message(store):
     assert not store.fail("missing", "internal")
 
 
-def test_events_order_and_after(store):
+def test_events_order_and_after(open_store, clock):
+    store = open_store(clock=clock)
     task_id, _ = store.create({})
+    start = clock.now
     for step in range(1, 6):
+        clock.advance(1.0)
         store.update(task_id, "lm", step / 10, f"step {step}")
     events = store.events(task_id)
     assert [e.seq for e in events] == list(range(6))
     assert [e.seq for e in store.events(task_id, after=3)] == [4, 5]
     assert store.events(task_id, after=5) == []
-    assert events[-1].message == "step 5" and events[-1].time >= events[0].time
+    assert events[-1].message == "step 5" and [e.time - start for e in events] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert store.get(task_id).updated_at == events[-1].time
 
 
 def test_events_are_capped(store):
@@ -232,29 +258,34 @@ def test_stats_counts_every_phase(store):
     assert store.stats()["tasks"]["queued"] == 0 and store.stats()["tasks"]["dit"] == 2
 
 
-def test_claim_rules_and_lease_expiry(store):
+def test_claim_rules_and_lease_expiry(open_store, clock):
+    store = open_store(clock=clock)
     task_id, _ = store.create({})
-    assert store.claim(task_id, "a", 0.2)
-    assert not store.claim(task_id, "b", 0.2)
-    assert store.claim(task_id, "a", 0.2)  # the owner may claim again
+    assert store.claim(task_id, "a", 30.0)
+    assert not store.claim(task_id, "b", 30.0)
+    assert store.claim(task_id, "a", 30.0)  # the owner may claim again
     assert store.get(task_id).attempts == 2
-    assert task_id not in store.expired()
-    time.sleep(0.25)
+    clock.advance(29.0)
+    assert task_id not in store.expired() and not store.claim(task_id, "b", 30.0)
+    clock.advance(2.0)
     assert store.expired() == [task_id]
     assert store.claim(task_id, "b", 5.0)
     record = store.get(task_id)
-    assert (record.owner, record.attempts) == ("b", 3) and record.lease_until > time.time() + 4
+    assert (record.owner, record.attempts, record.lease_until) == ("b", 3, clock.now + 5.0)
     assert not store.claim(task_id, "a", 5.0) and not store.renew(task_id, "a", 5.0)
     store.finish(task_id, {})
     assert not store.claim(task_id, "b", 5.0) and not store.claim("missing", "b", 5.0)
 
 
-def test_renew_release_expired(store):
-    task_id, _ = store.create({}, owner="a", lease_s=0.2)
+def test_renew_release_expired(open_store, clock):
+    store = open_store(clock=clock)
+    task_id, _ = store.create({}, owner="a", lease_s=30.0)
     store.update(task_id, "dit", 0.4)
-    assert store.renew(task_id, "a", 0.5) and not store.renew(task_id, "b", 5.0)
-    time.sleep(0.25)
+    clock.advance(20.0)
+    assert store.renew(task_id, "a", 30.0) and not store.renew(task_id, "b", 5.0)
+    clock.advance(20.0)
     assert task_id not in store.expired()  # the renewal outlived the first lease
+    assert store.get(task_id).lease_until == clock.now + 10.0
     assert not store.release(task_id, "b")
     assert store.release(task_id, "a")
     record = store.get(task_id)
@@ -265,14 +296,16 @@ def test_renew_release_expired(store):
     assert not store.renew(task_id, "b", 5.0) and not store.release(task_id, "b") and store.expired() == []
 
 
-def test_expired_order_and_limit(store):
-    oldest, _ = store.create({})
-    leased, _ = store.create({}, owner="a", lease_s=30.0)
-    short, _ = store.create({}, owner="a", lease_s=0.05)
-    done, _ = store.create({})
-    newest, _ = store.create({})
+def test_expired_order_and_limit(open_store, clock):
+    store = open_store(clock=clock)
+    ids = []
+    for owner, lease_s in ((None, 0.0), ("a", 30.0), ("a", 5.0), (None, 0.0), (None, 0.0)):
+        ids.append(store.create({}, owner=owner, lease_s=lease_s)[0])
+        clock.advance(1.0)  # created one after another
+    oldest, leased, short, done, newest = ids
     store.finish(done, {})
-    time.sleep(0.1)
+    assert store.expired() == [oldest, newest], "the short lease runs 5 s"
+    clock.advance(5.0)
     assert store.expired() == [oldest, short, newest]
     assert store.expired(limit=2) == [oldest, short]
     assert leased not in store.expired()
@@ -378,25 +411,29 @@ def test_concurrent_updates_keep_events_consistent(open_store):
     assert stores[2].get(task_id).progress == events[-1].progress == max(e.progress for e in events)
 
 
-def test_purge_by_ttl(open_store):
-    store = open_store(ttl_s=60.0)
+def test_purge_by_ttl(open_store, clock):
+    store = open_store(ttl_s=60.0, clock=clock)
     finished = [store.create({})[0] for _ in range(3)]
     unfinished = [store.create({})[0] for _ in range(2)]
     store.finish(finished[0], {})
     store.fail(finished[1], "internal")
     store.finish(finished[2], {})
     assert store.purge() == 0 and store.stats()["records"] == 5
-    assert store.purge(now=time.time() + 61.0) == 3
+    clock.advance(59.0)
+    assert store.purge() == 0 and store.stats()["records"] == 5
+    clock.advance(2.0)
+    assert store.purge() == 3
     assert all(store.get(task_id) is None and store.events(task_id) is None for task_id in finished)
     assert all(store.get(task_id) is not None for task_id in unfinished)
     assert store.stats() == {"tasks": {**{p: 0 for p in PHASES}, "queued": 2}, "records": 2}
 
 
-def test_purge_frees_idempotency_keys(open_store):
-    store = open_store(ttl_s=60.0)
+def test_purge_frees_idempotency_keys(open_store, clock):
+    store = open_store(ttl_s=60.0, clock=clock)
     first, _ = store.create({}, key_name="alice", idempotency_key="k", body_digest="d1")
     store.finish(first, {})
-    assert store.purge(now=time.time() + 61.0) == 1
+    clock.advance(61.0)
+    assert store.purge() == 1
     second, created = store.create({}, key_name="alice", idempotency_key="k", body_digest="d2")
     assert created and second != first
 
@@ -417,8 +454,8 @@ def test_record_cap_keeps_storage_flat(open_store):
     assert all(store.get(task_id) is not None for task_id in ids[-150:])
 
 
-def test_purge_never_deletes_unfinished(open_store):
-    store = open_store(max_records=50)
+def test_purge_never_deletes_unfinished(open_store, clock):
+    store = open_store(max_records=50, clock=clock)
     unfinished = [store.create({})[0] for _ in range(80)]
     done = [store.create({})[0] for _ in range(10)]
     for task_id in done:
@@ -426,7 +463,8 @@ def test_purge_never_deletes_unfinished(open_store):
     store.purge()
     assert store.stats()["records"] == 80 and store.count_unfinished() == 80
     assert all(record is not None for record in store.get_many(unfinished).values())
-    assert store.purge(now=time.time() + 10 ** 6) == 0
+    clock.advance(10 ** 6)
+    assert store.purge() == 0
 
 
 def test_data_survives_reopening(open_store):
@@ -469,7 +507,7 @@ def test_wait_helpers(store):
         assert await wait_final(store, task_id, timeout_s=0.1, poll_s=0.02) == "lm"
         assert await wait_final(store, "missing", timeout_s=0.1) is None
         later(lambda: store.finish(task_id, {}))
-        assert await wait_final(store, task_id, timeout_s=2.0, poll_s=0.02) == "done"
+        assert await asyncio.wait_for(wait_final(store, task_id, timeout_s=60.0, poll_s=0.02), 30) == "done"
 
     asyncio.run(scenario())
 
@@ -520,15 +558,16 @@ def test_redis_server_helper_needs_the_binary(tmp_path, monkeypatch):
             pass
 
 
-def test_settings_are_shared_by_every_store_on_the_same_url(open_store):
-    first, second = open_store(), open_store()
+def test_settings_are_shared_by_every_store_on_the_same_url(open_store, clock):
+    first, second = open_store(clock=clock), open_store(clock=clock)
     assert first.get_setting("lora_default") is None
     first.put_setting("lora_default", {"adapters": {"warm": 0.5}, "use_lora": True})
     assert second.get_setting("lora_default") == {"adapters": {"warm": 0.5}, "use_lora": True}
     second.put_setting("lora_default", {"adapters": {}, "use_lora": False})
     assert first.get_setting("lora_default") == {"adapters": {}, "use_lora": False}
-    first.create({"caption": "x"})
-    first.purge(now=time.time() + 10**9)
+    first.fail(first.create({"caption": "x"})[0], "internal")
+    clock.advance(10 ** 9)
+    assert first.purge() == 1
     assert second.get_setting("lora_default") == {"adapters": {}, "use_lora": False}  # purge keeps settings
 
 
@@ -547,10 +586,10 @@ def test_settings_by_prefix_and_deleted(open_store):
     assert first.get_setting("holdings/a") is None
 
 
-def test_token_buckets_are_shared_by_every_store_client(open_store):
+def test_token_buckets_are_shared_by_every_store_client(open_store, clock):
     """Two clients of one store (two ingress replicas) charge one bucket: a burst of 2 passes once
-    across both, and the bucket refills at its rate."""
-    first, second = open_store(), open_store()
+    across both, and the bucket refills at its rate (on the stores' clock, or at ``now``)."""
+    first, second = open_store(clock=clock), open_store(clock=clock)
     now = 5000.0
     assert first.take_token("rpm:alice", 0.5, 2.0, now=now) == 0.0
     assert second.take_token("rpm:alice", 0.5, 2.0, now=now) == 0.0
@@ -559,3 +598,7 @@ def test_token_buckets_are_shared_by_every_store_client(open_store):
     assert second.take_token("rpm:alice", 0.5, 2.0, now=now + 1.0) == pytest.approx(1.0)  # half a token
     assert first.take_token("rpm:alice", 0.5, 2.0, now=now + 2.0) == 0.0
     assert second.take_token("rpm:alice", 0.5, 2.0, now=now + 2.0) > 0
+    clock.now = now + 2.0
+    assert first.take_token("rpm:alice", 0.5, 2.0) == pytest.approx(2.0)
+    clock.advance(2.0)
+    assert second.take_token("rpm:alice", 0.5, 2.0) == 0.0
