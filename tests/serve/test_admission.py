@@ -8,17 +8,7 @@ import pytest
 
 from serve.edge.admission import Admission, AdmissionLimits, TokenBucket
 from serve.edge.errors import APIError
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.clock import FakeClock
 
 
 def _refusal(call) -> APIError:

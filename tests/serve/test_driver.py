@@ -15,17 +15,7 @@ from ray.serve.exceptions import BackPressureError
 
 from serve.driver import DriverSettings, TaskDriver, TaskFailure, classify
 from serve.store import open_task_store
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.clock import FakeClock
 
 
 LEASE_S = 30.0

@@ -24,21 +24,11 @@ from serve.store.redis import RedisTaskStore
 from serve.store.sqlite import SQLiteTaskStore
 from serve.store.records import StoreFull, MAX_EVENTS, PHASES, IdempotencyConflict, TaskRecord, wait_events, wait_final
 from serve.store import open_task_store
+from tests.clock import FakeClock
 from tests.serve.redis_server import start_redis
 
 SUMMARY_KEYS = {"task_id", "phase", "progress", "message", "finished", "created_at", "updated_at",
                 "result", "error", "detail", "attempts"}
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture(scope="module")
