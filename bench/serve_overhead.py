@@ -182,7 +182,7 @@ def start_serve(args: argparse.Namespace, http: dict, app: dict, config) -> str:
     checkout = str(Path(serve_package.__file__).resolve().parents[1])
     # replicas inherit the environment: make them import the checkout this driver imported
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=args.num_cpus, num_gpus=1 if args.device == "cuda" else None,
+    ray.init(address="local", num_cpus=args.num_cpus, num_gpus=1 if args.device == "cuda" else None,
              include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": http["port"]})
     serve.run(build_app(config), name=app.get("name", "acestep"), route_prefix=app.get("route_prefix", "/"))

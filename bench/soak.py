@@ -113,7 +113,7 @@ def start(bound: int, state: Path, demo_dir: Path) -> str:
     port = _free_port()
     repo = str(Path(__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # its own Ray, never one it finds
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name="acestep", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
