@@ -216,6 +216,6 @@ def test_a_cpu_dit_stage_renders_one_row_per_forward(ray_session, demo_root, tmp
 
     stage = DiTStage(str(demo_root), str(tmp_path), device="cpu")
     try:
-        assert stage.handler.worker.limits.max_forward_rows == 1
+        assert stage.handler.worker.batch.limits.max_forward_rows == 1
     finally:
         stage.handler.loop.close()

@@ -119,10 +119,10 @@ def test_handle_generate_matches_generate_music(serve_app, turbo_handler):
     assert served["tensor"].shape == direct["tensor"].shape
     assert np.allclose(served["tensor"].numpy(), direct["tensor"].numpy(), atol=1e-4)
     # the stored file as it is (what GET /v1/audio serves); without tensors nothing is decoded
-    stored = httpx.get(serve_app.url + served["url"], headers=serve_app.headers, timeout=60).content
-    assert served["bytes"] == stored
+    fetch = lambda: httpx.get(serve_app.url + served["url"], headers=serve_app.headers, timeout=60).content  # noqa: E731
+    assert served["bytes"] == fetch()
     bare = handle.generate.remote(params, config, include_tensors=False).result(timeout_s=300)
-    assert bare.audios[0]["tensor"] is None and bare.audios[0]["bytes"] == stored
+    assert bare.audios[0]["tensor"] is None and bare.audios[0]["bytes"] == fetch()  # the same key, written again
     # the deployments behind the ingress are reachable by name too
     lm = serve.get_deployment_handle("LMDeployment", app_name=serve_app.name)
     assert lm.info.remote().result(timeout_s=30)["enabled"] is True

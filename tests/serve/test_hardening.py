@@ -167,7 +167,8 @@ def test_hostile_uploads_get_422_invalid_audio(http, name):
         assert response.status_code == status, (name, response.status_code, response.text[:300])
         item = response.json()["detail"][0]
         assert item["type"] == (code if status == 422 else "too_large"), item
-        assert field is None or item["loc"][-1] == field, item  # the field as the client sent it
+        if status == 422 and field is not None:  # (a body over the route's size is refused before parsing)
+            assert item["loc"][-1] == field, item  # the field as the client sent it
 
 
 def test_an_empty_upload_is_refused(http):
