@@ -344,14 +344,15 @@ async def read_body(receive: Receive, limit: int) -> Optional[bytes]:
 
 
 def replay(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that gives ``body`` once, then whatever the client sends next (a disconnect)."""
-    sent = False
+    """A ``receive`` that gives ``body`` once, then whatever the client sends next (a disconnect).
+    It lets go of the body once given: a sync route waits minutes for its result, and an upload
+    held here for that long would pin its size in memory per request."""
+    pending = [body]
+    del body
 
     async def replayed() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+        if pending:
+            return {"type": "http.request", "body": pending.pop(), "more_body": False}
         return await receive()
 
     return replayed

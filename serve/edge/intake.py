@@ -84,7 +84,9 @@ async def read_generate_body(request: Request, max_upload: int) -> Tuple[Dict[st
     """JSON body, or multipart with a ``request`` JSON part plus ``src_audio``/``reference_audio`` files."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if not content_type.startswith("multipart/"):
-        raw = await request.body()
+        # read from the stream, not request.body(): that caches the body on the request, which
+        # lives as long as a sync route waits for its result
+        raw = b"".join([chunk async for chunk in request.stream()])
         check_json_outside_uploads(raw)
         body = parse_json(raw)
         if not isinstance(body, dict):

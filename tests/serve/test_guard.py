@@ -513,3 +513,43 @@ def test_check_text():
     with pytest.raises(FieldError) as error:
         check_text("caption", "bad \udcff")
     assert (error.value.status_code, error.value.field) == (422, "caption")
+
+
+def test_the_replayed_body_is_let_go_once_given():
+    """The guard hands the buffered body to the route once and keeps no reference to it: a sync route
+    waits minutes for its result, and an upload held meanwhile would pin its size per request."""
+    import sys
+
+    from serve.edge.guard import replay
+
+    body = bytes(1 << 20)
+    baseline = sys.getrefcount(body)
+
+    async def disconnect():
+        return {"type": "http.disconnect"}
+
+    receive = replay(body, disconnect)
+    assert sys.getrefcount(body) == baseline + 1  # held until given
+    message = asyncio.run(receive())
+    assert message["body"] is body and not message["more_body"]
+    del message
+    assert sys.getrefcount(body) == baseline
+    assert asyncio.run(receive())["type"] == "http.disconnect"
+
+
+def test_a_json_generate_body_is_not_cached_on_the_request():
+    from starlette.requests import Request
+
+    from serve.edge.intake import read_generate_body
+
+    payload = b'{"caption": "calm", "src_audio_base64": "' + b"A" * 4096 + b'"}'
+    messages = [{"type": "http.request", "body": payload, "more_body": False}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/tasks", "headers":
+                       [(b"content-type", b"application/json")]}, receive)
+    body, files = asyncio.run(read_generate_body(request, 1 << 20))
+    assert body["caption"] == "calm" and files == {}
+    assert "_body" not in request.__dict__  # nothing upload-sized stays with the request
