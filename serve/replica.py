@@ -69,8 +69,10 @@ class PlanRef:
             raise PlanLost(f"the LM replica was lost ({type(error).__name__})") from None
 
 
-async def until_ready(ref: Any, first_poll_s: float = 0.02, max_poll_s: float = 0.2) -> None:
-    """Wait until ``ref`` is computed or failed, without fetching it into this process."""
+async def until_ready(ref: Any, first_poll_s: float = 0.01, max_poll_s: float = 0.05) -> None:
+    """Wait until ``ref`` is computed or failed, without fetching it into this process. The polls
+    are cheap (the ingress owns the ref); a long interval would be paid by every plan on top of its
+    own time, so the interval stays short."""
     import ray
 
     delay = first_poll_s

@@ -70,7 +70,7 @@ def test_every_cuda_test_carries_the_gpu_marker_and_none_skips_on_its_own():
 def test_dry_run_walks_every_step_and_writes_the_results(local_wheels, tmp_path):
     out = tmp_path / "out"
     done = _run(["scripts/gpu-check.sh", "--dry-run", "--wheels", str(local_wheels), "--out", str(out),
-                 "--sections", "dit,vae", "--deadline", "400"])
+                 "--sections", "encoders", "--deadline", "400"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     steps = (out / "steps.txt").read_text()
     assert f"installed {len(list(local_wheels.glob('*.whl')))} wheels" in steps
@@ -82,8 +82,8 @@ def test_dry_run_walks_every_step_and_writes_the_results(local_wheels, tmp_path)
     assert len(cases) >= 7 and all(case.find("skipped") is not None for case in cases)
     assert {"test_generate_music_on_cuda", "test_cuda_graph_replay_equals_eager"} <= {c.get("name") for c in cases}
     results = json.loads((out / "gpu.json").read_text())
-    assert results["tiny"] and set(results["sections"]) == {"dit ms/forward", "vae decode"}
-    assert "| song_s |" in (out / "gpu.md").read_text()
+    assert results["tiny"] and set(results["sections"]) == {"encoders"}
+    assert "| text_encoder_256_tokens_ms |" in (out / "gpu.md").read_text()
 
 
 def test_dry_run_stops_where_the_device_would(tmp_path):
