@@ -1,4 +1,4 @@
-"""The rooms keep their walls: no module-level import cycle inside a package, the library imports no
+"""The rooms keep their walls: no import cycle inside a package (function-local imports count), the library imports no
 Ray, Serve app or pipeline, and the ingress module holds the native routes only."""
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ def _module(path: Path) -> str:
 
 
 def _imports(path: Path) -> Iterator[str]:
-    """Modules imported at module level (imports inside functions run later and cannot cycle)."""
-    for node in ast.parse(path.read_text()).body:
+    """Modules a file imports, function-local imports included (they can cycle at call time):
+    ``from a.b import c`` counts as ``a.b.c`` when that is a module, else as ``a.b``."""
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             yield node.module
             yield from (f"{node.module}.{alias.name}" for alias in node.names)
@@ -28,10 +29,9 @@ def _imports(path: Path) -> Iterator[str]:
 
 
 def _graph(package: str) -> Dict[str, Set[str]]:
+    """``from a.b import c`` counts ``a.b`` (its ``__init__`` runs) and ``a.b.c`` when c is a module."""
     paths = {_module(p): p for p in (ROOT / package).rglob("*.py")}
-    # a submodule always imports its own package first: that edge is no cycle of ours
-    return {name: {m for m in _imports(path) if m in paths and m != name and not name.startswith(m + ".")}
-            for name, path in paths.items()}
+    return {name: {m for m in _imports(path) if m in paths and m != name} for name, path in paths.items()}
 
 
 def _cycle(graph: Dict[str, Set[str]]) -> List[str]:

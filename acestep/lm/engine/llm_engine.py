@@ -31,7 +31,7 @@ from typing import Any, Optional
 import torch
 
 from acestep.lm import fsm as F
-from acestep.lm.engine import masks as M
+import acestep.lm.engine.masks as M
 from acestep.lm.engine.graphs import DecodeRunner
 from acestep.lm.engine.model import FastQwen3
 from acestep.lm.engine.sampler import SampleInputs, sample
