@@ -35,6 +35,7 @@ class GenerationParams:
     audio_codes: str = ""
     # Text inputs
     caption: str = ""
+    global_caption: str = ""  # song-level caption of the stems lego task (the caption describes the track)
     lyrics: str = ""
     instrumental: bool = False
     # Metadata
@@ -43,6 +44,14 @@ class GenerationParams:
     keyscale: str = ""
     timesignature: str = ""
     duration: float = -1.0
+    # Audio post-processing: peak normalisation first, then fades (seconds, 0 = none)
+    enable_normalization: bool = True
+    normalization_db: float = -1.0
+    fade_in_duration: float = 0.0
+    fade_out_duration: float = 0.0
+    # Latent post-processing before the VAE decode: x * latent_rescale + latent_shift
+    latent_shift: float = 0.0
+    latent_rescale: float = 1.0
     # Advanced DiT settings
     inference_steps: int = 8
     seed: int = -1
@@ -52,10 +61,37 @@ class GenerationParams:
     cfg_interval_end: float = 1.0
     shift: float = 1.0
     infer_method: str = "ode"
+    sampler_mode: str = "euler"  # "euler" or "heun" (second order: two DiT forwards per step)
+    velocity_norm_threshold: float = 0.0  # clamp |v| to threshold·|x| per item (0 = off)
+    velocity_ema_factor: float = 0.0  # v ← (1 − f)·v + f·v_previous (0 = off)
+    # DCW, the wavelet-domain correction after each sampler step. None = the model's own default:
+    # on for turbo, off for sft/base (their output degrades with it).
+    dcw_enabled: Optional[bool] = None
+    dcw_mode: str = "double"  # "low" | "high" | "double" | "pix"
+    dcw_scaler: float = 0.05  # low-band scaler ("low", "double"), the only one for "high" / "pix"
+    dcw_high_scaler: float = 0.02  # high-band scaler ("double" only)
+    dcw_wavelet: str = "haar"
     timesteps: Optional[List[float]] = None
     repainting_start: float = 0.0
     repainting_end: float = -1
+    chunk_mask_mode: str = "auto"  # "explicit": 0/1 mask from the repaint window; "auto": the model decides
+    repaint_latent_crossfade_frames: int = 10  # latent blend width at the window's edges (25 Hz frames)
+    repaint_wav_crossfade_sec: float = 0.0  # waveform splice crossfade (0 = hard cut)
+    repaint_mode: str = "balanced"  # "conservative" | "balanced" | "aggressive"
+    repaint_strength: float = 0.5  # balanced mode only: 0 keeps the source most, 1 is pure diffusion
+    # Retake: cos/sin mix of the seed's noise with retake_seed's (variance 0 = no-op)
+    retake_seed: Optional[Union[str, int]] = None
+    retake_variance: float = 0.0
+    # Flow-edit morph (cover / cover-nofsq / text2music): move the source, described by the
+    # flow_edit_source_* texts, toward caption/lyrics over flow time [n_min, n_max]
+    flow_edit_morph: bool = False
+    flow_edit_source_caption: str = ""
+    flow_edit_source_lyrics: str = ""
+    flow_edit_n_min: float = 0.0
+    flow_edit_n_max: float = 1.0
+    flow_edit_n_avg: int = 1
     audio_cover_strength: float = 1.0
+    cover_noise_strength: float = 0.0  # cover: start from the source re-noised (0 = pure noise, 1 = closest)
     # 5 Hz LM parameters
     thinking: bool = True
     lm_temperature: float = DEFAULT_LM_TEMPERATURE
@@ -76,6 +112,14 @@ class GenerationParams:
     cot_vocal_language: str = "unknown"
     cot_caption: str = ""
     cot_lyrics: str = ""
+
+    def __post_init__(self):
+        # as upstream: shift <= 0 would divide by zero in the shift formula, 0 steps render silence
+        if isinstance(self.shift, (int, float)) and not isinstance(self.shift, bool) and self.shift <= 0:
+            self.shift = 1.0
+        if (isinstance(self.inference_steps, int) and not isinstance(self.inference_steps, bool)
+                and self.inference_steps < 1):
+            self.inference_steps = 1
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

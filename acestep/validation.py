@@ -12,6 +12,9 @@ from acestep.dit.tasks import BASE_ONLY_TASKS, SOURCE_TASKS, TASK_TYPES, TRACK_N
 from acestep.params import MAX_CAPTION_CHARS, MAX_LYRICS_CHARS, GenerationConfig, GenerationParams
 
 MAX_SEED = 2**32 - 1
+DCW_MODES = ("low", "high", "double", "pix")
+DCW_WAVELETS = ("haar", "db2", "db4", "sym4", "sym8", "coif2")  # the bases upstream's UI offers
+REPAINT_MODES = ("conservative", "balanced", "aggressive")
 
 
 class ValidationError(ValueError):
@@ -84,6 +87,22 @@ def _schedule(values) -> bool:
     return values[0] > 0 and all(a > b for a, b in zip(values, values[1:]))
 
 
+def _retake_seed(value) -> bool:
+    """An integer seed, or a string of them separated by commas (one per item, as ``seeds``)."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")] if len(value) <= 256 else [""]
+        return all(p.lstrip("-").isdigit() and -1 <= int(p) <= MAX_SEED for p in parts)
+    return _seeds(value)
+
+
+def _one_of(*choices) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, str) and v in choices
+
+
+def _flag(value) -> bool:
+    return isinstance(value, bool)
+
+
 def _seeds(value) -> bool:
     items = value if isinstance(value, (list, tuple)) else [value]
     return all(isinstance(s, int) and not isinstance(s, bool) and -1 <= s <= MAX_SEED for s in items)
@@ -132,6 +151,39 @@ RULES: List[Rule] = [
     Rule("params", "lm_cfg_scale", _between(1.0, 10.0), "1.0 to 10.0"),
     Rule("params", "lm_top_k", _int_between(0, 1000), "an integer from 0 (off) to 1000"),
     Rule("params", "lm_top_p", _between(0.0, 1.0), "0.0 to 1.0"),
+    Rule("params", "sampler_mode", _one_of("euler", "heun"), "'euler' or 'heun'"),
+    Rule("params", "velocity_norm_threshold", _between(0.0, 5.0), "0.0 (off) to 5.0"),
+    Rule("params", "velocity_ema_factor", _between(0.0, 0.5), "0.0 (off) to 0.5"),
+    Rule("params", "dcw_enabled", _flag, "true, false, or null for the model's default", optional=True),
+    Rule("params", "dcw_mode", _one_of(*DCW_MODES), "one of " + ", ".join(DCW_MODES)),
+    Rule("params", "dcw_scaler", _between(0.0, 0.1), "0.0 to 0.1"),
+    Rule("params", "dcw_high_scaler", _between(0.0, 0.1), "0.0 to 0.1"),
+    Rule("params", "dcw_wavelet", _one_of(*DCW_WAVELETS), "one of " + ", ".join(DCW_WAVELETS)),
+    Rule("params", "chunk_mask_mode", _one_of("auto", "explicit"), "'auto' or 'explicit'"),
+    Rule("params", "repaint_latent_crossfade_frames", _int_between(0, 250), "an integer from 0 to 250 (10 s)"),
+    Rule("params", "repaint_wav_crossfade_sec", _between(0.0, 10.0), "0.0 to 10.0 seconds"),
+    Rule("params", "repaint_mode", _one_of(*REPAINT_MODES), "one of " + ", ".join(REPAINT_MODES)),
+    Rule("params", "repaint_strength", _between(0.0, 1.0), "0.0 to 1.0"),
+    Rule("params", "retake_seed", _retake_seed, f"an integer from -1 to {MAX_SEED}, or such integers separated "
+         "by commas (one per item)", optional=True),
+    Rule("params", "retake_variance", _between(0.0, 1.0), "0.0 to 1.0"),
+    Rule("params", "flow_edit_morph", _flag, "true or false"),
+    Rule("params", "flow_edit_source_caption", lambda v: isinstance(v, str) and len(v) <= MAX_CAPTION_CHARS,
+         f"a string of at most {MAX_CAPTION_CHARS} characters"),
+    Rule("params", "flow_edit_source_lyrics", lambda v: isinstance(v, str) and len(v) <= MAX_LYRICS_CHARS,
+         f"a string of at most {MAX_LYRICS_CHARS} characters"),
+    Rule("params", "flow_edit_n_min", _between(0.0, 1.0), "0.0 to 1.0"),
+    Rule("params", "flow_edit_n_max", _between(0.0, 1.0), "0.0 to 1.0"),
+    Rule("params", "flow_edit_n_avg", _int_between(1, 8), "an integer from 1 to 8"),
+    Rule("params", "cover_noise_strength", _between(0.0, 1.0), "0.0 to 1.0"),
+    Rule("params", "global_caption", lambda v: isinstance(v, str) and len(v) <= MAX_CAPTION_CHARS,
+         f"a string of at most {MAX_CAPTION_CHARS} characters"),
+    Rule("params", "enable_normalization", _flag, "true or false"),
+    Rule("params", "normalization_db", _between(-10.0, 0.0), "-10.0 to 0.0 dBFS"),
+    Rule("params", "fade_in_duration", _between(0.0, 10.0), "0.0 to 10.0 seconds"),
+    Rule("params", "fade_out_duration", _between(0.0, 10.0), "0.0 to 10.0 seconds"),
+    Rule("params", "latent_shift", _between(-0.2, 0.2), "-0.2 to 0.2"),
+    Rule("params", "latent_rescale", _between(0.5, 1.5), "0.5 to 1.5"),
     Rule("params", "repainting_start", lambda v: _number(v) and v >= 0, ">= 0 seconds"),
     Rule("params", "repainting_end", lambda v: _number(v) and (v == -1 or v > 0), "-1 (end of source) or > 0 seconds"),
     Rule("config", "batch_size", _int_between(1, 8), "an integer from 1 to 8"),
@@ -153,6 +205,9 @@ def check_fields(params: GenerationParams, config: GenerationConfig) -> None:
 def check_cross_fields(params: GenerationParams, is_turbo: Optional[bool] = None,
                        src_duration: Optional[float] = None) -> None:
     """Rules that need several fields or the loaded model / source audio."""
+    if params.flow_edit_n_min > params.flow_edit_n_max:
+        raise ValidationError("flow_edit_n_min", params.flow_edit_n_min,
+                              f"<= flow_edit_n_max ({params.flow_edit_n_max})")
     if params.cfg_interval_start > params.cfg_interval_end:
         raise ValidationError("cfg_interval_start", params.cfg_interval_start,
                               f"<= cfg_interval_end ({params.cfg_interval_end})")

@@ -8,13 +8,23 @@ from acestep.inference import GenerationConfig, GenerationParams, generate_music
 from acestep.validation import ValidationError
 
 BAD_PARAMS = [
-    ("bpm", 20), ("bpm", 301), ("duration", 5), ("duration", 601), ("inference_steps", 0), ("inference_steps", 201),
+    ("bpm", 20), ("bpm", 301), ("duration", 5), ("duration", 601), ("inference_steps", 201),
     ("guidance_scale", 0.5), ("guidance_scale", 16), ("shift", 0.5), ("shift", 6), ("cfg_interval_start", -0.1),
     ("cfg_interval_end", 1.5), ("infer_method", "euler"), ("timesteps", [0.5, 0.7, 0]), ("timesteps", [1.2, 0]),
     ("timesteps", []), ("timesteps", [0]), ("timesteps", [0.0]), ("task_type", "remix"), ("audio_cover_strength", 1.5), ("lm_temperature", 3.0),
     ("lm_top_p", 1.5), ("lm_cfg_scale", 0.5), ("caption", "x" * 513), ("lyrics", "y" * 4097), ("seed", -2),
     ("repainting_start", -1.0), ("keyscale", "H major"), ("keyscale", "C" * 10_000), ("timesignature", "5"),
     ("timesignature", "4" * 10_000), ("vocal_language", "klingon"), ("vocal_language", "x" * 10_000),
+    # fields added upstream after v1.5.2
+    ("sampler_mode", "rk4"), ("velocity_norm_threshold", 5.5), ("velocity_ema_factor", -0.1), ("dcw_enabled", "yes"),
+    ("dcw_mode", "mid"), ("dcw_scaler", 0.2), ("dcw_high_scaler", -0.01), ("dcw_wavelet", "db9"),
+    ("chunk_mask_mode", "manual"), ("repaint_latent_crossfade_frames", 251), ("repaint_latent_crossfade_frames", 2.5),
+    ("repaint_wav_crossfade_sec", 11.0), ("repaint_mode", "wild"), ("repaint_strength", 1.2), ("retake_seed", "1,x"),
+    ("retake_seed", -5), ("retake_variance", 1.1), ("flow_edit_morph", 1), ("flow_edit_source_caption", "x" * 513),
+    ("flow_edit_n_min", -0.1), ("flow_edit_n_max", 1.1), ("flow_edit_n_avg", 0), ("flow_edit_n_avg", 9),
+    ("cover_noise_strength", 1.5), ("global_caption", "g" * 513), ("enable_normalization", "off"),
+    ("normalization_db", 0.5), ("normalization_db", -11.0), ("fade_in_duration", -1.0), ("fade_out_duration", 10.5),
+    ("latent_shift", 0.3), ("latent_rescale", 0.4),
 ]
 BAD_CONFIG = [("batch_size", 0), ("batch_size", 9), ("audio_format", "ogg"), ("seeds", [1, "2"]),
               ("lm_batch_chunk_size", 0)]
@@ -30,6 +40,25 @@ def test_bad_params_name_the_field(field, value):
         assert value[:20] not in str(info.value).split("allowed:")[0] and len(str(info.value)) < 300
     elif isinstance(value, (int, float)):
         assert repr(value)[:20] in str(info.value)
+
+
+def test_shift_and_steps_are_corrected_as_upstream_does():
+    """GenerationParams.__post_init__ (upstream): shift <= 0 becomes 1.0, fewer than 1 step becomes 1."""
+    params = GenerationParams(shift=0, inference_steps=0)
+    assert (params.shift, params.inference_steps) == (1.0, 1)
+    assert GenerationParams(shift=-2.0).shift == 1.0 and GenerationParams(shift=0.5).shift == 0.5
+
+
+def test_flow_edit_window_must_be_ordered():
+    with pytest.raises(ValidationError) as info:
+        prepare_request(GenerationParams(flow_edit_n_min=0.8, flow_edit_n_max=0.2), GenerationConfig())
+    assert info.value.field == "flow_edit_n_min"
+
+
+@pytest.mark.parametrize("field,value", [("retake_seed", "12, 34"), ("retake_seed", 7), ("dcw_enabled", False),
+                                         ("dcw_wavelet", "sym8"), ("sampler_mode", "heun")])
+def test_new_fields_accept_upstream_values(field, value):
+    prepare_request(GenerationParams(**{field: value}), GenerationConfig())
 
 
 @pytest.mark.parametrize("field,value", [("keyscale", " C Major "), ("keyscale", "F# minor"), ("keyscale", "Bb major"),
