@@ -24,6 +24,7 @@ from acestep.dit.items import DiTItem, Progress, RenderOutput, SamplingSettings
 from acestep.dit.prepare import build_items, encode_source, sampling_settings
 from acestep.devices import default_dtype, resolve_device
 from acestep.dit.worker import DiTWorker
+from acestep.presets import family_of
 from acestep.params import AudioSource, GenerationParams
 from acestep.steploop import StepLoop
 
@@ -95,6 +96,12 @@ class AceStepHandler:
     @property
     def is_turbo(self) -> bool:
         return self._require().is_turbo
+
+    @property
+    def family(self) -> str:
+        """turbo, sft or base (``acestep.presets``), from the DiT's config."""
+        bundle = self._require()
+        return family_of(getattr(bundle.transformer.config, "model_version", None), bundle.is_turbo)
 
     @property
     def model_name(self) -> str:

@@ -40,6 +40,7 @@ from acestep.params import (  # noqa: F401  (re-exported: the seed's import path
     LMPlan,
     UnderstandResult,
 )
+from acestep.presets import apply_model
 from acestep.validation import ValidationError, validate
 
 logger = logging.getLogger(__name__)
@@ -311,13 +312,16 @@ def generate_music(dit_handler, llm_handler, params: GenerationParams, config: G
                    save_dir: Optional[str] = None, progress: Optional[Progress] = None) -> GenerationResult:
     """The seed's entry point. Errors come back as ``success=False, error=...``, never raised."""
     try:
-        is_turbo = dit_handler.is_turbo if getattr(dit_handler, "is_initialized", False) else None
-        params, config, seeds = prepare_request(params, config, is_turbo=is_turbo)
+        ready = getattr(dit_handler, "is_initialized", False)
+        params, report = apply_model(params, dit_handler.family if ready else None,
+                                     model=dit_handler.model_name if ready else None)
+        params, config, seeds = prepare_request(params, config, is_turbo=report.family == "turbo" if ready else None)
         outcome = plan_music(llm_handler, params, config, seeds, progress=_lm_progress(progress))
         result = render_music(dit_handler, params, config, seeds, outcome.plans, save_dir, progress,
                               outcome.time_costs)
         if outcome.status:
             result.status_message = outcome.status + "; " + result.status_message
+        result.extra_outputs["preset"] = report.to_dict()
         return result
     except Exception as error:  # the seed API reports every failure in the result
         logger.warning("generate_music failed: %s", error, exc_info=not isinstance(error, ValueError))

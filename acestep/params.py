@@ -15,6 +15,8 @@ DEFAULT_DIT_INSTRUCTION = "Fill the audio semantic mask based on the given condi
 MAX_CAPTION_CHARS = 512  # INFERENCE.md limits on user text
 MAX_LYRICS_CHARS = 4096
 DEFAULT_LM_TEMPERATURE = 0.85  # generation and the LM helpers alike (INFERENCE.md)
+DIT_FAMILIES = ("turbo", "sft", "base")  # the DiT variants' families (acestep.presets)
+PRESET_CHOICES = ("model",) + DIT_FAMILIES
 
 # An audio input: a path, the file's bytes, or a seekable binary file object (see acestep.audio)
 AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
@@ -24,6 +26,9 @@ AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 class GenerationParams:
     """What to generate: task, text, metadata, DiT and LM sampling knobs (INFERENCE.md)."""
 
+    # The preset that fills the sampling fields left unset (acestep.presets): "model" (the serving
+    # model's own), a family name, or None (the defaults below). HTTP and Ray Data default to "model".
+    preset: Optional[str] = None
     # Task & instruction
     task_type: str = "text2music"
     instruction: str = DEFAULT_DIT_INSTRUCTION

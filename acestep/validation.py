@@ -9,7 +9,7 @@ from typing import Any, Callable, List, Optional
 from acestep.audio import AUDIO_FORMATS
 from acestep.lm.constants import VALID_KEYSCALES, VALID_LANGUAGES, VALID_TIME_SIGNATURES
 from acestep.dit.tasks import BASE_ONLY_TASKS, SOURCE_TASKS, TASK_TYPES, TRACK_NAMES, instruction_tracks
-from acestep.params import MAX_CAPTION_CHARS, MAX_LYRICS_CHARS, GenerationConfig, GenerationParams
+from acestep.params import MAX_CAPTION_CHARS, MAX_LYRICS_CHARS, PRESET_CHOICES, GenerationConfig, GenerationParams
 
 MAX_SEED = 2**32 - 1
 DCW_MODES = ("low", "high", "double", "pix")
@@ -95,8 +95,18 @@ def _retake_seed(value) -> bool:
     return _seeds(value)
 
 
+class _OneOf:
+    """A choice among strings that also states them (the HTTP schema shows them as an enum)."""
+
+    def __init__(self, *choices: str):
+        self.choices = choices
+
+    def __call__(self, v) -> bool:
+        return isinstance(v, str) and v in self.choices
+
+
 def _one_of(*choices) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, str) and v in choices
+    return _OneOf(*choices)
 
 
 def _flag(value) -> bool:
@@ -123,8 +133,15 @@ class Rule:
         """(minimum, maximum) when the rule is a plain range."""
         return (self.check.lo, self.check.hi) if isinstance(self.check, _Between) else None
 
+    @property
+    def choices(self) -> Optional[tuple]:
+        """The allowed strings when the rule is a plain choice."""
+        return self.check.choices if isinstance(self.check, _OneOf) else None
+
 
 RULES: List[Rule] = [
+    Rule("params", "preset", _one_of(*PRESET_CHOICES), "one of " + ", ".join(PRESET_CHOICES) + ", or null for none",
+         optional=True),
     Rule("params", "task_type", lambda v: v in TASK_TYPES, "one of " + ", ".join(TASK_TYPES)),
     Rule("params", "bpm", _int_between(30, 300), "an integer from 30 to 300, or null for auto", optional=True),
     Rule("params", "duration", lambda v: _number(v) and (v <= 0 or 10 <= v <= 600),

@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterable, List, Optional
 MANIFEST_JSONL = "manifest.jsonl"
 MANIFEST_PARQUET = "manifest.parquet"
 JOURNAL = ".manifest.journal.jsonl"
-JSON_COLUMNS = ("params", "lm_metadata", "time_costs", "nodes")  # nested values: JSON text in Parquet
+JSON_COLUMNS = ("params", "lm_metadata", "time_costs", "nodes", "preset")  # nested values: JSON text in Parquet
 
 
 @dataclass
@@ -42,6 +42,7 @@ class ManifestRecord:
     nodes: Dict[str, str] = field(default_factory=dict)  # Ray node id each model stage ran on ("lm", "dit")
     planned_at: float = 0.0  # unix time the LM stage finished the row (0 without the LM)
     finished_at: float = 0.0  # unix time the row finished
+    preset: Optional[Dict[str, Any]] = None  # the DiT's preset report: what filled the unset fields, what it forced
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "ManifestRecord":
@@ -142,7 +143,7 @@ def write_parquet(records: List[ManifestRecord], path: Path) -> None:
         ("id", pa.string()), ("index", pa.int64()), ("params", pa.string()), ("seeds", pa.list_(pa.int64())),
         ("lm_metadata", pa.string()), ("codes", pa.list_(pa.string())), ("files", pa.list_(pa.string())),
         ("duration", pa.float64()), ("time_costs", pa.string()), ("error", pa.string()),
-        ("nodes", pa.string()), ("planned_at", pa.float64()), ("finished_at", pa.float64()),
+        ("nodes", pa.string()), ("planned_at", pa.float64()), ("finished_at", pa.float64()), ("preset", pa.string()),
     ])
     rows = []
     for record in records:

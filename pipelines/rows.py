@@ -101,6 +101,7 @@ def to_request(fields: Dict[str, Any], audio_format: str = "flac") -> Tuple[Gene
     unknown = sorted(set(values) - PARAM_FIELDS)
     if unknown:
         raise RowError(f"unknown field(s): {', '.join(unknown)}")
+    values.setdefault("preset", "model")  # as over HTTP: the DiT's preset fills the sampling fields left out
     params = GenerationParams(**values)
     seed = params.seed
     fixed = isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0

@@ -107,6 +107,7 @@ def finish_record(record: ManifestRecord, result: GenerationResult, output_dir: 
     record.duration = durations[0]
     record.lm_metadata = json_safe(result.extra_outputs.get("lm_metadata"))
     record.time_costs = json_safe(result.extra_outputs.get("time_costs") or {})
+    record.preset = result.extra_outputs.get("preset") or record.preset
     return record
 
 
@@ -191,7 +192,8 @@ class DiTStage:
         for row, record in zip(rows, records):
             if record.error is None:
                 try:
-                    jobs.append(self._job(row))
+                    job, record.preset = self._job(row)
+                    jobs.append(job)
                     owners.append(record)
                 except Exception as error:
                     record.error = describe(error)
@@ -207,13 +209,17 @@ class DiTStage:
         return _encode([r.to_dict() for r in records], "record")
 
     def _job(self, row: Dict[str, Any]):
+        """The row's RenderJob, with this DiT's preset filling the fields the row left out → (job, the
+        preset report)."""
         from acestep.inference import RenderJob, prepare_request
+        from acestep.presets import apply_model
 
         config = GenerationConfig(**{**row["config"], "seeds": row["seeds"], "use_random_seed": False})
-        params, config, seeds = prepare_request(GenerationParams(**row["params"]), config,
-                                                is_turbo=self.handler.is_turbo)
+        params, report = apply_model(GenerationParams(**row["params"]), self.handler.family,
+                                     model=self.handler.model_name, explicit=sorted(row["fields"]))
+        params, config, seeds = prepare_request(params, config, is_turbo=self.handler.is_turbo)
         plans = [LMPlan(**plan) for plan in row["plans"]] if row.get("plans") else None
-        return RenderJob(params, config, seeds, plans, lm_time_costs=row.get("lm_time_costs"))
+        return RenderJob(params, config, seeds, plans, lm_time_costs=row.get("lm_time_costs")), report.to_dict()
 
 
 class ServeStage:
@@ -237,7 +243,8 @@ class ServeStage:
                 try:
                     params, config = to_request(row["fields"], self.audio_format)
                     # the app's stored files come back as bytes, written as they are: no decode/encode here
-                    calls[record.id] = (config.audio_format, self.method.remote(params, config, include_tensors=False))
+                    call = self.method.remote(params, config, include_tensors=False, explicit=sorted(row["fields"]))
+                    calls[record.id] = (config.audio_format, call)
                 except Exception as error:
                     record.error = describe(error)
         for record in records:  # all calls are in flight; the app batches them

@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import importlib
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -80,12 +80,13 @@ class Ingress(Submission, CompatRoutes, AdapterRoutes, StudioRoutes):
     # -- Python handle API -------------------------------------------------------------------------
 
     async def generate(self, params: GenerationParams, config: GenerationConfig,
-                       include_tensors: bool = True) -> GenerationResult:
+                       include_tensors: bool = True, explicit: Optional[List[str]] = None) -> GenerationResult:
         """Same inputs and result as ``acestep.inference.generate_music``: failures (bad input included)
         come back as ``success=False, error=...``. ``audios[i]['bytes']`` is the stored file as it is
-        (``url`` names it); tensors are decoded from it unless ``include_tensors=False``."""
+        (``url`` names it); tensors are decoded from it unless ``include_tensors=False``. ``explicit``:
+        the fields the caller set, for ``params.preset`` (None: those that differ from the defaults)."""
         try:
-            params, config, seeds, route = await self._prepare(params, config, {}, {})
+            params, config, seeds, route = await self._prepare(params, config, {}, {}, explicit)
             task_id = await self._submit("handle", params, config, seeds, {}, route, "", sync=True)
             record = await self.state.wait_result(task_id, self.config.ingress.request_timeout_s)
             if record.phase != "done":

@@ -295,7 +295,11 @@ class DiTDeployment(_ModelReplica):
         return model_id
 
     def info(self) -> Dict[str, Any]:
-        return {"model": self.model, "is_turbo": bool(getattr(self.handler, "is_turbo", False))}
+        from acestep.presets import PRESETS
+
+        family = self.handler.family
+        return {"model": self.model, "is_turbo": family == "turbo", "family": family,
+                "preset": PRESETS[family].values()}
 
     def check_health(self) -> None:
         super().check_health()

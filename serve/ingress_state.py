@@ -165,6 +165,11 @@ class IngressState:
             self._dit_infos.update(zip(missing, infos))
         return {name: info["is_turbo"] for name, info in self._dit_infos.items()}
 
+    async def family_by_model(self) -> Dict[str, Optional[str]]:
+        """{served DiT: turbo, sft or base} (``acestep.presets``)."""
+        await self.turbo_by_model()
+        return {name: info.get("family") for name, info in self._dit_infos.items()}
+
     def readiness(self) -> Dict[str, Any]:
         from serve.models import deployment_name
 
@@ -182,18 +187,19 @@ class IngressState:
         """{"dit": {model, is_turbo}, "lm": {enabled, model, backend}} of the defaults, and "dits" /
         "lms": every served one, defaults first; from the config until the replicas have answered
         (``is_turbo`` None then)."""
-        dit = self._view["dit_info"] or {"model": self.config.dit.model, "is_turbo": None}
+        unknown = {"is_turbo": None, "family": None, "preset": None}
+        dit = self._view["dit_info"] or {"model": self.config.dit.model, **unknown}
         lm = self._view["lm_info"] or {"enabled": self.config.lm.enabled, "model": self.config.lm.model,
                                        "backend": self.config.lm.backend}
-        dits = [self._dit_infos.get(name) or {"model": name, "is_turbo": None} for name in self.dits]
+        dits = [self._dit_infos.get(name) or {"model": name, **unknown} for name in self.dits]
         lms = [{**lm, "model": name} for name in self.lms]
         return {"dit": dit, "lm": lm, "dits": dits, "lms": lms}
 
     def models(self) -> Dict[str, Any]:
         view = self.model_view()
         dit = view["dit"]
-        return {"models": [{"name": d["model"], "is_default": d["model"] == dit["model"], "is_turbo": d["is_turbo"]}
-                           for d in view["dits"]],
+        return {"models": [{"name": d["model"], "is_default": d["model"] == dit["model"], "is_turbo": d["is_turbo"],
+                            "family": d.get("family"), "preset": d.get("preset")} for d in view["dits"]],
                 "default_model": dit["model"], "lm": view["lm"], "lm_models": [m["model"] for m in view["lms"]],
                 "adapters": {"dir_set": bool(self.config.dit.adapters.dir),
                              "default": self.config.dit.adapters.default}}
@@ -270,7 +276,8 @@ class IngressState:
         plans = (output["metadata"] or {}).get("plans") or []
         extra = {"time_costs": output["time_costs"], "task_id": record.task_id,
                  "lm_metadata": (plans[0] or {}).get("metadata") if plans else None,  # as generate_music
-                 "lm_plans": plans, "seed_value": ", ".join(str(a["seed"]) for a in output["audios"])}
+                 "lm_plans": plans, "seed_value": ", ".join(str(a["seed"]) for a in output["audios"]),
+                 "preset": (output["metadata"] or {}).get("preset")}
         return GenerationResult(audios=audios, status_message=output["status_message"], extra_outputs=extra)
 
     async def drain(self, grace_s: float) -> Dict[str, int]:

@@ -59,7 +59,8 @@ class TaskPipeline:
                             sample_rate=item.sample_rate, seed=item.seed, params=item.params)
                   for item in reply.items]
         names = {"dit": models.dit_name, "lm": models.lm_name, "adapters": adapters or []}
-        return GenerationOutput(task_id=record.task_id, audios=audios, metadata={**reply.metadata, "models": names},
+        return GenerationOutput(task_id=record.task_id, audios=audios, metadata={**reply.metadata, "models": names,
+                                                                                   "preset": extras.get("preset")},
                                 time_costs=reply.time_costs, status_message=reply.status_message).model_dump()
 
     async def _render(self, models: Models, task_id, params, config, seeds, upload_keys, adapters) -> RenderReply:

@@ -13,6 +13,8 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstrain
 from pydantic import create_model
 from pydantic_core import PydanticCustomError
 
+from acestep.audio import AUDIO_FORMATS
+from acestep.dit.tasks import TASK_TYPES
 from acestep.params import LM_HELPER_DEFAULTS, GenerationConfig, GenerationParams
 from acestep.validation import RULES, Rule
 
@@ -25,11 +27,15 @@ _DESCRIPTIONS = {
     "lyrics": "Lyrics with structure tags such as [verse]; empty for instrumental.",
     "duration": "Seconds of audio; -1 lets the LM (or a default) decide.",
     "batch_size": "How many songs to render for this request.",
-    "audio_format": "Encoded output format: flac, wav or mp3.",
+    "audio_format": "Encoded output format: " + ", ".join(AUDIO_FORMATS) + ".",
     "thinking": "Let the 5 Hz LM plan metadata and audio codes before the DiT renders.",
     "seeds": "Seed list (or one seed); -1 or missing entries are random.",
-    "task_type": "text2music, cover, repaint, lego, extract or complete.",
+    "task_type": ", ".join(TASK_TYPES) + ".",
     "inference_steps": "DiT sampling steps (turbo: at most 8).",
+    "preset": ("Which model preset fills the sampling fields this request leaves out (inference_steps, shift, "
+               "guidance_scale, CFG interval, use_adg, dcw_enabled, sampler_mode): 'model' (the serving model's, "
+               "GET /v1/models), turbo, sft or base; null for the library defaults."),
+    "dcw_enabled": "DCW wavelet correction; null: the model's default (on for turbo, off for sft/base).",
 }
 
 
@@ -77,7 +83,9 @@ LMTopK = checked(int, "lm_top_k")
 def _documented_ranges() -> Dict[str, Dict[str, Any]]:
     """minimum/maximum of the library's range rules, shown in the native schema (clients such as the
     studio read them); there the library stays the judge and its messages the answer."""
-    return {rule.field: {"minimum": rule.bounds[0], "maximum": rule.bounds[1]} for rule in RULES if rule.bounds}
+    shown = {rule.field: {"minimum": rule.bounds[0], "maximum": rule.bounds[1]} for rule in RULES if rule.bounds}
+    shown.update({rule.field: {"enum": list(rule.choices)} for rule in RULES if rule.choices})
+    return shown
 
 
 def spellings(name: str, aliases: Optional[Mapping[str, Sequence[str]]]) -> Optional[AliasChoices]:
@@ -135,12 +143,14 @@ def routing_fields(names: Sequence[str], aliases: Optional[Mapping[str, Sequence
 
 
 ROUTING_FIELDS = ("model", "lm_model", "lora", "lora_scale", "loras")
+# Where HTTP differs from the library's defaults: fields a request leaves out get its model's preset.
+HTTP_DEFAULTS = {"preset": "model"}
 
 GenerateRequest = create_model(
     "GenerateRequest",
     __base__=_RequestBase,
     __doc__="GenerationParams + GenerationConfig fields (INFERENCE.md), flat; audio uploads as base64.",
-    **library_fields(GenerationParams, HIDDEN_FIELDS),
+    **library_fields(GenerationParams, HIDDEN_FIELDS, defaults=HTTP_DEFAULTS),
     **library_fields(GenerationConfig),
     src_audio_base64=(Optional[str], Field(None, description="Source audio file (cover/repaint), base64.")),
     reference_audio_base64=(Optional[str], Field(None, description="Reference (timbre) audio file, base64.")),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 from fastapi import Request
 
@@ -28,20 +28,24 @@ class Submission:
         digest = None if idempotency is None else intake.request_digest(body, files)
         params, config, files, sent_as = intake.to_params(body, files, max_upload)
         files = await intake.check_uploads(self.state.uploads, files, max_upload, sent_as)
-        params, config, seeds, route = await self._prepare(params, config, files, intake.routing(body))
+        params, config, seeds, route = await self._prepare(params, config, files, intake.routing(body), list(body))
         key_name = getattr(request.state, "key_name", "")
         return await self._submit(source, params, config, seeds, files, route, key_name, sync=sync,
                                   idempotency=(idempotency, digest))
 
-    async def _prepare(self, params, config, files, choice: Dict[str, Any]):
-        """The DiT and LM for the request (``serve.models``), then the library's checks with that
-        DiT's rules → (params, config, seeds, the choice as task extras)."""
+    async def _prepare(self, params, config, files, choice: Dict[str, Any], explicit: Optional[List[str]] = None):
+        """The DiT and LM for the request (``serve.models``), that DiT's preset for the fields the
+        request left out (``explicit``: those it set; None: the Python API's rule, see
+        ``acestep.presets``), then the library's checks with its rules → (params, config, seeds, the
+        choice and the preset report as task extras)."""
         turbo = await self.state.turbo_by_model()
         dit = self.served.pick_dit(choice.get("model"), params.task_type, turbo)
         lm = self.served.lm_name(choice.get("lm_model"))
+        family = (await self.state.family_by_model()).get(dit)
+        params, report = intake.apply_preset(params, family, dit, explicit)
         params, config, seeds = intake.prepare(params, config, files, is_turbo=turbo[dit])
         adapters = adapter_choice(self.config, choice, await self._defaults() if self.config.dit.adapters.dir else None)
-        return params, config, seeds, {"dit_model": dit, "lm_model": lm, **adapters}
+        return params, config, seeds, {"dit_model": dit, "lm_model": lm, "preset": report.to_dict(), **adapters}
 
     async def _submit(self, source, params, config, seeds, files, extras, key_name, *, sync=False,
                       idempotency=(None, None)) -> str:

@@ -53,7 +53,8 @@ def openrouter_models(dits: List[Dict[str, Any]], created: int, max_duration_s: 
                 "input_modalities": ["text", "audio"], "output_modalities": ["audio", "text"],
                 "context_length": 4096, "max_output_length": max_duration_s,
                 "pricing": {"prompt": "0", "completion": "0", "request": "0"},
-                "description": "ACE-Step 1.5 music generation: a 5 Hz LM plans, a DiT renders 48 kHz stereo."}
+                "description": "ACE-Step 1.5 music generation: a 5 Hz LM plans, a DiT renders 48 kHz stereo.",
+                "family": dit.get("family"), "preset": dit.get("preset")}
                for dit in dits]
     return {"object": "list", "data": entries}
 
@@ -62,7 +63,8 @@ def model_inventory(dits: List[Dict[str, Any]], lms: List[Dict[str, Any]]) -> Di
     default, lm = dits[0]["model"], lms[0]
     enabled = bool(lm.get("enabled"))
     return {"models": [{"name": dit["model"], "is_default": dit["model"] == default, "is_loaded": True,
-                        "supported_task_types": supported_tasks(dit.get("is_turbo"))} for dit in dits],
+                        "supported_task_types": supported_tasks(dit.get("is_turbo")), "family": dit.get("family"),
+                        "preset": dit.get("preset")} for dit in dits],
             "default_model": default, "lm_models": [m["model"] for m in lms] if enabled else [],
             "loaded_lm_model": lm["model"] if enabled else None, "llm_initialized": enabled}
 

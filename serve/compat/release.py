@@ -55,7 +55,7 @@ ALIASES: Dict[str, Tuple[str, ...]] = {
     "extract_codes_only": ("extract_codes_only", "extractCodesOnly"),
 }
 # The upstream server's defaults where they differ from GenerationParams/GenerationConfig.
-UPSTREAM_DEFAULTS = {"thinking": False, "vocal_language": "en", "shift": 3.0, "audio_format": "mp3",
+UPSTREAM_DEFAULTS = {**schemas.HTTP_DEFAULTS, "thinking": False, "vocal_language": "en", "shift": 3.0, "audio_format": "mp3",
                      "lm_cfg_scale": 2.5}
 # The modes that answer with an analysis record instead of audio, and what each needs.
 ANALYSIS_MODES = ("extract_codes_only", "full_analysis_only", "analysis_only")
@@ -254,6 +254,7 @@ def to_library(body: Dict[str, Any], stored: Callable[[str], Optional[str]] = la
         extras["analysis"] = modes[0]
     if uploads:
         extras["stored_uploads"] = uploads
+    extras["explicit"] = sorted(sent)  # the fields the body set: the model's preset fills the others
     return params, config, extras
 
 

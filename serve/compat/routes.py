@@ -43,7 +43,7 @@ class CompatRoutes:
             files.setdefault(name, await asyncio.to_thread(self._client_file, field, ref))
         files = await intake.check_uploads(self.state.uploads, files, max_upload)
         self._check_analysis(extras.get("analysis"), files)
-        params, config, seeds, route = await self._prepare(params, config, files, extras)
+        params, config, seeds, route = await self._prepare(params, config, files, extras, extras.pop("explicit"))
         task_id = await self._submit("release_task", params, config, seeds, files, {**extras, **route},
                                      request.state.key_name if hasattr(request.state, "key_name") else "")
         queued = (await asyncio.to_thread(self.state.store.stats))["tasks"]["queued"]
@@ -170,7 +170,9 @@ class CompatRoutes:
         files = chat.audio_uploads(req, found, self.state.max_upload)
         params, config, extras = compat.to_library(chat.release_body(req, found))
         files = await intake.check_uploads(self.state.uploads, files, self.state.max_upload)
-        params, config, seeds, route = await self._prepare(params, config, files, {**extras, "model": req.model})
+        explicit = extras.pop("explicit")
+        params, config, seeds, route = await self._prepare(params, config, files, {**extras, "model": req.model},
+                                                           explicit)
         key_name = getattr(request.state, "key_name", "")
         return req, model_id, lambda: self._submit("chat", params, config, seeds, files, {**extras, **route}, key_name)
 

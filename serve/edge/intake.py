@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 
 from acestep.params import GenerationConfig, GenerationParams
+from acestep.presets import apply_model
 from serve.edge.errors import APIError, FieldError
 from serve.edge.safejson import JSON_LIMIT, check_text, parse_json
 from serve.schemas import CONFIG_FIELDS, PARAM_FIELDS, ROUTING_FIELDS, UPLOAD_FIELDS, GenerateRequest, to_library
@@ -154,6 +155,14 @@ async def check_uploads(checker, files: Uploads, max_upload: int,
     for name, data in files.items():
         await asyncio.to_thread(checker.check, (sent_as or {}).get(name, name), data, max_upload)
     return files
+
+
+def apply_preset(params: GenerationParams, family: Optional[str], model: str, explicit: Optional[List[str]]):
+    """``acestep.presets.apply_model``, its refusals as the field's 4xx → (params, PresetReport)."""
+    try:
+        return apply_model(params, family, model=model, explicit=explicit)
+    except ValueError as error:
+        raise library_error(error) from None
 
 
 def prepare(params: GenerationParams, config: GenerationConfig, uploads: Uploads, *, is_turbo: bool):

@@ -59,6 +59,8 @@ def test_chat_request_maps_onto_the_upstream_release_body_and_library_params():
     assert (params.keyscale, params.timesignature, params.vocal_language) == ("C major", "4", "fr")
     assert (params.lm_temperature, params.lm_top_p, params.inference_steps, params.thinking) == (0.9, 0.95, 8, False)
     assert (config.batch_size, config.audio_format, config.seeds) == (2, "wav", [3, 4])
+    explicit = extras.pop("explicit")  # what the body set; the model's preset fills the rest
+    assert "inference_steps" not in explicit and {"bpm", "duration", "lm_temperature"} <= set(explicit)
     assert extras == {"use_format": True}
     _, config, extras = compat.to_library(chat.release_body(_request(seed=7), chat.ChatInput(sample_query="a song")))
     assert config.seeds == [7] and not config.use_random_seed and config.batch_size == 1

@@ -247,3 +247,28 @@ def test_official_sample_format_and_analysis_modes_use_the_chosen_lm(http, model
         assert all(entry["lm_model"] == BIG_LM for entry in json.loads(item["result"])), item
     assert _engine_requests(models_app, BIG_LM) >= big_before + len(bodies)
     assert _engine_requests(models_app, "acestep-5Hz-lm-0.6B") == default_before
+
+
+def test_each_model_serves_its_preset_and_the_result_says_which_applied(http):
+    entries = {e["id"]: e for e in http.get("/v1/models").json()["data"]}
+    turbo, base = entries["acestep/acestep-v15-turbo"]["preset"], entries[f"acestep/{BASE}"]["preset"]
+    assert (turbo["inference_steps"], turbo["shift"], turbo["guidance_scale"], turbo["dcw_enabled"]) == (8, 3.0, 1.0, True)
+    assert (base["inference_steps"], base["dcw_enabled"]) == (32, False)
+    inventory = {m["name"]: m for m in http.get("/v1/model_inventory").json()["data"]["models"]}
+    assert inventory[BASE]["preset"] == base and inventory[BASE]["family"] == "base"
+    # turbo, no shift and a guidance scale: shift 3.0 from the preset, guidance forced to 1.0 and said so
+    output = _generate(http, guidance_scale=5.0)
+    used = output["audios"][0]["params"]
+    assert (used["shift"], used["guidance_scale"], used["dcw_enabled"]) == (3.0, 1.0, True)
+    report = output["metadata"]["preset"]
+    assert report["preset"] == "turbo" and report["forced"] == {"guidance_scale": 1.0} and "inference_steps" not in report["filled"]
+    # base with no DCW setting: the preset's DCW (off); the request's own steps and shift win
+    output = _generate(http, model=BASE, shift=2.0)
+    used = output["audios"][0]["params"]
+    assert (used["dcw_enabled"], used["shift"], used["inference_steps"]) == (False, 2.0, SONG["inference_steps"])
+    assert output["metadata"]["preset"]["preset"] == "base"
+    # null: no preset, the library's defaults (shift 1.0); nonsense for the model: 422 naming field and model
+    assert _generate(http, preset=None)["audios"][0]["params"]["shift"] == 1.0
+    refused = http.post("/v1/generate", json={**SONG, "inference_steps": 20})
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "inference_steps"]
+    assert "acestep-v15-turbo" in refused.json()["detail"][0]["msg"]

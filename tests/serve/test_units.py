@@ -50,7 +50,7 @@ def test_cli_overrides_pick_the_checkpoint_source_and_address(tmp_path):
 
 def test_generate_request_defaults_come_from_the_library():
     params, config = to_library(GenerateRequest(caption="x"))
-    assert params == GenerationParams(caption="x")
+    assert params == GenerationParams(caption="x", preset="model")  # HTTP: the model's preset fills what is left out
     assert config.batch_size == 2 and config.audio_format == "flac"
     with pytest.raises(ValidationError):
         GenerateRequest(cot_caption="outputs are not inputs")
