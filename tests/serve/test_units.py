@@ -87,6 +87,13 @@ def test_compat_aliases_lookup_order_and_upstream_defaults():
     ({"thinking": "maybe"}, "thinking", 422, "boolean"),
     ({"lm_temperature": "2.5"}, "lm_temperature", 422, "0.0 to 2.0"),
     ({"loraScale": "3"}, "loraScale", 422, "less than or equal to 2"),
+    ({"dcw_mode": "mid"}, "dcw_mode", 422, "double"),
+    ({"dcw_scaler": "0.5"}, "dcw_scaler", 422, "0.0 to 0.1"),
+    ({"sampler_mode": "rk4"}, "sampler_mode", 422, "heun"),
+    ({"repaint_strength": "2"}, "repaint_strength", 422, "0.0 to 1.0"),
+    ({"fade_out_duration": "-1"}, "fade_out_duration", 422, "0.0 to 10.0"),
+    ({"retake_variance": "1.5"}, "retake_variance", 422, "0.0 to 1.0"),
+    ({"preset": "fast"}, "preset", 422, "turbo"),
 ])
 def test_compat_rejects_paths_and_bad_values_naming_the_field_as_sent(body, field, status, allowed):
     with pytest.raises(APIError) as raised:
@@ -94,6 +101,20 @@ def test_compat_rejects_paths_and_bad_values_naming_the_field_as_sent(body, fiel
     error = raised.value.detail()[0]
     assert raised.value.status_code == status and error["loc"] == ["body", field], error
     assert allowed in error["msg"], error
+
+
+def test_compat_takes_the_newer_upstream_fields_under_their_names():
+    body = {"prompt": "x", "dcw_enabled": "false", "dcw_mode": "pix", "dcw_scaler": "0.03", "dcw_high_scaler": 0.01,
+            "dcw_wavelet": "db4", "sampler_mode": "heun", "velocity_norm_threshold": 2.0, "repaint_mode": "aggressive",
+            "repaint_strength": 0.7, "chunk_mask_mode": "explicit", "cover_noise_strength": 0.4, "retake_seed": "9",
+            "retake_variance": 0.2, "fade_in_duration": 1.5, "enable_normalization": False, "latent_shift": 0.1,
+            "global_caption": "song", "audio_format": "opus"}
+    params, config, extras = compat.to_library(body)
+    assert (params.dcw_enabled, params.dcw_mode, params.dcw_scaler, params.dcw_wavelet) == (False, "pix", 0.03, "db4")
+    assert (params.sampler_mode, params.repaint_mode, params.repaint_strength) == ("heun", "aggressive", 0.7)
+    assert (params.retake_seed, params.fade_in_duration, params.enable_normalization) == ("9", 1.5, False)
+    assert params.preset == "model" and set(body) - {"prompt", "audio_format"} <= set(extras["explicit"])
+    assert compat.to_library({"prompt": "x"})[0].dcw_enabled is None  # left out: the model's default
 
 
 def test_compat_query_items_shapes():
