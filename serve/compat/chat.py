@@ -92,6 +92,8 @@ class ChatRequest(_Loose):
     repainting_start: Optional[checked(float, "repainting_start")] = None
     repainting_end: Optional[checked(float, "repainting_end")] = None
     audio_cover_strength: Optional[checked(float, "audio_cover_strength")] = None
+    cover_noise_strength: Optional[checked(float, "cover_noise_strength")] = Field(
+        None, description="Cover: start from the source re-noised (0: pure noise, 1: closest to the source).")
     audio_codes: Optional[str] = Field(None, description="5 Hz audio codes to render instead of LM-written ones.")
 
 
@@ -99,7 +101,8 @@ class ChatRequest(_Loose):
 PASSED_ON = {"temperature": "lm_temperature", "top_p": "lm_top_p", "top_k": "lm_top_k", "thinking": "thinking",
              "guidance_scale": "guidance_scale", "inference_steps": "inference_steps", "task_type": "task_type",
              "repainting_start": "repainting_start", "repainting_end": "repainting_end",
-             "audio_cover_strength": "audio_cover_strength", "use_cot_caption": "use_cot_caption",
+             "audio_cover_strength": "audio_cover_strength", "cover_noise_strength": "cover_noise_strength",
+             "use_cot_caption": "use_cot_caption",
              "use_cot_language": "use_cot_language", "audio_codes": "audio_code_string"}
 AUDIO_PASSED_ON = {"bpm": "bpm", "key_scale": "key_scale", "time_signature": "time_signature",
                    "duration": "audio_duration", "vocal_language": "vocal_language", "format": "audio_format",

@@ -66,6 +66,8 @@ def test_twelve_rows_give_twelve_files_and_manifest(full_run):
         assert rate == 48000 and data.shape[1] == 2
         assert row["duration"] == pytest.approx(data.shape[0] / rate)
         assert row["time_costs"]["dit_total_time_cost"] > 0
+        # the rows set no sampling fields: the turbo DiT's preset filled them, and turbo DCW is on
+        assert row["preset"]["preset"] == "turbo" and row["preset"]["filled"] == {"shift": 3.0, "dcw_enabled": True}
     durations = {row["index"]: row["duration"] for row in rows}
     assert durations[0] == pytest.approx(12.0) and durations[1] == pytest.approx(10.0)
     assert sorted(p.name for p in (full_run / "audio").iterdir()) == sorted(Path(r["files"][0]).name for r in rows)
@@ -136,7 +138,7 @@ def test_via_serve_sends_rows_to_a_running_app(ray_session, tmp_path, jsonl):
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     class FakeIngress:
-        async def generate(self, params, config, include_tensors=True):
+        async def generate(self, params, config, include_tensors=True, explicit=None):
             import torch
 
             from acestep.inference import prepare_request

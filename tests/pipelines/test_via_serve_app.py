@@ -32,7 +32,7 @@ def test_rows_render_through_the_real_app(demo_root, tmp_path):
         serve.run(build_app(app["args"]), name="acestep", route_prefix=None)
         rows = [{"id": "lm", "caption": "lofi", "duration": 10, "seed": 3, "thinking": True},
                 {"id": "two", "caption": "jazz", "duration": 10, "seed": 4, "batch_size": 2},
-                {"id": "bad", "caption": "x", "duration": 10, "inference_steps": 0}]
+                {"id": "bad", "caption": "x", "duration": 10, "inference_steps": 20}]  # > turbo's 8
         prompts = tmp_path / "prompts.jsonl"
         prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
         assert main(["--input", str(prompts), "--output", str(tmp_path / "out"), "--via-serve", "acestep"]) == 1
@@ -42,6 +42,8 @@ def test_rows_render_through_the_real_app(demo_root, tmp_path):
     assert records["lm"]["error"] is None and records["lm"]["codes"][0].startswith("<|audio_code_")
     assert isinstance(records["lm"]["lm_metadata"].get("bpm"), int)
     assert records["two"]["seeds"] == [4, 5] and len(records["two"]["files"]) == 2
+    assert records["two"]["preset"]["preset"] == "turbo" and records["two"]["preset"]["filled"]["shift"] == 3.0
+    assert "inference_steps" in records["bad"]["error"] and "acestep-v15-turbo" in records["bad"]["error"]
     stored = {hashlib.sha256(f.read_bytes()).digest() for f in (tmp_path / "state" / "audio").rglob("*.flac")}
     for record in (records["lm"], records["two"]):
         for name in record["files"]:

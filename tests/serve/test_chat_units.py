@@ -52,13 +52,15 @@ def test_explicit_lyrics_or_sample_mode_decide_what_the_text_is():
 def test_chat_request_maps_onto_the_upstream_release_body_and_library_params():
     request = _request(audio_config={"bpm": 85, "duration": 30, "instrumental": True, "format": "wav",
                                      "key_scale": "C major", "time_signature": "4", "vocal_language": "fr"},
-                       temperature=0.9, top_p=0.95, seed="3,4", batch_size=2, use_format=True)
+                       temperature=0.9, top_p=0.95, seed="3,4", batch_size=2, use_format=True,
+                       cover_noise_strength=0.3)
     found = chat.ChatInput(prompt="lo-fi beat", tagged=True)
     params, config, extras = compat.to_library(chat.release_body(request, found))
     assert (params.caption, params.lyrics, params.bpm, params.duration) == ("lo-fi beat", "[inst]", 85, 30.0)
     assert (params.keyscale, params.timesignature, params.vocal_language) == ("C major", "4", "fr")
     assert (params.lm_temperature, params.lm_top_p, params.inference_steps, params.thinking) == (0.9, 0.95, 8, False)
     assert (config.batch_size, config.audio_format, config.seeds) == (2, "wav", [3, 4])
+    assert params.cover_noise_strength == 0.3  # a field upstream's chat adapter reads
     explicit = extras.pop("explicit")  # what the body set; the model's preset fills the rest
     assert "inference_steps" not in explicit and {"bpm", "duration", "lm_temperature"} <= set(explicit)
     assert extras == {"use_format": True}
