@@ -67,7 +67,8 @@ def test_twelve_rows_give_twelve_files_and_manifest(full_run):
         assert row["duration"] == pytest.approx(data.shape[0] / rate)
         assert row["time_costs"]["dit_total_time_cost"] > 0
         # the rows set no sampling fields: the turbo DiT's preset filled them, and turbo DCW is on
-        assert row["preset"]["preset"] == "turbo" and row["preset"]["filled"] == {"shift": 3.0, "dcw_enabled": True}
+        assert row["preset"]["preset"] == "turbo" and row["preset"]["filled"] == {"shift": 3.0, "dcw_enabled": True,
+                                                                           "guidance_scale": 1.0}
     durations = {row["index"]: row["duration"] for row in rows}
     assert durations[0] == pytest.approx(12.0) and durations[1] == pytest.approx(10.0)
     assert sorted(p.name for p in (full_run / "audio").iterdir()) == sorted(Path(r["files"][0]).name for r in rows)
