@@ -4,6 +4,7 @@ checkpoint rendering through the Python API, and the diffusers layout round trip
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,9 @@ from diffusers.pipelines.ace_step import AceStepConditionEncoder
 from safetensors import safe_open
 
 from acestep.checkpoints.convert import convert_to_diffusers
-from acestep.checkpoints.demo import real_config
+from acestep.checkpoints.demo import real_config, tiny_dit_config
 from acestep.checkpoints.loader import build_dit_modules, load_official_dit
-from acestep.checkpoints.mapping import is_xl
+from acestep.checkpoints.mapping import is_xl, unmap_name
 from acestep.cli import main
 from acestep.dit.xl import AceStepXLConditionEncoder
 from acestep.handler import AceStepHandler
@@ -145,3 +146,52 @@ def test_xl_converts_to_diffusers_and_renders_the_same(xl_root, xl_handler, tmp_
         assert (official == _render(converted, tmp_path / "converted", duration=10)).all()
     finally:
         converted.loop.close()
+
+
+PARITY = Path(__file__).resolve().parents[1] / "fixtures" / "upstream" / "xl_parity.pt"
+
+
+def _deterministic_weights(shapes: dict) -> dict:
+    """The rule tests/fixtures/upstream/xl_parity.py filled upstream's model with."""
+    out = {}
+    for k, name in enumerate(sorted(shapes)):
+        n = math.prod(shapes[name])
+        values = 0.2 * torch.sin(torch.arange(n, dtype=torch.float64) * 0.7071 + k)
+        if "norm" in name and name.endswith("weight"):
+            values = values + 1.0
+        out[name] = values.reshape(shapes[name]).to(torch.float32)
+    return out
+
+
+def _tiny_xl_modules(expected_config: dict) -> dict:
+    config = tiny_dit_config("xl-turbo")
+    assert {key: config[key] for key in expected_config} == expected_config
+    modules = build_dit_modules(config, device="cpu")
+    official = {unmap_name(component, inner): (component, inner) for component, module in modules.items()
+                for inner in module.state_dict() if inner != "silence_latent"}
+    weights = _deterministic_weights({name: tuple(modules[c].state_dict()[i].shape)
+                                      for name, (c, i) in official.items()})
+    for name, (component, inner) in official.items():
+        modules[component].get_parameter(inner).data.copy_(weights[name])
+    return modules
+
+
+@torch.no_grad()
+def test_xl_modules_reproduce_upstreams_xl_model():
+    """Condition encoder (with the timbre special token), DiT (wider than its encoder), tokenizer and
+    detokenizer at encoder width: upstream's own outputs on the same weights and inputs, fp32."""
+    expected = torch.load(PARITY, weights_only=True)
+    x = expected["inputs"]
+    modules = _tiny_xl_modules(json.loads(expected["config"]))
+    enc, mask = modules["condition_encoder"](
+        text_hidden_states=x["text"], text_attention_mask=x["text_mask"], lyric_hidden_states=x["lyric"],
+        lyric_attention_mask=x["lyric_mask"], refer_audio_acoustic_hidden_states_packed=x["timbre"],
+        refer_audio_order_mask=torch.zeros(1, dtype=torch.long))
+    torch.testing.assert_close(enc, expected["encoder_states"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(mask.long(), expected["encoder_mask"].long())
+    velocity = modules["transformer"](hidden_states=x["x_t"], timestep=x["t"], timestep_r=x["t"],
+                                      encoder_hidden_states=enc, context_latents=x["context"], return_dict=False)[0]
+    torch.testing.assert_close(velocity, expected["velocity"], rtol=1e-5, atol=1e-6)
+    quantized, indices = modules["audio_tokenizer"].tokenize(x["latents"])
+    assert torch.equal(indices.long(), expected["indices"].long())
+    torch.testing.assert_close(modules["audio_token_detokenizer"](quantized), expected["hints"], rtol=1e-5, atol=1e-6)
