@@ -121,6 +121,9 @@ def write_demo_checkpoints(directory: str | Path, seed: int = 0, with_lm: bool =
                            variants: Sequence[str] = DEMO_VARIANTS) -> Path:
     """Write the whole tiny set under ``directory`` (the checkpoints root) and return it: one DiT
     folder per variant (turbo, base, sft, xl-turbo, xl-sft, xl-base), VAE, text encoder, 5 Hz LM."""
+    unknown = [v for v in variants if v not in _VARIANT_SEEDS]
+    if unknown:
+        raise ValueError(f"variants={unknown}: expected some of {', '.join(_VARIANT_SEEDS)}")
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     for variant in variants:
