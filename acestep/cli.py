@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-checkpoints", help="write a tiny checkpoint set in the official layout")
     p.add_argument("directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", default=None, help="DiT folders to write, comma-separated, of turbo, base, sft, "
+                                                    "xl-turbo, xl-sft, xl-base (default: turbo,base)")
     p.add_argument("--lora", metavar="DIR", default=None,
                    help="also write a tiny random LoRA for the demo turbo DiT (official PEFT layout) to DIR")
     _add_lora(sub)
@@ -162,7 +164,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "demo-checkpoints":
         from acestep.checkpoints.demo import write_demo_checkpoints
 
-        print(write_demo_checkpoints(args.directory, seed=args.seed))
+        variants = {"variants": args.variants.split(",")} if args.variants else {}
+        try:
+            print(write_demo_checkpoints(args.directory, seed=args.seed, **variants))
+        except ValueError as error:
+            parser.error(str(error))
         if args.lora:
             from acestep.checkpoints.demo_lora import write_demo_lora
 

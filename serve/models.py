@@ -2,8 +2,9 @@
 
 The app serves a set of DiT variants (turbo, base, sft...) and LM sizes, each its own deployment
 with its own replicas and autoscaling (``serve.app.build_app``). A request names a DiT with
-``model`` (the folder name, ``acestep/<name>`` as ``/v1/models`` lists it, or the variant suffix
-``turbo`` / ``base`` / ``sft`` when one served variant has it) and an LM with ``lm_model`` (a served
+``model`` (the folder name, ``acestep/<name>`` as ``/v1/models`` lists it, or its variant: the name
+after ``acestep-v15-`` such as ``turbo``, ``sft``, ``xl-turbo`` or ``xl-base``, then the last word
+``shift3`` / ``turbo``... when only one served variant ends so) and an LM with ``lm_model`` (a served
 name only, never a path). Tasks that need a base DiT (lego, extract, complete) go to a base variant
 when the request names none; naming a turbo one for them is a 422 naming ``task_type``."""
 
@@ -17,6 +18,12 @@ from acestep.dit.tasks import BASE_ONLY_TASKS
 from serve.edge.errors import FieldError
 
 DIT_DEPLOYMENT, LM_DEPLOYMENT = "DiTDeployment", "LMDeployment"
+DIT_PREFIX = "acestep-v15-"  # official DiT folders: acestep-v15-<variant>
+
+
+def dit_variant(name: str) -> str:
+    """``acestep-v15-xl-turbo`` → ``xl-turbo``; a name without the official prefix is its own variant."""
+    return name[len(DIT_PREFIX):] if name.startswith(DIT_PREFIX) else name
 
 
 def deployment_name(kind: str, model: str, default: str) -> str:
@@ -52,9 +59,10 @@ class ModelSet:
         wanted = wanted.split("/", 1)[1] if wanted.startswith("acestep/") else wanted
         if wanted in self.dits:
             return wanted
-        by_suffix = [name for name in self.dits if name.rsplit("-", 1)[-1] == wanted]
-        if len(by_suffix) == 1:
-            return by_suffix[0]
+        for matches in ([name for name in self.dits if dit_variant(name) == wanted],
+                        [name for name in self.dits if name.rsplit("-", 1)[-1] == wanted]):
+            if len(matches) == 1:
+                return matches[0]
         raise FieldError(field, f"unknown model; this app serves {', '.join(self.dits)} (GET /v1/models)", status)
 
     def lm_name(self, requested: Optional[str], field: str = "lm_model") -> str:

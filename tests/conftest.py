@@ -70,6 +70,20 @@ def demo_root(tmp_path_factory):
     return write_demo_checkpoints(tmp_path_factory.mktemp("checkpoints"))
 
 
+@pytest.fixture(scope="session")
+def xl_root(demo_root, tmp_path_factory):
+    """A checkpoints root holding the tiny XL turbo DiT (its condition encoder narrower than the DiT,
+    the timbre special token in use) beside the demo set's VAE and text encoder."""
+    from acestep.checkpoints.demo import write_dit_folder
+    from acestep.checkpoints.layout import TEXT_ENCODER_DIR, VAE_DIR
+
+    root = tmp_path_factory.mktemp("xl_checkpoints")
+    write_dit_folder(root / "acestep-v15-xl-turbo", "xl-turbo", seed=6)
+    for name in (VAE_DIR, TEXT_ENCODER_DIR):
+        (root / name).symlink_to(demo_root / name, target_is_directory=True)
+    return root
+
+
 def dit_handler(demo_root, variant: str = "turbo"):
     """A fresh DiT handler on the demo checkpoints (CPU)."""
     from acestep.handler import AceStepHandler

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -33,6 +33,16 @@ TINY_DIT_OVERRIDES = {
     "num_attention_pooler_hidden_layers": 1, "num_audio_decoder_hidden_layers": 2, "sliding_window": 16,
     "layer_types": ["sliding_attention", "full_attention"], "dtype": "float32",
 }
+# XL on top of that: a DiT wider than its condition encoder (which keeps the 2B tiny widths, as
+# the real XL keeps 2048), with a head count whose width differs from the hidden size, as in 4B.
+TINY_XL_OVERRIDES = {
+    "hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 1,
+    "encoder_hidden_size": TINY_DIT_OVERRIDES["hidden_size"],
+    "encoder_intermediate_size": TINY_DIT_OVERRIDES["intermediate_size"],
+    "encoder_num_attention_heads": TINY_DIT_OVERRIDES["num_attention_heads"],
+    "encoder_num_key_value_heads": TINY_DIT_OVERRIDES["num_key_value_heads"],
+}
+DEMO_VARIANTS = ("turbo", "base")  # what write_demo_checkpoints writes unless told
 TINY_VAE_OVERRIDES = {"encoder_hidden_size": 2 * TINY_LATENT_CHANNELS, "decoder_input_channels": TINY_LATENT_CHANNELS,
                       "channel_multiples": [1, 2, 2, 2, 2], "decoder_channels": 8}
 TINY_TEXT_ENCODER_OVERRIDES = {
@@ -41,13 +51,19 @@ TINY_TEXT_ENCODER_OVERRIDES = {
 }
 
 
+# Seed offsets per DiT variant (turbo and base keep the ones they always had).
+_VARIANT_SEEDS = {"turbo": 0, "base": 1, "sft": 5, "xl-turbo": 6, "xl-sft": 7, "xl-base": 8}
+
+
 def real_config(name: str) -> Dict:
     """A real checkpoint config shipped with the package (``configs/<name>.json``)."""
     return json.loads((CONFIG_DIR / f"{name}.json").read_text())
 
 
 def tiny_dit_config(variant: str) -> Dict:
-    return {**real_config(f"acestep-v15-{variant}"), **TINY_DIT_OVERRIDES}
+    """The real ``acestep-v15-<variant>`` config at tiny sizes (``xl-*`` variants keep the XL shape)."""
+    xl = TINY_XL_OVERRIDES if variant.startswith("xl-") else {}
+    return {**real_config(f"acestep-v15-{variant}"), **TINY_DIT_OVERRIDES, **xl}
 
 
 def _silence_latent(channels: int, frames: int = 15000, seed: int = 0) -> torch.Tensor:
@@ -101,12 +117,17 @@ def write_text_encoder_folder(folder: Path, seed: int) -> Path:
     return folder
 
 
-def write_demo_checkpoints(directory: str | Path, seed: int = 0, with_lm: bool = True) -> Path:
-    """Write the whole tiny set under ``directory`` (the checkpoints root) and return it."""
+def write_demo_checkpoints(directory: str | Path, seed: int = 0, with_lm: bool = True,
+                           variants: Sequence[str] = DEMO_VARIANTS) -> Path:
+    """Write the whole tiny set under ``directory`` (the checkpoints root) and return it: one DiT
+    folder per variant (turbo, base, sft, xl-turbo, xl-sft, xl-base), VAE, text encoder, 5 Hz LM."""
+    unknown = [v for v in variants if v not in _VARIANT_SEEDS]
+    if unknown:
+        raise ValueError(f"variants={unknown}: expected some of {', '.join(_VARIANT_SEEDS)}")
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    write_dit_folder(root / "acestep-v15-turbo", "turbo", seed)
-    write_dit_folder(root / "acestep-v15-base", "base", seed + 1)
+    for variant in variants:
+        write_dit_folder(root / f"acestep-v15-{variant}", variant, seed + _VARIANT_SEEDS[variant])
     write_vae_folder(root / VAE_DIR, seed + 2)
     write_text_encoder_folder(root / TEXT_ENCODER_DIR, seed + 3)
     if with_lm:

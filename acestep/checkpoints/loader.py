@@ -16,7 +16,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from acestep.checkpoints.mapping import DIT_COMPONENTS, EXTERNAL_TENSORS, component_kwargs, map_official_name
+from acestep.checkpoints.mapping import (EXTERNAL_TENSORS, KNOWN_CLASSES, component_classes, component_kwargs,
+                                         map_official_name)
 
 MAX_LISTED_MISMATCHES = 10
 
@@ -73,9 +74,9 @@ def match_tensors(
 
 
 def build_dit_modules(config: dict, device: str | torch.device = "meta") -> Dict[str, nn.Module]:
-    """The four diffusers AceStep modules from an official DiT config.json, on ``device``."""
+    """The four DiT-side modules from an official DiT config.json, on ``device``."""
     with torch.device(device):
-        return {name: cls(**component_kwargs(config, name)) for name, cls in DIT_COMPONENTS.items()}
+        return {name: cls(**component_kwargs(config, name)) for name, cls in component_classes(config).items()}
 
 
 def _materialize_fsq_buffers(module: nn.Module, device: torch.device) -> None:
@@ -138,10 +139,13 @@ def load_official_dit(folder: Path, dtype: Optional[torch.dtype] = None,
 
 def load_diffusers_module(folder: Path, cls, dtype: Optional[torch.dtype] = None,
                           device: str | torch.device = "cpu") -> nn.Module:
-    """Load one diffusers-format component folder (config.json + diffusion_pytorch_model.safetensors)."""
+    """Load one diffusers-format component folder (config.json + diffusion_pytorch_model.safetensors).
+    A folder whose ``_class_name`` names a known subclass of ``cls`` (the XL condition encoder) gets it."""
     folder = Path(folder)
     device = torch.device(device)
     config = json.loads((folder / "config.json").read_text())
+    named = KNOWN_CLASSES.get(config.get("_class_name"))
+    cls = named if named is not None and issubclass(named, cls) else cls
     with torch.device("meta"):
         module = cls.from_config(config)
     weights = folder / "diffusion_pytorch_model.safetensors"

@@ -18,12 +18,38 @@ from diffusers.pipelines.ace_step import (
     AceStepConditionEncoder,
 )
 
+from acestep.dit.xl import AceStepXLConditionEncoder
+
 DIT_COMPONENTS = {
     "transformer": AceStepTransformer1DModel,
     "condition_encoder": AceStepConditionEncoder,
     "audio_tokenizer": AceStepAudioTokenizer,
     "audio_token_detokenizer": AceStepAudioTokenDetokenizer,
 }
+
+# XL configs give the condition encoder, tokenizer and detokenizer their own widths (the DiT is
+# wider); these config keys replace the plain ones for every component but the transformer.
+ENCODER_WIDTH_KEYS = {
+    "hidden_size": "encoder_hidden_size",
+    "intermediate_size": "encoder_intermediate_size",
+    "num_attention_heads": "encoder_num_attention_heads",
+    "num_key_value_heads": "encoder_num_key_value_heads",
+}
+# Classes a diffusers-layout component folder may name in its config.json's ``_class_name``.
+KNOWN_CLASSES = {cls.__name__: cls for cls in (*DIT_COMPONENTS.values(), AceStepXLConditionEncoder)}
+
+
+def is_xl(config: Dict[str, Any]) -> bool:
+    """An XL (4B) DiT config: its condition encoder is narrower than the DiT."""
+    return config.get("encoder_hidden_size", config["hidden_size"]) != config["hidden_size"]
+
+
+def component_classes(config: Dict[str, Any]) -> Dict[str, type]:
+    """The module class of each DiT component for an official config.json."""
+    if not is_xl(config):
+        return dict(DIT_COMPONENTS)
+    return {**DIT_COMPONENTS, "condition_encoder": AceStepXLConditionEncoder}
+
 
 # (official prefix, component, prefix inside the component). First match wins.
 PREFIX_RULES: List[Tuple[str, str, str]] = [
@@ -89,6 +115,8 @@ def component_kwargs(config: Dict[str, Any], component: str) -> Dict[str, Any]:
         raise ValueError(f"config.hidden_act={config['hidden_act']!r}: only 'silu' is supported")
     if config.get("rope_scaling") is not None:
         raise ValueError(f"config.rope_scaling={config['rope_scaling']!r}: only null (default RoPE) is supported")
+    if component != "transformer":
+        config = {**config, **{key: config[wide] for key, wide in ENCODER_WIDTH_KEYS.items() if wide in config}}
     cls = DIT_COMPONENTS[component]
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     kwargs = {key: value for key, value in config.items() if key in accepted}

@@ -103,3 +103,40 @@ def test_loading_keeps_the_checkpoint_dtype_unless_asked(demo_root, tmp_path):
 def test_missing_folders_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="config_path='acestep-v15-nope'"):
         resolve_dit_checkpoint(tmp_path, "acestep-v15-nope")
+
+
+# Qwen3 model cards: layers, query / KV heads, non-embedding parameters (billions, as rounded there),
+# plus the planner LMs' vocabulary (Qwen3's tokens + 65,535 audio codes), tied embeddings.
+QWEN3_CARDS = {"acestep-5Hz-lm-0.6B": (28, 16, 8, 0.44), "acestep-5Hz-lm-1.7B": (28, 16, 8, 1.4),
+               "acestep-5Hz-lm-4B": (36, 32, 8, 3.6)}
+LM_VOCAB = 217204
+LM_1_7B_FILE_BYTES = 3_708_521_528  # model.safetensors of the 1.7B, bf16
+
+
+def _lm_parameters(name: str):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = {k: v for k, v in real_config(name).items() if k not in ("architectures", "torch_dtype")}
+    with torch.device("meta"):
+        state = Qwen3ForCausalLM(Qwen3Config(**config)).state_dict()
+    state.pop("lm_head.weight")  # tied to the embedding, not stored
+    return {k: t.numel() for k, t in state.items()}
+
+
+@pytest.mark.parametrize("name", sorted(QWEN3_CARDS))
+def test_lm_configs_are_the_qwen3_models_with_the_audio_vocabulary(name):
+    config = real_config(name)
+    layers, heads, kv_heads, billions = QWEN3_CARDS[name]
+    assert set(config) == set(real_config("acestep-5Hz-lm-1.7B"))
+    assert (config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"]) == (
+        layers, heads, kv_heads)
+    assert (config["head_dim"], config["vocab_size"], config["tie_word_embeddings"], config["rope_theta"],
+            config["max_position_embeddings"], config["max_window_layers"]) == (128, LM_VOCAB, True, 1000000, 40960,
+                                                                                layers)
+    params = _lm_parameters(name)
+    assert params["model.embed_tokens.weight"] == LM_VOCAB * config["hidden_size"]
+    non_embedding = sum(n for k, n in params.items() if k != "model.embed_tokens.weight")
+    assert float(f"{non_embedding / 1e9:.2g}") == billions
+    if name == "acestep-5Hz-lm-1.7B":
+        header = LM_1_7B_FILE_BYTES - 2 * sum(params.values())
+        assert 0 < header < 64 * 1024

@@ -34,6 +34,25 @@ def test_names_and_aliases_resolve_to_served_models():
     assert deployment_name("dit", "acestep-v15-base", "acestep-v15-turbo") == "DiTDeployment-acestep-v15-base"
 
 
+def test_xl_variants_resolve_by_their_aliases_beside_the_2b_ones():
+    served = ("acestep-v15-turbo", "acestep-v15-xl-turbo", "acestep-v15-xl-sft", "acestep-v15-sft",
+              "acestep-v15-turbo-shift3")
+    models = ModelSet(served, ("lm",))
+    for alias, name in (("xl-turbo", "acestep-v15-xl-turbo"), ("acestep/acestep-v15-xl-turbo", "acestep-v15-xl-turbo"),
+                        ("xl-sft", "acestep-v15-xl-sft"), ("turbo", "acestep-v15-turbo"), ("sft", "acestep-v15-sft"),
+                        ("turbo-shift3", "acestep-v15-turbo-shift3"), ("shift3", "acestep-v15-turbo-shift3")):
+        assert models.dit_name(alias) == name, alias
+    for unknown in ("xl-base", "xl", "base"):
+        with pytest.raises(FieldError) as raised:
+            models.dit_name(unknown)
+        assert _field(raised) == "model" and "acestep-v15-xl-turbo" in raised.value.message
+    only_xl = ModelSet(("acestep-v15-xl-turbo", "acestep-v15-xl-base"), ("lm",))
+    assert only_xl.dit_name("turbo") == "acestep-v15-xl-turbo" and only_xl.dit_name("base") == "acestep-v15-xl-base"
+    turbo = {"acestep-v15-xl-turbo": True, "acestep-v15-xl-base": False}
+    assert only_xl.pick_dit(None, "lego", turbo) == "acestep-v15-xl-base"
+    assert only_xl.pick_dit("xl-base", "extract", turbo) == "acestep-v15-xl-base"
+
+
 def test_base_only_tasks_route_to_a_base_variant_or_name_task_type():
     models = ModelSet(("acestep-v15-turbo", "acestep-v15-base"), ("lm",))
     assert models.pick_dit(None, "text2music", TURBO) == "acestep-v15-turbo"
