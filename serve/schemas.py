@@ -125,7 +125,8 @@ def routing_fields(names: Sequence[str], aliases: Optional[Mapping[str, Sequence
     ``aliases``: a dialect's other spellings."""
     declared = {
         "model": (Optional[str], dict(default=None, max_length=200, description=(
-            "Served DiT (GET /v1/models): its name, acestep/<name> or turbo/base/sft; default: the app's default, "
+            "Served DiT (GET /v1/models): its name, acestep/<name> or its variant (turbo, sft, base, xl-turbo, xl-sft, "
+            "xl-base); default: the app's default, "
             "or a base variant for lego/extract/complete."))),
         "lm_model": (Optional[str], dict(default=None, max_length=200,
                                          description="Served LM name (never a path); default: the app's default.")),
