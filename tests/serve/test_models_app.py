@@ -20,6 +20,7 @@ from tests.serve.test_app import _wav_bytes
 
 BIG_LM = "acestep-5Hz-lm-1.7B"
 BASE = "acestep-v15-base"
+XL = "acestep-v15-xl-turbo"
 SONG = {"caption": "calm piano", "duration": 10, "inference_steps": 4, "thinking": False, "audio_format": "wav",
         "batch_size": 1, "seeds": [11], "use_random_seed": False}
 
@@ -36,9 +37,13 @@ def adapters(tmp_path_factory):
 def models_app(demo_root, tmp_path_factory, adapters):
     if not (demo_root / BIG_LM).exists():  # a second LM "size": the demo LM under another served name
         shutil.copytree(demo_root / "acestep-5Hz-lm-0.6B", demo_root / BIG_LM)
+    if not (demo_root / XL).exists():  # a tiny XL turbo in the XL layout, served like any other variant
+        from acestep.checkpoints.demo import write_dit_folder
+
+        write_dit_folder(demo_root / XL, "xl-turbo", seed=6)
     batch = {"max_forward_rows": 16, "max_row_frames": 96000, "max_padding": 0.25}
     yield from deployed_app(demo_root, tmp_path_factory.mktemp("models-state"),
-                            dit={"extra_models": [BASE], "batch": batch,
+                            dit={"extra_models": [BASE, XL], "batch": batch,
                                  "adapters": {"dir": str(adapters), "max_loaded": 2}},
                             lm={"extra_models": [BIG_LM]})
 
@@ -71,9 +76,9 @@ def _generate(http, **fields):
 def test_every_model_is_its_own_deployment_and_listed(http, models_app):
     ready = http.get("/ready").json()
     assert set(ready["running_replicas"]) == {"Ingress", "LMDeployment", f"LMDeployment-{BIG_LM}",
-                                              "DiTDeployment", f"DiTDeployment-{BASE}"}
+                                              "DiTDeployment", f"DiTDeployment-{BASE}", f"DiTDeployment-{XL}"}
     ids = [entry["id"] for entry in http.get("/v1/models").json()["data"]]
-    assert ids == ["acestep/acestep-v15-turbo", f"acestep/{BASE}"]
+    assert ids == ["acestep/acestep-v15-turbo", f"acestep/{BASE}", f"acestep/{XL}"]
 
 
 def test_lego_without_a_model_routes_to_the_base_variant(http, models_app):
@@ -267,6 +272,10 @@ def test_each_model_serves_its_preset_and_the_result_says_which_applied(http):
     used = output["audios"][0]["params"]
     assert (used["dcw_enabled"], used["shift"], used["inference_steps"]) == (False, 2.0, SONG["inference_steps"])
     assert output["metadata"]["preset"]["preset"] == "base"
+    # the XL turbo, named by its official alias: its own deployment, the turbo preset
+    output = _generate(http, model="xl-turbo")
+    assert output["metadata"]["models"]["dit"] == XL and output["metadata"]["preset"]["preset"] == "turbo"
+    assert abs(_audio(http, output).shape[0] / 48000 - SONG["duration"]) < 0.5
     # null: no preset, the library's defaults (shift 1.0); nonsense for the model: 422 naming field and model
     assert _generate(http, preset=None)["audios"][0]["params"]["shift"] == 1.0
     refused = http.post("/v1/generate", json={**SONG, "inference_steps": 20})
