@@ -68,7 +68,8 @@ def reference_timbre(bundle, source: Optional[AudioSource], seed: int) -> torch.
     return torch.cat([latents, silence_frames(silence, TIMBRE_FRAMES).to(latents)], 0)[:TIMBRE_FRAMES]
 
 
-def _text(params: GenerationParams, instruction: str, duration_s: Optional[float], stems: bool = False) -> TextCondition:
+def _text(params: GenerationParams, instruction: str, duration_s: Optional[float],
+          stems: bool = False) -> TextCondition:
     """``stems``: the SFT-stems checkpoint, whose caption carries the song-level global_caption."""
     lyrics = INSTRUMENTAL_LYRICS if params.instrumental else params.lyrics
     return TextCondition(instruction=instruction, caption=params.caption, lyrics=lyrics,
