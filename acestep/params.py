@@ -79,9 +79,10 @@ class GenerationParams:
     timesteps: Optional[List[float]] = None
     repainting_start: float = 0.0
     repainting_end: float = -1
-    chunk_mask_mode: str = "auto"  # "explicit": 0/1 mask from the repaint window; "auto": the model decides
-    repaint_latent_crossfade_frames: int = 10  # latent blend width at the window's edges (25 Hz frames)
-    repaint_wav_crossfade_sec: float = 0.0  # waveform splice crossfade (0 = hard cut)
+    chunk_mask_mode: str = "auto"  # "explicit": 0/1 mask from the repaint/lego window; "auto": 1 everywhere
+    # Repaint crossfades; None = the repaint mode's (balanced 0.5: 12 frames, 0.025 s)
+    repaint_latent_crossfade_frames: Optional[int] = None  # latent blend width at the window's edges (25 Hz frames)
+    repaint_wav_crossfade_sec: Optional[float] = None  # waveform splice crossfade (0 = hard cut)
     repaint_mode: str = "balanced"  # "conservative" | "balanced" | "aggressive"
     repaint_strength: float = 0.5  # balanced mode only: 0 keeps the source most, 1 is pure diffusion
     # Retake: cos/sin mix of the seed's noise with retake_seed's (variance 0 = no-op)

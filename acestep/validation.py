@@ -8,13 +8,13 @@ from typing import Any, Callable, List, Optional
 
 from acestep.audio import AUDIO_FORMATS
 from acestep.lm.constants import VALID_KEYSCALES, VALID_LANGUAGES, VALID_TIME_SIGNATURES
-from acestep.dit.tasks import BASE_ONLY_TASKS, SOURCE_TASKS, TASK_TYPES, TRACK_NAMES, instruction_tracks
+from acestep.dit.tasks import (BASE_ONLY_TASKS, CHUNK_MASK_MODES, COVER_TASKS, REPAINT_MODES, SOURCE_TASKS,
+                               TASK_TYPES, TRACK_NAMES, instruction_tracks)
 from acestep.params import MAX_CAPTION_CHARS, MAX_LYRICS_CHARS, PRESET_CHOICES, GenerationConfig, GenerationParams
 
 MAX_SEED = 2**32 - 1
 DCW_MODES = ("low", "high", "double", "pix")
 DCW_WAVELETS = ("haar", "db2", "db4", "sym4", "sym8", "coif2")  # the bases upstream's UI offers
-REPAINT_MODES = ("conservative", "balanced", "aggressive")
 
 
 class ValidationError(ValueError):
@@ -176,9 +176,11 @@ RULES: List[Rule] = [
     Rule("params", "dcw_scaler", _between(0.0, 0.1), "0.0 to 0.1"),
     Rule("params", "dcw_high_scaler", _between(0.0, 0.1), "0.0 to 0.1"),
     Rule("params", "dcw_wavelet", _one_of(*DCW_WAVELETS), "one of " + ", ".join(DCW_WAVELETS)),
-    Rule("params", "chunk_mask_mode", _one_of("auto", "explicit"), "'auto' or 'explicit'"),
-    Rule("params", "repaint_latent_crossfade_frames", _int_between(0, 250), "an integer from 0 to 250 (10 s)"),
-    Rule("params", "repaint_wav_crossfade_sec", _between(0.0, 10.0), "0.0 to 10.0 seconds"),
+    Rule("params", "chunk_mask_mode", _one_of(*CHUNK_MASK_MODES), "'auto' or 'explicit'"),
+    Rule("params", "repaint_latent_crossfade_frames", _int_between(0, 250),
+         "an integer from 0 to 250 (10 s), or null for the repaint mode's", optional=True),
+    Rule("params", "repaint_wav_crossfade_sec", _between(0.0, 10.0),
+         "0.0 to 10.0 seconds, or null for the repaint mode's", optional=True),
     Rule("params", "repaint_mode", _one_of(*REPAINT_MODES), "one of " + ", ".join(REPAINT_MODES)),
     Rule("params", "repaint_strength", _between(0.0, 1.0), "0.0 to 1.0"),
     Rule("params", "retake_seed", _retake_seed, f"an integer from -1 to {MAX_SEED}, or such integers separated "
@@ -231,7 +233,10 @@ def check_cross_fields(params: GenerationParams, is_turbo: Optional[bool] = None
     task = params.task_type
     if task in BASE_ONLY_TASKS and is_turbo:
         raise ValidationError("task_type", task, "lego, extract and complete need a base model (not turbo)")
-    if task in SOURCE_TASKS and task != "cover" and not params.src_audio:
+    if task == "cover-nofsq" and not params.src_audio and not params.audio_codes.strip():
+        raise ValidationError("src_audio", params.src_audio, "an audio file (or audio_codes) is required for "
+                              "task_type='cover-nofsq'")
+    if task in SOURCE_TASKS and task not in COVER_TASKS and not params.src_audio:
         raise ValidationError("src_audio", params.src_audio, f"an audio file is required for task_type={task!r}")
     tracks = instruction_tracks(task, params.instruction)
     if tracks is not None:

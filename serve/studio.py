@@ -39,7 +39,7 @@ class StudioRoutes:
 
     @api.get("/v1/task_types")
     async def task_types(self):
-        """The six task types as a client needs them: whether a source file is required, whether it
+        """The task types as a client needs them: whether a source file is required, whether it
         takes a window or track names, its default instruction, and whether this app can serve it
         (with the DiT it would use, or why not)."""
         turbo = await self.state.turbo_by_model()

@@ -76,7 +76,10 @@ def match_tensors(
 def build_dit_modules(config: dict, device: str | torch.device = "meta") -> Dict[str, nn.Module]:
     """The four DiT-side modules from an official DiT config.json, on ``device``."""
     with torch.device(device):
-        return {name: cls(**component_kwargs(config, name)) for name, cls in component_classes(config).items()}
+        modules = {name: cls(**component_kwargs(config, name)) for name, cls in component_classes(config).items()}
+    # the SFT-stems checkpoint's flag: its lego prompt carries the song-level caption (global_caption)
+    modules["transformer"].register_to_config(is_lego_sft=bool(config.get("is_lego_sft", False)))
+    return modules
 
 
 def _materialize_fsq_buffers(module: nn.Module, device: torch.device) -> None:

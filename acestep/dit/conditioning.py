@@ -28,13 +28,27 @@ class TextCondition:
     timesignature: str
     keyscale: str
     duration_s: Optional[float]
+    # Set (even to "") only for the SFT-stems checkpoint: its captions were trained as a
+    # Global/Local block (stems_caption), with the chunk mask mode as "Mask Control"
+    global_caption: Optional[str] = None
+    mask_control: bool = False  # chunk_mask_mode "explicit"
 
     def caption_prompt(self) -> str:
         instruction = self.instruction if self.instruction.endswith(":") else self.instruction + ":"
-        return SFT_GEN_PROMPT.format(instruction, self.caption, metas_block(self))
+        caption = self.caption if self.global_caption is None else stems_caption(self, instruction)
+        return SFT_GEN_PROMPT.format(instruction, caption, metas_block(self))
 
     def lyric_prompt(self) -> str:
         return f"# Languages\n{self.language}\n\n# Lyric\n{self.lyrics}<|endoftext|>"
+
+
+def stems_caption(cond: TextCondition, instruction: str) -> str:
+    """The SFT-stems caption block: the song-level caption as Global, this track's as Local; a
+    segment instruction ("Generate a segment of ...") has no Global line."""
+    control = f"Mask Control: {'true' if cond.mask_control else 'false'}"
+    if "a segment" in instruction.lower():
+        return f"Local: {cond.caption}\n{control}"
+    return f"Global: {cond.global_caption}\nLocal: {cond.caption}\n{control}"
 
 
 def _meta_value(value) -> str:

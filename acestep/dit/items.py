@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from acestep.dit.conditioning import TextCondition
-from acestep.dit.tasks import Window
+from acestep.dit.tasks import Repaint
 
 Progress = Callable[[float, str], None]
 
@@ -26,7 +26,7 @@ class DiTItem:
     chunk_mask: torch.Tensor  # [T]
     timbre: torch.Tensor  # [750, C]
     hints: Optional[torch.Tensor] = None  # [T, C]; set → cover: the context uses the hints
-    repaint: Optional[Window] = None
+    repaint: Optional[Repaint] = None  # this item's window and repaint mode (items of a batch differ)
     source_audio: Optional[torch.Tensor] = None  # [2, S], for the repaint waveform splice
     cover_fallback: Optional[TextCondition] = None  # text2music condition once cover strength runs out
 

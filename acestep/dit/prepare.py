@@ -15,8 +15,12 @@ from acestep.dit.codes import codes_to_hints, latents_to_hints, parse_audio_code
 from acestep.dit.conditioning import INSTRUMENTAL_LYRICS, TextCondition
 from acestep.dit.items import DiTItem, SamplingSettings
 from acestep.dit.tasks import (
+    COVER_TASKS,
     SOURCE_TASKS,
     TIMBRE_FRAMES,
+    Repaint,
+    Window,
+    repaint_config,
     resolve_instruction,
     resolve_window,
     seconds_to_frames,
@@ -64,11 +68,24 @@ def reference_timbre(bundle, source: Optional[AudioSource], seed: int) -> torch.
     return torch.cat([latents, silence_frames(silence, TIMBRE_FRAMES).to(latents)], 0)[:TIMBRE_FRAMES]
 
 
-def _text(params: GenerationParams, instruction: str, duration_s: Optional[float]) -> TextCondition:
+def _text(params: GenerationParams, instruction: str, duration_s: Optional[float],
+          stems: bool = False) -> TextCondition:
+    """``stems``: the SFT-stems checkpoint, whose caption carries the song-level global_caption."""
     lyrics = INSTRUMENTAL_LYRICS if params.instrumental else params.lyrics
     return TextCondition(instruction=instruction, caption=params.caption, lyrics=lyrics,
                          language=params.vocal_language or "unknown", bpm=params.bpm,
-                         timesignature=params.timesignature, keyscale=params.keyscale, duration_s=duration_s)
+                         timesignature=params.timesignature, keyscale=params.keyscale, duration_s=duration_s,
+                         global_caption=params.global_caption if stems else None,
+                         mask_control=params.chunk_mask_mode == "explicit")
+
+
+def _repaint(params: GenerationParams, window: Window, source: SourceAudio) -> Repaint:
+    """The repaint item's config; its splice bounds are the requested seconds in samples."""
+    rate = vae_ops.SAMPLE_RATE
+    end = source.audio.shape[-1] if params.repainting_end < 0 else int(params.repainting_end * rate)
+    config = repaint_config(params.repaint_mode, params.repaint_strength, params.repaint_latent_crossfade_frames,
+                            params.repaint_wav_crossfade_sec)
+    return Repaint(window, (int(params.repainting_start * rate), end), config)
 
 
 def sampling_settings(params: GenerationParams) -> SamplingSettings:
@@ -92,7 +109,7 @@ def build_item(bundle, params: GenerationParams, seed: int, source: Optional[Sou
         duration_s = params.duration if params.duration and params.duration > 0 else hints.shape[0] / 25
     elif task in SOURCE_TASKS and source is not None:
         frames, duration_s = source.latents.shape[0], source.duration_s
-        if task == "cover":
+        if task == "cover":  # cover-nofsq keeps the raw latents: no FSQ round trip
             hints = latents_to_hints(bundle, source.latents)
         if task in ("repaint", "lego"):
             window = resolve_window(params.repainting_start, params.repainting_end, frames)
@@ -100,15 +117,17 @@ def build_item(bundle, params: GenerationParams, seed: int, source: Optional[Sou
         duration_s = params.duration if params.duration and params.duration > 0 else DEFAULT_DURATION_S
         frames = seconds_to_frames(duration_s)
     context_task = "text2music" if codes else task
-    src, mask = task_context(context_task, frames, silence, source.latents if source else None, window)
+    src, mask = task_context(context_task, frames, silence, source.latents if source else None, window,
+                             params.chunk_mask_mode)
     is_cover = hints is not None
     fallback = None
-    if is_cover and params.audio_cover_strength < 1.0:
+    if (is_cover or task in COVER_TASKS) and params.audio_cover_strength < 1.0:
         fallback = _text(params, resolve_instruction("text2music", "", False), duration_s)
-    return DiTItem(text=_text(params, instruction, duration_s), seed=seed, frames=frames, src_latents=src,
-                   chunk_mask=mask, timbre=timbre, hints=hints[:frames] if is_cover else None,
-                   repaint=window if task == "repaint" else None,
-                   source_audio=source.audio if task == "repaint" and source else None, cover_fallback=fallback)
+    stems = bool(getattr(bundle.transformer.config, "is_lego_sft", False))
+    repaint = _repaint(params, window, source) if task == "repaint" and window is not None else None
+    return DiTItem(text=_text(params, instruction, duration_s, stems), seed=seed, frames=frames, src_latents=src,
+                   chunk_mask=mask, timbre=timbre, hints=hints[:frames] if is_cover else None, repaint=repaint,
+                   source_audio=source.audio if repaint is not None else None, cover_fallback=fallback)
 
 
 def build_items(bundle, item_params: List[GenerationParams], seeds: List[int]) -> List[DiTItem]:

@@ -37,8 +37,7 @@ from acestep.dit.guidance import APG_MOMENTUM, combine, in_cfg_interval
 from acestep.dit.items import DiTItem, Progress, RenderOutput, SamplingSettings
 from acestep.dit.samplers import ode_step, sde_step
 from acestep.dit.schedules import build_schedule
-from acestep.dit.tasks import (REPAINT_CROSSFADE_FRAMES, REPAINT_INJECT_RATIO, REPAINT_WAV_CROSSFADE_S, crossfade_mask,
-                               silence_frames, splice_waveform)
+from acestep.dit.tasks import crossfade_mask, inject_steps, silence_frames, splice_waveform
 from acestep.steploop import Outcome, isolate
 
 logger = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ class Track:
     switch_at: int = 0  # the step from which the fallback condition applies
     use_cfg: bool = False
     momentum: Optional[MomentumBuffer] = None
-    keep: Optional[torch.Tensor] = None  # [T, 1] repaint: 1 outside the window
+    keep: Optional[torch.Tensor] = None  # [T, 1] repaint: 1 inside the window (generated), 0 outside
     inject_steps: int = 0
     step: int = 0
     owner: Any = None
@@ -140,8 +139,8 @@ class RunningBatch:
         track.use_cfg = not bundle.is_turbo and settings.guidance_scale > 1.0
         track.momentum = MomentumBuffer(APG_MOMENTUM) if track.use_cfg else None
         if item.repaint:
-            track.keep = crossfade_mask(item.repaint, item.frames, 0, device).unsqueeze(-1)
-            track.inject_steps = round(REPAINT_INJECT_RATIO * track.steps)
+            track.keep = crossfade_mask(item.repaint.window, item.frames, 0, device).unsqueeze(-1)
+            track.inject_steps = inject_steps(item.repaint.config, track.steps, bundle.is_turbo)
         self.waiting.append(track)
         return track
 
@@ -249,7 +248,7 @@ class RunningBatch:
         else:
             x = ode_step(velocity_fn, x, t, t_next)
         x = x[0]
-        if track.keep is not None and track.step < track.inject_steps and t_next > 0:
+        if track.keep is not None and track.step < track.inject_steps:
             x = track.keep * x + (1 - track.keep) * (t_next * track.noise + (1 - t_next) * track.clean)
         track.x, track.step = x, track.step + 1
 
@@ -274,9 +273,10 @@ def _fit(rows: torch.Tensor, frames: int, filler: torch.Tensor) -> torch.Tensor:
 
 
 def _finish_repaint(track: Track) -> Track:
-    """Blend the source back outside the repaint window (soft edges), as the solo path does."""
-    if track.item.repaint:
-        soft = crossfade_mask(track.item.repaint, track.item.frames, REPAINT_CROSSFADE_FRAMES,
+    """Blend the source back outside the repaint window (soft edges; none at width 0, as upstream)."""
+    repaint = track.item.repaint
+    if repaint and repaint.config.crossfade_frames > 0:
+        soft = crossfade_mask(repaint.window, track.item.frames, repaint.config.crossfade_frames,
                               track.x.device).unsqueeze(-1)
         track.x = soft * track.x + (1 - soft) * track.clean
     return track
@@ -449,7 +449,8 @@ def decode_items(bundle, items: List[DiTItem], latents: List[torch.Tensor],
     decoded = vae_ops.decode_batch(bundle.vae, [x.to(bundle.dtype) for x in latents], window)
     audios = []
     for item, wav in zip(items, decoded):
-        if item.repaint is not None and item.source_audio is not None:
-            wav = splice_waveform(wav, item.source_audio, item.repaint, REPAINT_WAV_CROSSFADE_S)
+        repaint = item.repaint
+        if repaint is not None and repaint.config.splice and item.source_audio is not None:
+            wav = splice_waveform(wav, item.source_audio, repaint.samples, repaint.config.wav_crossfade_s)
         audios.append(vae_ops.postprocess(wav).cpu())
     return audios

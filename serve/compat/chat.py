@@ -28,7 +28,7 @@ from serve.compat.release import ReleaseRequest
 from serve.edge.errors import FieldError
 from serve.schemas import LMTemperature, LMTopK, LMTopP, checked
 
-SOURCE_TASKS = {"cover", "repaint", "lego", "extract", "complete"}
+SOURCE_TASKS = {"cover", "cover-nofsq", "repaint", "lego", "extract", "complete"}
 LYRICS_MARKERS = ("[verse", "[chorus", "[bridge", "[intro", "[outro", "[hook", "[pre-chorus", "[refrain", "[inst")
 INSTRUMENTAL_LYRICS = ("[inst]", "[instrumental]")
 MAX_MESSAGES = 64
@@ -203,7 +203,8 @@ def audio_uploads(request: ChatRequest, found: ChatInput, max_bytes: int) -> Dic
     names = ["src_audio", "reference_audio"] if request.task_type in SOURCE_TASKS else ["reference_audio"]
     if len(found.audios) > len(names):
         raise FieldError("messages", f"at most {len(names)} input_audio part(s) for this task_type (cover, "
-                         "repaint, lego, extract, complete: source then reference; text2music: a reference)", 422)
+                         "cover-nofsq, repaint, lego, extract, complete: source then reference; text2music: "
+                         "a reference)", 422)
     files = {}
     for name, data in zip(names, found.audios):
         payload = data.split(",", 1)[1] if data.startswith("data:") and "," in data else data

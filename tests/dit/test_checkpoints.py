@@ -140,3 +140,12 @@ def test_lm_configs_are_the_qwen3_models_with_the_audio_vocabulary(name):
     if name == "acestep-5Hz-lm-1.7B":
         header = LM_1_7B_FILE_BYTES - 2 * sum(params.values())
         assert 0 < header < 64 * 1024
+
+
+def test_the_stems_flag_of_a_config_reaches_the_transformer_config():
+    """The SFT-stems checkpoint says ``is_lego_sft``; its lego prompt reads it from the loaded config."""
+    from acestep.checkpoints.loader import build_dit_modules
+
+    config = real_config("acestep-v15-sft")
+    assert build_dit_modules(config)["transformer"].config.is_lego_sft is False
+    assert build_dit_modules({**config, "is_lego_sft": True})["transformer"].config.is_lego_sft is True

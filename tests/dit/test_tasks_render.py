@@ -101,3 +101,17 @@ def test_results_report_time_costs_and_extras(turbo_handler, tmp_path):
     assert result.extra_outputs["seed_value"] == "3, 4"
     assert [a["params"]["seed"] for a in result.audios] == [3, 4]
     assert len({a["key"] for a in result.audios}) == 2
+
+
+def test_cover_nofsq_conditions_on_the_raw_source_latents(turbo_handler, tmp_path, source_audio):
+    result = _run(turbo_handler, tmp_path, task_type="cover-nofsq", src_audio=source_audio)
+    assert abs(_read(result.audios[0]["path"]).shape[0] - 12 * 48000) <= FRAME
+    cover = _run(turbo_handler, tmp_path, task_type="cover", src_audio=source_audio)
+    assert not torch.allclose(result.audios[0]["tensor"], cover.audios[0]["tensor"], atol=1e-3)
+    params = GenerationParams(task_type="cover-nofsq", src_audio=source_audio, caption="c")
+    nofsq, = turbo_handler.prepare([params], [7])
+    fsq, = turbo_handler.prepare([GenerationParams(task_type="cover", src_audio=source_audio, caption="c")], [7])
+    assert nofsq.hints is None and fsq.hints is not None  # no FSQ round trip: not a cover item
+    assert torch.equal(nofsq.src_latents, fsq.src_latents)  # the VAE latents of the source
+    assert torch.equal(nofsq.chunk_mask, torch.ones(nofsq.frames))
+    assert nofsq.text.instruction == fsq.text.instruction

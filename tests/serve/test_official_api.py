@@ -149,6 +149,7 @@ def test_service_routes_answer_in_the_official_shapes(http):
     inventory = http.get("/v1/model_inventory").json()["data"]
     assert inventory["default_model"] == "acestep-v15-turbo" and inventory["models"][0]["is_loaded"]
     assert "lego" not in inventory["models"][0]["supported_task_types"]  # turbo cannot do lego
+    assert "cover-nofsq" in inventory["models"][0]["supported_task_types"]  # but covers without FSQ, as upstream
     stats = http.get("/v1/stats").json()
     assert stats["code"] == 200 and {"total", "queued", "running", "succeeded", "failed"} <= set(stats["data"]["jobs"])
     assert {"queue_size", "queue_maxsize", "avg_job_seconds"} <= set(stats["data"]) and "serve" in stats["data"]
