@@ -1,4 +1,4 @@
-"""Audio in and out (soundfile), and the result key (a hash of the params).
+"""Audio in and out (soundfile; PyAV for AAC), and the result key (a hash of the params).
 
 Audio inputs (``AudioSource``) are a path, the file's bytes (``bytes``/``bytearray``/``memoryview``)
 or a seekable binary file object; callers holding an upload in memory need no temporary file.
@@ -13,6 +13,7 @@ import json
 import os
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from math import gcd
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
@@ -25,8 +26,33 @@ from acestep.params import AudioSource
 
 SAMPLE_RATE = 48000  # the VAE's output: 48 kHz stereo
 HOP = 1920  # samples per latent frame (25 latent frames per second)
-AUDIO_FORMATS = ("flac", "wav", "mp3")
-_SUBTYPES = {"flac": "PCM_24", "wav": "FLOAT", "mp3": None}
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How one output format is written: through soundfile (libsndfile's format and subtype names),
+    or through PyAV (FFmpeg's muxer and encoder names) when ``pyav``."""
+
+    extension: str  # of files on disk
+    container: str
+    codec: Optional[str] = None  # libsndfile subtype (None: its default), or the FFmpeg encoder
+    bitrate: Optional[int] = None  # bit/s, for the lossy codecs whose rate is set
+    pyav: bool = False
+
+
+# Upstream's choices: 16-bit PCM "wav" and 32-bit float "wav32" (a .wav file too); Opus in Ogg at
+# 96 kbit/s and AAC-LC in ADTS at 128 kbit/s (FFmpeg's defaults for stereo, which upstream uses).
+ENCODINGS: Dict[str, Encoding] = {
+    "flac": Encoding("flac", "FLAC", "PCM_24"),
+    "wav": Encoding("wav", "WAV", "PCM_16"),
+    "wav32": Encoding("wav", "WAV", "FLOAT"),
+    "mp3": Encoding("mp3", "MP3"),
+    "opus": Encoding("opus", "OGG", "OPUS", bitrate=96_000),
+    "aac": Encoding("aac", "adts", "aac", bitrate=128_000, pyav=True),
+}
+AUDIO_FORMATS = tuple(ENCODINGS)
+# libsndfile's Opus rate for compression level q is (6000 + (1 − q)·250000) bit/s per channel
+_OPUS_MIN_BPS, _OPUS_SPAN_BPS = 6_000, 250_000
 _BYTES_TYPES = (bytes, bytearray, memoryview)
 
 
@@ -148,14 +174,48 @@ def audio_duration(source: AudioSource) -> float:
     return info.frames / info.samplerate
 
 
+def _opus_level(bitrate: int, channels: int) -> float:
+    """libsndfile's compression level that gives ``bitrate`` (half a bit/s up, as it truncates)."""
+    per_channel = bitrate / channels - _OPUS_MIN_BPS + 0.5
+    return min(max(1.0 - per_channel / _OPUS_SPAN_BPS, 0.0), 1.0)
+
+
+def _write_pyav(target, data: np.ndarray, encoding: Encoding, sample_rate: int) -> None:
+    """[S, C] float32 through FFmpeg's encoder (``av``), into a path or a binary stream."""
+    import av
+
+    layout = "stereo" if data.shape[1] == 2 else "mono"
+    with av.open(target, mode="w", format=encoding.container) as container:
+        stream = container.add_stream(encoding.codec, rate=sample_rate, layout=layout)
+        stream.bit_rate = encoding.bitrate
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data.T), format="fltp", layout=layout)
+        frame.sample_rate = sample_rate
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
 def _write(target, audio: torch.Tensor, audio_format: str, sample_rate: int) -> None:
+    encoding = ENCODINGS[audio_format]
     data = audio.detach().float().cpu().numpy().T
-    sf.write(target, data, sample_rate, format=audio_format.upper(), subtype=_SUBTYPES[audio_format])
+    if encoding.pyav:
+        _write_pyav(target, data, encoding, sample_rate)
+        return
+    level = _opus_level(encoding.bitrate, data.shape[1]) if encoding.codec == "OPUS" else None
+    sf.write(target, data, sample_rate, format=encoding.container, subtype=encoding.codec, compression_level=level)
+
+
+def file_path(path: str | Path, audio_format: str) -> Path:
+    """``path`` with the suffix files of ``audio_format`` carry (".wav" for wav32, as upstream)."""
+    path = Path(path)
+    return path.with_suffix("." + ENCODINGS[audio_format].extension) if path.suffix == f".{audio_format}" else path
 
 
 def save_audio(audio: torch.Tensor, path: str | Path, audio_format: str, sample_rate: int = SAMPLE_RATE) -> Path:
-    """Write [2, S] float audio as flac (24-bit), wav (float) or mp3."""
-    path = Path(path)
+    """Write [2, S] float audio in ``audio_format`` (``ENCODINGS``); a ``.wav32`` suffix becomes
+    ``.wav``. Returns the path written."""
+    path = file_path(path, audio_format)
     path.parent.mkdir(parents=True, exist_ok=True)
     _write(str(path), audio, audio_format, sample_rate)
     return path

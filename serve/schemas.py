@@ -162,7 +162,10 @@ GenerateRequest = create_model(
 def to_library(request: BaseModel) -> Tuple[GenerationParams, GenerationConfig]:
     """Request model → the library's dataclasses (uploads are handled separately)."""
     data = request.model_dump()
-    params = GenerationParams(**{name: data[name] for name in PARAM_FIELDS if name in data})
+    values = {name: data[name] for name in PARAM_FIELDS if name in data}
+    params = GenerationParams(**values)
+    for name, value in values.items():  # as sent: the library's rules refuse what __post_init__ would correct
+        setattr(params, name, value)
     config = GenerationConfig(**{name: data[name] for name in CONFIG_FIELDS if name in data})
     return params, config
 

@@ -11,8 +11,24 @@ import torch
 
 from acestep.dit.conditioning import TextCondition
 from acestep.dit.tasks import Repaint
+from acestep.params import GenerationParams
 
 Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class PostProcess:
+    """One item's output post-processing, in the order it applies: ``x·latent_rescale +
+    latent_shift`` on the latents before the VAE decode; then, on the waveform, peak
+    normalisation to ``normalization_db`` dBFS (when ``normalize``), then linear fades
+    (seconds, 0 = none). Defaults are GenerationParams'."""
+
+    latent_shift: float = GenerationParams.latent_shift
+    latent_rescale: float = GenerationParams.latent_rescale
+    normalize: bool = GenerationParams.enable_normalization
+    normalization_db: float = GenerationParams.normalization_db
+    fade_in_s: float = GenerationParams.fade_in_duration
+    fade_out_s: float = GenerationParams.fade_out_duration
 
 
 @dataclass
@@ -29,6 +45,7 @@ class DiTItem:
     repaint: Optional[Repaint] = None  # this item's window and repaint mode (items of a batch differ)
     source_audio: Optional[torch.Tensor] = None  # [2, S], for the repaint waveform splice
     cover_fallback: Optional[TextCondition] = None  # text2music condition once cover strength runs out
+    post: PostProcess = PostProcess()  # latent and waveform post-processing (``acestep.dit.vae``)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from acestep.audio import load_audio, source_key
 from acestep.dit import vae as vae_ops
 from acestep.dit.codes import codes_to_hints, latents_to_hints, parse_audio_codes
 from acestep.dit.conditioning import INSTRUMENTAL_LYRICS, TextCondition
-from acestep.dit.items import DiTItem, SamplingSettings
+from acestep.dit.items import DiTItem, PostProcess, SamplingSettings
 from acestep.dit.tasks import (
     COVER_TASKS,
     SOURCE_TASKS,
@@ -96,6 +96,13 @@ def sampling_settings(params: GenerationParams) -> SamplingSettings:
                             cover_strength=params.audio_cover_strength)
 
 
+def post_process(params: GenerationParams) -> PostProcess:
+    """The item's latent and waveform post-processing settings."""
+    return PostProcess(latent_shift=params.latent_shift, latent_rescale=params.latent_rescale,
+                       normalize=params.enable_normalization, normalization_db=params.normalization_db,
+                       fade_in_s=params.fade_in_duration, fade_out_s=params.fade_out_duration)
+
+
 def build_item(bundle, params: GenerationParams, seed: int, source: Optional[SourceAudio],
                timbre: torch.Tensor) -> DiTItem:
     codes = parse_audio_codes(params.audio_codes)
@@ -127,7 +134,8 @@ def build_item(bundle, params: GenerationParams, seed: int, source: Optional[Sou
     repaint = _repaint(params, window, source) if task == "repaint" and window is not None else None
     return DiTItem(text=_text(params, instruction, duration_s, stems), seed=seed, frames=frames, src_latents=src,
                    chunk_mask=mask, timbre=timbre, hints=hints[:frames] if is_cover else None, repaint=repaint,
-                   source_audio=source.audio if repaint is not None else None, cover_fallback=fallback)
+                   source_audio=source.audio if repaint is not None else None, cover_fallback=fallback,
+                   post=post_process(params))
 
 
 def build_items(bundle, item_params: List[GenerationParams], seeds: List[int]) -> List[DiTItem]:

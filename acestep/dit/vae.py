@@ -1,4 +1,5 @@
-"""Oobleck VAE around the DiT: tiled encode/decode and the official output post-processing."""
+"""Oobleck VAE around the DiT: tiled encode/decode and the official output post-processing (latent
+shift/rescale before the decode; clip guard, peak normalisation and fades after it)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import torch
 from diffusers.models.autoencoders.autoencoder_oobleck import Snake1d
 
 from acestep.audio import HOP, SAMPLE_RATE
+from acestep.dit.items import PostProcess
 
 ENCODE_TILE_S = 30.0
 ENCODE_OVERLAP_S = 2.0
 CPU_DECODE_WINDOW = 256
 GPU_DECODE_WINDOW = 512
 DECODE_OVERLAP = 64
-TARGET_PEAK_DB = -1.0
+SILENT_PEAK = 1e-6  # below this peak normalisation leaves the audio alone
 
 
 # Peak activation memory of an untiled bf16 decode, per latent frame (measured at full size:
@@ -134,11 +136,55 @@ def encode(vae, audio: torch.Tensor, generator: Optional[torch.Generator] = None
     return torch.cat(pieces, dim=-1).transpose(0, 1)
 
 
-def postprocess(audio: torch.Tensor) -> torch.Tensor:
-    """Per item [2, S]: divide by the peak if it exceeds 1, then peak-normalize to −1 dBFS."""
+def transform_latents(latents: torch.Tensor, post: PostProcess) -> torch.Tensor:
+    """``latents·latent_rescale + latent_shift`` (before the decode, as upstream); untouched at the
+    defaults."""
+    if post.latent_shift == 0.0 and post.latent_rescale == 1.0:
+        return latents
+    return latents * post.latent_rescale + post.latent_shift
+
+
+def clip_guard(audio: torch.Tensor) -> torch.Tensor:
+    """[2, S] fp32 divided by its peak when the peak exceeds 1 (upstream does this after every
+    decode, whatever the normalisation setting)."""
     audio = audio.float()
     peak = audio.abs().amax(dim=(-2, -1), keepdim=True)
-    audio = torch.where(peak > 1.0, audio / peak.clamp(min=1.0), audio)
-    peak = audio.abs().amax(dim=(-2, -1), keepdim=True)
-    gain = torch.where(peak < 1e-6, torch.ones_like(peak), 10 ** (TARGET_PEAK_DB / 20) / peak.clamp(min=1e-6))
-    return audio * gain
+    return torch.where(peak > 1.0, audio / peak.clamp(min=1.0), audio)
+
+
+def normalize_peak(audio: torch.Tensor, target_db: float) -> torch.Tensor:
+    """Scale so the peak sits at ``target_db`` dBFS; near-silence (peak < 1e-6) is left as it is
+    rather than amplified into noise."""
+    peak = audio.abs().amax()
+    if peak < SILENT_PEAK:
+        return audio
+    return audio * (10 ** (target_db / 20) / peak)
+
+
+def fade_samples(seconds: float, sample_rate: int = SAMPLE_RATE) -> int:
+    """A fade's length in samples (rounded, as upstream)."""
+    return round(seconds * sample_rate)
+
+
+def apply_fades(audio: torch.Tensor, fade_in: int, fade_out: int) -> torch.Tensor:
+    """Linear ramps 0→1 over the first ``fade_in`` samples and 1→0 over the last ``fade_out``
+    (each capped at the audio's length; where they overlap both apply)."""
+    total = audio.shape[-1]
+    fade_in, fade_out = min(max(fade_in, 0), total), min(max(fade_out, 0), total)
+    if not fade_in and not fade_out:
+        return audio
+    audio = audio.clone()
+    if fade_in:
+        audio[..., :fade_in] *= torch.linspace(0.0, 1.0, fade_in, dtype=audio.dtype, device=audio.device)
+    if fade_out:
+        audio[..., total - fade_out:] *= torch.linspace(1.0, 0.0, fade_out, dtype=audio.dtype, device=audio.device)
+    return audio
+
+
+def postprocess(audio: torch.Tensor, post: PostProcess = PostProcess(), sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """One item's decoded [2, S]: the clip guard, then peak normalisation (when enabled), then the
+    fades — upstream's order."""
+    audio = clip_guard(audio)
+    if post.normalize:
+        audio = normalize_peak(audio, post.normalization_db)
+    return apply_fades(audio, fade_samples(post.fade_in_s, sample_rate), fade_samples(post.fade_out_s, sample_rate))

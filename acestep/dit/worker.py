@@ -445,12 +445,14 @@ def collect(tracks: List[Track], audios: List[torch.Tensor], time_costs: Dict[st
 def decode_items(bundle, items: List[DiTItem], latents: List[torch.Tensor],
                  window: Optional[int] = None) -> List[torch.Tensor]:
     """Latents [T_i, C] per item → post-processed audio [2, T_i·1920] (CPU), decoded together
-    (``vae.decode_batch``); repaint items get the source waveform spliced back outside the window."""
-    decoded = vae_ops.decode_batch(bundle.vae, [x.to(bundle.dtype) for x in latents], window)
+    (``vae.decode_batch``) after each item's latent shift/rescale; repaint items get the source
+    waveform spliced back outside the window; then each item's normalisation and fades."""
+    shaped = [vae_ops.transform_latents(x, item.post).to(bundle.dtype) for item, x in zip(items, latents)]
+    decoded = vae_ops.decode_batch(bundle.vae, shaped, window)
     audios = []
     for item, wav in zip(items, decoded):
         repaint = item.repaint
         if repaint is not None and repaint.config.splice and item.source_audio is not None:
             wav = splice_waveform(wav, item.source_audio, repaint.samples, repaint.config.wav_crossfade_s)
-        audios.append(vae_ops.postprocess(wav).cpu())
+        audios.append(vae_ops.postprocess(wav, item.post).cpu())
     return audios

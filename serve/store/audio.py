@@ -29,11 +29,16 @@ CHUNK_SIZE = 256 * 1024
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 # Temp files start with a dot, so they can never be mistaken for a key.
 _TEMP = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9._-]{0,199}\.[0-9a-f]{32}\.tmp")
+# Keys end in the output format's name (``acestep.audio.ENCODINGS``): wav32 is a float WAV, opus an
+# Ogg Opus file (RFC 7845 registers audio/ogg for it), aac an ADTS stream.
 _MEDIA_TYPES = {
     "flac": "audio/flac",
     "wav": "audio/wav",
+    "wav32": "audio/wav",
     "mp3": "audio/mpeg",
     "ogg": "audio/ogg",
+    "opus": "audio/ogg",
+    "aac": "audio/aac",
 }
 # Listing fields that carry a modification time, by backend (local, s3, gcs, others, memory).
 _MTIME_FIELDS = ("mtime", "LastModified", "updated", "last_modified", "created")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from acestep.dit import vae as vae_ops
+from acestep.dit.items import PostProcess
 
 
 def test_tiled_decode_equals_untiled(turbo_handler):
@@ -31,6 +32,14 @@ def test_postprocess_peak_guard_and_minus_one_dbfs():
     assert torch.allclose(out / out.abs().max(), loud / 4.0)
     silent = torch.zeros(2, 10)
     assert torch.equal(vae_ops.postprocess(silent), silent)
+
+
+def test_postprocess_without_normalization_keeps_only_the_peak_guard():
+    off = PostProcess(normalize=False)
+    loud = torch.tensor([[0.0, 2.0, -4.0], [1.0, 0.5, 0.0]])
+    assert torch.equal(vae_ops.postprocess(loud, off), loud / 4.0)
+    quiet = torch.tensor([[0.0, 0.2, -0.1], [0.1, 0.05, 0.0]])
+    assert torch.equal(vae_ops.postprocess(quiet, off), quiet)
 
 
 def test_inplace_snake_equals_diffusers_snake_bit_for_bit():

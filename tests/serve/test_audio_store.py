@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import pickle
 import threading
@@ -11,10 +12,13 @@ import uuid
 from datetime import datetime, timezone
 from typing import Optional
 
+import av
 import httpx
 import pytest
+import torch
 from fastapi import FastAPI, Header, Request
 
+from acestep.audio import encode_audio
 from serve.store.audio import AudioStore, audio_response, parse_range, valid_key
 from serve.edge.errors import APIError
 
@@ -181,7 +185,8 @@ def test_local_dir_created_and_file_url(tmp_path):
 
 
 @pytest.mark.parametrize("key, media", [("a.flac", "audio/flac"), ("a.WAV", "audio/wav"), ("a.mp3", "audio/mpeg"),
-                                        ("a.ogg", "audio/ogg"), ("a.bin", "application/octet-stream"),
+                                        ("a.ogg", "audio/ogg"), ("a.wav32", "audio/wav"), ("a.opus", "audio/ogg"),
+                                        ("a.aac", "audio/aac"), ("a.bin", "application/octet-stream"),
                                         ("noext", "application/octet-stream")])
 def test_media_type(key, media):
     assert AudioStore("memory://m").media_type(key) == media
@@ -244,6 +249,20 @@ def test_http_partial(store, header, start, end):
     assert response.headers["content-range"] == f"bytes {start}-{end - 1}/{len(DATA)}"
     assert response.headers["content-length"] == str(end - start)
     assert response.headers["content-type"] == "audio/wav"
+
+
+@pytest.mark.parametrize("audio_format, media", [("opus", "audio/ogg"), ("aac", "audio/aac"), ("wav32", "audio/wav")])
+def test_http_serves_each_new_format(store, audio_format, media):
+    """Files as the DiT deployment stores them (``{key}.{format}``) come back typed and decodable."""
+    tone = torch.sin(torch.arange(2 * 48000) / 20.0).repeat(2, 1) * 0.5
+    data = encode_audio(tone, audio_format)
+    store.put(f"song.{audio_format}", data)
+    response = _get(store, f"song.{audio_format}")
+    assert response.status_code == 200 and response.content == data
+    assert response.headers["content-type"] == media
+    with av.open(io.BytesIO(response.content)) as container:
+        decoded = sum(frame.samples for frame in container.decode(audio=0))
+    assert abs(decoded - tone.shape[-1]) <= 2 * 1024  # an AAC stream adds its priming and padding
 
 
 def test_http_unsatisfiable(store):
