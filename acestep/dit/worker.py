@@ -7,9 +7,10 @@ timestep index, latents (fp32), seeded generator, guidance state (APG momentum) 
 its latents equal its solo run's to float rounding whoever it shares steps with. Items whose
 adapter settings differ run in separate forwards (``acestep.dit.adapters``). Guidance wraps
 the velocity per row (``acestep.dit.guidance.combine``) and the sampler steps per row
-(``acestep.dit.samplers``), as in a solo run. A forward that raises runs again on halves of its
-items (``acestep.steploop.isolate``): only an item whose own forward or step raises leaves with
-its ``error``; its batch-mates go on.
+(``acestep.dit.samplers``, DCW from ``acestep.dit.dcw``), as in a solo run; a Heun item spends two
+batch steps on each sampler step (its corrector row is evaluated in the next forward). A forward
+that raises runs again on halves of its items (``acestep.steploop.isolate``): only an item whose
+own forward or step raises leaves with its ``error``; its batch-mates go on.
 
 ``DiTWorker.add`` queues one request (its items, or a function that prepares them); its ``step``
 prepares queued requests, runs one batch step, decodes the items that finished in it together
