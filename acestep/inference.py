@@ -73,6 +73,29 @@ def resolve_seeds(params: GenerationParams, config: GenerationConfig) -> List[in
     return [explicit[i] if i < len(explicit) and explicit[i] >= 0 else secrets.randbelow(2**32) for i in range(count)]
 
 
+def resolve_retake_seeds(params: GenerationParams, count: int):
+    """One retake seed per item as "a,b,..." when retake is on (variance > 0), else the value as
+    given. Like the seeds: one seed s gives s + item index; a list gives one per item; -1 or a
+    missing entry draws a random one, so the recorded value reproduces the noise."""
+    value = params.retake_seed
+    if params.retake_variance <= 0:
+        return value
+    explicit = [int(p) for p in value.split(",") if p.strip()] if isinstance(value, str) else [value]
+    explicit = [s for s in explicit if s is not None]
+    if len(explicit) == 1 and explicit[0] >= 0:
+        explicit = [explicit[0] + i for i in range(count)]
+    seeds = [explicit[i] if i < len(explicit) and explicit[i] >= 0 else secrets.randbelow(2**32) for i in range(count)]
+    return ",".join(str(s) for s in seeds)
+
+
+def item_retake_seed(params: GenerationParams, index: int) -> Optional[int]:
+    """Item ``index``'s resolved retake seed (None while retake is off)."""
+    if params.retake_variance <= 0 or params.retake_seed is None:
+        return None
+    seeds = [int(p) for p in str(params.retake_seed).split(",") if p.strip()]
+    return seeds[index] if index < len(seeds) else seeds[0]
+
+
 AUDIO_FIELDS = ("src_audio", "reference_audio")
 
 
@@ -105,7 +128,8 @@ def _read_audio_objects(params: GenerationParams) -> GenerationParams:
 
 def prepare_request(params: GenerationParams, config: GenerationConfig, *,
                     is_turbo: Optional[bool] = None) -> Tuple[GenerationParams, GenerationConfig, List[int]]:
-    """Validate (ValidationError naming the field) and resolve seeds, on copies of the inputs.
+    """Validate (ValidationError naming the field) and resolve seeds (and retake seeds, written
+    back into ``params.retake_seed``), on copies of the inputs.
     Audio inputs may be paths, bytes or binary file objects; the copies hold paths or bytes."""
     params, config = copy.deepcopy(_read_audio_objects(params)), copy.deepcopy(config)
     for name in AUDIO_FIELDS:
@@ -122,6 +146,7 @@ def prepare_request(params: GenerationParams, config: GenerationConfig, *,
             shown = os.fspath(params.src_audio) if is_audio_path(params.src_audio) else "uploaded audio"
             raise ValidationError("src_audio", shown, f"a readable audio file ({error})") from error
     validate(params, config, is_turbo=is_turbo, src_duration=src_duration)
+    params.retake_seed = resolve_retake_seeds(params, config.batch_size)
     return params, config, resolve_seeds(params, config)
 
 
@@ -203,6 +228,8 @@ def _save_items(audios, item_params, seeds, plans, audio_format: str, save_dir: 
     for i, audio in enumerate(audios):
         audio_params = item_params[i].to_dict()
         audio_params["seed"] = seeds[i]
+        if item_params[i].retake_variance > 0:
+            audio_params["retake_seed"] = item_retake_seed(item_params[i], i)
         audio_params["audio_codes"] = plans[i].audio_codes if plans else item_params[i].audio_codes
         key = params_key(audio_params)
         silent = is_silent(audio)

@@ -75,3 +75,34 @@ def bench_encoders(bench: Bench, dtype: torch.dtype, iters: int) -> None:
                 refer_audio_order_mask=torch.zeros(1, dtype=torch.long, device=bench.device))
     cond_ms = median_ms(lambda: encoder(**args), bench.device, iters)
     bench.add("encoders", {"text_encoder_256_tokens_ms": text_ms, "condition_encoder_ms": cond_ms})
+
+
+@torch.no_grad()
+def bench_samplers(bench: Bench, dtype: torch.dtype, iters: int) -> None:
+    """One sampler step (DiT forward + update) of Euler and Heun (two forwards), and one DCW
+    correction (double, haar) on the same latents: what each control adds per step beside Euler."""
+    from acestep.dit.dcw import DCWSettings, dcw_correct
+    from acestep.dit.samplers import heun_step, ode_step
+
+    modules = models.build_dit(bench.tiny, bench.device, dtype)
+    transformer = modules["transformer"]
+    channels, width = transformer.config.audio_acoustic_hidden_dim, transformer.config.hidden_size
+    seconds = 10 if bench.tiny else 120
+    bench.check_time()
+    frames = seconds * 25
+    states = torch.randn(1, 200, width, device=bench.device, dtype=dtype)
+    context = torch.randn(1, frames, 2 * channels, device=bench.device, dtype=dtype)
+    x = torch.randn(1, frames, channels, device=bench.device)
+
+    def model_fn(latents, t):
+        time = torch.full((1,), t, device=bench.device, dtype=dtype)
+        return transformer(hidden_states=latents.to(dtype), timestep=time, timestep_r=time,
+                           encoder_hidden_states=states, context_latents=context, return_dict=False)[0].float()
+
+    dcw = DCWSettings()
+    euler = median_ms(lambda: ode_step(model_fn, x, 0.5, 0.4), bench.device, iters)
+    heun = median_ms(lambda: heun_step(model_fn, x, 0.5, 0.4), bench.device, iters)
+    dcw_only = median_ms(lambda: dcw_correct(x, x * 0.9, 0.5, dcw), bench.device, iters)
+    bench.add("sampler step", {"song_s": seconds, "euler_ms": euler, "heun_ms": heun, "dcw_ms": dcw_only,
+                               "heun_vs_euler": round(heun / euler, 2),
+                               "euler_dcw_vs_euler": round((euler + dcw_only) / euler, 3)})

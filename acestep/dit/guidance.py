@@ -57,6 +57,20 @@ def combine(x: torch.Tensor, t: float, v_cond: torch.Tensor, v_uncond: torch.Ten
     return apg(v_cond, v_uncond, scale, momentum)
 
 
+def cfg(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Plain classifier-free guidance."""
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+def corrector_combine(x: torch.Tensor, t: float, v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float,
+                      use_adg: bool) -> torch.Tensor:
+    """Guidance for Heun's corrector evaluation, as upstream: plain CFG rather than APG (so the
+    APG momentum moves once per step), ADG where it is asked for except at t = 0 (it divides by t)."""
+    if use_adg and t > 0:
+        return adg(x, t, v_cond, v_uncond, scale)
+    return cfg(v_cond, v_uncond, scale)
+
+
 def guided(pair_fn: PairFn, cond_fn: CondFn, scale: float, interval: Tuple[float, float],
            use_adg: bool = False) -> CondFn:
     """Wrap a model with APG (default) or ADG between ``interval``; cond-only outside it.

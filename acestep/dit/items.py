@@ -10,6 +10,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from acestep.dit.conditioning import TextCondition
+from acestep.dit.dcw import DCWSettings
+from acestep.dit.samplers import VelocityControls
 from acestep.dit.tasks import Repaint
 from acestep.params import GenerationParams
 
@@ -50,7 +52,7 @@ class DiTItem:
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """Sampling knobs shared by a batch (all from one GenerationParams)."""
+    """Sampling knobs shared by a request's items (all from one GenerationParams)."""
 
     steps: int = 8
     shift: float = 1.0
@@ -60,7 +62,20 @@ class SamplingSettings:
     use_adg: bool = False
     cfg_interval: tuple = (0.0, 1.0)
     cover_strength: float = 1.0
+    cover_noise_strength: float = 0.0  # > 0: start from the source re-noised to t ≈ 1 − strength
+    sampler_mode: str = "euler"  # or "heun": a corrector evaluation per step (ODE only)
+    controls: VelocityControls = VelocityControls()
+    dcw_enabled: Optional[bool] = None  # None: the model's default (acestep.dit.dcw.resolve_dcw)
+    dcw: DCWSettings = DCWSettings()
+    retake_variance: float = 0.0  # > 0: the noise is mixed with the retake seed's
+    retake_seeds: Optional[tuple] = None  # one resolved retake seed per item of the request
     adapters: Optional[tuple] = None  # an AdapterSetting; None: the handler's default (``AceStepHandler.lora_setting``)
+
+    def retake_seed(self, index: int) -> Optional[int]:
+        """Item ``index``'s retake seed; None when retake is off (variance 0 or no seeds)."""
+        if self.retake_variance <= 0 or not self.retake_seeds:
+            return None
+        return int(self.retake_seeds[index if index < len(self.retake_seeds) else 0])
 
 
 @dataclass

@@ -13,7 +13,9 @@ from acestep.audio import load_audio, source_key
 from acestep.dit import vae as vae_ops
 from acestep.dit.codes import codes_to_hints, latents_to_hints, parse_audio_codes
 from acestep.dit.conditioning import INSTRUMENTAL_LYRICS, TextCondition
+from acestep.dit.dcw import DCWSettings
 from acestep.dit.items import DiTItem, PostProcess, SamplingSettings
+from acestep.dit.samplers import VelocityControls
 from acestep.dit.tasks import (
     COVER_TASKS,
     SOURCE_TASKS,
@@ -89,11 +91,28 @@ def _repaint(params: GenerationParams, window: Window, source: SourceAudio) -> R
 
 
 def sampling_settings(params: GenerationParams) -> SamplingSettings:
+    """The request's sampling knobs; ``retake_seed`` is read as resolved by ``prepare_request`` (an
+    int or "a,b": one seed per item)."""
     timesteps = tuple(params.timesteps) if params.timesteps else None
     return SamplingSettings(steps=params.inference_steps, shift=params.shift, timesteps=timesteps,
                             method=params.infer_method, guidance_scale=params.guidance_scale, use_adg=params.use_adg,
                             cfg_interval=(params.cfg_interval_start, params.cfg_interval_end),
-                            cover_strength=params.audio_cover_strength)
+                            cover_strength=params.audio_cover_strength,
+                            cover_noise_strength=params.cover_noise_strength, sampler_mode=params.sampler_mode,
+                            controls=VelocityControls(params.velocity_norm_threshold, params.velocity_ema_factor),
+                            dcw_enabled=params.dcw_enabled,
+                            dcw=DCWSettings(params.dcw_mode, params.dcw_scaler, params.dcw_high_scaler,
+                                            params.dcw_wavelet),
+                            retake_variance=params.retake_variance, retake_seeds=retake_seeds(params.retake_seed))
+
+
+def retake_seeds(value) -> Optional[tuple]:
+    """An int or "a,b" string of retake seeds → a tuple of ints (None for None)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return tuple(int(part) for part in value.split(",") if part.strip())
+    return (int(value),)
 
 
 def post_process(params: GenerationParams) -> PostProcess:

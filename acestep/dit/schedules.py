@@ -1,11 +1,14 @@
 """Timestep schedules, as the official samplers build them (flow time: t=1 noise, t=0 data).
 
+Turbo honours ``inference_steps`` (1-8) with the shift formula on any shift, as upstream's turbo
+model does since it takes ``infer_steps``; 8 steps at shift 1/2/3 reproduce the fixed tables.
+
 Every builder returns the list of model timesteps followed by the terminal 0. Values are rounded
 through the model dtype first, as upstream builds the schedule tensor in that dtype."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -29,19 +32,28 @@ def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
     return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
 
 
-def turbo_schedule(shift: float, dtype: torch.dtype = torch.float32) -> List[float]:
-    """Turbo: the fixed table of the nearest shift in {1, 2, 3}."""
-    nearest = min(TURBO_TABLES, key=lambda s: abs(s - shift))
-    return _through_dtype(TURBO_TABLES[nearest], dtype) + [0.0]
+def _turbo_values(steps: int, shift: float, timesteps: Optional[Sequence[float]]) -> List[float]:
+    """Turbo's model timesteps before the dtype rounding (no terminal 0), as upstream computes them
+    in Python floats: custom timesteps snapped, else ``steps`` (at most 8) of the shift formula."""
+    if timesteps:
+        values = list(timesteps)
+        while values and values[-1] == 0:
+            values.pop()
+        return [min(TURBO_VALUES, key=lambda v: abs(v - t)) for t in values[:MAX_CUSTOM_TURBO_STEPS]]
+    n = min(int(steps), TURBO_STEPS)
+    raw = [1.0 - i / n for i in range(n)]
+    return raw if shift == 1.0 else [shift * t / (1.0 + (shift - 1.0) * t) for t in raw]
+
+
+def turbo_schedule(steps: int, shift: float, dtype: torch.dtype = torch.float32) -> List[float]:
+    """Turbo: ``steps`` (capped at 8, as upstream's service does) of 1 − i/steps, shifted; with 8
+    steps and shift 1, 2 or 3 these are the checkpoints' fixed tables."""
+    return _through_dtype(_turbo_values(steps, shift, None), dtype) + [0.0]
 
 
 def snap_turbo_timesteps(timesteps: Sequence[float], dtype: torch.dtype = torch.float32) -> List[float]:
     """Turbo custom timesteps: trailing zeros dropped, at most 20, each snapped to a table value."""
-    values = list(timesteps)
-    while values and values[-1] == 0:
-        values.pop()
-    snapped = [min(TURBO_VALUES, key=lambda v: abs(v - t)) for t in values[:MAX_CUSTOM_TURBO_STEPS]]
-    return _through_dtype(snapped, dtype) + [0.0]
+    return _through_dtype(_turbo_values(0, 1.0, timesteps), dtype) + [0.0]
 
 
 def base_schedule(steps: int, shift: float, dtype: torch.dtype = torch.float32) -> List[float]:
@@ -61,5 +73,23 @@ def custom_schedule(timesteps: Sequence[float], dtype: torch.dtype = torch.float
 def build_schedule(*, is_turbo: bool, steps: int, shift: float, timesteps: Optional[Sequence[float]] = None,
                    dtype: torch.dtype = torch.float32) -> List[float]:
     if is_turbo:
-        return snap_turbo_timesteps(timesteps, dtype) if timesteps else turbo_schedule(shift, dtype)
+        return snap_turbo_timesteps(timesteps, dtype) if timesteps else turbo_schedule(steps, shift, dtype)
     return custom_schedule(timesteps, dtype) if timesteps else base_schedule(steps, shift, dtype)
+
+
+def nearest_index(values: Sequence[float], level: float) -> int:
+    """The first index of the value nearest ``level`` (Python's ``min``: ties go to the earlier)."""
+    return min(range(len(values)), key=lambda i: abs(values[i] - level))
+
+
+def cover_noise_schedule(*, is_turbo: bool, steps: int, shift: float, strength: float,
+                         timesteps: Optional[Sequence[float]] = None,
+                         dtype: torch.dtype = torch.float32) -> Tuple[List[float], float]:
+    """(the schedule from the step nearest t = 1 − strength, that t): the source is re-noised to
+    that t and sampling starts there. As upstream, turbo picks among its unrounded Python values
+    and re-noises with the unrounded t, base/sft among the dtype-rounded ones, so float rounding
+    decides near-ties (and the step count) the same way."""
+    schedule = build_schedule(is_turbo=is_turbo, steps=steps, shift=shift, timesteps=timesteps, dtype=dtype)
+    choices = _turbo_values(steps, shift, timesteps) if is_turbo else schedule[:-1]
+    start = nearest_index(choices, 1.0 - strength)
+    return schedule[start:], float(choices[start])

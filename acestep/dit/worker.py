@@ -7,9 +7,10 @@ timestep index, latents (fp32), seeded generator, guidance state (APG momentum) 
 its latents equal its solo run's to float rounding whoever it shares steps with. Items whose
 adapter settings differ run in separate forwards (``acestep.dit.adapters``). Guidance wraps
 the velocity per row (``acestep.dit.guidance.combine``) and the sampler steps per row
-(``acestep.dit.samplers``), as in a solo run. A forward that raises runs again on halves of its
-items (``acestep.steploop.isolate``): only an item whose own forward or step raises leaves with
-its ``error``; its batch-mates go on.
+(``acestep.dit.samplers``, DCW from ``acestep.dit.dcw``), as in a solo run; a Heun item spends two
+batch steps on each sampler step (its corrector row is evaluated in the next forward). A forward
+that raises runs again on halves of its items (``acestep.steploop.isolate``): only an item whose
+own forward or step raises leaves with its ``error``; its batch-mates go on.
 
 ``DiTWorker.add`` queues one request (its items, or a function that prepares them); its ``step``
 prepares queued requests, runs one batch step, decodes the items that finished in it together
@@ -20,6 +21,7 @@ one ``acestep.steploop.StepLoop`` thread (``acestep.handler.AceStepHandler``).""
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -33,10 +35,12 @@ from acestep.dit import vae as vae_ops
 from acestep.dit.adapters import AdapterError, AdapterSetting, AdapterSlots, setting_label
 from acestep.dit.batch import DiTLimits, bucket_frames, forward_groups, pad_rows, velocity
 from acestep.dit.conditioning import encode_conditions
-from acestep.dit.guidance import APG_MOMENTUM, combine, in_cfg_interval
+from acestep.dit.dcw import DCWSettings, dcw_correct, resolve_dcw
+from acestep.dit.guidance import APG_MOMENTUM, combine, corrector_combine, in_cfg_interval
 from acestep.dit.items import DiTItem, Progress, RenderOutput, SamplingSettings
-from acestep.dit.samplers import ode_step, sde_step
-from acestep.dit.schedules import build_schedule
+from acestep.dit.samplers import (corrector_velocity, heun_correct, ode_step, predictor_velocity, retake_noise,
+                                  sde_step, uses_corrector)
+from acestep.dit.schedules import build_schedule, cover_noise_schedule
 from acestep.dit.tasks import crossfade_mask, inject_steps, silence_frames, splice_waveform
 from acestep.steploop import Outcome, isolate
 
@@ -64,6 +68,11 @@ class Track:
     momentum: Optional[MomentumBuffer] = None
     keep: Optional[torch.Tensor] = None  # [T, 1] repaint: 1 inside the window (generated), 0 outside
     inject_steps: int = 0
+    dcw: Optional[DCWSettings] = None  # set: DCW corrects every step
+    retake_seed: Optional[int] = None  # the seed whose noise was mixed in (retake)
+    previous_v: Optional[torch.Tensor] = None  # [1, T, C] the last step's final velocity (EMA)
+    v: Optional[torch.Tensor] = None  # [1, T, C] this step's predictor velocity, while its corrector runs
+    x_predicted: Optional[torch.Tensor] = None  # [T, C] Heun's predicted point: the corrector's row
     step: int = 0
     owner: Any = None
     error: Optional[Exception] = None  # set when this item's own forward or step raised
@@ -84,6 +93,16 @@ class Track:
     @property
     def adapters(self) -> AdapterSetting:
         return self.settings.adapters or ()
+
+    @property
+    def row_x(self) -> torch.Tensor:
+        """The latents of this batch step's row: Heun's predicted point while its corrector runs."""
+        return self.x if self.x_predicted is None else self.x_predicted
+
+    @property
+    def row_t(self) -> float:
+        """The time of this batch step's row: t, or t_next for Heun's corrector."""
+        return self.timesteps[self.step + (self.x_predicted is not None)]
 
     def condition(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.fallback if self.fallback is not None and self.step >= self.switch_at else self.main
@@ -118,31 +137,50 @@ class RunningBatch:
         self.forwards_by_adapters: Dict[str, int] = {}  # adapter setting label -> forwards
 
     # -- admission -----------------------------------------------------------------------------
-    def track(self, item, settings, owner: Any = None, on_step: Optional[StepHook] = None) -> Track:
-        """Prepare an item's sampling state (conditions encoded, noise drawn) and queue it."""
+    def track(self, item, settings, owner: Any = None, on_step: Optional[StepHook] = None, index: int = 0) -> Track:
+        """Prepare an item's sampling state (conditions encoded, noise drawn) and queue it;
+        ``index``: the item's place in its request (which retake seed it takes)."""
         self._check_adapters(settings.adapters or ())
         bundle, device = self.bundle, self.bundle.device
         silence = bundle.silence_latent.to(device)
         generator = torch.Generator(device=device).manual_seed(int(item.seed))
-        channels = silence.shape[-1]
-        noise = torch.randn((1, item.frames, channels), generator=generator, device=device)[0]
+        noise = _noise(generator, item.frames, silence.shape[-1])
+        retake_seed = None
+        if settings.retake_variance > 0:
+            retake_seed = settings.retake_seed(index)
+            retake_seed = secrets.randbelow(2**32) if retake_seed is None or retake_seed < 0 else retake_seed
+            other = _noise(torch.Generator(device=device).manual_seed(retake_seed), item.frames, silence.shape[-1])
+            noise = retake_noise(noise, other, settings.retake_variance)
         clean = _fit(item.src_latents.float().to(device), item.frames, silence_frames(silence, item.frames).float())
-        timesteps = build_schedule(is_turbo=bundle.is_turbo, steps=settings.steps, shift=settings.shift,
-                                   timesteps=settings.timesteps, dtype=bundle.dtype)
+        timesteps, x = self._start(settings, noise, clean)
         if len(timesteps) < 2:
             raise ValueError(f"timesteps: {list(settings.timesteps or ())} leave no sampling step")
-        track = Track(item, settings, timesteps, noise.clone(), noise, clean, generator,
-                      _condition(bundle, item, item.text, True), owner=owner, on_step=on_step)
+        track = Track(item, settings, timesteps, x, noise, clean, generator,
+                      _condition(bundle, item, item.text, True), owner=owner, on_step=on_step,
+                      retake_seed=retake_seed)
         if settings.cover_strength < 1.0 and item.cover_fallback is not None:
             track.fallback = _condition(bundle, item, item.cover_fallback, False)
             track.switch_at = int(track.steps * settings.cover_strength)
         track.use_cfg = not bundle.is_turbo and settings.guidance_scale > 1.0
         track.momentum = MomentumBuffer(APG_MOMENTUM) if track.use_cfg else None
+        if resolve_dcw(settings.dcw_enabled, bundle.is_turbo) and settings.dcw.active:
+            track.dcw = settings.dcw
         if item.repaint:
             track.keep = crossfade_mask(item.repaint.window, item.frames, 0, device).unsqueeze(-1)
             track.inject_steps = inject_steps(item.repaint.config, track.steps, bundle.is_turbo)
         self.waiting.append(track)
         return track
+
+    def _start(self, settings, noise: torch.Tensor, clean: torch.Tensor) -> Tuple[List[float], torch.Tensor]:
+        """(schedule, starting latents): pure noise, or with cover noise the source re-noised to
+        the schedule's t nearest 1 − strength and the schedule from there."""
+        bundle = self.bundle
+        schedule = dict(is_turbo=bundle.is_turbo, steps=settings.steps, shift=settings.shift,
+                        timesteps=settings.timesteps, dtype=bundle.dtype)
+        if settings.cover_noise_strength > 0:
+            timesteps, t = cover_noise_schedule(strength=settings.cover_noise_strength, **schedule)
+            return timesteps, t * noise + (1 - t) * clean
+        return build_schedule(**schedule), noise.clone()
 
     def _check_adapters(self, setting: AdapterSetting) -> None:
         if setting and self.adapters is None:
@@ -215,7 +253,7 @@ class RunningBatch:
         return [out[id(t)] for t in tracks]
 
     def _forward(self, members: List[Track]) -> List[Velocities]:
-        guided = [t for t in members if t.use_cfg and in_cfg_interval(t.timesteps[t.step], *t.settings.cfg_interval)]
+        guided = [t for t in members if t.use_cfg and in_cfg_interval(t.row_t, *t.settings.cfg_interval)]
         rows = [(t, False) for t in members] + [(t, True) for t in guided]
         v = velocity(self.bundle.transformer, *self._rows(rows))
         _count(self.items_per_forward, len(members))
@@ -228,29 +266,64 @@ class RunningBatch:
         hidden, times, states, contexts = [], [], [], []
         for track, null in rows:
             cond_states, _, context = track.condition()
-            hidden.append(track.x)
-            times.append(track.timesteps[track.step])
+            hidden.append(track.row_x)
+            times.append(track.row_t)
             states.append(null_emb.to(cond_states).reshape(1, -1).expand_as(cond_states) if null else cond_states)
             contexts.append(context)
         return hidden, times, states, contexts
 
     def _advance(self, track: Track, v_cond: torch.Tensor, v_uncond: Optional[torch.Tensor]) -> None:
+        """One batch step of a track: the predictor (Euler / SDE, or Heun's first half, which
+        leaves the corrector's row for the next batch step), or Heun's corrector."""
+        if track.x_predicted is not None:
+            return self._correct(track, v_cond, v_uncond)
+        s = track.settings
         t, t_next = track.timesteps[track.step], track.timesteps[track.step + 1]
         x = track.x.unsqueeze(0)
         v = v_cond.unsqueeze(0)
         if v_uncond is not None:
-            s = track.settings
             v = combine(x, t, v, v_uncond.unsqueeze(0), s.guidance_scale, s.use_adg, track.momentum)
+        v = predictor_velocity(v, x, s.controls, track.previous_v)
+        if uses_corrector(s.sampler_mode, s.method, t_next, self.bundle.is_turbo):
+            track.v, track.x_predicted = v, (x - v * (t - t_next))[0]
+            return None
         velocity_fn = lambda _x, _t: v  # noqa: E731  (this step's guided velocity)
-        if track.settings.method == "sde":
+        if s.method == "sde":
             noise_fn = lambda x0: torch.randn(x0.shape, generator=track.generator, device=x0.device)  # noqa: E731
-            x = sde_step(velocity_fn, x, t, t_next, noise_fn)
+            x_next = sde_step(velocity_fn, x, t, t_next, noise_fn)
         else:
-            x = ode_step(velocity_fn, x, t, t_next)
-        x = x[0]
-        if track.keep is not None and track.step < track.inject_steps:
-            x = track.keep * x + (1 - track.keep) * (t_next * track.noise + (1 - t_next) * track.clean)
-        track.x, track.step = x, track.step + 1
+            x_next = ode_step(velocity_fn, x, t, t_next)
+        return _finish_step(track, x_next, v, v)
+
+    def _correct(self, track: Track, v_cond: torch.Tensor, v_uncond: Optional[torch.Tensor]) -> None:
+        """Heun's corrector at (x_predicted, t_next), then the averaged step."""
+        s = track.settings
+        t, t_next = track.timesteps[track.step], track.timesteps[track.step + 1]
+        x_predicted = track.x_predicted.unsqueeze(0)
+        v2 = v_cond.unsqueeze(0)
+        if v_uncond is not None:
+            v2 = corrector_combine(x_predicted, t_next, v2, v_uncond.unsqueeze(0), s.guidance_scale, s.use_adg)
+        v2 = corrector_velocity(v2, x_predicted, s.controls, track.v)
+        x_next, v_avg = heun_correct(track.x.unsqueeze(0), track.v, v2, t, t_next)
+        _finish_step(track, x_next, track.v, v_avg)
+
+
+def _finish_step(track: Track, x_next: torch.Tensor, v: torch.Tensor, v_final: torch.Tensor) -> None:
+    """DCW against the predictor's data estimate, repaint re-injection, then the next step;
+    ``v_final`` (Heun: the averaged velocity) is what the next step's EMA blends in."""
+    t, t_next = track.timesteps[track.step], track.timesteps[track.step + 1]
+    if track.dcw is not None:
+        x_next = dcw_correct(x_next, track.x.unsqueeze(0) - v * t, t, track.dcw)
+    x = x_next[0]
+    if track.keep is not None and track.step < track.inject_steps:
+        x = track.keep * x + (1 - track.keep) * (t_next * track.noise + (1 - t_next) * track.clean)
+    track.x, track.previous_v, track.v, track.x_predicted = x, v_final, None, None
+    track.step += 1
+
+
+def _noise(generator: torch.Generator, frames: int, channels: int) -> torch.Tensor:
+    """[T, C] standard normal noise from ``generator`` (drawn as a batch of one, as upstream)."""
+    return torch.randn((1, frames, channels), generator=generator, device=generator.device)[0]
 
 
 def _attempt(fn: Callable[[], Any]) -> Optional[Exception]:
@@ -380,8 +453,9 @@ class DiTWorker:
         render.costs["started"] = time.perf_counter()
         try:
             items = render.items() if callable(render.items) else render.items
-            for item in items:
-                render.tracks.append(self.batch.track(item, render.settings, owner=render, on_step=render.report))
+            for index, item in enumerate(items):
+                render.tracks.append(self.batch.track(item, render.settings, owner=render, on_step=render.report,
+                                                      index=index))
         except Exception as error:  # unreadable audio, bad codes...: this request only
             return self._fail(render, error)
         render.costs["encoded"] = time.perf_counter()

@@ -14,18 +14,20 @@ from acestep.dit.schedules import base_schedule, build_schedule, snap_turbo_time
     (3.0, [1, 21 / 22, .9, 5 / 6, .75, 9 / 14, .5, .3]),
 ])
 def test_turbo_tables(shift, table):
-    assert turbo_schedule(shift) == pytest.approx(table + [0.0], abs=1e-7)
+    assert turbo_schedule(8, shift) == pytest.approx(table + [0.0], abs=1e-7)
     # the tables are the base formula with 8 steps, terminal 0 kept
     assert base_schedule(8, shift) == pytest.approx(table + [0.0], abs=1e-6)
 
 
-def test_turbo_shift_snaps_to_nearest_table():
-    assert turbo_schedule(2.6) == turbo_schedule(3.0)
-    assert turbo_schedule(1.4) == turbo_schedule(1.0)
+def test_turbo_takes_any_shift_and_at_most_8_steps():
+    # upstream's turbo honours infer_steps with the shift formula (no snapping to 1/2/3)
+    assert turbo_schedule(8, 2.6) == pytest.approx(base_schedule(8, 2.6), abs=1e-6)
+    assert turbo_schedule(4, 3.0) == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0], abs=1e-7)
+    assert turbo_schedule(20, 1.0) == turbo_schedule(8, 1.0)  # capped as upstream's service caps it
 
 
 def test_turbo_table_in_bf16_matches_upstream_rounding():
-    assert turbo_schedule(3.0, torch.bfloat16) == [1.0, 0.953125, 0.8984375, 0.83203125, 0.75, 0.64453125, 0.5,
+    assert turbo_schedule(8, 3.0, torch.bfloat16) == [1.0, 0.953125, 0.8984375, 0.83203125, 0.75, 0.64453125, 0.5,
                                                    0.30078125, 0.0]
 
 
