@@ -228,6 +228,21 @@ def encode_audio(audio: torch.Tensor, audio_format: str, sample_rate: int = SAMP
     return buffer.getvalue()
 
 
+def decode_audio(data: bytes, audio_format: str) -> Tuple[np.ndarray, int]:
+    """An encoded file of ``audio_format`` → ([S, C] float32 samples, sample rate): libsndfile
+    reads what it writes, PyAV (FFmpeg's decoder) reads AAC."""
+    if not ENCODINGS[audio_format].pyav:
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        return samples, rate
+    import av
+
+    with av.open(io.BytesIO(data), mode="r") as container:
+        stream = container.streams.audio[0]
+        frames = [frame.to_ndarray().reshape(stream.channels, -1) for frame in container.decode(stream)]
+        rate = stream.sample_rate
+    return np.concatenate(frames, axis=1).T.astype(np.float32), rate
+
+
 def params_key(params: Dict[str, Any]) -> str:
     """UUID-shaped sha256 of the params (sorted JSON), as upstream's generate_uuid_from_params."""
     text = json.dumps(params, sort_keys=True, ensure_ascii=False, default=_key_default)

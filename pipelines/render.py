@@ -29,6 +29,7 @@ from pipelines.manifest import Manifest, ManifestRecord
 from pipelines.placement import LIGHT_CPUS, Pool, fit_cpus, free_cpus
 from pipelines.source import RowKey, input_keys, pending_rows
 
+from acestep.audio import AUDIO_FORMATS
 from acestep.lm.constants import DEFAULT_LM_MODEL
 
 logger = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve-actors", type=int, default=1)
     p.add_argument("--serve-batch-size", type=int, default=8, help="rows in flight per --via-serve actor")
     p.add_argument("--limit", type=int, default=None, help="render at most N pending rows (resume later)")
-    p.add_argument("--audio-format", default="flac", choices=("flac", "wav", "mp3"))
+    p.add_argument("--audio-format", default="flac", choices=AUDIO_FORMATS)
     return p
 
 

@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-import soundfile as sf
 
-from acestep.audio import SAMPLE_RATE, save_audio
+from acestep.audio import SAMPLE_RATE, decode_audio, save_audio
 from acestep.params import GenerationConfig, GenerationParams, GenerationResult, LMPlan, json_safe
 from pipelines.manifest import ManifestRecord
 from pipelines.rows import to_request
@@ -62,7 +61,8 @@ def write_audio(audio: Dict[str, Any], output_dir: Path, name: str, audio_format
     tmp = target.with_name(f".{target.name}.part")
     if audio.get("bytes") is not None:
         tmp.write_bytes(audio["bytes"])
-        seconds = sf.info(str(tmp)).duration
+        samples, rate = decode_audio(audio["bytes"], audio_format)
+        seconds = samples.shape[0] / rate
     else:
         save_audio(audio["tensor"], tmp, audio_format)
         seconds = audio["tensor"].shape[-1] / float(audio.get("sample_rate") or SAMPLE_RATE)

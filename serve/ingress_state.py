@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import io
 import os
 import time
 import uuid
@@ -257,8 +256,9 @@ class IngressState:
     def handle_result(self, record: TaskRecord, include_tensors: bool):
         """A done task's record → ``GenerationResult`` as ``generate_music`` returns it, plus each
         item's encoded file (``bytes``); ``include_tensors=False`` skips decoding it."""
-        import soundfile as sf
         import torch
+
+        from acestep.audio import decode_audio
 
         from acestep.params import GenerationResult
 
@@ -268,7 +268,7 @@ class IngressState:
             data = self.audio.read(item["key"])  # the file as stored: callers keep these bytes as they are
             tensor = None
             if include_tensors:
-                samples, _ = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+                samples, _ = decode_audio(data, item["format"])
                 tensor = torch.from_numpy(samples.T.copy())
             audios.append({"path": "", "tensor": tensor, "bytes": data, "key": item["key"].rsplit(".", 1)[0],
                            "sample_rate": item["sample_rate"], "params": item["params"], "url": item["url"],
