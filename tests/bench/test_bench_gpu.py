@@ -17,10 +17,13 @@ def test_bench_gpu_tiny_runs(tmp_path):
     # lm-serving has its own test below (the same quick run, once)
     out = tmp_path / "gpu.json"
     assert main(["--tiny", "--out", str(out), "--iters", "1", "--budget-s", "300",
-                 "--sections", "dit,vae,encoders,lm,e2e"]) == 0
+                 "--sections", "dit,vae,encoders,lm,e2e,samplers"]) == 0
     results = json.loads(out.read_text())
     assert set(results["sections"]) == {"dit ms/forward", "vae decode", "encoders", LM_SECTION,
-                                        "generate_music end to end", "throughput (in-process batching engines)"}
+                                        "generate_music end to end", "throughput (in-process batching engines)",
+                                        "sampler step"}
+    step = results["sections"]["sampler step"][0]
+    assert step["heun_vs_euler"] > 1 and step["euler_ms"] > 0 and step["dcw_ms"] > 0
     throughput = results["sections"]["throughput (in-process batching engines)"][0]
     assert throughput["songs"] == 4 and throughput["lm_peak_rows_in_use"] > 2
     dit_rows = results["sections"]["dit ms/forward"]
