@@ -124,3 +124,20 @@ def test_items_with_stored_bytes_are_written_as_they_are(tmp_path, monkeypatch):
     (tmp_path / "audio").mkdir()
     record = stages.finish_record(stages.new_record({"id": "x", "index": 0, "fields": {}}), result, tmp_path, "flac")
     assert (tmp_path / record.files[0]).read_bytes() == encoded and record.duration == 2.0
+
+
+def test_rows_take_the_newer_upstream_fields_and_name_a_bad_one():
+    from acestep.inference import prepare_request
+    from acestep.validation import ValidationError
+
+    params, config = to_request({"caption": "x", "sampler_mode": "heun", "dcw_enabled": False, "fade_out_duration": 2.0,
+                                 "repaint_mode": "conservative", "retake_variance": 0.3, "audio_format": "opus"})
+    assert (params.sampler_mode, params.dcw_enabled, params.fade_out_duration) == ("heun", False, 2.0)
+    assert params.preset == "model" and config.audio_format == "opus"  # the DiT's preset fills the rest
+    prepare_request(params, config)
+    try:
+        prepare_request(*to_request({"caption": "x", "dcw_wavelet": "db9"}))
+    except ValidationError as error:
+        assert error.field == "dcw_wavelet" and "haar" in str(error)
+    else:
+        raise AssertionError("a bad dcw_wavelet passed")
