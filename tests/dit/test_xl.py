@@ -120,11 +120,13 @@ def _render(handler, tmp_path, **fields):
     return data
 
 
-def test_xl_turbo_renders_text2music_cover_and_repaint(xl_handler, tmp_path, source_audio):
+def test_xl_turbo_renders_every_task_it_serves(xl_handler, tmp_path, source_audio):
     assert xl_handler.is_turbo and type(xl_handler.bundle.condition_encoder) is AceStepXLConditionEncoder
     assert abs(_render(xl_handler, tmp_path, duration=10).shape[0] - 10 * 48000) <= FRAME
     cover = _render(xl_handler, tmp_path, task_type="cover", src_audio=source_audio, audio_cover_strength=0.5)
     assert abs(cover.shape[0] - 12 * 48000) <= FRAME
+    nofsq = _render(xl_handler, tmp_path, task_type="cover-nofsq", src_audio=source_audio)
+    assert abs(nofsq.shape[0] - 12 * 48000) <= FRAME
     repaint = _render(xl_handler, tmp_path, task_type="repaint", src_audio=source_audio, repainting_start=4.0,
                       repainting_end=8.0)
     source, _ = sf.read(source_audio, always_2d=True)
