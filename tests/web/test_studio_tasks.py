@@ -94,7 +94,7 @@ def _start(page, task, source_wav, caption):
     _open(page)
     page.locator(f"input[name=task_type][value={task}]").check()
     _upload_source(page, source_wav)
-    page.get_by_label("Caption").fill(caption)
+    page.get_by_label("Caption", exact=True).fill(caption)
     page.get_by_label("Duration (s)").fill("10")
     _fast(page)
 
@@ -185,7 +185,7 @@ def test_the_page_fits_a_phone(browser, studio_app):
         overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"{overflow}px wider than the phone"
         for label in ("Caption", "Window start (s)", "Generate"):
-            target = page.get_by_role("button", name=label) if label == "Generate" else page.get_by_label(label)
+            target = page.get_by_role("button", name=label) if label == "Generate" else page.get_by_label(label, exact=True)
             box = target.bounding_box()
             assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, (label, box)
     finally:
