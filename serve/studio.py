@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fastapi.responses import FileResponse
 
+from acestep.audio import AUDIO_FORMATS
 from acestep.dit.tasks import TRACK_NAMES, task_catalog
 from serve.edge.errors import APIError, FieldError
 from serve.http_app import api
@@ -41,7 +42,8 @@ class StudioRoutes:
     async def task_types(self):
         """The task types as a client needs them: whether a source file is required, whether it
         takes a window or track names, its default instruction, and whether this app can serve it
-        (with the DiT it would use, or why not)."""
+        (with the DiT it would use, or why not); beside them the track names and the output formats
+        (``audio_format``) a request may name."""
         turbo = await self.state.turbo_by_model()
         tasks = []
         for entry in task_catalog():
@@ -50,4 +52,4 @@ class StudioRoutes:
             except FieldError as error:
                 entry.update(servable=False, model=None, reason=error.message)
             tasks.append(entry)
-        return {"tasks": tasks, "track_names": list(TRACK_NAMES)}
+        return {"tasks": tasks, "track_names": list(TRACK_NAMES), "audio_formats": list(AUDIO_FORMATS)}

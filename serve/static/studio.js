@@ -1,7 +1,8 @@
 // The studio page: a form built on the server's own schema (defaults and ranges come from
 // /openapi.json), one card per generation fed by its server-sent events, and a history of this
-// browser's tasks in localStorage.
+// browser's tasks in localStorage. A request carries only what differs from the page's defaults.
 import { ApiError, apiKey, audioBlob, events, json, request, setApiKey, upload } from "/studio/api.js";
+import { changed, field, setSchemaDefault, valueOf } from "/studio/fields.js";
 import { loadModels, wireModels } from "/studio/models.js";
 import { chosenFiles, loadTasks, taskFields, useAsSource, wireSources } from "/studio/tasks.js";
 import { picture } from "/studio/wave.js";
@@ -9,10 +10,6 @@ import { picture } from "/studio/wave.js";
 const form = document.getElementById("song");
 const cards = document.getElementById("cards");
 const HISTORY = "acestep.history";
-
-function field(name) {
-  return form.elements.namedItem(name);
-}
 
 // -- the schema: defaults and ranges of GenerateRequest --------------------------------------
 function bounds(spec) {
@@ -30,8 +27,7 @@ async function applySchema() {
     const { min, max, def } = bounds(spec);
     if (min !== undefined) input.min = min;
     if (max !== undefined) input.max = max;
-    if (input.type === "checkbox") input.checked = Boolean(def);
-    else if (def !== undefined && def !== null && !input.value) input.value = def;
+    setSchemaDefault(input, def);
     if (spec.description) input.title = spec.description;
   }
   const seeds = properties.seeds;
@@ -45,9 +41,8 @@ const NOT_SENT = new Set(["query", "seed", "task_type", "track"]);
 function body() {
   const out = taskFields();
   for (const input of form.querySelectorAll("input[name], textarea[name], select[name]")) {
-    if (NOT_SENT.has(input.name) || input.disabled) continue;
-    if (input.type === "checkbox") out[input.name] = input.checked;
-    else if (input.value !== "") out[input.name] = input.type === "number" ? Number(input.value) : input.value;
+    if (NOT_SENT.has(input.name) || input.disabled || !changed(input)) continue;
+    out[input.name] = valueOf(input);
   }
   const seed = Number(field("seed").value);
   if (seed >= 0) Object.assign(out, { seeds: [seed], use_random_seed: false });

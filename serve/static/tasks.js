@@ -1,7 +1,9 @@
 // The task selector and the source files. The form changes with the task: only the task's own
 // fields are shown and sent; tasks this app cannot serve are disabled with the server's reason
-// (GET /v1/task_types). The source is drawn as a waveform on which the repaint window is dragged.
+// (GET /v1/task_types, which also lists the output formats). The source is drawn as a waveform on
+// which the repaint window is dragged.
 import { request } from "/studio/api.js";
+import { setDefault } from "/studio/fields.js";
 import { decode, draw, peaks, windowPicker } from "/studio/wave.js";
 
 const form = document.getElementById("song");
@@ -16,7 +18,17 @@ export async function loadTasks() {
   catalog = data.tasks;
   document.getElementById("task-types").replaceChildren(...catalog.map(taskOption));
   document.getElementById("track-names").replaceChildren(...data.track_names.map(trackOption));
+  formatOptions(data.audio_formats);
   choose(current ? current.task_type : "text2music");
+}
+
+// The server's formats; the choice (or the schema's default) survives the new list.
+function formatOptions(names) {
+  const select = form.elements.audio_format;
+  const chosen = select.value;
+  select.replaceChildren(...names.map((name) => Object.assign(document.createElement("option"), { value: name, textContent: name })));
+  if (select.dataset.default !== undefined) setDefault(select, select.dataset.default);
+  if (names.includes(chosen)) select.value = chosen;
 }
 
 function taskOption(task) {
@@ -45,16 +57,17 @@ function trackOption(name) {
   return label;
 }
 
-// Show and enable the elements marked data-when="<catalog key or task name>" for this task.
+// Show and enable the elements marked data-when="<catalog keys or task names>" (any of them) for
+// this task.
 export function choose(name) {
   current = catalog.find((task) => task.task_type === name) || catalog[0];
   form.querySelector(`input[name=task_type][value="${current.task_type}"]`).checked = true;
+  const holds = (key) => (key in current ? Boolean(current[key]) : current.task_type === key);
   for (const element of form.querySelectorAll("[data-when]")) {
-    const key = element.dataset.when;
-    const on = key in current ? Boolean(current[key]) : current.task_type === key;
+    const on = element.dataset.when.split(" ").some(holds);
     element.hidden = !on;
     if (element instanceof HTMLFieldSetElement) element.disabled = !on;
-    else element.querySelectorAll("input").forEach((input) => { input.disabled = !on; });
+    else element.querySelectorAll("input, select, textarea").forEach((input) => { input.disabled = !on; });
   }
   // one track for extract/lego (a radio group), several for complete
   for (const input of form.querySelectorAll("input[name=track]")) input.type = current.tracks === "one" ? "radio" : "checkbox";

@@ -21,9 +21,9 @@ def _open(page):
 
 
 def _fill_song(page, caption="warm lofi beat with soft keys"):
-    page.get_by_label("Caption").fill(caption)
+    page.get_by_label("Caption", exact=True).fill(caption)
     page.get_by_label("Duration (s)").fill("10")
-    page.locator("details summary").click()
+    page.get_by_text("Advanced settings").click()
     page.get_by_label("Steps").fill("2")
 
 

@@ -42,9 +42,9 @@ def test_one_served_model_is_not_a_choice_but_the_adapters_are(page):
 
 def test_a_generation_with_a_chosen_adapter_and_scale(page, studio_app):
     _open(page)
-    page.get_by_label("Caption").fill("warm pads over a slow beat")
+    page.get_by_label("Caption", exact=True).fill("warm pads over a slow beat")
     page.get_by_label("Duration (s)").fill("10")
-    page.locator("details summary").click()
+    page.get_by_text("Advanced settings").click()
     page.get_by_label("Steps").fill("2")
     page.get_by_label("Adapter (LoRA)").select_option("warm")
     page.get_by_label("Adapter scale").fill("0.5")

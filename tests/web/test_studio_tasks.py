@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from acestep.dit.tasks import TRACK_NAMES, task_instruction
+from acestep.dit.tasks import TASK_TYPES, TRACK_NAMES, task_instruction
 
 pytestmark = pytest.mark.web
 DONE = "document.querySelector('.card') && document.querySelector('.card').dataset.phase === 'done'"
@@ -30,7 +30,7 @@ def source_wav(tmp_path_factory):
 
 def _open(page):
     page.goto("/")
-    page.wait_for_function("document.querySelectorAll('input[name=task_type]').length === 6")
+    page.wait_for_function(f"document.querySelectorAll('input[name=task_type]').length === {len(TASK_TYPES)}")
 
 
 # What the page hands to fetch for POST /v1/tasks: the "request" part and the file part names of its
@@ -69,7 +69,7 @@ def _upload_source(page, path):
 
 
 def _fast(page):
-    page.locator("details summary").click()
+    page.get_by_text("Advanced settings").click()
     page.get_by_label("Steps").fill("2")
 
 
@@ -94,7 +94,7 @@ def _start(page, task, source_wav, caption):
     _open(page)
     page.locator(f"input[name=task_type][value={task}]").check()
     _upload_source(page, source_wav)
-    page.get_by_label("Caption").fill(caption)
+    page.get_by_label("Caption", exact=True).fill(caption)
     page.get_by_label("Duration (s)").fill("10")
     _fast(page)
 
@@ -185,7 +185,7 @@ def test_the_page_fits_a_phone(browser, studio_app):
         overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"{overflow}px wider than the phone"
         for label in ("Caption", "Window start (s)", "Generate"):
-            target = page.get_by_role("button", name=label) if label == "Generate" else page.get_by_label(label)
+            target = page.get_by_role("button", name=label) if label == "Generate" else page.get_by_label(label, exact=True)
             box = target.bounding_box()
             assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, (label, box)
     finally:
