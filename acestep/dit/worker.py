@@ -8,7 +8,8 @@ its latents equal its solo run's to float rounding whoever it shares steps with.
 adapter settings differ run in separate forwards (``acestep.dit.adapters``). Guidance wraps
 the velocity per row (``acestep.dit.guidance.combine``) and the sampler steps per row
 (``acestep.dit.samplers``, DCW from ``acestep.dit.dcw``), as in a solo run; a Heun item spends two
-batch steps on each sampler step (its corrector row is evaluated in the next forward). A forward
+batch steps on each sampler step (its corrector row is evaluated in the next forward); a flow-edit
+item (``acestep.dit.flow_edit``) puts a source and a target row per noise draw in the forward. A forward
 that raises runs again on halves of its items (``acestep.steploop.isolate``): only an item whose
 own forward or step raises leaves with its ``error``; its batch-mates go on.
 
@@ -172,8 +173,7 @@ class RunningBatch:
             other = _noise(torch.Generator(device=device).manual_seed(retake_seed), item.frames, silence.shape[-1])
             noise = retake_noise(noise, other, settings.retake_variance)
         clean = _fit(item.src_latents.float().to(device), item.frames, silence_frames(silence, item.frames).float())
-        edits = settings.flow_edit is not None and item.flow_edit is not None
-        timesteps, x = self._edit_start(settings, item) if edits else self._start(settings, noise, clean)
+        timesteps, x = self._start(settings, noise, clean)
         if len(timesteps) < 2:
             raise ValueError(f"timesteps: {list(settings.timesteps or ())} leave no sampling step")
         track = Track(item, settings, timesteps, x, noise, clean, generator,
@@ -181,7 +181,7 @@ class RunningBatch:
                       retake_seed=retake_seed)
         track.use_cfg = not bundle.is_turbo and settings.guidance_scale > 1.0
         track.momentum = MomentumBuffer(APG_MOMENTUM) if track.use_cfg else None
-        if edits:  # Euler with guidance and the velocity controls only: no cover switch, no DCW
+        if settings.flow_edit is not None and item.flow_edit is not None:  # no cover switch, DCW or repaint
             self._edit(track, index)
             self.waiting.append(track)
             return track
@@ -207,22 +207,18 @@ class RunningBatch:
             return timesteps, t * noise + (1 - t) * clean
         return build_schedule(**schedule), noise.clone()
 
-    def _edit_start(self, settings, item) -> Tuple[List[float], torch.Tensor]:
-        """A flow-edit item's (schedule, starting latents): upstream's flow-edit schedule and the
-        source latents themselves."""
-        silence = self.bundle.silence_latent.to(self.bundle.device)
-        x_src = _fit(item.flow_edit.latents.float().to(self.bundle.device), item.frames,
-                     silence_frames(silence, item.frames).float())
-        timesteps = flow_edit_schedule(is_turbo=self.bundle.is_turbo, steps=settings.steps, shift=settings.shift,
-                                       timesteps=settings.timesteps, dtype=self.bundle.dtype)
-        return timesteps, x_src
-
     def _edit(self, track: Track, index: int) -> None:
-        """Attach a flow-edit item's state: the source condition (same context and timbre as the
-        target's), its own noise generator and momentum; the steps before the window are skipped."""
-        item, settings = track.item, track.settings
+        """Make a track a flow-edit item's: upstream's flow-edit schedule, the source latents as its
+        start, the source condition (same context and timbre as the target's), its own noise
+        generator and momentum; the steps before the window are skipped."""
+        item, settings, device = track.item, track.settings, self.bundle.device
+        silence = self.bundle.silence_latent.to(device)
+        track.x = _fit(item.flow_edit.latents.float().to(device), item.frames,
+                       silence_frames(silence, item.frames).float())
+        track.timesteps = flow_edit_schedule(is_turbo=self.bundle.is_turbo, steps=settings.steps,
+                                             shift=settings.shift, timesteps=settings.timesteps, dtype=self.bundle.dtype)
         start, stop = settings.flow_edit.steps(track.steps)
-        generator = torch.Generator(device=self.bundle.device).manual_seed(settings.edit_seed(index, item.seed))
+        generator = torch.Generator(device=device).manual_seed(settings.edit_seed(index, item.seed))
         track.edit = FlowEditState(_condition(self.bundle, item, item.flow_edit.text, True), track.x.clone(), stop,
                                    settings.flow_edit.draws, generator,
                                    MomentumBuffer(APG_MOMENTUM) if track.use_cfg else None)
