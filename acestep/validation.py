@@ -17,6 +17,9 @@ DCW_MODES = ("low", "high", "double", "pix")
 DCW_WAVELETS = ("haar", "db2", "db4", "sym4", "sym8", "coif2")  # the bases upstream's UI offers
 
 
+FLOW_EDIT_TASKS = ("text2music", "cover", "cover-nofsq")  # the tasks flow-edit morph applies to
+
+
 class ValidationError(ValueError):
     def __init__(self, field: str, value: Any, allowed: str):
         self.field, self.value, self.allowed = field, value, allowed
@@ -246,6 +249,23 @@ def check_cross_fields(params: GenerationParams, is_turbo: Optional[bool] = None
                                   "track names from: " + ", ".join(TRACK_NAMES) + f" (got {', '.join(unknown)})")
     if task in ("repaint", "lego"):
         _check_window(params, src_duration)
+    if params.flow_edit_morph:
+        _check_flow_edit(params)
+
+
+def _check_flow_edit(params: GenerationParams) -> None:
+    """Flow-edit morph edits a source clip on the tasks upstream runs it for, with the sampler its
+    loop has (Euler ODE, APG guidance); it neither switches condition nor starts from noise."""
+    if params.task_type not in FLOW_EDIT_TASKS:
+        raise ValidationError("flow_edit_morph", params.flow_edit_morph,
+                              "false unless task_type is " + ", ".join(FLOW_EDIT_TASKS))
+    if not params.src_audio:
+        raise ValidationError("src_audio", params.src_audio, "an audio file (the clip to edit) is required "
+                                                             "with flow_edit_morph")
+    for name, fixed in (("sampler_mode", "euler"), ("infer_method", "ode"), ("use_adg", False),
+                        ("audio_cover_strength", 1.0), ("cover_noise_strength", 0.0)):
+        if getattr(params, name) != fixed:
+            raise ValidationError(name, getattr(params, name), f"{fixed!r} with flow_edit_morph")
 
 
 def _check_window(params: GenerationParams, src_duration: Optional[float]) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from acestep.dit.conditioning import TextCondition
 from acestep.dit.dcw import DCWSettings
+from acestep.dit.flow_edit import FlowEditWindow
 from acestep.dit.samplers import VelocityControls
 from acestep.dit.tasks import Repaint
 from acestep.params import GenerationParams
@@ -34,6 +35,15 @@ class PostProcess:
 
 
 @dataclass
+class FlowEditSource:
+    """A flow-edit item's source: the text describing it (V_src's condition) and its VAE latents,
+    where the edit starts."""
+
+    text: TextCondition
+    latents: torch.Tensor  # [T, C]
+
+
+@dataclass
 class DiTItem:
     """One audio to render."""
 
@@ -48,6 +58,7 @@ class DiTItem:
     source_audio: Optional[torch.Tensor] = None  # [2, S], for the repaint waveform splice
     cover_fallback: Optional[TextCondition] = None  # text2music condition once cover strength runs out
     post: PostProcess = PostProcess()  # latent and waveform post-processing (``acestep.dit.vae``)
+    flow_edit: Optional[FlowEditSource] = None  # set with SamplingSettings.flow_edit: a flow-edit morph item
 
 
 @dataclass(frozen=True)
@@ -70,12 +81,22 @@ class SamplingSettings:
     retake_variance: float = 0.0  # > 0: the noise is mixed with the retake seed's
     retake_seeds: Optional[tuple] = None  # one resolved retake seed per item of the request
     adapters: Optional[tuple] = None  # an AdapterSetting; None: the handler's default (``AceStepHandler.lora_setting``)
+    flow_edit: Optional[FlowEditWindow] = None  # set: flow-edit morph (``acestep.dit.flow_edit``)
 
     def retake_seed(self, index: int) -> Optional[int]:
         """Item ``index``'s retake seed; None when retake is off (variance 0 or no seeds)."""
         if self.retake_variance <= 0 or not self.retake_seeds:
             return None
         return int(self.retake_seeds[index if index < len(self.retake_seeds) else 0])
+
+    def edit_seed(self, index: int, seed: int) -> int:
+        """The seed of item ``index``'s flow-edit noise draws: its retake seed when one is given
+        (whatever the retake variance; the first one + index past the list's end), else its seed."""
+        if not self.retake_seeds:
+            return int(seed)
+        if index < len(self.retake_seeds):
+            return int(self.retake_seeds[index])
+        return int(self.retake_seeds[0]) + index
 
 
 @dataclass

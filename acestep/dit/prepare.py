@@ -3,6 +3,7 @@ bytes or file objects) read and VAE-encoded, codes decoded to hints, task contex
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -14,7 +15,8 @@ from acestep.dit import vae as vae_ops
 from acestep.dit.codes import codes_to_hints, latents_to_hints, parse_audio_codes
 from acestep.dit.conditioning import INSTRUMENTAL_LYRICS, TextCondition
 from acestep.dit.dcw import DCWSettings
-from acestep.dit.items import DiTItem, PostProcess, SamplingSettings
+from acestep.dit.flow_edit import FlowEditWindow
+from acestep.dit.items import DiTItem, FlowEditSource, PostProcess, SamplingSettings
 from acestep.dit.samplers import VelocityControls
 from acestep.dit.tasks import (
     COVER_TASKS,
@@ -103,7 +105,9 @@ def sampling_settings(params: GenerationParams) -> SamplingSettings:
                             dcw_enabled=params.dcw_enabled,
                             dcw=DCWSettings(params.dcw_mode, params.dcw_scaler, params.dcw_high_scaler,
                                             params.dcw_wavelet),
-                            retake_variance=params.retake_variance, retake_seeds=retake_seeds(params.retake_seed))
+                            retake_variance=params.retake_variance, retake_seeds=retake_seeds(params.retake_seed),
+                            flow_edit=FlowEditWindow(params.flow_edit_n_min, params.flow_edit_n_max,
+                                                     params.flow_edit_n_avg) if params.flow_edit_morph else None)
 
 
 def retake_seeds(value) -> Optional[tuple]:
@@ -122,10 +126,29 @@ def post_process(params: GenerationParams) -> PostProcess:
                        fade_in_s=params.fade_in_duration, fade_out_s=params.fade_out_duration)
 
 
+def _uses_source(params: GenerationParams) -> bool:
+    """Whether the item reads its source audio: source tasks without codes, and every flow-edit
+    item (the source is where the edit starts)."""
+    if params.flow_edit_morph:
+        return bool(params.src_audio)
+    return params.task_type in SOURCE_TASKS and bool(params.src_audio) and not parse_audio_codes(params.audio_codes)
+
+
+def _flow_edit(params: GenerationParams, target: TextCondition, source: Optional[SourceAudio],
+               frames: int) -> Optional[FlowEditSource]:
+    """A flow-edit item's source: the target's condition text with the source caption and lyrics."""
+    if not params.flow_edit_morph or source is None:
+        return None
+    text = dataclasses.replace(target, caption=params.flow_edit_source_caption,
+                               lyrics=params.flow_edit_source_lyrics)
+    return FlowEditSource(text, source.latents[:frames])
+
+
 def build_item(bundle, params: GenerationParams, seed: int, source: Optional[SourceAudio],
                timbre: torch.Tensor) -> DiTItem:
-    codes = parse_audio_codes(params.audio_codes)
     task = params.task_type
+    # text2music morph edits the source under silence context: LM codes would make it a cover
+    codes = [] if params.flow_edit_morph and task == "text2music" else parse_audio_codes(params.audio_codes)
     instruction = resolve_instruction(task, params.instruction, bool(codes))
     silence = bundle.silence_latent.to(bundle.dtype)
     hints, window = None, None
@@ -133,7 +156,7 @@ def build_item(bundle, params: GenerationParams, seed: int, source: Optional[Sou
         hints = codes_to_hints(bundle, codes)
         frames = max(hints.shape[0], seconds_to_frames(0))
         duration_s = params.duration if params.duration and params.duration > 0 else hints.shape[0] / 25
-    elif task in SOURCE_TASKS and source is not None:
+    elif (task in SOURCE_TASKS or params.flow_edit_morph) and source is not None:
         frames, duration_s = source.latents.shape[0], source.duration_s
         if task == "cover":  # cover-nofsq keeps the raw latents: no FSQ round trip
             hints = latents_to_hints(bundle, source.latents)
@@ -151,10 +174,11 @@ def build_item(bundle, params: GenerationParams, seed: int, source: Optional[Sou
         fallback = _text(params, resolve_instruction("text2music", "", False), duration_s)
     stems = bool(getattr(bundle.transformer.config, "is_lego_sft", False))
     repaint = _repaint(params, window, source) if task == "repaint" and window is not None else None
-    return DiTItem(text=_text(params, instruction, duration_s, stems), seed=seed, frames=frames, src_latents=src,
-                   chunk_mask=mask, timbre=timbre, hints=hints[:frames] if is_cover else None, repaint=repaint,
+    text = _text(params, instruction, duration_s, stems)
+    return DiTItem(text=text, seed=seed, frames=frames, src_latents=src, chunk_mask=mask, timbre=timbre,
+                   hints=hints[:frames] if is_cover else None, repaint=repaint,
                    source_audio=source.audio if repaint is not None else None, cover_fallback=fallback,
-                   post=post_process(params))
+                   post=post_process(params), flow_edit=_flow_edit(params, text, source, frames))
 
 
 def build_items(bundle, item_params: List[GenerationParams], seeds: List[int]) -> List[DiTItem]:
@@ -164,7 +188,7 @@ def build_items(bundle, item_params: List[GenerationParams], seeds: List[int]) -
     items = []
     for params, seed in zip(item_params, seeds):
         source = None
-        if params.task_type in SOURCE_TASKS and params.src_audio and not parse_audio_codes(params.audio_codes):
+        if _uses_source(params):
             key = source_key(params.src_audio)
             if key not in sources:
                 sources[key] = encode_source(bundle, params.src_audio, seeds[0])

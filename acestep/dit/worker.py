@@ -8,7 +8,8 @@ its latents equal its solo run's to float rounding whoever it shares steps with.
 adapter settings differ run in separate forwards (``acestep.dit.adapters``). Guidance wraps
 the velocity per row (``acestep.dit.guidance.combine``) and the sampler steps per row
 (``acestep.dit.samplers``, DCW from ``acestep.dit.dcw``), as in a solo run; a Heun item spends two
-batch steps on each sampler step (its corrector row is evaluated in the next forward). A forward
+batch steps on each sampler step (its corrector row is evaluated in the next forward); a flow-edit
+item (``acestep.dit.flow_edit``) puts a source and a target row per noise draw in the forward. A forward
 that raises runs again on halves of its items (``acestep.steploop.isolate``): only an item whose
 own forward or step raises leaves with its ``error``; its batch-mates go on.
 
@@ -36,6 +37,7 @@ from acestep.dit.adapters import AdapterError, AdapterSetting, AdapterSlots, set
 from acestep.dit.batch import DiTLimits, bucket_frames, forward_groups, pad_rows, velocity
 from acestep.dit.conditioning import encode_conditions
 from acestep.dit.dcw import DCWSettings, dcw_correct, resolve_dcw
+from acestep.dit.flow_edit import FlowEditState, advance_edit, begin_edit_step, flow_edit_schedule
 from acestep.dit.guidance import APG_MOMENTUM, combine, corrector_combine, in_cfg_interval
 from acestep.dit.items import DiTItem, Progress, RenderOutput, SamplingSettings
 from acestep.dit.samplers import (corrector_velocity, heun_correct, ode_step, predictor_velocity, retake_noise,
@@ -47,7 +49,9 @@ from acestep.steploop import Outcome, isolate
 logger = logging.getLogger(__name__)
 Items = Union[List[DiTItem], Callable[[], List[DiTItem]]]
 StepHook = Callable[["Track"], None]
-Velocities = Tuple[torch.Tensor, Optional[torch.Tensor]]  # (v_cond, v_uncond or None) of one track
+Velocities = Tuple[torch.Tensor, Optional[torch.Tensor]]  # (v_cond, v_uncond or None) [R, T, C] of one track's rows
+Condition = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # encoder states [S, D], mask [S], context [T, 2C]
+RowInput = Tuple[torch.Tensor, float, Condition]  # (latents [T, C], t, condition) of one cond row
 
 
 @dataclass(eq=False)
@@ -73,6 +77,7 @@ class Track:
     previous_v: Optional[torch.Tensor] = None  # [1, T, C] the last step's final velocity (EMA)
     v: Optional[torch.Tensor] = None  # [1, T, C] this step's predictor velocity, while its corrector runs
     x_predicted: Optional[torch.Tensor] = None  # [T, C] Heun's predicted point: the corrector's row
+    edit: Optional[FlowEditState] = None  # set: a flow-edit item (x is the edit, then the target variable)
     step: int = 0
     owner: Any = None
     error: Optional[Exception] = None  # set when this item's own forward or step raised
@@ -87,8 +92,14 @@ class Track:
         return self.step >= self.steps
 
     @property
+    def cond_rows(self) -> int:
+        """Condition rows this step: a flow-edit item in its window takes a source and a target row
+        per noise draw."""
+        return 2 * self.edit.draws if self.edit is not None and self.step < self.edit.stop else 1
+
+    @property
     def rows(self) -> int:
-        return 2 if self.use_cfg else 1
+        return self.cond_rows * (2 if self.use_cfg else 1)
 
     @property
     def adapters(self) -> AdapterSetting:
@@ -104,8 +115,18 @@ class Track:
         """The time of this batch step's row: t, or t_next for Heun's corrector."""
         return self.timesteps[self.step + (self.x_predicted is not None)]
 
-    def condition(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def condition(self) -> Condition:
         return self.fallback if self.fallback is not None and self.step >= self.switch_at else self.main
+
+    def row_inputs(self) -> List[RowInput]:
+        """This step's cond rows (a guided track adds a null row for each): one, or inside a
+        flow-edit window the source points under the source condition, then the target points."""
+        edit = self.edit
+        if edit is not None and edit.points is not None:
+            t = self.timesteps[self.step]
+            z_src, z_tar = edit.points
+            return [(z, t, edit.source) for z in z_src] + [(z, t, self.main) for z in z_tar]
+        return [(self.row_x, self.row_t, self.condition())]
 
 
 def _context(item, frames: int, silence: torch.Tensor, use_hints: bool) -> torch.Tensor:
@@ -158,11 +179,15 @@ class RunningBatch:
         track = Track(item, settings, timesteps, x, noise, clean, generator,
                       _condition(bundle, item, item.text, True), owner=owner, on_step=on_step,
                       retake_seed=retake_seed)
+        track.use_cfg = not bundle.is_turbo and settings.guidance_scale > 1.0
+        track.momentum = MomentumBuffer(APG_MOMENTUM) if track.use_cfg else None
+        if settings.flow_edit is not None and item.flow_edit is not None:  # no cover switch, DCW or repaint
+            self._edit(track, index)
+            self.waiting.append(track)
+            return track
         if settings.cover_strength < 1.0 and item.cover_fallback is not None:
             track.fallback = _condition(bundle, item, item.cover_fallback, False)
             track.switch_at = int(track.steps * settings.cover_strength)
-        track.use_cfg = not bundle.is_turbo and settings.guidance_scale > 1.0
-        track.momentum = MomentumBuffer(APG_MOMENTUM) if track.use_cfg else None
         if resolve_dcw(settings.dcw_enabled, bundle.is_turbo) and settings.dcw.active:
             track.dcw = settings.dcw
         if item.repaint:
@@ -181,6 +206,23 @@ class RunningBatch:
             timesteps, t = cover_noise_schedule(strength=settings.cover_noise_strength, **schedule)
             return timesteps, t * noise + (1 - t) * clean
         return build_schedule(**schedule), noise.clone()
+
+    def _edit(self, track: Track, index: int) -> None:
+        """Make a track a flow-edit item's: upstream's flow-edit schedule, the source latents as its
+        start, the source condition (same context and timbre as the target's), its own noise
+        generator and momentum; the steps before the window are skipped."""
+        item, settings, device = track.item, track.settings, self.bundle.device
+        silence = self.bundle.silence_latent.to(device)
+        track.x = _fit(item.flow_edit.latents.float().to(device), item.frames,
+                       silence_frames(silence, item.frames).float())
+        track.timesteps = flow_edit_schedule(is_turbo=self.bundle.is_turbo, steps=settings.steps,
+                                             shift=settings.shift, timesteps=settings.timesteps, dtype=self.bundle.dtype)
+        start, stop = settings.flow_edit.steps(track.steps)
+        generator = torch.Generator(device=device).manual_seed(settings.edit_seed(index, item.seed))
+        track.edit = FlowEditState(_condition(self.bundle, item, item.flow_edit.text, True), track.x.clone(), stop,
+                                   settings.flow_edit.draws, generator,
+                                   MomentumBuffer(APG_MOMENTUM) if track.use_cfg else None)
+        track.step = start
 
     def _check_adapters(self, setting: AdapterSetting) -> None:
         if setting and self.adapters is None:
@@ -217,17 +259,21 @@ class RunningBatch:
         """Admit, run one DiT forward for every running track's current step; returns the tracks
         that left the batch: finished ones, and failed ones (``error`` set)."""
         self._admit()
-        tracks = list(self.running)
-        if not tracks:
-            return []
         left = []
-        for track, result in zip(tracks, self._velocities(tracks)):
+        for track in list(self.running):  # draw flow-edit noise once per step, before any forward
+            if track.edit is not None and not track.done:
+                track.error = _attempt(partial(_begin_edit_step, track))
+            if track.error is not None or track.done:  # done: a flow-edit window that skips every step
+                self.running.remove(track)
+                left.append(_leave(track))
+        tracks = list(self.running)
+        for track, result in zip(tracks, self._velocities(tracks) if tracks else []):
             track.error = result if isinstance(result, Exception) else _attempt(partial(self._advance, track, *result))
             if track.error is None and track.on_step is not None:
                 track.on_step(track)
             if track.error is not None or track.done:
                 self.running.remove(track)
-                left.append(track if track.error is not None else _finish_repaint(track))
+                left.append(_leave(track))
         return left
 
     def _velocities(self, tracks: List[Track]) -> List[Union[Velocities, Exception]]:
@@ -253,21 +299,28 @@ class RunningBatch:
         return [out[id(t)] for t in tracks]
 
     def _forward(self, members: List[Track]) -> List[Velocities]:
-        guided = [t for t in members if t.use_cfg and in_cfg_interval(t.row_t, *t.settings.cfg_interval)]
-        rows = [(t, False) for t in members] + [(t, True) for t in guided]
+        guided = [t.use_cfg and in_cfg_interval(t.row_t, *t.settings.cfg_interval) for t in members]
+        inputs = [t.row_inputs() for t in members]
+        rows = [(*row, False) for track_rows in inputs for row in track_rows]
+        rows += [(*row, True) for track_rows, g in zip(inputs, guided) if g for row in track_rows]
         v = velocity(self.bundle.transformer, *self._rows(rows))
         _count(self.items_per_forward, len(members))
         _count(self.rows_per_forward, len(rows))
-        return [(v[k], v[len(members) + guided.index(t)] if t in guided else None) for k, t in enumerate(members)]
+        out, cond_at, null_at = [], 0, sum(len(r) for r in inputs)
+        for track_rows, g in zip(inputs, guided):
+            n = len(track_rows)
+            v_uncond = torch.stack(v[null_at: null_at + n]) if g else None
+            out.append((torch.stack(v[cond_at: cond_at + n]), v_uncond))
+            cond_at, null_at = cond_at + n, null_at + (n if g else 0)
+        return out
 
-    def _rows(self, rows: List[Tuple[Track, bool]]):
-        """``velocity``'s inputs for (track, null condition?) rows."""
+    def _rows(self, rows: List[Tuple[torch.Tensor, float, Condition, bool]]):
+        """``velocity``'s inputs for (latents, t, condition, null condition?) rows."""
         null_emb = self.bundle.condition_encoder.null_condition_emb
         hidden, times, states, contexts = [], [], [], []
-        for track, null in rows:
-            cond_states, _, context = track.condition()
-            hidden.append(track.row_x)
-            times.append(track.row_t)
+        for x, t, (cond_states, _, context), null in rows:
+            hidden.append(x)
+            times.append(t)
             states.append(null_emb.to(cond_states).reshape(1, -1).expand_as(cond_states) if null else cond_states)
             contexts.append(context)
         return hidden, times, states, contexts
@@ -275,14 +328,16 @@ class RunningBatch:
     def _advance(self, track: Track, v_cond: torch.Tensor, v_uncond: Optional[torch.Tensor]) -> None:
         """One batch step of a track: the predictor (Euler / SDE, or Heun's first half, which
         leaves the corrector's row for the next batch step), or Heun's corrector."""
+        if track.edit is not None:
+            return _advance_edit(track, v_cond, v_uncond)
         if track.x_predicted is not None:
             return self._correct(track, v_cond, v_uncond)
         s = track.settings
         t, t_next = track.timesteps[track.step], track.timesteps[track.step + 1]
         x = track.x.unsqueeze(0)
-        v = v_cond.unsqueeze(0)
+        v = v_cond
         if v_uncond is not None:
-            v = combine(x, t, v, v_uncond.unsqueeze(0), s.guidance_scale, s.use_adg, track.momentum)
+            v = combine(x, t, v, v_uncond, s.guidance_scale, s.use_adg, track.momentum)
         v = predictor_velocity(v, x, s.controls, track.previous_v)
         if uses_corrector(s.sampler_mode, s.method, t_next, self.bundle.is_turbo):
             track.v, track.x_predicted = v, (x - v * (t - t_next))[0]
@@ -300,9 +355,9 @@ class RunningBatch:
         s = track.settings
         t, t_next = track.timesteps[track.step], track.timesteps[track.step + 1]
         x_predicted = track.x_predicted.unsqueeze(0)
-        v2 = v_cond.unsqueeze(0)
+        v2 = v_cond
         if v_uncond is not None:
-            v2 = corrector_combine(x_predicted, t_next, v2, v_uncond.unsqueeze(0), s.guidance_scale, s.use_adg)
+            v2 = corrector_combine(x_predicted, t_next, v2, v_uncond, s.guidance_scale, s.use_adg)
         v2 = corrector_velocity(v2, x_predicted, s.controls, track.v)
         x_next, v_avg = heun_correct(track.x.unsqueeze(0), track.v, v2, t, t_next)
         _finish_step(track, x_next, track.v, v_avg)
@@ -319,6 +374,23 @@ def _finish_step(track: Track, x_next: torch.Tensor, v: torch.Tensor, v_final: t
         x = track.keep * x + (1 - track.keep) * (t_next * track.noise + (1 - t_next) * track.clean)
     track.x, track.previous_v, track.v, track.x_predicted = x, v_final, None, None
     track.step += 1
+
+
+def _begin_edit_step(track: Track) -> None:
+    track.x = begin_edit_step(track.edit, track.x, track.timesteps[track.step], track.step)
+
+
+def _advance_edit(track: Track, v_cond: torch.Tensor, v_uncond: Optional[torch.Tensor]) -> None:
+    s = track.settings
+    t, t_next = track.timesteps[track.step], track.timesteps[track.step + 1]
+    track.x, track.previous_v = advance_edit(track.edit, track.x, v_cond, v_uncond, t, t_next, s.guidance_scale,
+                                             s.controls, track.momentum, track.previous_v)
+    track.step += 1
+
+
+def _leave(track: Track) -> Track:
+    """A track leaving the batch: failed as it is, finished with its repaint edges blended."""
+    return track if track.error is not None else _finish_repaint(track)
 
 
 def _noise(generator: torch.Generator, frames: int, channels: int) -> torch.Tensor:
