@@ -139,7 +139,7 @@ def prepare_request(params: GenerationParams, config: GenerationConfig, *,
         if params.instruction == TASK_INSTRUCTIONS["cover"]:
             params.instruction = TASK_INSTRUCTIONS["text2music"]
     src_duration = None
-    if params.src_audio and params.task_type in SOURCE_TASKS:
+    if params.src_audio and (params.task_type in SOURCE_TASKS or params.flow_edit_morph):
         try:
             src_duration = audio_duration(params.src_audio)
         except AudioLoadError as error:
@@ -156,7 +156,8 @@ def _llm_ready(llm_handler) -> bool:
 
 def uses_lm(llm_handler, params: GenerationParams) -> bool:
     wants = params.thinking or params.use_cot_metas or params.use_cot_caption or params.use_cot_language
-    return wants and params.task_type not in NO_LM_TASKS and _llm_ready(llm_handler)
+    # a morph takes its structure from the source, as the source tasks do (upstream skips the LM too)
+    return wants and params.task_type not in NO_LM_TASKS and not params.flow_edit_morph and _llm_ready(llm_handler)
 
 
 def merge_plan(params: GenerationParams, plan: Optional[LMPlan]) -> GenerationParams:

@@ -5,6 +5,7 @@ shared running batch (its solo latents), renders through the Python API, and the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -193,3 +194,19 @@ def test_combinations_upstream_does_not_run_are_refused_naming_the_field(source_
     with pytest.raises(ValidationError) as info:
         prepare_request(params, GenerationConfig())
     assert info.value.field == field
+
+
+def test_a_morph_skips_the_lm_and_its_unreadable_source_is_a_4xx(tmp_path):
+    from acestep.inference import uses_lm
+
+    class ReadyLM:
+        is_initialized = True
+
+    morph = GenerationParams(task_type="text2music", flow_edit_morph=True, caption="x", thinking=True)
+    assert uses_lm(ReadyLM(), GenerationParams(caption="x", thinking=True))
+    assert not uses_lm(ReadyLM(), morph)  # its structure comes from the source
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF not really audio")
+    with pytest.raises(ValidationError) as info:
+        prepare_request(dataclasses.replace(morph, src_audio=str(bad)), GenerationConfig())
+    assert info.value.field == "src_audio"
