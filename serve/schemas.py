@@ -17,6 +17,7 @@ from acestep.audio import AUDIO_FORMATS
 from acestep.dit.tasks import TASK_TYPES
 from acestep.params import LM_HELPER_DEFAULTS, GenerationConfig, GenerationParams
 from acestep.validation import RULES, Rule
+from acestep.validation import ValidationError as LibraryValidationError
 
 UPLOAD_FIELDS = ("src_audio", "reference_audio")
 # Library fields a client may not set: uploads arrive as bytes, cot_* are LM outputs.
@@ -160,12 +161,15 @@ GenerateRequest = create_model(
 
 
 def to_library(request: BaseModel) -> Tuple[GenerationParams, GenerationConfig]:
-    """Request model → the library's dataclasses (uploads are handled separately)."""
+    """Request model → the library's dataclasses (uploads are handled separately). A value the
+    Python API would quietly correct (``GenerationParams.__post_init__``: shift <= 0, steps < 1) is a
+    ValidationError here: over HTTP bad input is refused, naming the field."""
     data = request.model_dump()
     values = {name: data[name] for name in PARAM_FIELDS if name in data}
     params = GenerationParams(**values)
-    for name, value in values.items():  # as sent: the library's rules refuse what __post_init__ would correct
-        setattr(params, name, value)
+    for name, value in values.items():
+        if getattr(params, name) != value and name in RULE_OF:
+            raise LibraryValidationError(name, value, RULE_OF[name].allowed)
     config = GenerationConfig(**{name: data[name] for name in CONFIG_FIELDS if name in data})
     return params, config
 

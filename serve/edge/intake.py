@@ -135,7 +135,10 @@ def to_params(body: Dict[str, Any], files: Uploads, max_upload: int
         if text:
             files[name] = decode_base64(f"{name}_base64", text, max_upload)
             sent_as[name] = f"{name}_base64"
-    params, config = to_library(model)
+    try:
+        params, config = to_library(model)
+    except ValueError as error:
+        raise library_error(error) from None
     return params, config, files, sent_as
 
 

@@ -107,7 +107,7 @@ def test_bad_rows_fail_alone_and_the_lm_plans_the_good_one(ray_session, demo_roo
     garbage.write_bytes(b"not audio at all")
     prompts = jsonl(tmp_path / "prompts.jsonl", [
         {"id": "good", "caption": "lofi piano", "duration": 10, "seed": 5, "thinking": True},
-        {"id": "bad-steps", "caption": "x", "duration": 10, "inference_steps": 0, "thinking": False},
+        {"id": "bad-steps", "caption": "x", "duration": 10, "inference_steps": 500, "thinking": False},
         {"id": "bad-audio", "task_type": "repaint", "src_audio": str(garbage), "duration": 10},
         {"id": "bad-field", "caption": "x", "captoin": "typo"},
         "{not json",
