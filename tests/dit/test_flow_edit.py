@@ -13,19 +13,18 @@ import pytest
 import soundfile as sf
 import torch
 
-from acestep.dit.batch import DiTLimits, velocity
+from acestep.dit.batch import velocity
 from acestep.dit.flow_edit import FlowEditWindow, flow_edit_schedule, sample_flow_edit
 from acestep.dit.prepare import sampling_settings
 from acestep.dit.samplers import VelocityControls
 from acestep.dit.worker import RunningBatch
-from acestep.handler import AceStepHandler
 from acestep.inference import GenerationConfig, GenerationParams, generate_music, prepare_request
 from acestep.validation import ValidationError
+from tests.dit.conftest import ONE_FORWARD
 
 FIXTURE = json.loads((Path(__file__).parents[1] / "fixtures/upstream/flow_edit.json").read_text())
 WEIGHTS = {k: torch.tensor(v) for k, v in FIXTURE["weights"].items()}
 TOL = 1e-5
-ONE_FORWARD = DiTLimits(max_padding=100.0)  # every running row in one padded forward
 FRAME = 1920
 
 
@@ -73,12 +72,6 @@ def test_turbo_flow_edit_uses_upstreams_linspace_schedule_capped_at_8_steps():
 
 
 # -- the tiny DiT: the worker's running batch ---------------------------------------------------
-
-@pytest.fixture(scope="module")
-def base_mixer(base_handler):
-    handler = AceStepHandler.from_bundle(base_handler.bundle, ONE_FORWARD)
-    yield handler
-    handler.loop.close()
 
 
 EDIT = {"task_type": "cover", "caption": "bright synth pop", "lyrics": "[Verse]\nnew words",
@@ -139,12 +132,6 @@ def test_flow_edit_item_beside_a_plain_item_shares_forwards_and_matches_solo(bas
     assert batch.items_per_forward == {2: 3, 1: 1}
     assert batch.rows_per_forward == {2 * 2 * 2 + 2: 2, 2 + 2: 1, 2: 1}
 
-
-@pytest.fixture(scope="module")
-def turbo_mixer(turbo_handler):
-    handler = AceStepHandler.from_bundle(turbo_handler.bundle, ONE_FORWARD)
-    yield handler
-    handler.loop.close()
 
 
 def test_same_descriptions_or_a_window_at_the_end_keep_the_source(turbo_mixer, source_audio):

@@ -8,28 +8,14 @@ import torch
 
 from acestep.dit import vae as vae_ops
 from acestep.dit.prepare import sampling_settings
-from acestep.dit.batch import DiTLimits, forward_groups
+from acestep.dit.batch import forward_groups
 from acestep.dit.worker import RunningBatch
-from acestep.handler import AceStepHandler
 from acestep.params import GenerationParams
+from tests.dit.conftest import ONE_FORWARD
 
 TOL = 1e-5
-ONE_FORWARD = DiTLimits(max_padding=100.0)  # never split by length: every row in one padded forward
 
 
-@pytest.fixture(scope="module")
-def turbo_mixer(turbo_handler):
-    """The turbo modules behind a worker that puts every running item into one forward."""
-    handler = AceStepHandler.from_bundle(turbo_handler.bundle, ONE_FORWARD)
-    yield handler
-    handler.loop.close()
-
-
-@pytest.fixture(scope="module")
-def base_mixer(base_handler):
-    handler = AceStepHandler.from_bundle(base_handler.bundle, ONE_FORWARD)
-    yield handler
-    handler.loop.close()
 
 
 def _items(handler, specs, source_audio=None):

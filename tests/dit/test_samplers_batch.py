@@ -8,16 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from acestep.dit.batch import DiTLimits, velocity
+from acestep.dit.batch import velocity
 from acestep.dit.guidance import corrector_combine, guided, in_cfg_interval
 from acestep.dit.prepare import sampling_settings
 from acestep.dit.samplers import controlled_sample
 from acestep.dit.worker import RunningBatch
-from acestep.handler import AceStepHandler
 from acestep.inference import GenerationConfig, GenerationParams, RenderJob, prepare_request, render_music_batch
+from tests.dit.conftest import ONE_FORWARD
 
 TOL = 1e-5
-ONE_FORWARD = DiTLimits(max_padding=100.0)  # every running row in one padded forward
 
 TURBO_SPECS = [
     {"caption": "plain", "duration": 10},  # Euler, DCW on (turbo's default)
@@ -38,18 +37,6 @@ BASE_SPECS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def turbo_mixer(turbo_handler):
-    handler = AceStepHandler.from_bundle(turbo_handler.bundle, ONE_FORWARD)
-    yield handler
-    handler.loop.close()
-
-
-@pytest.fixture(scope="module")
-def base_mixer(base_handler):
-    handler = AceStepHandler.from_bundle(base_handler.bundle, ONE_FORWARD)
-    yield handler
-    handler.loop.close()
 
 
 def _prepared(handler, specs, source_audio):
