@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -24,11 +24,30 @@ from acestep.dit.items import DiTItem, Progress, RenderOutput, SamplingSettings
 from acestep.dit.prepare import build_items, encode_source, sampling_settings
 from acestep.devices import default_dtype, resolve_device
 from acestep.dit.worker import DiTWorker
+from acestep.memory import DIT_PHASES, MemoryPlan, dit_modules, dit_offloaded, plan_memory
+from acestep.offload import RESIDENT, Offloader
 from acestep.presets import family_of
 from acestep.params import AudioSource, GenerationParams
 from acestep.steploop import StepLoop
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OffloadedBundle(DiTBundle):
+    """A ``DiTBundle`` whose work runs on ``execution_device`` wherever its modules are now."""
+
+    execution_device: torch.device = torch.device("cpu")
+
+    @property
+    def device(self) -> torch.device:
+        return self.execution_device
+
+
+def on_execution_device(bundle: DiTBundle, device: torch.device) -> OffloadedBundle:
+    """The same modules, their work pinned to ``device``."""
+    values = {f.name: getattr(bundle, f.name) for f in fields(DiTBundle)}
+    return OffloadedBundle(**values, execution_device=torch.device(device))
 
 
 class AceStepHandler:
@@ -42,6 +61,7 @@ class AceStepHandler:
         self.adapters: Optional[AdapterSlots] = None
         self._lora_scales: Dict[str, float] = {}  # adapters of the default setting -> scale
         self.use_lora = False
+        self.memory_plan: Optional[MemoryPlan] = None  # weight bytes on the device per phase (acestep.memory)
 
     def initialize_service(self, project_root: str, config_path: str = "acestep-v15-turbo", device: str = "auto",
                            use_flash_attention: bool = False, compile_model: bool = False,
@@ -55,22 +75,30 @@ class AceStepHandler:
         ``attention``: "band" runs sliding layers on FlexAttention, "dense" on SDPA with the dense
         mask, "auto" picks band on CUDA (``use_flash_attention=True`` forces band).
         ``compile_model`` compiles each DiT block with torch.compile (fewer launches per step).
-        ``limits`` bounds the worker's running batch (``DiTLimits``)."""
+        ``limits`` bounds the worker's running batch (``DiTLimits``).
+        ``offload_to_cpu`` keeps the text encoder, condition encoder, audio tokenizers and VAE on the
+        CPU, each brought to the device for its phase (``acestep.offload``); with it,
+        ``offload_dit_to_cpu`` offloads the DiT transformer too. ``memory_plan`` has the weight bytes
+        on the device."""
         if attention not in ("auto", "band", "dense"):
             raise ValueError(f"attention={attention!r}: expected 'auto', 'band' or 'dense'")
         resolved = resolve_device(device)
         checkpoint = resolve_dit_checkpoint(project_root, config_path)
-        self._start(load_dit_bundle(checkpoint, dtype=dtype or default_dtype(resolved), device=resolved), limits)
+        offloaded = dit_offloaded(offload_to_cpu, offload_dit_to_cpu)
+        # offloaded modules never touch the device at load: a card that holds only the largest phase suffices
+        bundle = load_dit_bundle(checkpoint, dtype=dtype or default_dtype(resolved),
+                                 device="cpu" if offloaded else resolved)
+        self._start(bundle, limits, offloaded, resolved)
         self.config_path = str(config_path)
         if use_flash_attention or attention == "band" or (attention == "auto" and resolved.type == "cuda"):
             use_band_attention(self.bundle.transformer)
         if compile_model:
             for block in self.bundle.transformer.layers:
                 block.compile()
-        if offload_to_cpu or offload_dit_to_cpu:
-            logger.info("CPU offload is not used: each deployment keeps its models resident")
+        if offload_dit_to_cpu and not offload_to_cpu:
+            logger.info("offload_dit_to_cpu applies with offload_to_cpu only: every DiT-side module stays resident")
         status = f"DiT {checkpoint.name} ({checkpoint.layout} layout) loaded on {resolved} as {self.bundle.dtype}"
-        logger.info(status)
+        logger.info("%s; %s", status, self.memory_plan.describe())
         return status, True
 
     @classmethod
@@ -80,13 +108,22 @@ class AceStepHandler:
         handler._start(bundle, limits)
         return handler
 
-    def _start(self, bundle: DiTBundle, limits: Optional[DiTLimits]) -> None:
+    def _start(self, bundle: DiTBundle, limits: Optional[DiTLimits], offloaded: Tuple[str, ...] = (),
+               device: Optional[torch.device] = None) -> None:
         if self.loop is not None:
             self.loop.close()
+        offload = RESIDENT
+        if offloaded:
+            bundle = on_execution_device(bundle, device)
+            for name, module in dit_modules(bundle).items():
+                if name not in offloaded:
+                    module.to(device)
+            offload = Offloader(dit_modules(bundle), DIT_PHASES, offloaded, device)
         self.bundle = bundle
+        self.memory_plan = plan_memory(dit_modules(bundle), DIT_PHASES, offloaded)
         self.adapters = AdapterSlots(bundle.transformer)
         self._lora_scales, self.use_lora = {}, False
-        self.worker = DiTWorker(bundle, limits or DiTLimits(), adapters=self.adapters)
+        self.worker = DiTWorker(bundle, limits or DiTLimits(), adapters=self.adapters, offload=offload)
         self.loop = StepLoop(self.worker, "acestep-dit-worker")
 
     @property
@@ -131,7 +168,8 @@ class AceStepHandler:
     def prepare(self, item_params: List[GenerationParams], seeds: List[int]) -> List[DiTItem]:
         """Read and encode audio inputs, decode codes, build task contexts: one DiTItem per seed."""
         bundle = self._require()
-        return self._loop().call(lambda: build_items(bundle, item_params, seeds)).result()
+        return self._loop().call(lambda: self.worker.in_phase("encode", lambda: build_items(bundle, item_params,
+                                                                                           seeds))).result()
 
     def render_items(self, items: List[DiTItem], settings: SamplingSettings,
                      progress: Optional[Progress] = None) -> RenderOutput:
@@ -150,8 +188,8 @@ class AceStepHandler:
         """Source audio (a path, bytes or binary file object) → 5 Hz code string (VAE encode, then
         the FSQ tokenizer)."""
         bundle = self._require()
-        return self._loop().call(
-            lambda: format_audio_codes(latents_to_codes(bundle, encode_source(bundle, audio_path, seed).latents))).result()
+        return self._loop().call(lambda: self.worker.in_phase("encode", lambda: format_audio_codes(
+            latents_to_codes(bundle, encode_source(bundle, audio_path, seed).latents)))).result()
 
     # -- adapters (LoRA / LoKr; ``acestep.dit.adapters``) ------------------------------------------
     def load_lora(self, name_or_dir: str, adapter_name: Optional[str] = None, activate: bool = True) -> AdapterInfo:

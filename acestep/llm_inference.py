@@ -68,11 +68,10 @@ class LLMHandler:
 
         ``engine`` sets the pt engine's limits (KV rows, admissions per step, kernels); its
         ``max_len`` is ``max_model_len``. Raises FileNotFoundError (naming the LM folders that
-        exist) / ValueError / RuntimeError instead of upstream's (❌…, False)."""
+        exist) / ValueError / RuntimeError instead of upstream's (❌…, False). ``offload_to_cpu``
+        (pt backend): the weights wait on the CPU while the engine has no work (``acestep.offload``)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown LM backend {backend!r}; expected one of {BACKENDS}")
-        if offload_to_cpu:
-            logger.warning("offload_to_cpu is not supported by this LM handler; ignored")
         path = resolve_lm_dir(checkpoint_dir, lm_model_path or C.DEFAULT_LM_MODEL)
         self.device = str(resolve_device(device))
         self.dtype = dtype or default_dtype(self.device)
@@ -81,11 +80,13 @@ class LLMHandler:
         if backend == "vllm" and not self.device.startswith("cuda"):
             logger.warning("the vllm backend needs CUDA; falling back to the pt backend on %s", self.device)
             backend = "pt"
-        self._load(path, backend, engine)
+        if offload_to_cpu and backend == "vllm":
+            logger.info("offload_to_cpu: the vllm backend manages its own memory; its weights stay resident")
+        self._load(path, backend, engine, offload_to_cpu)
         status = f"✅ 5Hz LM initialized\nModel: {path}\nBackend: {backend}\nDevice: {self.device}"
         return status, True
 
-    def _load(self, path: Path, backend: str, engine: EngineSettings) -> None:
+    def _load(self, path: Path, backend: str, engine: EngineSettings, offload_to_cpu: bool = False) -> None:
         from transformers import AutoTokenizer
 
         self.unload()
@@ -99,7 +100,7 @@ class LLMHandler:
             from acestep.lm.backend import PtBackend
 
             llm = PtBackend.load(path, self.device, self.dtype, tokenizer, self.max_duration,
-                                 self._engine_settings(engine), self._tokenizer_lock)
+                                 self._engine_settings(engine), self._tokenizer_lock, offload_to_cpu)
         self._attach(llm, tokenizer, backend)
         self.model_path = path
 

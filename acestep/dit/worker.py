@@ -44,6 +44,7 @@ from acestep.dit.samplers import (corrector_velocity, heun_correct, ode_step, pr
                                   sde_step, uses_corrector)
 from acestep.dit.schedules import build_schedule, cover_noise_schedule
 from acestep.dit.tasks import crossfade_mask, inject_steps, silence_frames, splice_waveform
+from acestep.offload import RESIDENT
 from acestep.steploop import Outcome, isolate
 
 logger = logging.getLogger(__name__)
@@ -388,6 +389,11 @@ def _advance_edit(track: Track, v_cond: torch.Tensor, v_uncond: Optional[torch.T
     track.step += 1
 
 
+def _build(render: Render) -> None:
+    if callable(render.items):
+        render.items = render.items()
+
+
 def _leave(track: Track) -> Track:
     """A track leaving the batch: failed as it is, finished with its repaint edges blended."""
     return track if track.error is not None else _finish_repaint(track)
@@ -454,9 +460,11 @@ class Render:
 class DiTWorker:
     """Requests → ``RenderOutput``s on one ``RunningBatch`` (the stepper a ``StepLoop`` drives)."""
 
-    def __init__(self, bundle, limits: DiTLimits = DiTLimits(), adapters: Optional[AdapterSlots] = None):
+    def __init__(self, bundle, limits: DiTLimits = DiTLimits(), adapters: Optional[AdapterSlots] = None,
+                 offload: Any = RESIDENT):
         self.bundle = bundle
         self.batch = RunningBatch(bundle, limits, adapters)
+        self.offload = offload  # brings each phase's offloaded modules to the device (acestep.offload)
         self.pending: Deque[Render] = deque()  # added, items not prepared yet
         self.requests = 0
 
@@ -500,9 +508,9 @@ class DiTWorker:
     def step(self) -> List[Outcome]:
         """Prepare queued requests, run one batch step, decode the items that finished in it; an
         ``Outcome`` for every request that completed or failed."""
-        outcomes = [self._prepare(render) for render in self._take_pending()]
+        outcomes = self._prepare_pending()
         finished = []
-        for track in self.batch.step():
+        for track in self._sample():
             render = track.owner
             if render.failed:  # another of its items failed earlier in this step
                 continue
@@ -513,25 +521,55 @@ class DiTWorker:
             else:
                 finished.append(track)
         if finished:
-            outcomes += self._decode(finished)
+            with self.offload.phase("decode"):
+                outcomes += self._decode(finished)
+        if not self.has_work:
+            self.offload.release()
         return [o for o in outcomes if o is not None]
+
+    def in_phase(self, phase: str, fn: Callable[[], Any]) -> Any:
+        """``fn()`` with ``phase``'s modules on the device (a call the worker's thread runs between steps)."""
+        try:
+            with self.offload.phase(phase):
+                return fn()
+        finally:
+            if not self.has_work:
+                self.offload.release()
+
+    def _sample(self) -> List[Track]:
+        if not self.batch.has_work:
+            return []
+        with self.offload.phase("sample"):
+            return self.batch.step()
 
     def _take_pending(self) -> List[Render]:
         pending, self.pending = list(self.pending), deque()
         return pending
 
-    def _prepare(self, render: Render) -> Optional[Outcome]:
-        """Build and queue a request's tracks (audio read and encoded, conditions encoded)."""
-        render.costs["started"] = time.perf_counter()
-        try:
-            items = render.items() if callable(render.items) else render.items
-            for index, item in enumerate(items):
-                render.tracks.append(self.batch.track(item, render.settings, owner=render, on_step=render.report,
-                                                      index=index))
-        except Exception as error:  # unreadable audio, bad codes...: this request only
-            return self._fail(render, error)
+    def _prepare_pending(self) -> List[Outcome]:
+        """Prepare every queued request: all their items first (audio read and encoded), then all
+        their tracks (conditions encoded), so each phase's modules come to the device once."""
+        renders, outcomes = self._take_pending(), []
+        for render in renders:
+            render.costs["started"] = time.perf_counter()
+        if any(callable(r.items) for r in renders):
+            with self.offload.phase("encode"):
+                outcomes += [self._guard(r, partial(_build, r)) for r in renders]
+        if renders:
+            with self.offload.phase("text"):
+                outcomes += [self._guard(r, partial(self._track, r)) for r in renders if not r.failed]
+        return [o for o in outcomes if o is not None]
+
+    def _guard(self, render: Render, fn: Callable[[], None]) -> Optional[Outcome]:
+        """What ``fn`` raises (unreadable audio, bad codes...) fails this request only."""
+        error = _attempt(fn)
+        return None if error is None else self._fail(render, error)
+
+    def _track(self, render: Render) -> None:
+        for index, item in enumerate(render.items):
+            render.tracks.append(self.batch.track(item, render.settings, owner=render, on_step=render.report,
+                                                  index=index))
         render.costs["encoded"] = time.perf_counter()
-        return None
 
     def _fail(self, render: Render, error: Exception) -> Outcome:
         logger.error("DiT request failed: %r", error)

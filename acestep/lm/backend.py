@@ -2,11 +2,13 @@
 stop token included), ``stats()``, ``close()``.
 
 - ``PtBackend`` (default, CPU and CUDA): a transformers ``Qwen3ForCausalLM`` (stock classes, never
-  trust_remote_code) driven by our ``LMEngine`` through one ``StepLoop`` thread.
+  trust_remote_code) driven by our ``LMEngine`` through one ``StepLoop`` thread; with
+  ``offload_to_cpu`` its weights wait on the CPU while the engine has no work.
 - ``acestep.lm.vllm_backend.VllmBackend`` (optional extra, CUDA only, ``lm_cfg_scale == 1`` only)."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from concurrent.futures import Future
 from pathlib import Path
@@ -18,6 +20,8 @@ from acestep.lm.engine import ENGINE_DEFAULTS, EngineSettings, LMEngine
 from acestep.lm.plain import PtRunner
 from acestep.lm.request import LMRequest, StepCallback
 from acestep.lm.vocab import build_token_tables
+from acestep.memory import LM_PHASES
+from acestep.offload import IdleOffload, Offloader
 from acestep.steploop import StepLoop
 
 
@@ -43,7 +47,7 @@ class PtBackend:
     name = "pt"
 
     def __init__(self, model, tokenizer, max_duration: int, settings: EngineSettings = ENGINE_DEFAULTS,
-                 tokenizer_lock: Optional[threading.Lock] = None):
+                 tokenizer_lock: Optional[threading.Lock] = None, offload_to_cpu: bool = False):
         self.model = model.eval()
         self.tables = build_token_tables(tokenizer, int(self.model.config.vocab_size), max_duration)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.tables.eos_id
@@ -54,13 +58,21 @@ class PtBackend:
                 return tokenizer.encode(text, add_special_tokens=False)
 
         self.encode = encode
+        if offload_to_cpu:  # a CUDA graph holds the weights' device addresses, which each offload changes
+            settings = dataclasses.replace(settings, use_cuda_graphs=False)
+        # built with the weights on the device: its caches and tables are allocated there
         self.engine = LMEngine(self.model, self.tables, self.encode, self.pad_id, settings)
-        self.loop = StepLoop(self.engine, "acestep-lm-engine")
+        self.offloader = Offloader({"lm": self.model}, LM_PHASES, ("lm",) if offload_to_cpu else (),
+                                   self.engine.device)
+        stepper = IdleOffload(self.engine, self.offloader, "lm") if offload_to_cpu else self.engine
+        self.loop = StepLoop(stepper, "acestep-lm-engine")
 
     @classmethod
     def load(cls, model_dir: Path, device: str, dtype: torch.dtype, tokenizer, max_duration: int,
-             settings: EngineSettings = ENGINE_DEFAULTS, tokenizer_lock: Optional[threading.Lock] = None) -> "PtBackend":
-        return cls(load_causal_lm(model_dir, device, dtype), tokenizer, max_duration, settings, tokenizer_lock)
+             settings: EngineSettings = ENGINE_DEFAULTS, tokenizer_lock: Optional[threading.Lock] = None,
+             offload_to_cpu: bool = False) -> "PtBackend":
+        return cls(load_causal_lm(model_dir, device, dtype), tokenizer, max_duration, settings, tokenizer_lock,
+                   offload_to_cpu)
 
     @property
     def vocab_size(self) -> int:
