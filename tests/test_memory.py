@@ -94,8 +94,8 @@ def test_full_size_plan_fits_small_cards_with_offload(variant):
 def test_offloaded_render_moves_phase_by_phase_and_equals_resident(offloaded, turbo_handler):
     offloader = offloaded.worker.offload
     present_when_run = []
-    hooks = [sub.register_forward_pre_hook(lambda m, args, name=name: present_when_run.append(name in offloader.present))
-             for name, module in offloader.modules.items() for sub in module.modules()]
+    hooks = [sub.register_forward_pre_hook(lambda _m, _args, name=name: present_when_run.append(
+        name in offloader.present)) for name, module in offloader.modules.items() for sub in module.modules()]
     try:
         start = len(offloader.moves)
         audio = _audio(offloaded)
