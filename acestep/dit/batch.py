@@ -15,7 +15,7 @@ condition), and the transformer sees the rows padded to a common length with mas
 So a row's velocity equals its solo run's to float rounding, and the sampler state (kept in fp32)
 does too. ``DiTLimits`` bounds the running batch (rows, and rows x padded frames) and the padding
 one forward may carry (``forward_groups`` splits the running rows into forwards of similar
-lengths); the worker (``acestep.dit.worker``) admits waiting items first come first served while
+lengths); the running batch (``acestep.dit.running``) admits waiting items first come first served while
 they fit."""
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from acestep.dit.batch import velocity
 from acestep.dit.flow_edit import FlowEditWindow, flow_edit_schedule, sample_flow_edit
 from acestep.dit.prepare import sampling_settings
 from acestep.dit.samplers import VelocityControls
-from acestep.dit.worker import RunningBatch
+from acestep.dit.running import RunningBatch
 from acestep.inference import GenerationConfig, GenerationParams, generate_music, prepare_request
 from acestep.validation import ValidationError
 from tests.dit.conftest import ONE_FORWARD

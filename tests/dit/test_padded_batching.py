@@ -9,7 +9,7 @@ import torch
 from acestep.dit import vae as vae_ops
 from acestep.dit.prepare import sampling_settings
 from acestep.dit.batch import forward_groups
-from acestep.dit.worker import RunningBatch
+from acestep.dit.running import RunningBatch
 from acestep.params import GenerationParams
 from tests.dit.conftest import ONE_FORWARD
 

@@ -14,7 +14,7 @@ import torch
 from acestep.dit.items import SamplingSettings
 from acestep.dit.tasks import (Repaint, RepaintConfig, Window, crossfade_mask, inject_steps, repaint_config,
                                resolve_window, splice_waveform, task_context)
-from acestep.dit.worker import RunningBatch, Track, _finish_repaint
+from acestep.dit.running import RunningBatch, Track, _finish_repaint
 from acestep.inference import GenerationConfig, GenerationParams, generate_music, prepare_request
 from acestep.validation import ValidationError, check_cross_fields
 

@@ -12,7 +12,7 @@ from acestep.dit.batch import velocity
 from acestep.dit.guidance import corrector_combine, guided, in_cfg_interval
 from acestep.dit.prepare import sampling_settings
 from acestep.dit.samplers import controlled_sample
-from acestep.dit.worker import RunningBatch
+from acestep.dit.running import RunningBatch
 from acestep.inference import GenerationConfig, GenerationParams, RenderJob, prepare_request, render_music_batch
 from tests.dit.conftest import ONE_FORWARD
 
