@@ -297,3 +297,19 @@ def test_fp8_demo_dit_renders_on_cuda(demo_root, tmp_path):
         latents[mode] = result.extra_outputs["latents"].float()
     assert torch.isfinite(latents["fp8_weight_only"]).all()
     assert snr_db(latents[None], latents["fp8_weight_only"]) >= FP8_MIN_SNR_DB
+
+
+def test_bench_section_reports_bytes_time_and_snr_per_mode(tmp_path):
+    from bench.common import Bench
+    from bench.gpu import SECTIONS
+
+    bench = Bench(tmp_path / "q.json", budget_s=600, device=torch.device("cpu"), tiny=True)
+    SECTIONS["quantization"](bench, torch.float32, 1)
+    rows = bench.results["sections"]["quantized dit"]
+    assert {row["mode"] for row in rows} == {"none", "int8_weight_only", "w8a8_dynamic"}  # no fp8 on a CPU
+    for row in rows:
+        assert row["forward_ms"] > 0 and row["unquantized_ms"] > 0
+        if row["mode"] == "none":
+            assert row["vs_bf16"] == 2.0 and row["snr_db"] == float("inf")  # fp32 weights: twice bf16
+        else:
+            assert row["vs_bf16"] <= 0.6 and row["snr_db"] >= MIN_SNR_DB
