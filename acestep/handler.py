@@ -28,6 +28,7 @@ from acestep.memory import DIT_PHASES, MemoryPlan, dit_modules, dit_offloaded, p
 from acestep.offload import RESIDENT, Offloader
 from acestep.presets import family_of
 from acestep.params import AudioSource, GenerationParams
+from acestep.quantize import check_quantization, quantize_modules
 from acestep.steploop import StepLoop
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,15 @@ def on_execution_device(bundle: DiTBundle, device: torch.device) -> OffloadedBun
     return OffloadedBundle(**values, execution_device=torch.device(device))
 
 
+def quantize_dit(bundle: DiTBundle, quantization: Optional[str]) -> DiTBundle:
+    """The DiT transformer's Linear layers quantized in place (the encoders, tokenizer and VAE run
+    once per request and stay in full precision, as upstream keeps them)."""
+    count = quantize_modules(bundle.transformer, quantization)
+    if count:
+        logger.info("DiT: %d Linear layers quantized (%s)", count, quantization)
+    return bundle
+
+
 class AceStepHandler:
     """The DiT side of the seed API (``dit_handler``)."""
 
@@ -62,12 +72,13 @@ class AceStepHandler:
         self._lora_scales: Dict[str, float] = {}  # adapters of the default setting -> scale
         self.use_lora = False
         self.memory_plan: Optional[MemoryPlan] = None  # weight bytes on the device per phase (acestep.memory)
+        self.quantization: Optional[str] = None
 
     def initialize_service(self, project_root: str, config_path: str = "acestep-v15-turbo", device: str = "auto",
                            use_flash_attention: bool = False, compile_model: bool = False,
                            offload_to_cpu: bool = False, offload_dit_to_cpu: bool = False,
                            dtype: Optional[torch.dtype] = None, attention: str = "auto",
-                           limits: Optional[DiTLimits] = None) -> Tuple[str, bool]:
+                           limits: Optional[DiTLimits] = None, quantization: Optional[str] = None) -> Tuple[str, bool]:
         """Load ``config_path`` (a DiT folder under ``project_root``/checkpoints, under
         ``project_root``, an absolute path, or a diffusers repo folder). Returns (status, True);
         raises FileNotFoundError / CheckpointMismatchError when it cannot load.
@@ -79,16 +90,19 @@ class AceStepHandler:
         ``offload_to_cpu`` keeps the text encoder, condition encoder, audio tokenizers and VAE on the
         CPU, each brought to the device for its phase (``acestep.offload``); with it,
         ``offload_dit_to_cpu`` offloads the DiT transformer too. ``memory_plan`` has the weight bytes
-        on the device."""
+        on the device. ``quantization`` quantizes the DiT's Linear weights
+        after loading (``acestep.quantize``: int8_weight_only, fp8_weight_only, w8a8_dynamic)."""
         if attention not in ("auto", "band", "dense"):
             raise ValueError(f"attention={attention!r}: expected 'auto', 'band' or 'dense'")
         resolved = resolve_device(device)
+        check_quantization(quantization, resolved)
         checkpoint = resolve_dit_checkpoint(project_root, config_path)
         offloaded = dit_offloaded(offload_to_cpu, offload_dit_to_cpu)
         # offloaded modules never touch the device at load: a card that holds only the largest phase suffices
         bundle = load_dit_bundle(checkpoint, dtype=dtype or default_dtype(resolved),
                                  device="cpu" if offloaded else resolved)
-        self._start(bundle, limits, offloaded, resolved)
+        self._start(quantize_dit(bundle, quantization), limits, offloaded, resolved)
+        self.quantization = quantization
         self.config_path = str(config_path)
         if use_flash_attention or attention == "band" or (attention == "auto" and resolved.type == "cuda"):
             use_band_attention(self.bundle.transformer)
@@ -254,6 +268,8 @@ class AceStepHandler:
     def fuse_lora(self) -> AdapterSetting:
         """Merge the default setting into the DiT weights: faster, and no other setting runs until
         ``unfuse_lora`` (base weights come back to float rounding)."""
+        if self.quantization is not None:  # peft cannot merge into quantized weights
+            raise AdapterError(f"lora: fusing needs an unquantized DiT (quantization={self.quantization!r})")
         setting = self.lora_setting
         self._loop().call(lambda: self.adapters.fuse(setting)).result()
         return setting

@@ -26,6 +26,7 @@ from acestep.lm import prompts as P
 from acestep.lm.engine import ENGINE_DEFAULTS, EngineSettings
 from acestep.lm.request import Cancellation, LMRequest, StepCallback
 from acestep.params import GenerationConfig, GenerationParams, LMPlan
+from acestep.quantize import check_quantization, quantize_modules
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +64,14 @@ class LLMHandler:
     def initialize(self, checkpoint_dir: str, lm_model_path: str = C.DEFAULT_LM_MODEL, backend: str = "pt",
                    device: str = "auto", offload_to_cpu: bool = False, dtype: Optional[torch.dtype] = None,
                    max_duration: Optional[int] = None, max_model_len: int = C.DEFAULT_MAX_MODEL_LEN,
-                   engine: EngineSettings = ENGINE_DEFAULTS) -> Tuple[str, bool]:
+                   engine: EngineSettings = ENGINE_DEFAULTS, quantization: Optional[str] = None) -> Tuple[str, bool]:
         """Load tokenizer + model from ``checkpoint_dir/lm_model_path``; returns (status, True).
 
         ``engine`` sets the pt engine's limits (KV rows, admissions per step, kernels); its
         ``max_len`` is ``max_model_len``. Raises FileNotFoundError (naming the LM folders that
         exist) / ValueError / RuntimeError instead of upstream's (❌…, False). ``offload_to_cpu``
-        (pt backend): the weights wait on the CPU while the engine has no work (``acestep.offload``)."""
+        (pt backend): the weights wait on the CPU while the engine has no work (``acestep.offload``).
+        ``quantization`` quantizes the decoder layers' Linear weights (``acestep.quantize``; pt backend only)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown LM backend {backend!r}; expected one of {BACKENDS}")
         path = resolve_lm_dir(checkpoint_dir, lm_model_path or C.DEFAULT_LM_MODEL)
@@ -82,11 +84,14 @@ class LLMHandler:
             backend = "pt"
         if offload_to_cpu and backend == "vllm":
             logger.info("offload_to_cpu: the vllm backend manages its own memory; its weights stay resident")
-        self._load(path, backend, engine, offload_to_cpu)
+        if check_quantization(quantization, self.device) and backend != "pt":
+            raise ValueError(f"quantization={quantization!r}: only the pt LM backend quantizes; backend is {backend!r}")
+        self._load(path, backend, engine, offload_to_cpu, quantization)
         status = f"✅ 5Hz LM initialized\nModel: {path}\nBackend: {backend}\nDevice: {self.device}"
         return status, True
 
-    def _load(self, path: Path, backend: str, engine: EngineSettings, offload_to_cpu: bool = False) -> None:
+    def _load(self, path: Path, backend: str, engine: EngineSettings, offload_to_cpu: bool = False,
+              quantization: Optional[str] = None) -> None:
         from transformers import AutoTokenizer
 
         self.unload()
@@ -97,10 +102,12 @@ class LLMHandler:
             stops = [i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None]
             llm = VllmBackend(path, self.dtype, self.max_model_len, self.max_duration, stop_token_ids=stops)
         else:
-            from acestep.lm.backend import PtBackend
+            from acestep.lm.backend import PtBackend, load_causal_lm
 
-            llm = PtBackend.load(path, self.device, self.dtype, tokenizer, self.max_duration,
-                                 self._engine_settings(engine), self._tokenizer_lock, offload_to_cpu)
+            model = load_causal_lm(path, self.device, self.dtype)
+            quantize_modules(model.model, quantization)  # before the engine holds the weights; the tied head stays
+            llm = PtBackend(model, tokenizer, self.max_duration, self._engine_settings(engine), self._tokenizer_lock,
+                            offload_to_cpu)
         self._attach(llm, tokenizer, backend)
         self.model_path = path
 

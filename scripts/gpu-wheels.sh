@@ -24,9 +24,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 # The library's imports that the device image does not have, and what they import in turn
-# (soundfile → cffi → pycparser; diffusers → importlib_metadata; PyWavelets for DCW). peft is there, but at an
+# (soundfile → cffi → pycparser; diffusers → importlib_metadata; PyWavelets for DCW; torchao for quantization). peft is there, but at an
 # unknown version: ours travels.
-PACKAGES=(diffusers peft soundfile cffi pycparser importlib-metadata PyWavelets)
+PACKAGES=(diffusers peft soundfile cffi pycparser importlib-metadata PyWavelets torchao)
 rm -rf "$DEST"
 mkdir -p "$DEST"
 PLATFORMS=()

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from acestep.lm.constants import DEFAULT_LM_MODEL, DEFAULT_MAX_MODEL_LEN
 from acestep.dit.batch import DiTLimits
 from acestep.lm.engine import ENGINE_DEFAULTS, EngineSettings
+from acestep.quantize import Quantization
 
 DEMO_BASE_DIT = "acestep-v15-base"  # the demo set's base variant: lego, extract, complete
 
@@ -113,6 +114,9 @@ class LMSettings(_Strict):
         "pt", description="LM backend: 'pt' (transformers weights on our engine, CPU/GPU) or 'vllm' "
                           "(GPU, lm_cfg_scale = 1 only).")
     device: str = Field("auto", description="Torch device: auto, cpu, cuda, cuda:N, mps.")
+    quantization: Optional[Quantization] = Field(
+        None, description="Quantize the LM's decoder Linear weights (torchao; pt backend only): int8_weight_only, "
+                          "fp8_weight_only (CUDA capability >= 8.9) or w8a8_dynamic; null: full precision.")
     engine: LMEngineSettings = Field(default_factory=LMEngineSettings)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
@@ -163,6 +167,9 @@ class DiTSettings(_Strict):
     attention: Literal["auto", "band", "dense"] = Field(
         "auto", description="Sliding layers on FlexAttention ('band') or SDPA with a dense mask; auto: band on CUDA.")
     compile_model: bool = Field(False, description="torch.compile each DiT block (fewer launches per step).")
+    quantization: Optional[Quantization] = Field(
+        None, description="Quantize the DiT's Linear weights (torchao; about half the bf16 bytes): int8_weight_only, "
+                          "fp8_weight_only (CUDA capability >= 8.9) or w8a8_dynamic; null: full precision.")
     batch: DiTBatchSettings = Field(default_factory=DiTBatchSettings)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 

@@ -410,7 +410,8 @@ def load_lm(config: AppConfig, model: str):
     engine = config.lm.engine
     handler = LLMHandler()
     handler.initialize(str(config.checkpoint_root()), lm_model_path=model, backend=config.lm.backend,
-                       device=config.lm.device, max_model_len=engine.max_model_len, engine=engine.to_library())
+                       device=config.lm.device, max_model_len=engine.max_model_len, engine=engine.to_library(),
+                       quantization=config.lm.quantization)
     return handler
 
 
@@ -420,5 +421,6 @@ def load_dit(config: AppConfig, model: str):
     handler = AceStepHandler()
     handler.initialize_service(str(config.checkpoint_root()), model, device=config.dit.device,
                                attention=config.dit.attention, compile_model=config.dit.compile_model,
-                               limits=config.dit.batch.to_library(config.dit.device))
+                               limits=config.dit.batch.to_library(config.dit.device),
+                               quantization=config.dit.quantization)
     return handler

@@ -67,13 +67,6 @@ class PtBackend:
         stepper = IdleOffload(self.engine, self.offloader, "lm") if offload_to_cpu else self.engine
         self.loop = StepLoop(stepper, "acestep-lm-engine")
 
-    @classmethod
-    def load(cls, model_dir: Path, device: str, dtype: torch.dtype, tokenizer, max_duration: int,
-             settings: EngineSettings = ENGINE_DEFAULTS, tokenizer_lock: Optional[threading.Lock] = None,
-             offload_to_cpu: bool = False) -> "PtBackend":
-        return cls(load_causal_lm(model_dir, device, dtype), tokenizer, max_duration, settings, tokenizer_lock,
-                   offload_to_cpu)
-
     @property
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)

@@ -17,7 +17,7 @@ DEVICE_LACKS = frozenset({
     "ray", "vllm", "fastapi", "starlette", "uvicorn", "redis", "pydantic", "pydantic_core", "playwright",
     "schemathesis", "moto", "limits", "multipart", "python_multipart",
     "diffusers", "soundfile", "_soundfile", "_soundfile_data", "cffi", "_cffi_backend", "pycparser",
-    "importlib_metadata", "peft", "pywt",
+    "importlib_metadata", "peft", "pywt", "torchao",
 })
 
 
