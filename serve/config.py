@@ -117,6 +117,8 @@ class LMSettings(_Strict):
     quantization: Optional[Quantization] = Field(
         None, description="Quantize the LM's decoder Linear weights (torchao; pt backend only): int8_weight_only, "
                           "fp8_weight_only (CUDA capability >= 8.9) or w8a8_dynamic; null: full precision.")
+    offload_to_cpu: bool = Field(False, description="Keep the LM's weights on the CPU while its engine has no work "
+                                                    "(pt backend; CUDA graphs off).")
     engine: LMEngineSettings = Field(default_factory=LMEngineSettings)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
@@ -170,6 +172,10 @@ class DiTSettings(_Strict):
     quantization: Optional[Quantization] = Field(
         None, description="Quantize the DiT's Linear weights (torchao; about half the bf16 bytes): int8_weight_only, "
                           "fp8_weight_only (CUDA capability >= 8.9) or w8a8_dynamic; null: full precision.")
+    offload_to_cpu: bool = Field(False, description="Text encoder, condition encoder, tokenizers and VAE wait on the "
+                                                    "CPU and come to the device for their phase.")
+    offload_dit_to_cpu: bool = Field(False, description="With offload_to_cpu: the DiT transformer too (the peak is "
+                                                        "then the largest phase's weights).")
     batch: DiTBatchSettings = Field(default_factory=DiTBatchSettings)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 

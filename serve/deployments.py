@@ -411,7 +411,7 @@ def load_lm(config: AppConfig, model: str):
     handler = LLMHandler()
     handler.initialize(str(config.checkpoint_root()), lm_model_path=model, backend=config.lm.backend,
                        device=config.lm.device, max_model_len=engine.max_model_len, engine=engine.to_library(),
-                       quantization=config.lm.quantization)
+                       quantization=config.lm.quantization, offload_to_cpu=config.lm.offload_to_cpu)
     return handler
 
 
@@ -422,5 +422,6 @@ def load_dit(config: AppConfig, model: str):
     handler.initialize_service(str(config.checkpoint_root()), model, device=config.dit.device,
                                attention=config.dit.attention, compile_model=config.dit.compile_model,
                                limits=config.dit.batch.to_library(config.dit.device),
-                               quantization=config.dit.quantization)
+                               quantization=config.dit.quantization, offload_to_cpu=config.dit.offload_to_cpu,
+                               offload_dit_to_cpu=config.dit.offload_dit_to_cpu)
     return handler

@@ -172,3 +172,19 @@ def test_offload_lowers_the_cuda_peak(demo_root):
         assert torch.isfinite(audio[0]).all()
         del handler
     assert peaks[True] < peaks[False]
+
+
+def test_the_deployments_load_with_the_configured_offload(demo_root):
+    pytest.importorskip("ray")
+    from serve.config import AppConfig
+    from serve.deployments import load_dit
+
+    config = AppConfig.model_validate({"checkpoints": str(demo_root),
+                                       "dit": {"device": "cpu", "offload_to_cpu": True, "offload_dit_to_cpu": True}})
+    handler = load_dit(config, "acestep-v15-turbo")
+    try:
+        plan = handler.memory_plan
+        assert "transformer" in plan.offloaded and plan.peak_bytes < plan.total_bytes
+    finally:
+        handler.loop.close()
+    assert AppConfig.model_validate({"demo": True}).lm.offload_to_cpu is False
