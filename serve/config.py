@@ -189,6 +189,22 @@ class PhaseTimeouts(_Strict):
     encode_s: float = Field(300.0, gt=0, description="Encoding and storing the audio files.")
 
 
+class RequestLimits(_Strict):
+    """Largest song and batch one request may ask for on this deployment's GPUs; a request over one
+    gets 422 naming the field. ``acestep serve --gpu-memory-gb`` fills them from the memory tier
+    (``acestep.tiers``) where the config leaves them out."""
+
+    max_duration_s: Optional[float] = Field(None, ge=10, le=600,
+                                            description="Longest `duration` (seconds) a request may ask for; null: "
+                                                        "the library's range only.")
+    max_batch_size: Optional[int] = Field(None, ge=1, le=8, description="Most songs (`batch_size`) one request may "
+                                                                        "ask for; null: the library's range only.")
+    origin: Dict[str, str] = Field(
+        default_factory=dict, description="Where each limit comes from, by field name, quoted in the refusal "
+                                          "(e.g. 'memory tier tier3 (6-8 GB) for 8 GB of GPU memory'); "
+                                          "a field not named here: this config.")
+
+
 class IngressSettings(_Strict):
     """The HTTP ingress: keys, admission, limits on what clients send, and how tasks are driven."""
 
@@ -212,6 +228,7 @@ class IngressSettings(_Strict):
     retry_backoff_s: float = Field(1.0, ge=0, description="First retry's delay; doubles for each further retry.")
     drain_grace_s: float = Field(30.0, ge=0, description="On shutdown, how long phases in flight may finish.")
     timeouts: PhaseTimeouts = Field(default_factory=PhaseTimeouts)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
 

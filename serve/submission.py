@@ -6,16 +6,48 @@ it has room. A route group the ingress inherits; it needs ``config``, ``served``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from typing import Any, Dict, List, Optional
 
 from fastapi import Request
 
+from acestep.params import GenerationConfig, GenerationParams
+from serve.config import RequestLimits
 from serve.edge import intake
-from serve.edge.errors import APIError
+from serve.edge.errors import APIError, FieldError
 from serve.logs import current_request_id, extra, log
 from serve.models import adapter_choice
 from serve.store.records import IdempotencyConflict, StoreFull
+
+DEFAULT_BATCH_SIZE = GenerationConfig().batch_size
+
+
+def within_limits(limits: RequestLimits, params: GenerationParams, config: GenerationConfig,
+                  explicit: Optional[List[str]]) -> GenerationConfig:
+    """``config``, its batch size lowered to ``limits`` when the request left it at the default (a
+    default is never refused); FieldError (422) naming ``duration`` or ``batch_size``, the limit and
+    where it comes from when the request asked for more. Values that are not numbers are left to the
+    library's checks."""
+    duration, batch = params.duration, config.batch_size
+    if limits.max_duration_s is not None and _number(duration) and duration > limits.max_duration_s:
+        raise FieldError("duration", f"duration is at most {limits.max_duration_s:g} seconds on this server "
+                                     f"({_origin(limits, 'max_duration_s')})")
+    if limits.max_batch_size is None or not _number(batch) or batch <= limits.max_batch_size:
+        return config
+    chosen = batch != DEFAULT_BATCH_SIZE if explicit is None else "batch_size" in explicit
+    if chosen:
+        raise FieldError("batch_size", f"batch_size is at most {limits.max_batch_size} on this server "
+                                       f"({_origin(limits, 'max_batch_size')})")
+    return dataclasses.replace(config, batch_size=limits.max_batch_size)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _origin(limits: RequestLimits, field: str) -> str:
+    return limits.origin.get(field) or f"ingress.limits.{field}"
 
 
 class Submission:
@@ -43,6 +75,7 @@ class Submission:
         lm = self.served.lm_name(choice.get("lm_model"))
         family = (await self.state.family_by_model()).get(dit)
         params, report = intake.apply_preset(params, family, dit, explicit)
+        config = within_limits(self.config.ingress.limits, params, config, explicit)
         params, config, seeds = intake.prepare(params, config, files, is_turbo=turbo[dit])
         adapters = adapter_choice(self.config, choice, await self._defaults() if self.config.dit.adapters.dir else None)
         return params, config, seeds, {"dit_model": dit, "lm_model": lm, "preset": report.to_dict(), **adapters}
