@@ -182,7 +182,8 @@ def _lm_advice(tier, lm: Dict[str, Any], lm_enabled: bool) -> str:
     from serve.config import LMSettings
 
     if not tier.lm_models:
-        return f"  lm (advice): none fits beside the DiT on {tier.name}: lm.enabled false (now {json.dumps(lm_enabled)})"
+        return (f"  lm (advice): none fits beside the DiT on {tier.name}: lm.enabled false "
+                f"(now {json.dumps(lm_enabled)})")
     model = lm.get("model", LMSettings.model_fields["model"].default)
     backend = lm.get("backend", LMSettings.model_fields["backend"].default)
     return (f"  lm (advice): {tier.lm_model} on {tier.lm_backend} (fits: {', '.join(tier.lm_models)}); "

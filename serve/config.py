@@ -194,15 +194,16 @@ class RequestLimits(_Strict):
     gets 422 naming the field. ``acestep serve --gpu-memory-gb`` fills them from the memory tier
     (``acestep.tiers``) where the config leaves them out."""
 
-    max_duration_s: Optional[float] = Field(None, ge=10, le=600,
-                                            description="Longest `duration` (seconds) a request may ask for; null: "
-                                                        "the library's range only.")
-    max_batch_size: Optional[int] = Field(None, ge=1, le=8, description="Most songs (`batch_size`) one request may "
-                                                                        "ask for; null: the library's range only.")
+    max_duration_s: Optional[float] = Field(
+        None, ge=10, le=600, description="Longest `duration` (seconds) a request may ask for; null: the library's "
+                                         "range only.")
+    max_batch_size: Optional[int] = Field(
+        None, ge=1, le=8, description="Most songs (`batch_size`) one request may ask for; null: the library's "
+                                      "range only.")
     origin: Dict[str, str] = Field(
         default_factory=dict, description="Where each limit comes from, by field name, quoted in the refusal "
-                                          "(e.g. 'memory tier tier3 (6-8 GB) for 8 GB of GPU memory'); "
-                                          "a field not named here: this config.")
+                                          "(e.g. 'memory tier tier3 (6-8 GB) for 8 GB of GPU memory'); a field "
+                                          "not named here: this config.")
 
 
 class IngressSettings(_Strict):
