@@ -50,3 +50,37 @@ def test_cuda_memory_counts_a_tensor_and_release_returns_its_cache():
     after = device_memory("cuda")
     assert after["reserved_bytes"] < now["reserved_bytes"]
     assert after["peak_allocated_bytes"] >= now["allocated_bytes"]  # the peak since start remains
+
+
+# Releasing the cache is a no-op on the CPU: these record the calls to show when it happens.
+def test_the_dit_worker_releases_cached_memory_when_it_goes_idle_not_every_step(turbo_handler, monkeypatch):
+    from acestep.dit import worker
+    from acestep.inference import GenerationConfig, GenerationParams, generate_music
+
+    released = []
+    monkeypatch.setattr(worker, "release_cached_memory", released.append)
+    steps = turbo_handler.stats()["steps"]
+    params = GenerationParams(thinking=False, caption="tidy", duration=10, inference_steps=4)
+    result = generate_music(turbo_handler, None, params, GenerationConfig(batch_size=2, seeds=[1, 2],
+                                                                          use_random_seed=False))
+    assert result.success, result.error
+    assert turbo_handler.stats()["steps"] - steps == 4
+    assert released == [turbo_handler.bundle.device]
+
+
+def test_the_lm_engine_releases_cached_memory_when_it_goes_idle_not_every_step(demo_root, monkeypatch):
+    from acestep.inference import GenerationConfig, GenerationParams
+    from acestep.lm import backend
+    from acestep.llm_inference import LLMHandler
+
+    released = []
+    monkeypatch.setattr(backend, "release_cached_memory", released.append)
+    llm = LLMHandler()
+    llm.initialize(str(demo_root), "acestep-5Hz-lm-0.6B", backend="pt", device="cpu")
+    try:
+        params = GenerationParams(caption="rock", bpm=100, keyscale="E minor", timesignature="4", duration=10)
+        assert llm.plan(params, GenerationConfig(batch_size=1), [7])[0].audio_codes
+        steps = llm.stats()["steps"]
+    finally:
+        llm.unload()
+    assert {str(d) for d in released} == {"cpu"} and 1 <= len(released) < steps
