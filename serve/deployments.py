@@ -26,6 +26,7 @@ import torch
 from ray import serve
 
 from acestep.audio import SAMPLE_RATE
+from acestep.devices import device_memory
 from acestep.dit.adapters import AdapterError
 from acestep.params import json_safe
 from serve import metrics
@@ -127,9 +128,14 @@ class _ModelReplica:
     def _counters(self) -> Dict[str, Any]:
         return {}
 
+    def _device(self) -> Optional[str]:
+        return None
+
     def stats(self) -> Dict[str, Any]:
+        """Common to both kinds: ``device_memory`` is ``acestep.devices.device_memory`` of the model's
+        device (allocator counts on CUDA, None elsewhere; the process's RSS always)."""
         return {"replica": self._replica, "pid": os.getpid(), "inflight": self._inflight,
-                "plans_unpacked": plans_unpacked()}
+                "plans_unpacked": plans_unpacked(), "device_memory": device_memory(self._device())}
 
 
 def _replica_name(fallback: str) -> str:
@@ -213,6 +219,9 @@ class LMDeployment(_ModelReplica):
                                   detail, milestone=milestone)
 
         return report
+
+    def _device(self) -> Optional[str]:
+        return self.handler.device if self.handler is not None else None
 
     def stats(self) -> Dict[str, Any]:
         """Plan requests taken, and the engine's rows, queue, steps and per-task peaks (``engine``)."""
@@ -310,6 +319,9 @@ class DiTDeployment(_ModelReplica):
         # Serve calls this on a graceful shutdown; a crashed replica's record goes stale instead
         if getattr(self, "adapters", None) is not None:
             self.adapters.withdraw()
+
+    def _device(self) -> Optional[str]:
+        return str(self.handler.bundle.device)
 
     def stats(self) -> Dict[str, Any]:
         """The worker's requests, queue and forward sizes (``worker.items_per_forward``, ``rows_per_forward``,

@@ -3,24 +3,31 @@ shift/rescale before the decode; clip guard, peak normalisation and fades after 
 
 from __future__ import annotations
 
+import logging
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from diffusers.models.autoencoders.autoencoder_oobleck import Snake1d
 
 from acestep.audio import HOP, SAMPLE_RATE
+from acestep.devices import is_out_of_memory, release_cached_memory
 from acestep.dit.items import PostProcess
+
+logger = logging.getLogger(__name__)
 
 ENCODE_TILE_S = 30.0
 ENCODE_OVERLAP_S = 2.0
 CPU_DECODE_WINDOW = 256
 GPU_DECODE_WINDOW = 512
 DECODE_OVERLAP = 64
+# Floor of the out-of-memory retries' halving: the smallest tile that still decodes the whole
+# overlap on both sides of its core, so a retry gives the same audio.
+MIN_DECODE_WINDOW = 3 * DECODE_OVERLAP
 SILENT_PEAK = 1e-6  # below this peak normalisation leaves the audio alone
 
 
-# Peak activation memory of an untiled bf16 decode, per latent frame (measured at full size:
-# 7.6 GiB for 120 s = 3000 frames on an H200).
+# Peak activation memory of a bf16 decode, per latent frame in the call (measured untiled at full
+# size: 7.6 GiB for 120 s = 3000 frames on an H200); a call is sized to half the free memory.
 UNTILED_BYTES_PER_FRAME = 2.7e6
 UNTILED_MEMORY_FRACTION = 0.5
 
@@ -96,15 +103,40 @@ def decode_batch(vae, latents: List[torch.Tensor], window: Optional[int] = None,
     """Latents [T_i, C] of several items → audio [2, T_i·1920] fp32 each, as each decodes alone:
     every item's tiles are planned alone, and tiles of equal length (whatever item they come
     from) are decoded together, at most ``decode_budget`` frames per call, so no tile ever sees
-    another item's frames or any padding. ``budget`` overrides ``decode_budget``."""
+    another item's frames or any padding. ``budget`` overrides ``decode_budget``.
+
+    Out of memory, it retries with half the frames per call (tiles no longer than that), down to
+    ``MIN_DECODE_WINDOW``, then once on the CPU (the VAE moved there for the call and back; that
+    audio stays on the CPU); each retry logs one line. Every tile still decodes its overlap, so
+    the audio is the same to float rounding."""
     device = latents[0].device
     window = window or decode_window(device, max(x.shape[0] for x in latents), len(latents))
+    budget = budget or decode_budget(device)
+    total = sum(x.shape[0] for x in latents)
+    while True:
+        try:
+            return _decode_tiles(vae, latents, window, overlap, budget)
+        except Exception as error:  # noqa: BLE001 - only out-of-memory errors are retried
+            if not is_out_of_memory(error):
+                raise
+        # out of the except clause: the failed call's tensors, held by its traceback, are free now
+        release_cached_memory(device)
+        frames = min(max(window, budget), total)  # the most frames one call of that try could carry
+        if frames <= MIN_DECODE_WINDOW:
+            break
+        smaller = max(frames // 2, MIN_DECODE_WINDOW)
+        logger.warning("VAE decode out of memory at up to %d frames per call; retrying at %d", frames, smaller)
+        window, budget = min(window, smaller), smaller
+    logger.warning("VAE decode out of memory at %d frames per call; decoding on the CPU", frames)
+    return _decode_on_cpu(vae, latents, overlap)
+
+
+def _decode_tiles(vae, latents: List[torch.Tensor], window: int, overlap: int, budget: int) -> List[torch.Tensor]:
     plans = [tile_plan(x.shape[0], window, overlap) for x in latents]
     groups: Dict[int, List[Tuple[int, int]]] = {}
     for i, plan in enumerate(plans):
         for j, (lo, hi, _, _) in enumerate(plan):
             groups.setdefault(hi - lo, []).append((i, j))
-    budget = budget or decode_budget(device)
     pieces: Dict[Tuple[int, int], torch.Tensor] = {}
     for length, members in groups.items():
         per_call = max(1, budget // length)
@@ -115,6 +147,16 @@ def decode_batch(vae, latents: List[torch.Tensor], window: Optional[int] = None,
             for (i, j), wav in zip(chunk, audio):
                 pieces[(i, j)] = wav[..., plans[i][j][2]:plans[i][j][3]]
     return [torch.cat([pieces[(i, j)] for j in range(len(plan))], dim=-1) for i, plan in enumerate(plans)]
+
+
+def _decode_on_cpu(vae, latents: List[torch.Tensor], overlap: int) -> List[torch.Tensor]:
+    """The last resort: the VAE on the CPU for this call (in CPU windows), then back where it was."""
+    home = next(vae.parameters()).device
+    vae.to("cpu")
+    try:
+        return _decode_tiles(vae, [x.cpu() for x in latents], CPU_DECODE_WINDOW, overlap, CPU_DECODE_WINDOW)
+    finally:
+        vae.to(home)
 
 
 @torch.no_grad()

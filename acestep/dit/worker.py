@@ -18,6 +18,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Union
 
 import torch
 
+from acestep.devices import release_cached_memory
 from acestep.dit import vae as vae_ops
 from acestep.dit.adapters import AdapterSlots
 from acestep.dit.batch import DiTLimits, pad_rows
@@ -123,6 +124,7 @@ class DiTWorker:
                 outcomes += self._decode(finished)
         if not self.has_work:
             self.offload.release()
+            release_cached_memory(self.bundle.device)  # once per idle spell: it costs a device sync
         return [o for o in outcomes if o is not None]
 
     def in_phase(self, phase: str, fn: Callable[[], Any]) -> Any:

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Protocol, Sequence
 
 import torch
 
+from acestep.devices import release_cached_memory
 from acestep.lm.engine import ENGINE_DEFAULTS, EngineSettings, LMEngine
 from acestep.lm.plain import PtRunner
 from acestep.lm.request import LMRequest, StepCallback
@@ -41,6 +42,18 @@ def load_causal_lm(model_dir: Path, device: str, dtype: torch.dtype):
     return model.to(device).eval()
 
 
+class IdleRelease(IdleOffload):
+    """``IdleOffload`` (a no-op without offloaded modules) that also hands CUDA's cached blocks
+    back to the driver whenever the engine runs out of work."""
+
+    def step(self) -> list:
+        try:
+            return super().step()
+        finally:
+            if not self.stepper.has_work:
+                release_cached_memory(self.offloader.device)
+
+
 class PtBackend:
     """A loaded causal LM, its token tables, and the one engine (plus loop) that decodes on it."""
 
@@ -64,8 +77,7 @@ class PtBackend:
         self.engine = LMEngine(self.model, self.tables, self.encode, self.pad_id, settings)
         self.offloader = Offloader({"lm": self.model}, LM_PHASES, ("lm",) if offload_to_cpu else (),
                                    self.engine.device)
-        stepper = IdleOffload(self.engine, self.offloader, "lm") if offload_to_cpu else self.engine
-        self.loop = StepLoop(stepper, "acestep-lm-engine")
+        self.loop = StepLoop(IdleRelease(self.engine, self.offloader, "lm"), "acestep-lm-engine")
 
     @property
     def vocab_size(self) -> int:

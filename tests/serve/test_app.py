@@ -141,6 +141,9 @@ def test_eight_concurrent_thinking_requests_share_the_lm_engine_and_dit_forwards
                 for name, deployment in (("lm", "LMDeployment"), ("dit", "DiTDeployment"))}
 
     start = fresh_stats()
+    # each replica's memory (what /v1/stats shows under data.serve): on the CPU its process's RSS only
+    assert [(s["device_memory"]["device"], s["device_memory"]["reserved_bytes"], s["device_memory"]["process_rss_bytes"] > 0)
+            for s in start.values()] == [("cpu", None, True)] * 2
     before, steps_before = start["dit"]["worker"]["items_per_forward"], start["lm"]["engine"]["rows_per_step"]
 
     async def run():
