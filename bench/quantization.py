@@ -62,7 +62,7 @@ def bench_quantized_dit(bench: Bench, dtype: torch.dtype, iters: int) -> None:
         for seconds, batch in grid(bench.tiny):
             bench.check_time()
             inputs = _inputs(transformer, seconds, batch, bench.device, dtype)
-            ms = median_ms(lambda: transformer(**inputs), bench.device, iters, warmup=2)
+            ms = median_ms(lambda model=transformer, kwargs=inputs: model(**kwargs), bench.device, iters, warmup=2)
             out = transformer(**inputs)[0]
             key = (seconds, batch)
             if mode is None:
