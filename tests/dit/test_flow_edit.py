@@ -15,12 +15,10 @@ import torch
 
 from acestep.dit.batch import velocity
 from acestep.dit.flow_edit import FlowEditWindow, flow_edit_schedule, sample_flow_edit
-from acestep.dit.prepare import sampling_settings
 from acestep.dit.samplers import VelocityControls
-from acestep.dit.running import RunningBatch
 from acestep.inference import GenerationConfig, GenerationParams, generate_music, prepare_request
 from acestep.validation import ValidationError
-from tests.dit.conftest import ONE_FORWARD
+from tests.dit.conftest import prepare_each, run_together
 
 FIXTURE = json.loads((Path(__file__).parents[1] / "fixtures/upstream/flow_edit.json").read_text())
 WEIGHTS = {k: torch.tensor(v) for k, v in FIXTURE["weights"].items()}
@@ -83,21 +81,12 @@ PLAIN = {"caption": "plain neighbour", "duration": 10, "inference_steps": 4, "gu
 
 
 def _prepared(handler, specs, source_audio):
-    out = []
-    for i, spec in enumerate(specs):
-        spec = dict(spec, src_audio=source_audio) if spec.get("flow_edit_morph") else spec
-        params, config, seeds = prepare_request(GenerationParams(thinking=False, **spec),
-                                                GenerationConfig(batch_size=1, seeds=[60 + i], use_random_seed=False))
-        out.append((handler.prepare([params], seeds)[0], sampling_settings(params)))
-    return out
+    return prepare_each(handler, specs, 60, source_audio, lambda spec: spec.get("flow_edit_morph"))
 
 
 def _run(handler, pairs):
-    batch = RunningBatch(handler.bundle, ONE_FORWARD)
-    tracks = [batch.track(item, settings) for item, settings in pairs]
-    while batch.has_work:
-        batch.step()
-    return [t.x for t in tracks], batch, tracks
+    latents, _, tracks, batch = run_together(handler, pairs)
+    return latents, batch, tracks
 
 
 def test_worker_rows_equal_the_one_item_flow_edit_sampler(base_mixer, source_audio):

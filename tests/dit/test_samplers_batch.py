@@ -10,11 +10,10 @@ import torch
 
 from acestep.dit.batch import velocity
 from acestep.dit.guidance import corrector_combine, guided, in_cfg_interval
-from acestep.dit.prepare import sampling_settings
 from acestep.dit.samplers import controlled_sample
 from acestep.dit.running import RunningBatch
 from acestep.inference import GenerationConfig, GenerationParams, RenderJob, prepare_request, render_music_batch
-from tests.dit.conftest import ONE_FORWARD
+from tests.dit.conftest import ONE_FORWARD, prepare_each, run_together
 
 TOL = 1e-5
 
@@ -40,25 +39,12 @@ BASE_SPECS = [
 
 
 def _prepared(handler, specs, source_audio):
-    """[(item, settings)] with each spec's own settings (retake seeds resolved as a request would)."""
-    out = []
-    for i, spec in enumerate(specs):
-        spec = dict(spec, src_audio=source_audio) if spec.get("task_type") == "cover" else spec
-        params, config, seeds = prepare_request(GenerationParams(thinking=False, **spec),
-                                                GenerationConfig(batch_size=1, seeds=[40 + i], use_random_seed=False))
-        out.append((handler.prepare([params], seeds)[0], sampling_settings(params)))
-    return out
+    return prepare_each(handler, specs, 40, source_audio, lambda spec: spec.get("task_type") == "cover")
 
 
 def _run(handler, pairs):
-    """Latents of ``pairs`` run together on a fresh running batch, and the batch steps it took."""
-    batch = RunningBatch(handler.bundle, ONE_FORWARD)
-    tracks = [batch.track(item, settings) for item, settings in pairs]
-    steps = 0
-    while batch.has_work:
-        batch.step()
-        steps += 1
-    return [t.x for t in tracks], steps, tracks
+    """Latents of ``pairs`` run together on a fresh running batch, the batch steps it took, the tracks."""
+    return run_together(handler, pairs)[:3]
 
 
 def _assert_shared_equals_solo(handler, pairs):
