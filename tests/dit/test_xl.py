@@ -4,7 +4,6 @@ checkpoint rendering through the Python API, and the diffusers layout round trip
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from acestep.dit.xl import AceStepXLConditionEncoder
 from acestep.handler import AceStepHandler
 from acestep.inference import GenerationConfig, GenerationParams, generate_music
 from tests.conftest import dit_handler
+from tests.fixtures.upstream.xl_parity import deterministic_weights  # the rule that filled upstream's model
 
 XL_VARIANTS = ("xl-turbo", "xl-sft", "xl-base")
 XL_TABLE = Path(__file__).resolve().parents[2] / "acestep" / "checkpoints" / "acestep-v15-xl-turbo.params.tsv"
@@ -149,19 +149,8 @@ def test_xl_converts_to_diffusers_and_renders_the_same(xl_root, xl_handler, tmp_
         converted.loop.close()
 
 
+
 PARITY = Path(__file__).resolve().parents[1] / "fixtures" / "upstream" / "xl_parity.pt"
-
-
-def _deterministic_weights(shapes: dict) -> dict:
-    """The rule tests/fixtures/upstream/xl_parity.py filled upstream's model with."""
-    out = {}
-    for k, name in enumerate(sorted(shapes)):
-        n = math.prod(shapes[name])
-        values = 0.2 * torch.sin(torch.arange(n, dtype=torch.float64) * 0.7071 + k)
-        if "norm" in name and name.endswith("weight"):
-            values = values + 1.0
-        out[name] = values.reshape(shapes[name]).to(torch.float32)
-    return out
 
 
 def _tiny_xl_modules(expected_config: dict) -> dict:
@@ -170,7 +159,7 @@ def _tiny_xl_modules(expected_config: dict) -> dict:
     modules = build_dit_modules(config, device="cpu")
     official = {unmap_name(component, inner): (component, inner) for component, module in modules.items()
                 for inner in module.state_dict() if inner != "silence_latent"}
-    weights = _deterministic_weights({name: tuple(modules[c].state_dict()[i].shape)
+    weights = deterministic_weights({name: tuple(modules[c].state_dict()[i].shape)
                                       for name, (c, i) in official.items()})
     for name, (component, inner) in official.items():
         modules[component].get_parameter(inner).data.copy_(weights[name])
