@@ -37,6 +37,9 @@ class Tier:
         would not fit.
     max_duration_s: longest song (seconds) one request may ask for, with / without the LM loaded.
     max_batch_size: most songs one request may ask for, with / without the LM loaded.
+    lm_kv_rows: the LM engine's KV-cache rows (``lm.engine.max_rows``; a CFG song takes two): the
+        cache is allocated whole at start (0.875 GiB per two rows of 4096 positions for the 0.6B
+        and 1.7B LMs), so small cards get the rows their largest batch needs; None: the config's.
     """
 
     name: str
@@ -49,6 +52,7 @@ class Tier:
     lm_backend: str
     max_duration_s: Tuple[int, int]
     max_batch_size: Tuple[int, int]
+    lm_kv_rows: Optional[int] = None
 
     def limits(self, lm_enabled: bool) -> Tuple[int, int]:
         """(max duration in seconds, max batch size) of a request, with or without the LM loaded."""
@@ -69,13 +73,13 @@ INT8 = "int8_weight_only"
 # Bounds are upper limits in GiB. 15.5 rather than 16: a 16 GB card reports a little under 16 GiB
 # after the driver's reservation and belongs with the 16 GB class.
 TIERS: Tuple[Tier, ...] = (
-    Tier("tier1", 4, True, True, INT8, (), None, "pt", (240, 360), (1, 1)),
-    Tier("tier2", 6, True, True, INT8, (), None, "pt", (480, 600), (1, 1)),
-    Tier("tier3", 8, True, True, INT8, (LM_0_6B,), LM_0_6B, "pt", (480, 600), (2, 2)),
-    Tier("tier4", 12, True, True, INT8, (LM_0_6B,), LM_0_6B, "vllm", (480, 600), (2, 4)),
-    Tier("tier5", 15.5, True, False, INT8, (LM_0_6B, LM_1_7B), LM_1_7B, "vllm", (480, 600), (4, 4)),
-    Tier("tier6a", 20, True, False, INT8, (LM_0_6B, LM_1_7B), LM_1_7B, "vllm", (480, 600), (4, 8)),
-    Tier("tier6b", 24, False, False, None, (LM_0_6B, LM_1_7B, LM_4B), LM_1_7B, "vllm", (480, 480), (8, 8)),
+    Tier("tier1", 4, True, True, INT8, (), None, "pt", (240, 360), (1, 1), 2),
+    Tier("tier2", 6, True, True, INT8, (), None, "pt", (480, 600), (1, 1), 2),
+    Tier("tier3", 8, True, True, INT8, (LM_0_6B,), LM_0_6B, "pt", (480, 600), (2, 2), 4),
+    Tier("tier4", 12, True, True, INT8, (LM_0_6B,), LM_0_6B, "vllm", (480, 600), (2, 4), 4),
+    Tier("tier5", 15.5, True, False, INT8, (LM_0_6B, LM_1_7B), LM_1_7B, "vllm", (480, 600), (4, 4), 8),
+    Tier("tier6a", 20, True, False, INT8, (LM_0_6B, LM_1_7B), LM_1_7B, "vllm", (480, 600), (4, 8), 8),
+    Tier("tier6b", 24, False, False, None, (LM_0_6B, LM_1_7B, LM_4B), LM_1_7B, "vllm", (480, 480), (8, 8), 16),
     Tier("unlimited", None, False, False, None, (LM_0_6B, LM_1_7B, LM_4B), LM_4B, "vllm", (600, 600), (8, 8)),
 )
 

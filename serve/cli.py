@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -102,12 +101,10 @@ def _app_args(args: argparse.Namespace) -> Tuple[Dict[str, Any], Dict[str, Any],
         values.setdefault("ingress", {})["api_keys_file"] = str(Path(args.api_keys_file).expanduser().resolve())
     profile = []
     requested = getattr(args, "gpu_memory_gb", None)
-    if requested == "auto":
-        detected = detected_gpu_memory_gb()
-        profile = (apply_memory_tier(values, detected, "detected") if detected else
-                   ["memory profile: none (no CUDA device found; --gpu-memory-gb N picks a tier)"])
-    elif requested is not None:
-        profile = apply_memory_tier(values, requested, "--gpu-memory-gb")
+    if requested is not None:
+        from serve.profile import memory_profile
+
+        profile = memory_profile(values, requested, getattr(args, "num_gpus", None))
     return http, app, profile
 
 
@@ -122,72 +119,6 @@ def gpu_memory_arg(value: str) -> Union[str, float]:
     if not 0 < number < float("inf"):
         raise argparse.ArgumentTypeError("expected a number of GB above 0, or 'auto'")
     return number
-
-
-def detected_gpu_memory_gb() -> Optional[float]:
-    """The first CUDA device's memory, asked in a child process: CUDA initialised here would hold a
-    context on the GPU for as long as the server runs."""
-    import subprocess
-
-    code = "from acestep.tiers import detect_gpu_memory_gb as d; print(d() or '')"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
-                                str(REPO_ROOT), os.environ.get("PYTHONPATH")]))})
-    answer = result.stdout.strip().splitlines()[-1:] or [""]
-    return float(answer[0]) if answer[0] else None
-
-
-# The app config fields a memory tier sets, by path; each one's value is read off the tier.
-TIER_FIELDS = (("dit", "offload_to_cpu"), ("dit", "offload_dit_to_cpu"), ("lm", "offload_to_cpu"),
-               ("dit", "quantization"), ("ingress", "limits", "max_duration_s"),
-               ("ingress", "limits", "max_batch_size"))
-
-
-def tier_values(tier, lm_enabled: bool) -> Dict[Tuple[str, ...], Any]:
-    """{config path: value} of ``tier`` (``acestep.tiers.Tier``); the limits are those with the LM
-    loaded when ``lm_enabled``."""
-    duration, batch = tier.limits(lm_enabled)
-    values = (tier.offload_to_cpu, tier.offload_dit_to_cpu, tier.offload_to_cpu, tier.quantization, duration, batch)
-    return dict(zip(TIER_FIELDS, values))
-
-
-def apply_memory_tier(values: Dict[str, Any], gpu_memory_gb: float, how: str) -> List[str]:
-    """Set the memory tier's settings in the app ``values`` (``applications[].args``) field by field,
-    leaving those the config sets; → the profile's lines, each setting with where it came from."""
-    from acestep.tiers import tier_for, tier_range
-    from serve.config import LMSettings
-
-    tier = tier_for(gpu_memory_gb)
-    described = f"memory tier {tier.name} ({tier_range(tier)}) for {gpu_memory_gb:g} GB of GPU memory"
-    lm = values.get("lm") or {}
-    lm_enabled = lm.get("enabled", LMSettings.model_fields["enabled"].default)
-    lines = [f"memory profile: {tier.name} ({tier_range(tier)}) for {gpu_memory_gb:g} GB of GPU memory ({how})"]
-    for path, value in tier_values(tier, lm_enabled).items():
-        *parents, name = path
-        section = values
-        for key in parents:
-            section = section.setdefault(key, {})
-        source = "config" if name in section else "tier"
-        if source == "tier":
-            section[name] = value
-            if parents[-1] == "limits":
-                section.setdefault("origin", {})[name] = described
-        lines.append(f"  {'.'.join(path)}: {json.dumps(section[name])} ({source})")
-    lines.append(_lm_advice(tier, lm, lm_enabled))
-    return lines
-
-
-def _lm_advice(tier, lm: Dict[str, Any], lm_enabled: bool) -> str:
-    """The tier's LM advice (not applied) beside what the config serves."""
-    from serve.config import LMSettings
-
-    if not tier.lm_models:
-        return (f"  lm (advice): none fits beside the DiT on {tier.name}: lm.enabled false "
-                f"(now {json.dumps(lm_enabled)})")
-    model = lm.get("model", LMSettings.model_fields["model"].default)
-    backend = lm.get("backend", LMSettings.model_fields["backend"].default)
-    return (f"  lm (advice): {tier.lm_model} on {tier.lm_backend} (fits: {', '.join(tier.lm_models)}); "
-            f"configured: {model} on {backend}")
 
 
 def run_serve(args: argparse.Namespace) -> int:

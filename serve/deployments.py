@@ -419,10 +419,12 @@ class DiTDeployment(_ModelReplica):
 def load_lm(config: AppConfig, model: str):
     from acestep.llm_inference import LLMHandler
 
-    engine = config.lm.engine
+    engine, longest = config.lm.engine, config.ingress.limits.max_duration_s
     handler = LLMHandler()
+    # the longest song the server takes also bounds the durations the LM itself decides
     handler.initialize(str(config.checkpoint_root()), lm_model_path=model, backend=config.lm.backend,
                        device=config.lm.device, max_model_len=engine.max_model_len, engine=engine.to_library(),
+                       max_duration=None if longest is None else int(longest),
                        quantization=config.lm.quantization, offload_to_cpu=config.lm.offload_to_cpu)
     return handler
 

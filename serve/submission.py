@@ -59,11 +59,18 @@ class Submission:
         body, files = await intake.read_generate_body(request, max_upload)
         digest = None if idempotency is None else intake.request_digest(body, files)
         params, config, files, sent_as = intake.to_params(body, files, max_upload)
-        files = await intake.check_uploads(self.state.uploads, files, max_upload, sent_as)
+        files = await self._check_uploads(files, max_upload, sent_as)
         params, config, seeds, route = await self._prepare(params, config, files, intake.routing(body), list(body))
         key_name = getattr(request.state, "key_name", "")
         return await self._submit(source, params, config, seeds, files, route, key_name, sync=sync,
                                   idempotency=(idempotency, digest))
+
+    async def _check_uploads(self, files, max_upload: int, sent_as: Optional[Dict[str, str]] = None):
+        """``intake.check_uploads`` with this server's longest source (``ingress.limits``)."""
+        limits = self.config.ingress.limits
+        source_limit = None if limits.max_duration_s is None else (limits.max_duration_s,
+                                                                   _origin(limits, "max_duration_s"))
+        return await intake.check_uploads(self.state.uploads, files, max_upload, sent_as, source_limit)
 
     async def _prepare(self, params, config, files, choice: Dict[str, Any], explicit: Optional[List[str]] = None):
         """The DiT and LM for the request (``serve.models``), that DiT's preset for the fields the

@@ -41,7 +41,7 @@ class CompatRoutes:
         params, config, extras = compat.to_library(body, self._returned_key)
         for name, (field, ref) in extras.pop("stored_uploads", {}).items():
             files.setdefault(name, await asyncio.to_thread(self._client_file, field, ref))
-        files = await intake.check_uploads(self.state.uploads, files, max_upload)
+        files = await self._check_uploads(files, max_upload)
         self._check_analysis(extras.get("analysis"), files)
         params, config, seeds, route = await self._prepare(params, config, files, extras, extras.pop("explicit"))
         task_id = await self._submit("release_task", params, config, seeds, files, {**extras, **route},
@@ -169,7 +169,7 @@ class CompatRoutes:
             raise FieldError("messages", "no prompt, lyrics, description or input audio in the messages", 400)
         files = chat.audio_uploads(req, found, self.state.max_upload)
         params, config, extras = compat.to_library(chat.release_body(req, found))
-        files = await intake.check_uploads(self.state.uploads, files, self.state.max_upload)
+        files = await self._check_uploads(files, self.state.max_upload)
         explicit = extras.pop("explicit")
         params, config, seeds, route = await self._prepare(params, config, files, {**extras, "model": req.model},
                                                            explicit)

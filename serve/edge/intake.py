@@ -151,12 +151,17 @@ def decode_base64(field: str, text: str, max_bytes: int) -> bytes:
         raise FieldError(field, "not valid base64") from None
 
 
-async def check_uploads(checker, files: Uploads, max_upload: int,
-                        sent_as: Optional[Dict[str, str]] = None) -> Uploads:
+async def check_uploads(checker, files: Uploads, max_upload: int, sent_as: Optional[Dict[str, str]] = None,
+                        source_limit: Optional[Tuple[float, str]] = None) -> Uploads:
     """Each upload inspected in the sandboxed checker (422 invalid_audio / 413 too_large), its errors
-    naming the field it was sent as."""
+    naming the field it was sent as. ``source_limit`` = (seconds, where the limit comes from): a
+    source audio longer than that is refused (422), since a source task renders the source's length."""
     for name, data in files.items():
-        await asyncio.to_thread(checker.check, (sent_as or {}).get(name, name), data, max_upload)
+        field = (sent_as or {}).get(name, name)
+        probe = await asyncio.to_thread(checker.check, field, data, max_upload)
+        if name == "src_audio" and source_limit and probe.duration_s > source_limit[0]:
+            raise FieldError(field, f"{field} is {probe.duration_s:.1f} seconds long; source audio is at most "
+                                    f"{source_limit[0]:g} seconds on this server ({source_limit[1]})")
     return files
 
 
