@@ -116,10 +116,19 @@ class AceStepHandler:
         return status, True
 
     @classmethod
-    def from_bundle(cls, bundle: DiTBundle, limits: Optional[DiTLimits] = None) -> "AceStepHandler":
-        """A handler around already-loaded modules (benchmarks build random full-size ones)."""
+    def from_bundle(cls, bundle: DiTBundle, limits: Optional[DiTLimits] = None, *, offload_to_cpu: bool = False,
+                    offload_dit_to_cpu: bool = False, quantization: Optional[str] = None,
+                    device: Optional[str] = None) -> "AceStepHandler":
+        """A handler around already-loaded modules (benchmarks build random full-size ones), with
+        ``initialize_service``'s offload and quantization; ``device``: where the work runs (default:
+        where the transformer is). Build an offloaded bundle on the CPU: only its resident modules
+        then ever take device memory."""
+        resolved = resolve_device(device) if device else next(bundle.transformer.parameters()).device
+        check_quantization(quantization, resolved)
         handler = cls()
-        handler._start(bundle, limits)
+        handler._start(quantize_dit(bundle, quantization), limits, dit_offloaded(offload_to_cpu, offload_dit_to_cpu),
+                       resolved)
+        handler.quantization = quantization
         return handler
 
     def _start(self, bundle: DiTBundle, limits: Optional[DiTLimits], offloaded: Tuple[str, ...] = (),

@@ -112,15 +112,20 @@ class LLMHandler:
         self.model_path = path
 
     def attach_model(self, model, tokenizer, max_duration: Optional[int] = None,
-                     engine: EngineSettings = ENGINE_DEFAULTS) -> None:
-        """Use an in-memory causal LM + tokenizer (pt backend) instead of loading a folder."""
+                     engine: EngineSettings = ENGINE_DEFAULTS, offload_to_cpu: bool = False,
+                     quantization: Optional[str] = None) -> None:
+        """Use an in-memory causal LM + tokenizer (pt backend) instead of loading a folder, with
+        ``initialize``'s ``offload_to_cpu`` and ``quantization``."""
         from acestep.lm.backend import PtBackend
 
         self.unload()
         param = next(model.parameters())
         self.device, self.dtype = str(param.device), param.dtype
+        check_quantization(quantization, self.device)
+        quantize_modules(model.model, quantization)
         self.max_duration = int(max_duration or C.max_duration_for_vram(_total_vram_gb(self.device)))
-        backend = PtBackend(model, tokenizer, self.max_duration, self._engine_settings(engine), self._tokenizer_lock)
+        backend = PtBackend(model, tokenizer, self.max_duration, self._engine_settings(engine), self._tokenizer_lock,
+                            offload_to_cpu)
         self._attach(backend, tokenizer, "pt")
 
     def _engine_settings(self, engine: EngineSettings) -> EngineSettings:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -49,16 +49,18 @@ def demo_lm_root() -> Path:
 
 
 def lm_handler(tiny: bool, device: torch.device, dtype: torch.dtype,
-               engine: EngineSettings = ENGINE_DEFAULTS) -> LLMHandler:
+               engine: EngineSettings = ENGINE_DEFAULTS, quantization: Optional[str] = None) -> LLMHandler:
     """Tiny: the demo LM through the real loader. Full: a random 1.7B from the real config with the
-    demo tokenizer (same special tokens as the real one)."""
+    demo tokenizer (same special tokens as the real one); the same weights for every call (seeded)."""
     root = demo_lm_root()
     handler = LLMHandler()
     if tiny:
-        handler.initialize(str(root), DEMO_LM_DIRNAME, device=str(device), dtype=dtype, engine=engine)
+        handler.initialize(str(root), DEMO_LM_DIRNAME, device=str(device), dtype=dtype, engine=engine,
+                           quantization=quantization)
     else:
+        torch.manual_seed(0)
         handler.attach_model(models.build_lm(LM_NAME, False, device, dtype), load_tokenizer(root / DEMO_LM_DIRNAME),
-                             engine=engine)
+                             engine=engine, quantization=quantization)
     return handler
 
 

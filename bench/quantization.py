@@ -1,7 +1,7 @@
-"""Quantized DiT vs full precision (section ``quantization`` of bench.gpu): per mode of
-``acestep.quantize``, the transformer's resident Linear weight bytes, their ratio to bf16, the
-forward time beside the unquantized forward measured in the same run, and the output's SNR against
-it (same random weights: each mode rebuilds the transformer from one seed).
+"""Quantized DiT and LM vs full precision (section ``quantization`` of bench.gpu): per mode of
+``acestep.quantize``, the resident Linear weight bytes, their ratio to bf16, the time beside the
+unquantized model's measured in the same run (DiT: a forward; LM: an engine decode step), and the
+output's SNR against it (DiT output; LM: prompt logits), with the same random weights in each mode.
 
     python -m bench.quantization [--tiny | --full] [--device cuda] [--out FILE.json]"""
 
@@ -77,8 +77,42 @@ def bench_quantized_dit(bench: Bench, dtype: torch.dtype, iters: int) -> None:
             torch.cuda.empty_cache()
 
 
+LM_ROWS = (2, 16)  # one CFG song; eight at once
+
+
+@torch.no_grad()
+def bench_quantized_lm(bench: Bench, dtype: torch.dtype, iters: int) -> None:
+    """Does quantizing the LM pay? Its decoder's weight bytes, decode step time and logits per mode."""
+    from bench.lm import codes_phase_request, lm_handler, ms_per_step, with_codes
+    from acestep.lm.engine import EngineSettings
+
+    full_ms, full_logits = {}, None
+    for mode in (None, "int8_weight_only") + (("fp8_weight_only",) if fp8_supported(bench.device) else ()):
+        bench.check_time()
+        handler = lm_handler(bench.tiny, bench.device, dtype, EngineSettings(max_rows=max(LM_ROWS)), mode)
+        try:
+            backend = handler.llm
+            base = codes_phase_request(handler, 0 if bench.tiny else 600)
+            logits = backend.model(torch.tensor([base.prompt_ids], device=bench.device)).logits.float()
+            full_logits = logits if mode is None else full_logits
+            report = weight_bytes(backend.model.model)
+            for rows in LM_ROWS:
+                ms = ms_per_step(bench.device, lambda n, r=rows: backend.engine.generate(with_codes(base, r // 2, n)),
+                                 16 if bench.tiny else 32, iters)
+                full_ms.setdefault(rows, ms)
+                bench.add("quantized lm", {
+                    "mode": mode or "none", "rows": rows, "linear_weights_mib": round(report.linear / 2**20, 3),
+                    "vs_bf16": round(report.ratio_to_bf16, 3), "decode_ms_per_step": ms,
+                    "unquantized_ms_per_step": full_ms[rows], "speedup": round(full_ms[rows] / ms, 2) if ms > 0 else None,
+                    "logits_snr_db": _snr_db(full_logits, logits)})
+        finally:
+            handler.unload()
+
+
 def run(bench: Bench, dtype: torch.dtype, quick: bool = False) -> None:
-    bench_quantized_dit(bench, dtype, iters=2 if quick else 5)
+    iters = 2 if quick else 5
+    bench_quantized_dit(bench, dtype, iters)
+    bench_quantized_lm(bench, dtype, iters)
 
 
 if __name__ == "__main__":

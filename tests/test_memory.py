@@ -174,6 +174,33 @@ def test_offload_lowers_the_cuda_peak(demo_root):
     assert peaks[True] < peaks[False]
 
 
+def test_memory_bench_puts_each_card_profile_beside_the_resident_run(demo_root, tmp_path):
+    from bench.common import Bench
+    from bench.memory import SECTION, bench_memory
+
+    bench = Bench(tmp_path / "memory.json", 600, torch.device("cpu"), tiny=True)
+    bench_memory(bench, torch.float32, root=demo_root)
+    profile, resident = bench.results["sections"][SECTION]
+    assert (profile["profile"], resident["profile"]) == ("tier3 (8 GB)", "resident, full precision")
+    assert profile["kv_rows"] == resident["kv_rows"] == 4  # the 8 GB tier's LM cache, in both runs
+    assert profile["planned_weights_mib"] < resident["planned_weights_mib"]  # offload + int8
+    assert profile["planned_weights_vs_resident"] < 1 == resident["planned_weights_vs_resident"]
+    assert profile["s_per_song"] > 0 and resident["s_per_song_vs_resident"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pairing", ["turbo + 0.6B on 8 GB", "xl-turbo + 1.7B on 16 GB"])
+def test_a_120_s_song_fits_its_card_at_full_size(pairing, demo_root):
+    """2B turbo + 0.6B LM under 8 GB with the 8 GB tier (offload + int8); XL turbo + 1.7B LM under
+    16 GB with the 16 GB tier; random full-size weights (bench.memory)."""
+    from bench.memory import FULL_PAIRINGS, Profile, measure
+
+    chosen = FULL_PAIRINGS[0 if pairing.startswith("turbo") else 1]
+    row = measure(chosen, Profile.of_card(chosen.card_gb), False, torch.device("cuda"), torch.bfloat16, demo_root)
+    logging.getLogger(__name__).warning("%s: %s", pairing, row)
+    assert row["max_allocated_mib"] * 2**20 < chosen.card_gb * 1e9
+
+
 def test_the_deployments_load_with_the_configured_offload(demo_root):
     pytest.importorskip("ray")
     from serve.config import AppConfig

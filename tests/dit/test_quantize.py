@@ -313,3 +313,12 @@ def test_bench_section_reports_bytes_time_and_snr_per_mode(tmp_path):
             assert row["vs_bf16"] == 2.0 and row["snr_db"] == float("inf")  # fp32 weights: twice bf16
         else:
             assert row["vs_bf16"] <= 0.6 and row["snr_db"] >= MIN_SNR_DB
+    lm_rows = bench.results["sections"]["quantized lm"]
+    assert {(row["mode"], row["rows"]) for row in lm_rows} == {(m, r) for m in ("none", "int8_weight_only")
+                                                               for r in (2, 16)}
+    for row in lm_rows:
+        assert row["decode_ms_per_step"] is not None and row["unquantized_ms_per_step"] is not None
+        if row["mode"] == "none":
+            assert row["logits_snr_db"] == float("inf")
+        else:
+            assert row["vs_bf16"] <= 0.6 and row["logits_snr_db"] >= MIN_SNR_DB
