@@ -186,13 +186,15 @@ class AceStepHandler:
         settings = settings or sampling_settings(item_params[0])
         if settings.adapters is None:
             settings = replace(settings, adapters=self.lora_setting)
-        return self._loop().submit(lambda: build_items(bundle, item_params, seeds), settings, progress)
+        counts = self.worker.encodes
+        return self._loop().submit(lambda: build_items(bundle, item_params, seeds, counts), settings, progress)
 
     def prepare(self, item_params: List[GenerationParams], seeds: List[int]) -> List[DiTItem]:
         """Read and encode audio inputs, decode codes, build task contexts: one DiTItem per seed."""
         bundle = self._require()
-        return self._loop().call(lambda: self.worker.in_phase("encode", lambda: build_items(bundle, item_params,
-                                                                                           seeds))).result()
+        counts = self.worker.encodes
+        return self._loop().call(lambda: self.worker.in_phase("encode", lambda: build_items(
+            bundle, item_params, seeds, counts))).result()
 
     def render_items(self, items: List[DiTItem], settings: SamplingSettings,
                      progress: Optional[Progress] = None) -> RenderOutput:
@@ -210,9 +212,13 @@ class AceStepHandler:
     def convert_src_audio_to_codes(self, audio_path: AudioSource, seed: int = 0) -> str:
         """Source audio (a path, bytes or binary file object) → 5 Hz code string (VAE encode, then
         the FSQ tokenizer)."""
-        bundle = self._require()
-        return self._loop().call(lambda: self.worker.in_phase("encode", lambda: format_audio_codes(
-            latents_to_codes(bundle, encode_source(bundle, audio_path, seed).latents)))).result()
+        bundle, counts = self._require(), self.worker.encodes
+
+        def codes() -> str:
+            counts.source += 1
+            return format_audio_codes(latents_to_codes(bundle, encode_source(bundle, audio_path, seed).latents))
+
+        return self._loop().call(lambda: self.worker.in_phase("encode", codes)).result()
 
     # -- adapters (LoRA / LoKr; ``acestep.dit.adapters``) ------------------------------------------
     def load_lora(self, name_or_dir: str, adapter_name: Optional[str] = None, activate: bool = True) -> AdapterInfo:

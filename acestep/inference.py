@@ -41,6 +41,7 @@ from acestep.params import (  # noqa: F401  (re-exported: the seed's import path
     UnderstandResult,
 )
 from acestep.presets import apply_model
+from acestep.stems import Stem, StemPlan, plan_stems
 from acestep.validation import ValidationError, validate
 
 logger = logging.getLogger(__name__)
@@ -224,14 +225,18 @@ def plan_music_batch(llm_handler, jobs: List[Any]) -> List[Any]:
         return list(pool.map(run, jobs))
 
 
-def _save_items(audios, item_params, seeds, plans, audio_format: str, save_dir: Optional[str]):
+def _save_items(audios, item_params, seeds, plans, audio_format: str, save_dir: Optional[str],
+                stems: Optional[List[Stem]] = None):
+    """One result dict per audio; ``stems`` labels each with its track (and its song's retake seed)."""
     results, warnings = [], []
     for i, audio in enumerate(audios):
         audio_params = item_params[i].to_dict()
         audio_params["seed"] = seeds[i]
         if item_params[i].retake_variance > 0:
-            audio_params["retake_seed"] = item_retake_seed(item_params[i], i)
+            audio_params["retake_seed"] = item_retake_seed(item_params[i], stems[i].song if stems else i)
         audio_params["audio_codes"] = plans[i].audio_codes if plans else item_params[i].audio_codes
+        if stems:
+            audio_params["track"] = stems[i].track
         key = params_key(audio_params)
         silent = is_silent(audio)
         path = ""
@@ -240,7 +245,7 @@ def _save_items(audios, item_params, seeds, plans, audio_format: str, save_dir: 
         if silent:
             warnings.append(f"item {i} is silent and was not saved")
         results.append({"path": path, "tensor": audio, "key": key, "sample_rate": SAMPLE_RATE, "params": audio_params,
-                        "silent": silent})
+                        "silent": silent, **({"track": stems[i].track} if stems else {})})
     return results, warnings
 
 
@@ -258,6 +263,10 @@ class RenderJob:
     def item_params(self) -> List[GenerationParams]:
         """One GenerationParams per item: the request's, with each item's LM plan merged in."""
         return [merge_plan(self.params, p) for p in self.plans] if self.plans else [self.params] * len(self.seeds)
+
+    def stem_plan(self) -> Optional[StemPlan]:
+        """With ``tracks``: the items of every track of every song (``acestep.stems``); else None."""
+        return plan_stems(self.item_params(), self.seeds) if self.params.tracks is not None else None
 
 
 def _failure(error: Exception) -> GenerationResult:
@@ -278,14 +287,22 @@ def submit_render(dit_handler, job: RenderJob, progress: Optional[Progress] = No
     settings = sampling_settings(job.params)
     if adapters is not None:
         settings = dataclasses.replace(settings, adapters=tuple(adapters))
-    return dit_handler.submit(job.item_params(), job.seeds, settings, progress)
+    items, seeds, stems = job.item_params(), job.seeds, job.stem_plan()
+    if stems is not None:  # every track one item of this request: one source encode, shared forwards
+        items, seeds = stems.items, stems.seeds
+        settings = dataclasses.replace(settings, retake_seeds=stems.retake_seeds(settings.retake_seeds))
+    return dit_handler.submit(items, seeds, settings, progress)
 
 
 def render_result(job: RenderJob, output) -> GenerationResult:
     """The seed's ``GenerationResult`` for a rendered job (writes its files when ``save_dir`` is set)."""
-    item_params = job.item_params()
-    audios, warnings = _save_items(output.audios, item_params, job.seeds, job.plans, job.config.audio_format,
-                                   job.save_dir)
+    item_params, seeds, plans, audios = job.item_params(), job.seeds, job.plans, output.audios
+    plan = job.stem_plan()
+    if plan is not None:  # the plans are already merged into the item params
+        item_params, plans, audios = plan.outputs, None, plan.combine(output.audios)
+        seeds = [job.seeds[stem.song] for stem in plan.stems]
+    audios, warnings = _save_items(audios, item_params, seeds, plans, job.config.audio_format, job.save_dir,
+                                   plan.stems if plan is not None else None)
     lm_costs = dict(job.lm_time_costs or {})
     dit_costs = {f"dit_{k}": v for k, v in output.time_costs.items()}
     time_costs = {**lm_costs, **dit_costs}
@@ -296,6 +313,8 @@ def render_result(job: RenderJob, output) -> GenerationResult:
         "latents": latents, "masks": output.extras.get("chunk_masks"), "pred_latents": latents,
         "seed_value": ", ".join(str(s) for s in job.seeds), **output.extras,
     }
+    if plan is not None:  # the latents and masks above are the rendered items' (a mix's parts each)
+        extra["tracks"] = [stem.track for stem in plan.stems]
     status = "; ".join([f"Generated {len(audios)} audio(s) in {time_costs['dit_total_time_cost']:.2f}s"] + warnings)
     return GenerationResult(audios=audios, status_message=status, extra_outputs=extra, success=True, error=None)
 

@@ -32,6 +32,10 @@ class GenerationParams:
     # Task & instruction
     task_type: str = "text2music"
     instruction: str = DEFAULT_DIT_INSTRUCTION
+    # Extension: several tracks of extract / lego in one call (acestep.stems): names, "all" or
+    # "vocals+accompaniment"; one audio per track and song, each labelled "track". None: one track,
+    # named by the instruction (the official way).
+    tracks: Optional[Union[str, List[str]]] = None
     # Audio inputs: path, bytes or binary file object (an upload needs no temporary file).
     # prepare_request reads file objects into bytes, so its copies of the params deep-copy cheaply.
     reference_audio: Optional[AudioSource] = None

@@ -11,6 +11,7 @@ from acestep.lm.constants import VALID_KEYSCALES, VALID_LANGUAGES, VALID_TIME_SI
 from acestep.dit.tasks import (BASE_ONLY_TASKS, CHUNK_MASK_MODES, COVER_TASKS, REPAINT_MODES, SOURCE_TASKS,
                                TASK_TYPES, TRACK_NAMES, instruction_tracks)
 from acestep.params import MAX_CAPTION_CHARS, MAX_LYRICS_CHARS, PRESET_CHOICES, GenerationConfig, GenerationParams
+from acestep.stems import MIX_TASKS, MIXES, STEM_TASKS, TRACKS_ALLOWED, default_instructions, track_names
 
 MAX_SEED = 2**32 - 1
 DCW_MODES = ("low", "high", "double", "pix")
@@ -247,6 +248,8 @@ def check_cross_fields(params: GenerationParams, is_turbo: Optional[bool] = None
         if unknown:
             raise ValidationError("instruction", params.instruction,
                                   "track names from: " + ", ".join(TRACK_NAMES) + f" (got {', '.join(unknown)})")
+    if params.tracks is not None:
+        _check_tracks(params)
     if task in ("repaint", "lego"):
         _check_window(params, src_duration)
     if params.flow_edit_morph:
@@ -266,6 +269,23 @@ def _check_flow_edit(params: GenerationParams) -> None:
                         ("audio_cover_strength", 1.0), ("cover_noise_strength", 0.0)):
         if getattr(params, name) != fixed:
             raise ValidationError(name, getattr(params, name), f"{fixed!r} with flow_edit_morph")
+
+
+def _check_tracks(params: GenerationParams) -> None:
+    """Several tracks in one call: known names, on extract / lego, the instruction left to them."""
+    try:
+        names = track_names(params.tracks)
+    except ValueError as error:
+        raise ValidationError("tracks", params.tracks, f"{TRACKS_ALLOWED} ({error})") from None
+    task = params.task_type
+    if task not in STEM_TASKS:
+        raise ValidationError("tracks", params.tracks, "null unless task_type is " + " or ".join(STEM_TASKS))
+    if task not in MIX_TASKS and any(name in MIXES for name in names):
+        raise ValidationError("tracks", params.tracks, ", ".join(MIXES) + " only with task_type "
+                              + " or ".join(MIX_TASKS))
+    if params.instruction not in default_instructions(task):
+        raise ValidationError("instruction", params.instruction, "the default when tracks is set (each track "
+                              "gets its official instruction)")
 
 
 def _check_window(params: GenerationParams, src_duration: Optional[float]) -> None:

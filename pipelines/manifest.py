@@ -33,6 +33,7 @@ class ManifestRecord:
     index: int
     params: Dict[str, Any] = field(default_factory=dict)  # the row's fields as given (minus id)
     seeds: List[int] = field(default_factory=list)  # the seed each item used
+    tracks: Optional[List[str]] = None  # each item's track when the row named ``tracks`` (files in this order)
     lm_metadata: Optional[Dict[str, Any]] = None  # the LM's CoT metadata (None without the LM)
     codes: List[str] = field(default_factory=list)  # each item's audio code string
     files: List[str] = field(default_factory=list)
@@ -141,6 +142,7 @@ def write_parquet(records: List[ManifestRecord], path: Path) -> None:
 
     schema = pa.schema([
         ("id", pa.string()), ("index", pa.int64()), ("params", pa.string()), ("seeds", pa.list_(pa.int64())),
+        ("tracks", pa.list_(pa.string())),
         ("lm_metadata", pa.string()), ("codes", pa.list_(pa.string())), ("files", pa.list_(pa.string())),
         ("duration", pa.float64()), ("time_costs", pa.string()), ("error", pa.string()),
         ("nodes", pa.string()), ("planned_at", pa.float64()), ("finished_at", pa.float64()), ("preset", pa.string()),

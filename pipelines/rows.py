@@ -3,7 +3,8 @@
 
 A row is a flat mapping of ``GenerationParams`` fields plus the optional job fields ``id``,
 ``batch_size`` and ``audio_format`` (``seed`` is a ``GenerationParams`` field: a seed >= 0 fixes the
-seeds of the row's items to seed, seed+1, ...). Reading never raises for one bad line: the row comes
+seeds of the row's items to seed, seed+1, ...; ``tracks``, a list or a string, renders every track
+named, each song's files in track order). Reading never raises for one bad line: the row comes
 back with an error and the job records it in the manifest.
 """
 

@@ -103,6 +103,8 @@ def finish_record(record: ManifestRecord, result: GenerationResult, output_dir: 
         files.append(name)
     record.files = files
     record.seeds = [int(a["params"]["seed"]) for a in result.audios]
+    if any("track" in a["params"] for a in result.audios):
+        record.tracks = [a["params"].get("track") for a in result.audios]
     record.codes = [str(a["params"].get("audio_codes") or "") for a in result.audios]
     record.duration = durations[0]
     record.lm_metadata = json_safe(result.extra_outputs.get("lm_metadata"))

@@ -10,7 +10,7 @@ from typing import get_type_hints
 
 import annotated_types
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, WrapValidator
-from pydantic import create_model
+from pydantic import create_model, model_validator
 from pydantic_core import PydanticCustomError
 
 from acestep.audio import AUDIO_FORMATS
@@ -37,6 +37,9 @@ _DESCRIPTIONS = {
                "guidance_scale, CFG interval, use_adg, dcw_enabled, sampler_mode): 'model' (the serving model's, "
                "GET /v1/models), turbo, sft or base; null for the library defaults."),
     "dcw_enabled": "DCW wavelet correction; null: the model's default (on for turbo, off for sft/base).",
+    "tracks": ("extract / lego, several tracks in one call (an extension): track names (a list, or separated by "
+               "commas), 'all' or 'vocals+accompaniment'; one audio per track and song (batch_size songs per "
+               "track), in this order, each labelled `track`. Null: the one track the instruction names."),
 }
 
 
@@ -189,6 +192,14 @@ class AudioItem(BaseModel):
     sample_rate: int
     seed: Optional[int] = None
     params: Dict[str, Any] = Field(default_factory=dict, description="The params this item was rendered with.")
+    track: Optional[str] = Field(None, description="The track this audio is, when the request named `tracks`.")
+
+    @model_validator(mode="after")
+    def _track_from_params(self) -> "AudioItem":
+        # a stem's params carry its track; the item shows it beside them
+        if self.track is None and isinstance(self.params.get("track"), str):
+            self.track = self.params["track"]
+        return self
 
 
 class GenerationOutput(BaseModel):

@@ -38,6 +38,14 @@ REFERENCE_SEGMENT_S = 10
 
 
 @dataclass
+class EncodeCounts:
+    """VAE encodes of audio inputs (a worker's stats): sources, and timbre references."""
+
+    source: int = 0
+    reference: int = 0
+
+
+@dataclass
 class SourceAudio:
     audio: torch.Tensor  # [2, S] at 48 kHz
     latents: torch.Tensor  # [T, C]
@@ -181,8 +189,11 @@ def build_item(bundle, params: GenerationParams, seed: int, source: Optional[Sou
                    post=post_process(params), flow_edit=_flow_edit(params, text, source, frames))
 
 
-def build_items(bundle, item_params: List[GenerationParams], seeds: List[int]) -> List[DiTItem]:
-    """One DiTItem per (params, seed). Audio inputs shared by the items are read and encoded once."""
+def build_items(bundle, item_params: List[GenerationParams], seeds: List[int],
+                counts: Optional[EncodeCounts] = None) -> List[DiTItem]:
+    """One DiTItem per (params, seed). Audio inputs shared by the items are read and encoded once
+    (with the first item's seed), and each item gets the same latents; ``counts`` counts the encodes."""
+    counts = counts if counts is not None else EncodeCounts()
     sources: Dict[Any, SourceAudio] = {}
     timbres: Dict[Any, torch.Tensor] = {}
     items = []
@@ -192,9 +203,11 @@ def build_items(bundle, item_params: List[GenerationParams], seeds: List[int]) -
             key = source_key(params.src_audio)
             if key not in sources:
                 sources[key] = encode_source(bundle, params.src_audio, seeds[0])
+                counts.source += 1
             source = sources[key]
         key = source_key(params.reference_audio)
         if key not in timbres:
             timbres[key] = reference_timbre(bundle, params.reference_audio, seeds[0])
+            counts.reference += bool(params.reference_audio)
         items.append(build_item(bundle, params, seed, source, timbres[key]))
     return items

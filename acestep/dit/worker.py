@@ -23,6 +23,7 @@ from acestep.dit import vae as vae_ops
 from acestep.dit.adapters import AdapterSlots
 from acestep.dit.batch import DiTLimits, pad_rows
 from acestep.dit.items import DiTItem, Progress, RenderOutput, SamplingSettings
+from acestep.dit.prepare import EncodeCounts
 from acestep.dit.running import RunningBatch, Track, attempt
 from acestep.dit.tasks import splice_waveform
 from acestep.offload import RESIDENT
@@ -66,6 +67,7 @@ class DiTWorker:
         self.offload = offload  # brings each phase's offloaded modules to the device (acestep.offload)
         self.pending: Deque[Render] = deque()  # added, items not prepared yet
         self.requests = 0
+        self.encodes = EncodeCounts()  # audio inputs VAE-encoded on this worker's thread
 
     def add(self, items: Items, settings: SamplingSettings, progress: Optional[Progress] = None) -> Render:
         """Queue one request: its items, or a function that prepares them at the next step (what it
@@ -91,14 +93,16 @@ class DiTWorker:
         return self.batch.in_use(name) or any(name == n for r in self.pending for n, _ in r.settings.adapters or ())
 
     def stats(self) -> Dict[str, Any]:
-        """Requests, queue and batch sizes (``items_per_forward``, ``rows_per_forward``)."""
+        """Requests, queue and batch sizes (``items_per_forward``, ``rows_per_forward``), VAE encodes
+        of audio inputs (``vae_encodes``: source, reference)."""
         # the counters are only written by the stepping thread; copies taken in one C call are consistent
         batch = self.batch
         items, rows = dict(batch.items_per_forward), dict(batch.rows_per_forward)
         stats = {"requests": self.requests, "waiting": len(self.pending) + len(batch.waiting),
                  "running": len(batch.running), "steps": sum(items.values()),
                  "items_per_forward": dict(sorted(items.items())), "rows_per_forward": dict(sorted(rows.items())),
-                 "forwards_by_adapters": dict(sorted(dict(batch.forwards_by_adapters).items()))}
+                 "forwards_by_adapters": dict(sorted(dict(batch.forwards_by_adapters).items())),
+                 "vae_encodes": {"source": self.encodes.source, "reference": self.encodes.reference}}
         if batch.adapters is not None:
             stats["adapters"] = batch.adapters.stats()
         return stats
