@@ -32,7 +32,6 @@ ALL_TRACKS = ("vocals", "backing_vocals", "drums", "bass", "guitar", "keyboard",
 MIXES = {ACCOMPANIMENT: tuple(name for name in ALL_TRACKS if name != "vocals")}  # a mix: the tracks it sums
 TRACK_PRESETS = {"all": ALL_TRACKS, "vocals+accompaniment": ("vocals", ACCOMPANIMENT)}
 TRACK_CHOICES = ALL_TRACKS + tuple(MIXES)
-STEM_TASKS = ("extract", "lego")
 MIX_TASKS = ("extract",)  # a sum of independently generated lego tracks would be no accompaniment
 TRACKS_ALLOWED = ("'all', 'vocals+accompaniment', or distinct names (a list, or a string separated by commas) "
                   "from: " + ", ".join(TRACK_CHOICES))

@@ -8,10 +8,10 @@ from typing import Any, Callable, List, Optional
 
 from acestep.audio import AUDIO_FORMATS
 from acestep.lm.constants import VALID_KEYSCALES, VALID_LANGUAGES, VALID_TIME_SIGNATURES
-from acestep.dit.tasks import (BASE_ONLY_TASKS, CHUNK_MASK_MODES, COVER_TASKS, REPAINT_MODES, SOURCE_TASKS,
+from acestep.dit.tasks import (BASE_ONLY_TASKS, CHUNK_MASK_MODES, COVER_TASKS, REPAINT_MODES, SOURCE_TASKS, STEM_TASKS,
                                TASK_TYPES, TRACK_NAMES, instruction_tracks)
 from acestep.params import MAX_CAPTION_CHARS, MAX_LYRICS_CHARS, PRESET_CHOICES, GenerationConfig, GenerationParams
-from acestep.stems import MIX_TASKS, MIXES, STEM_TASKS, TRACKS_ALLOWED, default_instructions, track_names
+from acestep.stems import MIX_TASKS, MIXES, TRACKS_ALLOWED, default_instructions, track_names
 
 MAX_SEED = 2**32 - 1
 DCW_MODES = ("low", "high", "double", "pix")

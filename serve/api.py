@@ -16,7 +16,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from starlette.concurrency import run_in_threadpool
@@ -44,7 +44,7 @@ from serve.schemas import (
     TaskStatus,
     UnderstandRequest,
 )
-from serve.store.audio import audio_response
+from serve.store.audio import archive, audio_response
 from serve.store.records import FINAL_PHASES, sse_events
 from serve.studio import StudioRoutes
 from serve.submission import Submission
@@ -153,6 +153,20 @@ class Ingress(Submission, CompatRoutes, AdapterRoutes, StudioRoutes):
         after = int(last) if last.lstrip("-").isdigit() and len(last) < 12 else -1
         return StreamingResponse(sse_events(self.state.store, task_id, after), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+
+    @api.get("/v1/tasks/{task_id}/audios.zip", responses=error_responses(404, 409))
+    async def task_archive(self, task_id: str):
+        """Every audio of a finished task in one zip, in result order; stems are named
+        '<NN>-<track>.<format>'. 409 while the task is unfinished or when it failed."""
+        record = await asyncio.to_thread(self.state.store.get, task_id)
+        if record is None:
+            raise not_found("task id")
+        summary = record.summary()
+        if summary.get("phase") != "done" or not summary.get("result"):
+            raise APIError(409, "the task has no audio (yet)", loc=("path", "task_id"), code="conflict")
+        data = await asyncio.to_thread(archive, self.state.audio, summary["result"]["audios"])
+        return Response(data, media_type="application/zip",
+                        headers={"Content-Disposition": f'attachment; filename="{task_id}.zip"'})
 
     @api.get("/v1/audio/{key}", responses=error_responses(404))
     async def audio(self, key: str, request: Request):

@@ -3,15 +3,14 @@ HTML/CSS/ES modules from ``serve/static`` -- no build step, nothing fetched from
 page and its files need no key (it asks for one and sends it as a Bearer header); everything it
 does goes through the public API."""
 
-from __future__ import annotations
-
 from pathlib import Path
+from typing import Optional
 
 from fastapi.responses import FileResponse
 
 from acestep.audio import AUDIO_FORMATS
 from acestep.dit.tasks import TRACK_NAMES, task_catalog
-from serve.edge.errors import APIError, FieldError
+from serve.edge.errors import APIError, FieldError, error_responses
 from serve.http_app import api
 
 STATIC = Path(__file__).with_name("static")
@@ -38,17 +37,19 @@ class StudioRoutes:
         return FileResponse(STATIC / name, media_type=MEDIA_TYPES[Path(name).suffix],
                             headers={"Cache-Control": "no-cache"})
 
-    @api.get("/v1/task_types")
-    async def task_types(self):
+    @api.get("/v1/task_types", responses=error_responses(422))
+    async def task_types(self, model: Optional[str] = None):
         """The task types as a client needs them: whether a source file is required, whether it
         takes a window or track names, its default instruction, and whether this app can serve it
-        (with the DiT it would use, or why not); beside them the track names and the output formats
-        (``audio_format``) a request may name."""
+        (with the DiT it would use, or why not) -- with ``model``, whether that DiT can; beside them
+        the track names and the output formats (``audio_format``) a request may name."""
         turbo = await self.state.turbo_by_model()
+        if model:
+            model = self.served.dit_name(model)  # 422 naming `model` for one not served
         tasks = []
         for entry in task_catalog():
             try:
-                entry.update(servable=True, model=self.served.pick_dit(None, entry["task_type"], turbo), reason=None)
+                entry.update(servable=True, model=self.served.pick_dit(model, entry["task_type"], turbo), reason=None)
             except FieldError as error:
                 entry.update(servable=False, model=None, reason=error.message)
             tasks.append(entry)

@@ -39,6 +39,7 @@ TASK_INSTRUCTIONS = {
 TASK_TYPES = ("text2music", "cover", "cover-nofsq", "repaint", "lego", "extract", "complete")
 BASE_ONLY_TASKS = ("lego", "extract", "complete")
 SOURCE_TASKS = ("cover", "cover-nofsq", "repaint", "lego", "extract", "complete")
+STEM_TASKS = ("extract", "lego")  # several tracks in one request (``GenerationParams.tracks``)
 COVER_TASKS = ("cover", "cover-nofsq")  # audio codes can stand in for the source audio
 CHUNK_MASK_MODES = ("auto", "explicit")
 REPAINT_MODES = ("conservative", "balanced", "aggressive")
@@ -98,10 +99,10 @@ def task_instruction(task_type: str, tracks: Sequence[str] = ()) -> str:
 
 def task_catalog() -> List[Dict[str, Any]]:
     """What each task needs from a client: a source file, a base model, a window, track names."""
-    tracks = {"extract": "one", "lego": "one", "complete": "many"}
+    tracks = {"extract": "many", "lego": "many", "complete": "many"}  # extract/lego: one stem per track
     return [{"task_type": task, "needs_source": task in SOURCE_TASKS and task != "cover",
              "takes_source": task in SOURCE_TASKS, "needs_base": task in BASE_ONLY_TASKS,
-             "window": task in ("repaint", "lego"), "tracks": tracks.get(task),
+             "window": task in ("repaint", "lego"), "tracks": tracks.get(task), "stems": task in STEM_TASKS,
              "instruction": default_instruction(task),
              # {tracks}: the chosen names, upper case, joined by track_join (as task_instruction does)
              "track_instruction": task_instruction(task, ["{tracks}"]).replace("{TRACKS}", "{tracks}")

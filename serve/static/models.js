@@ -70,7 +70,8 @@ function syncScale() {
   form.elements.lora_scale.disabled = form.elements.lora.value === "";
 }
 
-export function wireModels() {
+// ``onModel(name)``: the picked DiT changed ("" for the app's default choice).
+export function wireModels(onModel = () => {}) {
   form.elements.lora.addEventListener("change", syncScale);
-  form.elements.model.addEventListener("change", applyPreset);
+  form.elements.model.addEventListener("change", () => { applyPreset(); onModel(form.elements.model.value); });
 }

@@ -1,11 +1,11 @@
 // The studio page: a form built on the server's own schema (defaults and ranges come from
 // /openapi.json), one card per generation fed by its server-sent events, and a history of this
 // browser's tasks in localStorage. A request carries only what differs from the page's defaults.
-import { ApiError, apiKey, audioBlob, events, json, request, setApiKey, upload } from "/studio/api.js";
+import { ApiError, apiKey, events, json, request, setApiKey, upload } from "/studio/api.js";
 import { changed, field, setSchemaDefault, valueOf } from "/studio/fields.js";
 import { loadModels, wireModels } from "/studio/models.js";
 import { chosenFiles, loadTasks, taskFields, useAsSource, wireSources } from "/studio/tasks.js";
-import { picture } from "/studio/wave.js";
+import { fetchAudios, isStems, songFigure, stemsView } from "/studio/results.js";
 
 const form = document.getElementById("song");
 const cards = document.getElementById("cards");
@@ -36,7 +36,7 @@ async function applySchema() {
 }
 
 // -- the request -------------------------------------------------------------------------------
-const NOT_SENT = new Set(["query", "seed", "task_type", "track"]);
+const NOT_SENT = new Set(["query", "seed", "task_type", "track", "stem_preset"]);
 
 function body() {
   const out = taskFields();
@@ -133,40 +133,30 @@ async function showResult(view, taskId) {
     view.phase.textContent = `failed: ${status.message}`;
     return status;
   }
-  for (const item of status.result.audios) {
-    let blob;
-    try { blob = await audioBlob(item.url); } catch (error) {
-      if (error.status !== 404) throw error;
-      view.results.append(Object.assign(document.createElement("p"), { className: "expired", textContent: `${item.key}: expired (no longer stored)` }));
-      continue;
-    }
-    const url = URL.createObjectURL(blob);
-    const audio = document.createElement("audio");
-    audio.controls = true;
-    audio.src = url;
-    const link = document.createElement("a");
-    link.href = url;
-    link.download = item.key;
-    link.textContent = `Download ${item.format}`;
-    const meta = document.createElement("p");
-    meta.textContent = `seed ${item.seed} · ${item.params.bpm || "?"} bpm · ${item.params.keyscale || "?"}${usedModels(status)}`;
-    const again = document.createElement("button");
-    again.type = "button";
-    again.textContent = "Same settings, new seed";
-    again.addEventListener("click", () => submit({ ...view.request, seeds: undefined, use_random_seed: true }, view.files));
-    const reuse = document.createElement("button");
-    reuse.type = "button";
-    reuse.textContent = "Use as source";
-    reuse.addEventListener("click", () => useAsSource(blob, item.key));
-    const wave = Object.assign(document.createElement("canvas"), { width: 600, height: 64, className: "wave" });
-    wave.setAttribute("role", "img");
-    wave.setAttribute("aria-label", `Waveform of ${item.key}`);
-    picture(wave, blob).then(() => { wave.dataset.drawn = "1"; }).catch(() => wave.remove());
-    const figure = document.createElement("figure");
-    figure.append(wave, audio, meta, link, again, reuse);
-    view.results.append(figure);
+  const fetched = await fetchAudios(view.results, status.result.audios);
+  if (isStems(fetched)) {
+    view.results.append(stemsView(taskId, fetched));
+    return status;
+  }
+  const actions = [
+    ["Same settings, new seed", () => submit({ ...view.request, seeds: undefined, use_random_seed: true }, view.files)],
+    ["Use as source", (blob, item) => useAsSource(blob, item.key)],
+    ["Extend", (blob, item) => extendFrom(blob, item.key)],
+  ];
+  for (const song of fetched) {
+    const { item } = song;
+    const description = `seed ${item.seed} · ${item.params.bpm || "?"} bpm · ${item.params.keyscale || "?"}${usedModels(status)}`;
+    view.results.append(songFigure(song, description, actions));
   }
   return status;
+}
+
+// A result becomes the source of an extension; with no length chosen yet, 30 s to the right.
+async function extendFrom(blob, filename) {
+  await useAsSource(blob, filename, "extend");
+  const left = field("extend_left_s");
+  const right = field("extend_right_s");
+  if (!(Number(left.value) > 0) && !(Number(right.value) > 0)) right.value = 30;
 }
 
 // " · <DiT> · <adapter>@<scale>" of a finished task, as its result names them.
@@ -277,7 +267,7 @@ function start() {
   key.addEventListener("change", () => { setApiKey(key.value); clearErrors(); setUp().catch(showError); });
   form.addEventListener("submit", (event) => { event.preventDefault(); submit(body(), chosenFiles()); });
   wireSources();
-  wireModels();
+  wireModels((model) => loadTasks(model).catch(showError));  // a turbo DiT cannot serve lego/extract/complete
   form.querySelectorAll("[data-tag]").forEach((button) => button.addEventListener("click", () => {
     const lyrics = field("lyrics");
     lyrics.value = `${lyrics.value}${lyrics.value && !lyrics.value.endsWith("\n") ? "\n" : ""}${button.dataset.tag}\n`;

@@ -1,7 +1,8 @@
 // The task selector and the source files. The form changes with the task: only the task's own
 // fields are shown and sent; tasks this app cannot serve are disabled with the server's reason
 // (GET /v1/task_types, which also lists the output formats). The source is drawn as a waveform on
-// which the repaint window is dragged.
+// which the repaint window is dragged. A result card can hand its audio back as a source (cover,
+// repaint, extend).
 import { request } from "/studio/api.js";
 import { setDefault } from "/studio/fields.js";
 import { decode, draw, peaks, windowPicker } from "/studio/wave.js";
@@ -13,13 +14,15 @@ const source = { columns: [], duration: 0 };
 let catalog = [];
 let current = null;
 
-export async function loadTasks() {
-  const data = await (await request("/v1/task_types")).json();
+// The tasks the chosen DiT (``model``; "": the app's choice per task) can serve.
+export async function loadTasks(model = "") {
+  const data = await (await request(`/v1/task_types${model ? `?model=${encodeURIComponent(model)}` : ""}`)).json();
   catalog = data.tasks;
   document.getElementById("task-types").replaceChildren(...catalog.map(taskOption));
   document.getElementById("track-names").replaceChildren(...data.track_names.map(trackOption));
   formatOptions(data.audio_formats);
-  choose(current ? current.task_type : "text2music");
+  const kept = current && catalog.find((task) => task.task_type === current.task_type && task.servable);
+  choose(kept ? kept.task_type : "text2music");
 }
 
 // The server's formats; the choice (or the schema's default) survives the new list.
@@ -69,16 +72,19 @@ export function choose(name) {
     if (element instanceof HTMLFieldSetElement) element.disabled = !on;
     else element.querySelectorAll("input, select, textarea").forEach((input) => { input.disabled = !on; });
   }
-  // one track for extract/lego (a radio group), several for complete
-  for (const input of form.querySelectorAll("input[name=track]")) input.type = current.tracks === "one" ? "radio" : "checkbox";
   redraw();
 }
 
-// task_type and, when tracks are chosen, the instruction naming them (the official wording).
+// task_type and the chosen tracks: extract and lego take them as ``tracks`` (a stem each, or a
+// preset), complete as the instruction naming them (the official wording).
 export function taskFields() {
   const out = { task_type: current.task_type };
-  const names = [...form.querySelectorAll("input[name=track]:checked")].map((input) => input.value.toUpperCase());
-  if (current.tracks && names.length) out.instruction = current.track_instruction.replace("{tracks}", names.join(current.track_join));
+  const names = [...form.querySelectorAll("input[name=track]:checked")].map((input) => input.value);
+  const preset = form.elements.stem_preset.value;
+  if (current.stems && (preset || names.length)) out.tracks = preset || names;
+  else if (current.tracks && names.length) {
+    out.instruction = current.track_instruction.replace("{tracks}", names.map((n) => n.toUpperCase()).join(current.track_join));
+  }
   return out;
 }
 

@@ -11,10 +11,12 @@ so one instance can be handed to Ray actors.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import time
 import uuid
+import zipfile
 from datetime import datetime
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -335,3 +337,23 @@ def audio_response(store: AudioStore, key: str, range_header: Optional[str], *,
     headers["Content-Length"] = str(end - start)
     body = iterate_in_threadpool(store.iter_range(key, start, end))
     return StreamingResponse(body, status_code=status, headers=headers, media_type=store.media_type(key))
+
+
+def archive_name(index: int, item: Dict[str, Any]) -> str:
+    """A task's file in its zip: '<NN>-<track>.<format>' (stems), else '<NN>-<key>' (songs)."""
+    track = item.get("track") or (item.get("params") or {}).get("track")
+    return f"{index + 1:02d}-{track}.{item['format']}" if track else f"{index + 1:02d}-{item['key']}"
+
+
+def archive(store: AudioStore, items: List[Dict[str, Any]]) -> bytes:
+    """The files of ``items`` (a result's audios, in order) as one zip; stored, not deflated: the
+    audio formats compress themselves, and WAV barely deflates. 404 when one is no longer stored."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as bundle:
+        for index, item in enumerate(items):
+            data = store.read(item["key"])
+            if data is None:
+                raise APIError(404, f"audio {item['key']} is no longer stored", loc=("path", "task_id"),
+                               code="not_found")
+            bundle.writestr(archive_name(index, item), data)
+    return buffer.getvalue()

@@ -12,11 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 
-from pipelines.manifest import JOURNAL, read_manifest
+from pipelines.manifest import JOURNAL, MANIFEST_JSONL, read_manifest
 from pipelines.render import main
+from tests.conftest import write_tone
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--dit-actors", "2"]  # three actors (LM, 2 DiT) on 2 CPUs, each claiming its default share
@@ -222,3 +224,28 @@ def test_a_cpu_dit_stage_renders_one_row_per_forward(ray_session, demo_root, tmp
         assert stage.handler.worker.batch.limits.max_forward_rows == 1
     finally:
         stage.handler.loop.close()
+
+
+def test_a_tracks_row_writes_a_labelled_file_per_track_and_song(ray_session, demo_root, tmp_path, jsonl):
+    source = write_tone(tmp_path / "song.wav", 6.0)
+    common = {"task_type": "extract", "src_audio": source, "inference_steps": 2, "seed": 5}
+    prompts = jsonl(tmp_path / "prompts.jsonl", [
+        {"id": "stems", **common, "tracks": ["bass", "vocals"], "batch_size": 2},
+        {"id": "bad", **common, "tracks": ["kazoo"]},
+        {"id": "plain", **common, "instruction": "Extract the BASS track from the audio:"},
+    ])
+    output = tmp_path / "out"
+    code = main(["--input", prompts, "--output", str(output), "--checkpoints", str(demo_root), "--no-lm",
+                 "--dit-config", "acestep-v15-base"])
+    assert code == 1  # the bad row
+    rows = {row["id"]: row for row in read_manifest(output)}
+    stems = rows["stems"]
+    assert stems["error"] is None
+    assert stems["tracks"] == ["bass", "bass", "vocals", "vocals"] and stems["seeds"] == [5, 6, 5, 6]
+    audio = [sf.read(output / name, dtype="float32")[0] for name in stems["files"]]
+    assert len(audio) == 4 and all(a.shape == (6 * 48000, 2) for a in audio)
+    assert rows["plain"]["tracks"] is None
+    assert np.allclose(sf.read(output / rows["plain"]["files"][0], dtype="float32")[0], audio[0], atol=1e-4)
+    assert "tracks" in rows["bad"]["error"] and not rows["bad"]["files"]
+    journal = [json.loads(line) for line in (output / MANIFEST_JSONL).read_text().splitlines()]
+    assert {r["id"]: r["tracks"] for r in journal}["stems"] == stems["tracks"]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pytest
 
 from pipelines.manifest import JOURNAL, Manifest, ManifestRecord, read_manifest
+from acestep.validation import validate
 from pipelines.rows import RowError, assign_ids, split_fields, to_request
 
 
@@ -141,3 +143,10 @@ def test_rows_take_the_newer_upstream_fields_and_name_a_bad_one():
         assert error.field == "dcw_wavelet" and "haar" in str(error)
     else:
         raise AssertionError("a bad dcw_wavelet passed")
+
+
+def test_a_parquet_list_cell_becomes_the_tracks_list():
+    _, fields = split_fields({"task_type": "extract", "src_audio": "song.wav", "tracks": np.array(["vocals", "fx"])})
+    params, config = to_request(fields)
+    assert params.tracks == ["vocals", "fx"]
+    validate(params, config)

@@ -6,6 +6,7 @@ Ray start-up dominates (~8 s), so the app is module-scoped (one cluster for the 
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import socket
@@ -15,12 +16,23 @@ from types import SimpleNamespace
 from typing import Optional
 
 import httpx
+import numpy as np
 import pytest
+import soundfile as sf
 
 from serve.cli import apply_overrides, load_serve_config
 from serve.config import AppConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def wav_bytes(seconds=3.0, rate=48000) -> bytes:
+    """A stereo 220 Hz tone as WAV bytes (an upload)."""
+    t = np.arange(int(seconds * rate)) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    buffer = io.BytesIO()
+    sf.write(buffer, np.stack([tone, tone], axis=1), rate, format="WAV")
+    return buffer.getvalue()
 
 
 def _free_port() -> int:
@@ -44,9 +56,11 @@ def serve_app(demo_root, tmp_path_factory):
     """The app deployed from serve_config.yaml the way `serve run serve_config.yaml` and KubeRay deploy
     it: the controller imports ``serve.app:build_app`` on a worker and calls it with the file's args."""
     # the GPU profile's step-level batching (the CPU profile renders one row at a time), so the
-    # tests see songs share DiT forwards
+    # tests see songs share DiT forwards; the base variant beside turbo, as `acestep serve --demo`
+    # serves it (extract, lego and complete go there)
     batch = {"max_forward_rows": 16, "max_row_frames": 96000, "max_padding": 0.25}
-    yield from deployed_app(demo_root, tmp_path_factory.mktemp("state"), dit={"batch": batch})
+    yield from deployed_app(demo_root, tmp_path_factory.mktemp("state"),
+                            dit={"batch": batch, "extra_models": ["acestep-v15-base"]})
 
 
 def deployed_app(demo_root, state_dir, metrics_report_ms: Optional[int] = None, **overrides):

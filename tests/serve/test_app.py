@@ -1,6 +1,7 @@
 """The Serve app end to end: real local Ray, demo checkpoints, real HTTP (httpx), audio read back (soundfile).
 
-All tests share one module-scoped app (tests/serve/conftest.py)."""
+All tests share one module-scoped app (tests/serve/conftest.py), also those of the groups imported at
+the end (each in its own file, not collected on its own): a deployed app costs half a minute."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 import soundfile as sf
 
 from serve.store.records import PHASES
+from tests.serve.conftest import wav_bytes as _wav_bytes
 
 SONG = {"caption": "calm piano with soft strings", "lyrics": "[verse]\nhello night", "duration": 10,
         "inference_steps": 2, "batch_size": 1}
@@ -26,14 +28,6 @@ def _read_audio(client, url):
     assert response.status_code == 200, response.text
     data, rate = sf.read(io.BytesIO(response.content), dtype="float32", always_2d=True)
     return data, rate, response.headers["content-type"]
-
-
-def _wav_bytes(seconds=3.0, rate=48000):
-    t = np.arange(int(seconds * rate)) / rate
-    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-    buffer = io.BytesIO()
-    sf.write(buffer, np.stack([tone, tone], axis=1), rate, format="WAV")
-    return buffer.getvalue()
 
 
 def test_sync_generate_returns_files(client):
@@ -241,7 +235,7 @@ def test_serve_status_shows_each_deployments_bounds(serve_app):
     app_status = serve.status().applications[serve_app.name]
     assert app_status.status == "RUNNING"
     expected = {"Ingress": serve_app.config.ingress, "LMDeployment": serve_app.config.lm,
-                "DiTDeployment": serve_app.config.dit}
+                "DiTDeployment": serve_app.config.dit, "DiTDeployment-acestep-v15-base": serve_app.config.dit}
     assert set(app_status.deployments) == set(expected)
     details = _get_global_client().get_serve_details()["applications"][serve_app.name]["deployments"]
     bounds = set()
@@ -320,7 +314,9 @@ def test_lm_helpers_info_and_docs(client):
     models = client.get("/v1/info").json()
     assert models["default_model"] == "acestep-v15-turbo" and models["lm"]["enabled"]
     assert client.get("/docs").status_code == 200
-    paths = client.get("/openapi.json").json()["paths"]
+    openapi = client.get("/openapi.json")
+    assert openapi.status_code == 200, openapi.text
+    paths = openapi.json()["paths"]
     for path in ("/v1/generate", "/v1/tasks", "/v1/tasks/{task_id}", "/v1/tasks/{task_id}/events", "/release_task",
                  "/query_result", "/v1/audio/{key}", "/v1/understand", "/v1/create_sample", "/v1/format_sample"):
         assert path in paths
@@ -351,3 +347,14 @@ def test_default_app_opens_no_client_named_path(client, source_audio):
     for field in ("src_audio_path", "ctx_audio_path", "reference_audio_path"):
         response = client.post("/release_task", json={"prompt": "x", "task_type": "repaint", field: source_audio})
         assert response.status_code == 400 and field in response.text and "upload" in response.text
+
+
+# Groups sharing this module's app.
+from tests.serve.app_stems import (  # noqa: E402,F401
+    source_b64,
+    test_a_tracks_value_of_the_wrong_type_is_a_422_naming_tracks,
+    test_an_async_multipart_task_takes_the_dual_track_preset,
+    test_bad_tracks_get_422_naming_tracks_and_the_allowed_names,
+    test_one_request_gives_each_track_labelled_in_order,
+    test_task_types_say_what_a_chosen_dit_can_serve,
+)

@@ -16,7 +16,7 @@ import soundfile as sf
 
 from acestep.checkpoints.demo_lora import write_demo_lora
 from tests.serve.conftest import deployed_app
-from tests.serve.test_app import _wav_bytes
+from tests.serve.conftest import wav_bytes as _wav_bytes
 
 BIG_LM = "acestep-5Hz-lm-1.7B"
 BASE = "acestep-v15-base"

@@ -37,13 +37,14 @@ def browser():
 
 @pytest.fixture(scope="session")
 def studio_app(demo_root, tmp_path_factory):
-    """The default app with an adapter directory (one demo LoRA, "warm") for the model choice."""
+    """The demo app as `acestep serve --demo` serves it (turbo, and base for lego/extract/complete),
+    with an adapter directory (one demo LoRA, "warm") for the model choice."""
     from acestep.checkpoints.demo_lora import write_demo_lora
 
     adapters = tmp_path_factory.mktemp("studio-adapters")
     write_demo_lora(adapters / "warm", seed=1)
     yield from deployed_app(demo_root, tmp_path_factory.mktemp("studio-state"),
-                            dit={"adapters": {"dir": str(adapters)}})
+                            dit={"adapters": {"dir": str(adapters)}, "extra_models": ["acestep-v15-base"]})
 
 
 @pytest.fixture

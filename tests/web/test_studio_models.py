@@ -27,10 +27,12 @@ def _open(page):
     page.wait_for_function("document.querySelectorAll('select[name=lora] option').length > 1")
 
 
-def test_one_served_model_is_not_a_choice_but_the_adapters_are(page):
+def test_the_served_dits_are_a_choice_one_lm_is_not_and_the_adapters_are(page):
     _open(page)
     assert page.locator("#models").is_visible()
-    assert page.get_by_label("DiT model").is_hidden() and page.get_by_label("LM model").is_hidden()
+    assert page.get_by_label("LM model").is_hidden()
+    assert page.get_by_label("DiT model").locator("option").all_text_contents() == [
+        "default (acestep-v15-turbo)", "acestep-v15-turbo", "acestep-v15-base"]
     adapter = page.get_by_label("Adapter (LoRA)")
     assert adapter.locator("option").all_text_contents() == ["none (default)", "warm"]
     scale = page.get_by_label("Adapter scale")

@@ -1,11 +1,14 @@
 """The studio's source tasks in a real Chromium: a cover from an uploaded WAV (sent as multipart,
 rendered, its result reused as the next source), a repaint whose window is dragged on the source
-waveform, tasks the app cannot serve shown disabled with the reason, expired history entries, and
-the page at phone width."""
+waveform, stems of one source in one view (mute, solo, play together, one zip), tasks the chosen
+DiT cannot serve shown disabled with the reason, expired history entries, and the page at phone
+width."""
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 
 import httpx
 import numpy as np
@@ -73,13 +76,17 @@ def _fast(page):
     page.get_by_label("Steps").fill("2")
 
 
-def test_tasks_the_app_cannot_serve_are_disabled_with_the_reason(page, studio_app):
+def test_tasks_the_chosen_dit_cannot_serve_are_disabled_with_the_reason(page, studio_app):
     _open(page)
+    for task in ("lego", "extract", "complete"):  # the app sends them to its base DiT
+        assert page.locator(f"input[name=task_type][value={task}]").is_enabled()
+    page.get_by_label("DiT model").select_option("acestep-v15-turbo")
+    page.wait_for_function("document.querySelector('input[name=task_type][value=extract]').disabled")
     for task in ("lego", "extract", "complete"):
         radio = page.locator(f"input[name=task_type][value={task}]")
         assert radio.is_disabled()
         reason = page.locator(f"#why-{task}").text_content()
-        assert "base" in reason and task in reason
+        assert "base" in reason and task in reason and "acestep-v15-turbo is turbo" in reason
     assert page.locator("#source").is_hidden()
     page.locator("input[name=task_type][value=repaint]").check()
     assert page.locator("#source").is_visible() and page.get_by_label("Window start (s)").is_visible()
@@ -190,3 +197,35 @@ def test_the_page_fits_a_phone(browser, studio_app):
             assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, (label, box)
     finally:
         context.close()
+
+
+def test_stems_come_back_as_one_view_with_mute_solo_and_a_zip(page, source_wav, studio_app, tmp_path):
+    _start(page, "extract", source_wav, "")
+    for name in ("vocals", "drums"):
+        page.locator(f"input[name=track][value={name}]").check()
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function(DONE, timeout=300_000)
+    page.wait_for_function("document.querySelectorAll('.stem canvas.wave[data-drawn]').length === 2", timeout=60_000)
+    (upload,) = _uploads(page)
+    assert upload["request"]["tracks"] == ["drums", "vocals"] and "instruction" not in upload["request"]
+    stems = page.locator(".stems .stem")
+    assert [stems.nth(k).get_attribute("data-track") for k in range(2)] == ["drums", "vocals"]
+    audible = "() => [...document.querySelectorAll('.stem')].map(s => s.dataset.track + ':' + !s.querySelector('audio').muted)"
+    page.get_by_role("button", name="Solo vocals").click()
+    assert page.evaluate(audible) == ["drums:false", "vocals:true"]
+    page.get_by_role("button", name="Solo vocals").click()
+    page.get_by_role("button", name="Mute vocals").click()
+    assert page.evaluate(audible) == ["drums:true", "vocals:false"]
+    page.get_by_role("button", name="Play all").click()
+    page.wait_for_function("[...document.querySelectorAll('.stem audio')].every(a => !a.paused)")
+    page.get_by_role("button", name="Pause").click()
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download all (zip)").click()
+    path = tmp_path / "stems.zip"
+    download.value.save_as(path)
+    with zipfile.ZipFile(path) as bundle:
+        names = bundle.namelist()
+        assert [name.rsplit(".", 1)[0] for name in names] == ["01-drums", "02-vocals"]
+        for name in names:
+            audio, rate = sf.read(io.BytesIO(bundle.read(name)))
+            assert rate == 48000 and audio.shape == (12 * 48000, 2)  # the source's length

@@ -1,6 +1,9 @@
 """Stems over HTTP: one extract request for several tracks (``tracks``) comes back with one audio per
 track, labelled, in order, from one source encode on the base DiT replica; bad ``tracks`` get a 422
-naming the field and the allowed names. Real local Ray + Serve (demo checkpoints), real HTTP."""
+naming the field and the allowed names. Real local Ray + Serve (demo checkpoints), real HTTP.
+
+Collected through tests/serve/test_app.py, whose app (the demo's turbo + base, step-level
+batching) these tests share."""
 
 from __future__ import annotations
 
@@ -8,14 +11,14 @@ import base64
 import io
 import json
 import time
+import zipfile
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 from acestep.stems import ALL_TRACKS
-from tests.serve.conftest import deployed_app
-from tests.serve.test_app import _wav_bytes
+from tests.serve.conftest import wav_bytes as _wav_bytes
 
 BASE = "acestep-v15-base"  # the demo app's base variant: extract goes there
 STEM = {"task_type": "extract", "inference_steps": 4, "audio_format": "wav", "batch_size": 1, "seeds": [3],
@@ -33,15 +36,6 @@ def _source_encodes(serve_app) -> int:
 
     handle = serve.get_deployment_handle(f"DiTDeployment-{BASE}", app_name=serve_app.name)
     return handle.stats.remote().result()["worker"]["vae_encodes"]["source"]
-
-
-@pytest.fixture(scope="module")
-def serve_app(demo_root, tmp_path_factory):
-    """The conftest's app (its ``client`` too) with the base variant beside the turbo default, and the
-    GPU profile's step-level batching, so the tracks share forwards."""
-    batch = {"max_forward_rows": 16, "max_row_frames": 96000, "max_padding": 0.25}
-    yield from deployed_app(demo_root, tmp_path_factory.mktemp("stems-state"),
-                            dit={"extra_models": [BASE], "batch": batch})
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +77,24 @@ def test_an_async_multipart_task_takes_the_dual_track_preset(client, source_b64)
     audios = status["result"]["audios"]
     assert [a["track"] for a in audios] == ["vocals", "accompaniment"]
     assert all(_audio(client, a["url"]).shape == (6 * 48000, 2) for a in audios)
+    # every stem in one zip, in result order, named by track; byte-equal to the files
+    archive = client.get(f"/v1/tasks/{status['task_id']}/audios.zip")
+    assert archive.status_code == 200 and archive.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(archive.content)) as bundle:
+        assert bundle.namelist() == ["01-vocals.flac", "02-accompaniment.flac"]
+        for name, audio in zip(bundle.namelist(), audios):
+            assert bundle.read(name) == client.get(audio["url"]).content
+    assert client.get("/v1/tasks/" + "0" * 32 + "/audios.zip").status_code == 404
+
+
+def test_task_types_say_what_a_chosen_dit_can_serve(client):
+    served = {t["task_type"]: t for t in client.get("/v1/task_types").json()["tasks"]}
+    assert served["extract"]["servable"] and served["extract"]["model"] == BASE and served["extract"]["stems"]
+    turbo = {t["task_type"]: t for t in client.get("/v1/task_types", params={"model": "turbo"}).json()["tasks"]}
+    assert not turbo["extract"]["servable"] and "acestep-v15-turbo is turbo" in turbo["extract"]["reason"]
+    assert turbo["text2music"]["servable"] and turbo["text2music"]["model"] == "acestep-v15-turbo"
+    unknown = client.get("/v1/task_types", params={"model": "nope"})
+    assert unknown.status_code == 422 and "model" in str(unknown.json()["detail"][0]["loc"])
 
 
 BAD_TRACKS = [
