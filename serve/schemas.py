@@ -37,6 +37,9 @@ _DESCRIPTIONS = {
                "guidance_scale, CFG interval, use_adg, dcw_enabled, sampler_mode): 'model' (the serving model's, "
                "GET /v1/models), turbo, sft or base; null for the library defaults."),
     "dcw_enabled": "DCW wavelet correction; null: the model's default (on for turbo, off for sft/base).",
+    "extend_left_s": ("task_type=extend: seconds of new audio before the source (caption and lyrics describe the "
+                      "new part; source + extension at most 1200 s)."),
+    "extend_right_s": "task_type=extend: seconds of new audio after the source.",
 }
 
 
@@ -154,7 +157,7 @@ GenerateRequest = create_model(
     __doc__="GenerationParams + GenerationConfig fields (INFERENCE.md), flat; audio uploads as base64.",
     **library_fields(GenerationParams, HIDDEN_FIELDS, defaults=HTTP_DEFAULTS),
     **library_fields(GenerationConfig),
-    src_audio_base64=(Optional[str], Field(None, description="Source audio file (cover/repaint), base64.")),
+    src_audio_base64=(Optional[str], Field(None, description="Source audio file (cover/repaint/extend...), base64.")),
     reference_audio_base64=(Optional[str], Field(None, description="Reference (timbre) audio file, base64.")),
     **routing_fields(ROUTING_FIELDS),
 )

@@ -336,7 +336,7 @@ def test_every_route_group_answers_on_a_replica(client):
         response = client.request(method, path, json=body)
         assert response.status_code == 200, (path, response.text)
     tasks = {t["task_type"]: t for t in client.get("/v1/task_types").json()["tasks"]}
-    assert len(tasks) == 7 and tasks["cover-nofsq"]["servable"] and tasks["cover-nofsq"]["needs_source"]
+    assert len(tasks) == 8 and tasks["cover-nofsq"]["servable"] and tasks["cover-nofsq"]["needs_source"]
 
 
 def test_lm_helpers_take_a_served_lm_by_name(client):
