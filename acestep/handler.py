@@ -20,6 +20,7 @@ from acestep.checkpoints.layout import resolve_dit_checkpoint
 from acestep.dit.attention import use_band_attention
 from acestep.dit.batch import DiTLimits
 from acestep.dit.codes import format_audio_codes, latents_to_codes
+from acestep.dit.extend import ExtendConfig, ExtendRender
 from acestep.dit.items import DiTItem, Progress, RenderOutput, SamplingSettings
 from acestep.dit.prepare import build_items, encode_source, sampling_settings
 from acestep.devices import default_dtype, resolve_device
@@ -73,6 +74,7 @@ class AceStepHandler:
         self.use_lora = False
         self.memory_plan: Optional[MemoryPlan] = None  # weight bytes on the device per phase (acestep.memory)
         self.quantization: Optional[str] = None
+        self.extend = ExtendConfig()  # how extensions are cut into DiT passes (acestep.dit.extend)
 
     def initialize_service(self, project_root: str, config_path: str = "acestep-v15-turbo", device: str = "auto",
                            use_flash_attention: bool = False, compile_model: bool = False,
@@ -181,17 +183,23 @@ class AceStepHandler:
                settings: Optional[SamplingSettings] = None, progress: Optional[Progress] = None) -> Future:
         """``render`` without waiting: a Future of the ``RenderOutput``. Its items are prepared
         (audio read and encoded) on the worker thread and join the running batch; what preparing
-        raises (unreadable audio, bad codes) fails this future only. ``future.cancel()`` drops them."""
+        raises (unreadable audio, bad codes) fails this future only. ``future.cancel()`` drops them.
+        An extension renders window after window, each a request of its own (``acestep.dit.extend``)."""
         bundle = self._require()
         settings = settings or sampling_settings(item_params[0])
         if settings.adapters is None:
             settings = replace(settings, adapters=self.lora_setting)
+        if item_params[0].task_type == "extend":
+            return ExtendRender(self._loop().submit, bundle, item_params, seeds, settings, progress,
+                                self.extend).start()
         counts = self.worker.encodes
         return self._loop().submit(lambda: build_items(bundle, item_params, seeds, counts), settings, progress)
 
     def prepare(self, item_params: List[GenerationParams], seeds: List[int]) -> List[DiTItem]:
         """Read and encode audio inputs, decode codes, build task contexts: one DiTItem per seed."""
         bundle = self._require()
+        if item_params[0].task_type == "extend":
+            raise ValueError("task_type='extend' renders in windows, each built from the one before: use submit")
         counts = self.worker.encodes
         return self._loop().call(lambda: self.worker.in_phase("encode", lambda: build_items(
             bundle, item_params, seeds, counts))).result()

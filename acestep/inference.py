@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import os
 import secrets
 import time
@@ -31,6 +32,7 @@ from acestep.audio import (
     save_audio,
 )
 from acestep.dit.tasks import SOURCE_TASKS, TASK_INSTRUCTIONS
+from acestep.lm.constants import DURATION_MAX
 from acestep.params import (  # noqa: F401  (re-exported: the seed's import path)
     CreateSampleResult,
     FormatSampleResult,
@@ -46,7 +48,9 @@ from acestep.validation import ValidationError, validate
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
-NO_LM_TASKS = SOURCE_TASKS  # the LM plans new songs; source tasks take their structure from the source
+# The LM plans new songs; source tasks take their structure from the source, but an extension's
+# new part is new music, which the LM plans (``lm_params``)
+NO_LM_TASKS = tuple(task for task in SOURCE_TASKS if task != "extend")
 
 
 @dataclass
@@ -161,6 +165,17 @@ def uses_lm(llm_handler, params: GenerationParams) -> bool:
     return wants and params.task_type not in NO_LM_TASKS and not params.flow_edit_morph and _llm_ready(llm_handler)
 
 
+def lm_params(params: GenerationParams) -> GenerationParams:
+    """What the LM plans from. An extension's LM plans its new part alone: the request's caption,
+    lyrics and metadata (bpm, keyscale, timesignature, vocal_language: the source's, as the request
+    states them; those left out are the CoT's choice), for the new part's seconds (both sides
+    together, rounded up, at most the LM's longest song: frames past its codes get none)."""
+    if params.task_type != "extend":
+        return params
+    seconds = min(math.ceil(params.extend_left_s + params.extend_right_s), DURATION_MAX)
+    return dataclasses.replace(params, duration=float(seconds))
+
+
 def merge_plan(params: GenerationParams, plan: Optional[LMPlan]) -> GenerationParams:
     """Item params after the LM: user values win; empty fields take the CoT's; cot_* filled;
     the LM caption and language replace the user's when use_cot_caption / use_cot_language."""
@@ -173,7 +188,8 @@ def merge_plan(params: GenerationParams, plan: Optional[LMPlan]) -> GenerationPa
     for name in ("keyscale", "timesignature"):
         if not str(getattr(merged, name) or "").strip() and meta.get(name):
             setattr(merged, name, str(meta[name]))
-    if (merged.duration is None or merged.duration <= 0) and isinstance(meta.get("duration"), (int, float)):
+    if (merged.duration is None or merged.duration <= 0) and isinstance(meta.get("duration"), (int, float)) \
+            and merged.task_type != "extend":  # an extension's length is the source's plus the new part
         merged.duration = float(meta["duration"])
     language = meta.get("vocal_language") or meta.get("language")
     merged.cot_bpm = meta.get("bpm") if isinstance(meta.get("bpm"), int) else None
@@ -200,7 +216,7 @@ def plan_music(llm_handler, params: GenerationParams, config: GenerationConfig, 
     if not uses_lm(llm_handler, params):
         return PlanOutcome(plans=None, params=params)
     started = time.perf_counter()
-    plans = llm_handler.plan(params, config, seeds, progress=progress, cancel=cancel, group=group)
+    plans = llm_handler.plan(lm_params(params), config, seeds, progress=progress, cancel=cancel, group=group)
     # items decode concurrently: a phase's time is its longest item's
     phase1 = max(p.phase1_time for p in plans)
     phase2 = max(p.phase2_time for p in plans)

@@ -89,6 +89,10 @@ class GenerationParams:
     repaint_wav_crossfade_sec: Optional[float] = None  # waveform splice crossfade (0 = hard cut)
     repaint_mode: str = "balanced"  # "conservative" | "balanced" | "aggressive"
     repaint_strength: float = 0.5  # balanced mode only: 0 keeps the source most, 1 is pure diffusion
+    # Extend (task_type="extend"): seconds of new audio before / after src_audio; the caption and
+    # lyrics describe the new part, which the repaint fields join to the source
+    extend_left_s: float = 0.0
+    extend_right_s: float = 0.0
     # Retake: cos/sin mix of the seed's noise with retake_seed's (variance 0 = no-op)
     retake_seed: Optional[Union[str, int]] = None
     retake_variance: float = 0.0

@@ -8,8 +8,8 @@ from typing import Any, Callable, List, Optional
 
 from acestep.audio import AUDIO_FORMATS
 from acestep.lm.constants import VALID_KEYSCALES, VALID_LANGUAGES, VALID_TIME_SIGNATURES
-from acestep.dit.tasks import (BASE_ONLY_TASKS, CHUNK_MASK_MODES, COVER_TASKS, REPAINT_MODES, SOURCE_TASKS, STEM_TASKS,
-                               TASK_TYPES, TRACK_NAMES, instruction_tracks)
+from acestep.dit.tasks import (BASE_ONLY_TASKS, CHUNK_MASK_MODES, COVER_TASKS, MAX_EXTENDED_S, REPAINT_MODES,
+                               SOURCE_TASKS, STEM_TASKS, TASK_TYPES, TRACK_NAMES, instruction_tracks)
 from acestep.params import MAX_CAPTION_CHARS, MAX_LYRICS_CHARS, PRESET_CHOICES, GenerationConfig, GenerationParams
 from acestep.stems import MIX_TASKS, MIXES, TRACKS_ALLOWED, default_instructions, track_names
 
@@ -207,6 +207,8 @@ RULES: List[Rule] = [
     Rule("params", "fade_out_duration", _between(0.0, 10.0), "0.0 to 10.0 seconds"),
     Rule("params", "latent_shift", _between(-0.2, 0.2), "-0.2 to 0.2"),
     Rule("params", "latent_rescale", _between(0.5, 1.5), "0.5 to 1.5"),
+    Rule("params", "extend_left_s", _between(0.0, MAX_EXTENDED_S), f"0 to {MAX_EXTENDED_S:g} seconds"),
+    Rule("params", "extend_right_s", _between(0.0, MAX_EXTENDED_S), f"0 to {MAX_EXTENDED_S:g} seconds"),
     Rule("params", "repainting_start", lambda v: _number(v) and v >= 0, ">= 0 seconds"),
     Rule("params", "repainting_end", lambda v: _number(v) and (v == -1 or v > 0), "-1 (end of source) or > 0 seconds"),
     Rule("config", "batch_size", _int_between(1, 8), "an integer from 1 to 8"),
@@ -252,6 +254,7 @@ def check_cross_fields(params: GenerationParams, is_turbo: Optional[bool] = None
         _check_tracks(params)
     if task in ("repaint", "lego"):
         _check_window(params, src_duration)
+    _check_extend(params, src_duration)
     if params.flow_edit_morph:
         _check_flow_edit(params)
 
@@ -286,6 +289,24 @@ def _check_tracks(params: GenerationParams) -> None:
     if params.instruction not in default_instructions(task):
         raise ValidationError("instruction", params.instruction, "the default when tracks is set (each track "
                               "gets its official instruction)")
+
+
+def _check_extend(params: GenerationParams, src_duration: Optional[float]) -> None:
+    """An extension adds something, and the song it makes stays within MAX_EXTENDED_S; other tasks
+    leave the extension fields at 0 (a value there would be silently ignored)."""
+    left, right = params.extend_left_s, params.extend_right_s
+    if params.task_type != "extend":
+        for name, value in (("extend_left_s", left), ("extend_right_s", right)):
+            if value:
+                raise ValidationError(name, value, "0 unless task_type is 'extend'")
+        return
+    if left <= 0 and right <= 0:
+        raise ValidationError("extend_right_s", right, "> 0 seconds (or extend_left_s > 0) for task_type='extend'")
+    if src_duration is not None and src_duration + left + right > MAX_EXTENDED_S:
+        name, value = ("extend_right_s", right) if right > 0 else ("extend_left_s", left)
+        room = max(MAX_EXTENDED_S - src_duration, 0.0)
+        raise ValidationError(name, value, f"source ({src_duration:.2f} s) + extend_left_s + extend_right_s at most "
+                                           f"{MAX_EXTENDED_S:g} seconds: at most {room:.2f} s of extension")
 
 
 def _check_window(params: GenerationParams, src_duration: Optional[float]) -> None:

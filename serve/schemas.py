@@ -40,6 +40,9 @@ _DESCRIPTIONS = {
     "tracks": ("extract / lego, several tracks in one call (an extension): track names (a list, or separated by "
                "commas), 'all' or 'vocals+accompaniment'; one audio per track and song (batch_size songs per "
                "track), in this order, each labelled `track`. Null: the one track the instruction names."),
+    "extend_left_s": ("task_type=extend: seconds of new audio before the source (caption and lyrics describe the "
+                      "new part; source + extension at most 1200 s)."),
+    "extend_right_s": "task_type=extend: seconds of new audio after the source.",
 }
 
 
@@ -157,7 +160,7 @@ GenerateRequest = create_model(
     __doc__="GenerationParams + GenerationConfig fields (INFERENCE.md), flat; audio uploads as base64.",
     **library_fields(GenerationParams, HIDDEN_FIELDS, defaults=HTTP_DEFAULTS),
     **library_fields(GenerationConfig),
-    src_audio_base64=(Optional[str], Field(None, description="Source audio file (cover/repaint), base64.")),
+    src_audio_base64=(Optional[str], Field(None, description="Source audio file (cover/repaint/extend...), base64.")),
     reference_audio_base64=(Optional[str], Field(None, description="Reference (timbre) audio file, base64.")),
     **routing_fields(ROUTING_FIELDS),
 )

@@ -1,9 +1,10 @@
-"""The seven task types as DiT inputs: instruction, source/context latents, chunk mask, cover flag.
+"""The task types as DiT inputs: instruction, source/context latents, chunk mask, cover flag.
 
 Per frame the DiT sees [context latents (64) | chunk mask (64) | x_t (64)]. Table (official):
 text2music: silence, mask 1 · cover: tokenized→detokenized source ("hints") · cover-nofsq: the raw
 source latents (no FSQ round trip) · repaint: source with the window silenced · lego: source ·
-extract / complete: source. The chunk mask is 1 everywhere (chunk_mask_mode "auto", the default)
+extract / complete: source · extend (ours, ``acestep.dit.extend``): repaint on the source padded
+with the new part. The chunk mask is 1 everywhere (chunk_mask_mode "auto", the default)
 or, with "explicit", 1 inside the repaint/lego window and 0 outside. Upstream's "auto" means to
 write 2.0, but into a bool tensor, so its model sees 1: we send 1, the value the weights know.
 
@@ -36,9 +37,9 @@ TASK_INSTRUCTIONS = {
     "complete": "Complete the input track with {TRACK_CLASSES}:",
     "complete_default": "Complete the input track:",
 }
-TASK_TYPES = ("text2music", "cover", "cover-nofsq", "repaint", "lego", "extract", "complete")
+TASK_TYPES = ("text2music", "cover", "cover-nofsq", "repaint", "lego", "extract", "complete", "extend")
 BASE_ONLY_TASKS = ("lego", "extract", "complete")
-SOURCE_TASKS = ("cover", "cover-nofsq", "repaint", "lego", "extract", "complete")
+SOURCE_TASKS = ("cover", "cover-nofsq", "repaint", "lego", "extract", "complete", "extend")
 STEM_TASKS = ("extract", "lego")  # several tracks in one request (``GenerationParams.tracks``)
 COVER_TASKS = ("cover", "cover-nofsq")  # audio codes can stand in for the source audio
 CHUNK_MASK_MODES = ("auto", "explicit")
@@ -48,6 +49,8 @@ TRACK_NAMES = ("woodwinds", "brass", "fx", "synth", "strings", "percussion", "ke
 TRACK_JOIN = " | "  # how the official handler joins complete's track classes
 FRAMES_PER_SECOND = 25
 MIN_FRAMES = 128  # 5.12 s: the official floor on latent length
+MAX_DIT_S = 600.0  # the DiT's longest song: one pass renders at most this much
+MAX_EXTENDED_S = 1200.0  # the longest song an extension may make (rendered in windows of MAX_DIT_S)
 TIMBRE_FRAMES = 750  # 30 s of reference latents
 
 # Repaint sizes at full source preservation (conservative; balanced scales them by 1 - strength)

@@ -4,9 +4,9 @@ Everything here answers bad input with a ``FieldError`` (4xx naming the field, n
 JSON goes through ``serve.edge.safejson`` (UTF-8, nesting and number limits), uploads through
 ``serve.edge.uploads`` (magic bytes, header sanity, a sandboxed decode), fields through the pydantic
 request model and then the library's own ``prepare_request`` (ranges, cross-field rules, the
-repaint window against the source's length). A task's stored request is plain JSON, so any
-ingress replica can run it again after a crash: params and config as dicts, seeds resolved,
-uploads as audio-store keys.
+repaint window and an extension's total length against the source's length). A task's stored
+request is plain JSON, so any ingress replica can run it again after a crash: params and config as
+dicts, seeds resolved, uploads as audio-store keys.
 """
 
 from __future__ import annotations

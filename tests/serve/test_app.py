@@ -332,7 +332,7 @@ def test_every_route_group_answers_on_a_replica(client):
         response = client.request(method, path, json=body)
         assert response.status_code == 200, (path, response.text)
     tasks = {t["task_type"]: t for t in client.get("/v1/task_types").json()["tasks"]}
-    assert len(tasks) == 7 and tasks["cover-nofsq"]["servable"] and tasks["cover-nofsq"]["needs_source"]
+    assert len(tasks) == 8 and tasks["cover-nofsq"]["servable"] and tasks["cover-nofsq"]["needs_source"]
 
 
 def test_lm_helpers_take_a_served_lm_by_name(client):
@@ -357,4 +357,10 @@ from tests.serve.app_stems import (  # noqa: E402,F401
     test_bad_tracks_get_422_naming_tracks_and_the_allowed_names,
     test_one_request_gives_each_track_labelled_in_order,
     test_task_types_say_what_a_chosen_dit_can_serve,
+)
+from tests.serve.app_extend import (  # noqa: E402,F401
+    extend_source_b64,
+    test_an_extension_needs_a_source_and_the_schema_states_the_range,
+    test_bad_extensions_are_422_naming_the_field,
+    test_generate_extends_the_upload_with_the_lm_planning_the_new_part,
 )
