@@ -272,7 +272,9 @@ from acestep.inference import GenerationConfig, GenerationParams, generate_music
 root, source, out = sys.argv[1:4]
 handler = AceStepHandler()
 handler.initialize_service(root, "acestep-v15-turbo", device="cpu")
-params = GenerationParams(task_type="extend", src_audio=source, extend_right_s=1188.0, thinking=False, caption="x")
+# one sampling step: the windows and the memory are what is shown, not the sound
+params = GenerationParams(task_type="extend", src_audio=source, extend_right_s=1188.0, thinking=False, caption="x",
+                          inference_steps=1)
 config = GenerationConfig(batch_size=1, seeds=[1], use_random_seed=False, audio_format="wav")
 result = generate_music(handler, None, params, config, save_dir=out)
 print(json.dumps({"error": result.error, "frames": sf.info(result.audios[0]["path"]).frames if result.success else 0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import secrets
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -52,7 +53,15 @@ def app_config_for_tests(checkpoints: str, port: int, state_dir: str, **override
 
 
 @pytest.fixture(scope="module")
-def serve_app(demo_root, tmp_path_factory):
+def shared_dir(tmp_path_factory, source_audio):
+    """A server directory requests may name files in (``ingress.allowed_audio_dirs``), with one take."""
+    directory = tmp_path_factory.mktemp("shared-audio")
+    shutil.copy(source_audio, directory / "take1.wav")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def serve_app(demo_root, tmp_path_factory, shared_dir):
     """The app deployed from serve_config.yaml the way `serve run serve_config.yaml` and KubeRay deploy
     it: the controller imports ``serve.app:build_app`` on a worker and calls it with the file's args."""
     # the GPU profile's step-level batching (the CPU profile renders one row at a time), so the
@@ -60,7 +69,8 @@ def serve_app(demo_root, tmp_path_factory):
     # serves it (extract, lego and complete go there)
     batch = {"max_forward_rows": 16, "max_row_frames": 96000, "max_padding": 0.25}
     yield from deployed_app(demo_root, tmp_path_factory.mktemp("state"),
-                            dit={"batch": batch, "extra_models": ["acestep-v15-base"]})
+                            dit={"batch": batch, "extra_models": ["acestep-v15-base"]},
+                            ingress={"allowed_audio_dirs": [str(shared_dir)]})
 
 
 def deployed_app(demo_root, state_dir, metrics_report_ms: Optional[int] = None, **overrides):

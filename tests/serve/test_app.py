@@ -342,13 +342,6 @@ def test_lm_helpers_take_a_served_lm_by_name(client):
     assert refused.status_code == 422 and refused.json()["detail"][0]["loc"][-1] == "lm_model"
 
 
-def test_default_app_opens_no_client_named_path(client, source_audio):
-    # an existing audio file on this machine: without ingress.allowed_audio_dirs it is still refused
-    for field in ("src_audio_path", "ctx_audio_path", "reference_audio_path"):
-        response = client.post("/release_task", json={"prompt": "x", "task_type": "repaint", field: source_audio})
-        assert response.status_code == 400 and field in response.text and "upload" in response.text
-
-
 # Groups sharing this module's app.
 from tests.serve.app_stems import (  # noqa: E402,F401
     source_b64,
@@ -357,6 +350,22 @@ from tests.serve.app_stems import (  # noqa: E402,F401
     test_bad_tracks_get_422_naming_tracks_and_the_allowed_names,
     test_one_request_gives_each_track_labelled_in_order,
     test_task_types_say_what_a_chosen_dit_can_serve,
+)
+from tests.serve.app_official import (  # noqa: E402,F401
+    http,
+    test_allow_listed_file_is_read_like_an_upload,
+    test_bad_values_are_refused_naming_the_field_as_sent_with_the_one_sampling_rule,
+    test_chat_completions_input_audio_is_the_cover_source,
+    test_chat_completions_refusals_are_4xx_and_keys_apply,
+    test_chat_completions_stream_description_in_sample_mode,
+    test_chat_completions_tagged_prompt_returns_markdown_and_audio,
+    test_client_paths_outside_the_allowed_directory_are_refused,
+    test_format_input_random_sample_and_init_take_json_and_form,
+    test_full_analysis_extract_codes_and_analysis_only,
+    test_query_result_known_unknown_and_missing_ids_in_order,
+    test_release_task_form_and_multipart,
+    test_release_task_json_then_download_base_plus_file,
+    test_service_routes_answer_in_the_official_shapes,
 )
 from tests.serve.app_extend import (  # noqa: E402,F401
     extend_source_b64,

@@ -3,8 +3,8 @@ poll, download ``base + file``, the service routes in their envelopes, the chat-
 (plain and streamed), the analysis modes, and every way a client may name a path.
 
 Real local Ray, demo checkpoints, real HTTP; the app lets requests name files in one allow-listed
-directory (``ingress.allowed_audio_dirs``); the default app, which opens no client path at all, is
-checked in tests/serve/test_app.py.
+directory (``ingress.allowed_audio_dirs``: the ``shared_dir`` fixture). Collected through
+tests/serve/test_app.py, whose app these tests share.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import time
 
 import httpx
@@ -22,27 +21,13 @@ import pytest
 import soundfile as sf
 
 from serve.compat import release as compat
-from tests.serve.conftest import deployed_app
 
 FAST = {"inference_steps": 2, "batch_size": 1, "thinking": False}
 
 
 @pytest.fixture(scope="module")
-def shared_dir(tmp_path_factory, source_audio):
-    directory = tmp_path_factory.mktemp("shared-audio")
-    shutil.copy(source_audio, directory / "take1.wav")
-    return directory
-
-
-@pytest.fixture(scope="module")
-def official_app(demo_root, tmp_path_factory, shared_dir):
-    yield from deployed_app(demo_root, tmp_path_factory.mktemp("official-state"),
-                            ingress={"allowed_audio_dirs": [str(shared_dir)]})
-
-
-@pytest.fixture(scope="module")
-def http(official_app):
-    with httpx.Client(base_url=official_app.url, timeout=300, headers=official_app.headers) as client:
+def http(serve_app):
+    with httpx.Client(base_url=serve_app.url, timeout=300, headers=serve_app.headers) as client:
         yield client
 
 
@@ -83,7 +68,7 @@ def _release(http, **kwargs):
 # -- release, poll, download -------------------------------------------------------------------------
 
 
-def test_release_task_json_then_download_base_plus_file(http, official_app):
+def test_release_task_json_then_download_base_plus_file(http, serve_app):
     # shaped like the upstream API docs' example
     body = {"prompt": "upbeat pop with guitar", "lyrics": "[verse]\nla la la", "audio_duration": 10,
             "key_scale": "C major", "time_signature": "4", "param_obj": json.dumps({"bpm": 120}), **FAST}
@@ -93,7 +78,7 @@ def test_release_task_json_then_download_base_plus_file(http, official_app):
     assert len(files) == 1 and files[0]["status"] == 1 and files[0]["stage"] == "succeeded"
     assert files[0]["metas"]["bpm"] == 120 and files[0]["metas"]["keyscale"] == "C major"
     assert files[0]["file"].startswith("/v1/audio?path=%2F")
-    download = httpx.get(official_app.url + files[0]["file"], headers=official_app.headers)
+    download = httpx.get(serve_app.url + files[0]["file"], headers=serve_app.headers)
     assert download.status_code == 200 and download.headers["content-type"] == "audio/mpeg"  # upstream default
     samples, rate = _decode(download.content)
     assert rate == 48000 and samples.shape[1] == 2
@@ -266,7 +251,7 @@ def test_chat_completions_input_audio_is_the_cover_source(http):
     assert abs(samples.shape[0] / rate - 6.0) < 0.5, "a cover follows its source's length"
 
 
-def test_chat_completions_refusals_are_4xx_and_keys_apply(http, official_app):
+def test_chat_completions_refusals_are_4xx_and_keys_apply(http, serve_app):
     cases = [({"messages": []}, 400, "messages"), ({"messages": [{"role": "user", "content": ""}]}, 400, "messages"),
              ({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}, 400, "model"),
              ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "@@@"}}]}]},
@@ -277,7 +262,7 @@ def test_chat_completions_refusals_are_4xx_and_keys_apply(http, official_app):
     for body, status, field in cases:
         response = http.post("/v1/chat/completions", json=body)
         assert response.status_code == status and field in response.text, (body, response.text)
-    anonymous = httpx.post(official_app.url + "/v1/chat/completions",
+    anonymous = httpx.post(serve_app.url + "/v1/chat/completions",
                            json={"messages": [{"role": "user", "content": "x"}]})
     assert anonymous.status_code == 401
 
