@@ -46,11 +46,24 @@ export function isStems(fetched) {
   return fetched.length > 1 && fetched.every(({ item }) => item.track);
 }
 
-// The stems of one task: mute silences a stem, solo plays only the soloed ones (several may be).
-export function stemsView(taskId, fetched) {
+// A task's stems, one view per song (its seed): the audios come track by track, each track's songs
+// in seed order.
+export function stemsViews(taskId, fetched) {
+  const songs = new Map();
+  for (const stem of fetched) {
+    if (!songs.has(stem.item.seed)) songs.set(stem.item.seed, []);
+    songs.get(stem.item.seed).push(stem);
+  }
+  return [...songs.entries()].map(([seed, stems], index) =>
+    stemsView(taskId, stems, songs.size > 1 ? `Song ${index + 1} (seed ${seed})` : ""));
+}
+
+// The stems of one song: mute silences a stem, solo plays only the soloed ones (several may be).
+function stemsView(taskId, fetched, title) {
   const view = document.createElement("section");
   view.className = "stems";
-  view.setAttribute("aria-label", "Stems");
+  view.setAttribute("aria-label", title ? `Stems of ${title}` : "Stems");
+  if (title) view.append(Object.assign(document.createElement("h4"), { textContent: title }));
   const muted = new Set();
   const soloed = new Set();
   const rows = fetched.map(({ item, blob }) => stemRow(item, blob, muted, soloed, () => apply()));

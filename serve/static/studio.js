@@ -5,7 +5,7 @@ import { ApiError, apiKey, events, json, request, setApiKey, upload } from "/stu
 import { changed, field, setSchemaDefault, valueOf } from "/studio/fields.js";
 import { loadModels, wireModels } from "/studio/models.js";
 import { chosenFiles, loadTasks, taskFields, useAsSource, wireSources } from "/studio/tasks.js";
-import { fetchAudios, isStems, songFigure, stemsView } from "/studio/results.js";
+import { fetchAudios, isStems, songFigure, stemsViews } from "/studio/results.js";
 
 const form = document.getElementById("song");
 const cards = document.getElementById("cards");
@@ -135,7 +135,7 @@ async function showResult(view, taskId) {
   }
   const fetched = await fetchAudios(view.results, status.result.audios);
   if (isStems(fetched)) {
-    view.results.append(stemsView(taskId, fetched));
+    view.results.append(...stemsViews(taskId, fetched));
     return status;
   }
   const actions = [

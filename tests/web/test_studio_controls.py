@@ -110,6 +110,9 @@ def _with_xl(page):
     page.route("**/v1/info", lambda route: extend(route, "models", {"name": "xl-sft", "is_default": False,
                                                                      "is_turbo": False}))
     page.route("**/v1/models", lambda route: extend(route, "data", {"id": "acestep/xl-sft", "preset": XL_PRESET}))
+    # what the app would serve with it: the tasks of its base-like variant
+    page.route("**/v1/task_types?model=xl-sft",
+               lambda route: route.fulfill(response=route.fetch(url=route.request.url.replace("xl-sft", "base"))))
 
 
 def test_a_models_preset_is_the_default_of_the_fields_it_names(page, studio_app):
@@ -120,7 +123,8 @@ def test_a_models_preset_is_the_default_of_the_fields_it_names(page, studio_app)
     _open(page)
     picker = page.get_by_label("DiT model")
     picker.wait_for(state="visible")  # an XL model is a choice like any other served DiT
-    assert picker.locator("option").all_text_contents()[1:] == [listed[0]["id"].removeprefix("acestep/"), "xl-sft"]
+    assert picker.locator("option").all_text_contents()[1:] == [m["id"].removeprefix("acestep/") for m in listed] + [
+        "xl-sft"]
     picker.select_option("xl-sft")
     read = "() => ['inference_steps', 'shift', 'guidance_scale'].map(n => Number(document.querySelector(`[name=${n}]`).value))"
     expected = [XL_PRESET["inference_steps"], XL_PRESET["shift"], XL_PRESET["guidance_scale"]]

@@ -1,5 +1,5 @@
 """The studio's source tasks in a real Chromium: a cover from an uploaded WAV (sent as multipart,
-rendered, its result reused as the next source), a repaint whose window is dragged on the source
+rendered, its result reused as the next source and extended from its card), a repaint whose window is dragged on the source
 waveform, stems of one source in one view (mute, solo, play together, one zip), tasks the chosen
 DiT cannot serve shown disabled with the reason, expired history entries, and the page at phone
 width."""
@@ -106,7 +106,7 @@ def _start(page, task, source_wav, caption):
     _fast(page)
 
 
-def test_a_cover_from_an_uploaded_wav_and_its_result_as_the_next_source(page, source_wav, studio_app):
+def test_a_cover_from_an_uploaded_wav_its_result_as_the_next_source_and_extended(page, source_wav, studio_app):
     _start(page, "cover", source_wav, "jazz cover with brushed drums")
     page.get_by_label("Cover strength").fill("0.5")
     page.get_by_role("button", name="Generate").click()
@@ -125,6 +125,22 @@ def test_a_cover_from_an_uploaded_wav_and_its_result_as_the_next_source(page, so
     page.wait_for_function("document.querySelector('#src-info').textContent.includes('.flac')")
     assert page.locator("input[name=task_type][value=cover]").is_checked()
     assert page.locator("#src_audio").evaluate("i => i.files[0].name").endswith(".flac")
+
+    # extend the same result from its card: 3 s more to the right
+    cover_s = card.locator("audio").first.evaluate("a => a.duration")
+    card.get_by_role("button", name="Extend").first.click()
+    page.wait_for_function("document.querySelector('input[name=task_type][value=extend]').checked")
+    right = page.get_by_label("Extend right (s)")
+    assert right.is_visible() and right.input_value() == "30"  # the studio's first suggestion
+    right.fill("3")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function("document.querySelectorAll('.card').length === 2 && " + DONE, timeout=300_000)
+    page.wait_for_function(PLAYABLE, timeout=60_000)
+    sent = _uploads(page)[-1]
+    assert sent["request"]["task_type"] == "extend" and sent["request"]["extend_right_s"] == 3
+    assert sent["files"] == ["src_audio"]
+    extended_s = page.locator(".card").first.locator("audio").first.evaluate("a => a.duration")
+    assert abs(extended_s - (cover_s + 3)) < 0.05, (cover_s, extended_s)
 
 
 def test_a_repaint_with_the_window_dragged_on_the_waveform(page, source_wav, studio_app):
@@ -199,33 +215,37 @@ def test_the_page_fits_a_phone(browser, studio_app):
         context.close()
 
 
-def test_stems_come_back_as_one_view_with_mute_solo_and_a_zip(page, source_wav, studio_app, tmp_path):
+def test_stems_come_back_as_one_view_per_song_with_mute_solo_and_a_zip(page, source_wav, studio_app, tmp_path):
     _start(page, "extract", source_wav, "")
     for name in ("vocals", "drums"):
         page.locator(f"input[name=track][value={name}]").check()
     page.get_by_role("button", name="Generate").click()
     page.wait_for_function(DONE, timeout=300_000)
-    page.wait_for_function("document.querySelectorAll('.stem canvas.wave[data-drawn]').length === 2", timeout=60_000)
+    page.wait_for_function("document.querySelectorAll('.stem canvas.wave[data-drawn]').length === 4", timeout=60_000)
     (upload,) = _uploads(page)
     assert upload["request"]["tracks"] == ["drums", "vocals"] and "instruction" not in upload["request"]
-    stems = page.locator(".stems .stem")
-    assert [stems.nth(k).get_attribute("data-track") for k in range(2)] == ["drums", "vocals"]
-    audible = "() => [...document.querySelectorAll('.stem')].map(s => s.dataset.track + ':' + !s.querySelector('audio').muted)"
-    page.get_by_role("button", name="Solo vocals").click()
-    assert page.evaluate(audible) == ["drums:false", "vocals:true"]
-    page.get_by_role("button", name="Solo vocals").click()
-    page.get_by_role("button", name="Mute vocals").click()
-    assert page.evaluate(audible) == ["drums:true", "vocals:false"]
-    page.get_by_role("button", name="Play all").click()
-    page.wait_for_function("[...document.querySelectorAll('.stem audio')].every(a => !a.paused)")
-    page.get_by_role("button", name="Pause").click()
+    views = page.locator(".stems")
+    assert views.count() == 2  # the form's default batch: two songs, each its own stems
+    song = views.first
+    assert "Song 1" in song.locator("h4").text_content()
+    assert [song.locator(".stem").nth(k).get_attribute("data-track") for k in range(2)] == ["drums", "vocals"]
+    audible = "s => [...s.querySelectorAll('.stem')].map(r => r.dataset.track + ':' + !r.querySelector('audio').muted)"
+    song.get_by_role("button", name="Solo vocals").click()
+    assert song.evaluate(audible) == ["drums:false", "vocals:true"]
+    song.get_by_role("button", name="Solo vocals").click()
+    song.get_by_role("button", name="Mute vocals").click()
+    assert song.evaluate(audible) == ["drums:true", "vocals:false"]
+    assert views.nth(1).evaluate(audible) == ["drums:true", "vocals:true"]  # the other song is its own
+    song.get_by_role("button", name="Play all").click()
+    page.wait_for_function("[...document.querySelector('.stems').querySelectorAll('audio')].every(a => !a.paused)")
+    song.get_by_role("button", name="Pause").click()
     with page.expect_download() as download:
-        page.get_by_role("button", name="Download all (zip)").click()
+        song.get_by_role("button", name="Download all (zip)").click()
     path = tmp_path / "stems.zip"
     download.value.save_as(path)
     with zipfile.ZipFile(path) as bundle:
         names = bundle.namelist()
-        assert [name.rsplit(".", 1)[0] for name in names] == ["01-drums", "02-vocals"]
+        assert [name.rsplit(".", 1)[0] for name in names] == ["01-drums", "02-drums", "03-vocals", "04-vocals"]
         for name in names:
             audio, rate = sf.read(io.BytesIO(bundle.read(name)))
             assert rate == 48000 and audio.shape == (12 * 48000, 2)  # the source's length
