@@ -438,4 +438,10 @@ def load_dit(config: AppConfig, model: str):
                                limits=config.dit.batch.to_library(config.dit.device),
                                quantization=config.dit.quantization, offload_to_cpu=config.dit.offload_to_cpu,
                                offload_dit_to_cpu=config.dit.offload_dit_to_cpu)
+    longest = config.ingress.limits.max_duration_s
+    if longest is not None:  # an extension's DiT passes stay within the longest song the card takes
+        from acestep.dit.extend import ExtendConfig
+
+        window = min(handler.extend.window_s, longest)
+        handler.extend = ExtendConfig(window_s=window, context_s=min(handler.extend.context_s, window / 2))
     return handler

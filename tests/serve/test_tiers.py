@@ -265,3 +265,15 @@ def test_the_lm_decides_durations_within_the_longest_song(demo_root):
         assert handler.max_duration == 30  # the duration FSM's upper bound (tests/lm/test_constrained.py)
     finally:
         handler.unload()
+
+
+def test_an_extension_renders_in_windows_no_longer_than_the_longest_song(demo_root):
+    from serve.deployments import load_dit
+
+    config = AppConfig.model_validate({"checkpoints": str(demo_root), "dit": {"device": "cpu"},
+                                       "ingress": {"limits": {"max_duration_s": 30}}})
+    handler = load_dit(config, config.dit.model)
+    try:
+        assert (handler.extend.window_s, handler.extend.context_s) == (30, 15)
+    finally:
+        handler.loop.close()
