@@ -238,7 +238,7 @@ def _engine_requests(models_app, lm: str) -> int:
 def test_official_sample_format_and_analysis_modes_use_the_chosen_lm(http, models_app):
     """Every task path asks the same ``models_for``: the official LM steps run on the LM the body
     names, and the result says which it was."""
-    from tests.serve.test_official_api import _poll, _release
+    from tests.serve.app_official import _poll, _release
 
     default_before = _engine_requests(models_app, "acestep-5Hz-lm-0.6B")
     big_before = _engine_requests(models_app, BIG_LM)
