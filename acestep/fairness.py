@@ -1,0 +1,88 @@
+"""Fair share between tenants: which waiting work goes next.
+
+One rule for every queue that serves several tenants (the serving layer's task claim order, the LM
+engine's admission, the DiT running batch's admission), so that all stages agree:
+
+1. the highest priority class with waiting work goes first (strict order between classes);
+2. within that class, the tenant with the least work in service goes first (its running cost: the
+   tasks or rows it holds now), so a tenant that floods the queue takes turns with the others
+   instead of going ahead of them;
+3. ties go to the tenant whose oldest waiting work arrived first; a tenant's own work keeps its
+   arrival order.
+
+With equal costs this is round robin over the tenants of a class without any stored state (a
+deficit round robin with a one-item quantum whose deficits are the running counts), so every
+stage can recompute it from what it sees. A tenant is an opaque name (the serving layer passes its
+API key's name); the priority is a class rank, higher first (``PRIORITY_CLASSES``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+# Priority classes by name → rank (higher goes first); requests without one are "normal".
+PRIORITY_CLASSES: Dict[str, int] = {"low": 0, "normal": 1, "high": 2}
+DEFAULT_PRIORITY = PRIORITY_CLASSES["normal"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One waiting piece of work: whose it is, its class and what it costs once in service."""
+
+    tenant: str = ""
+    priority: int = DEFAULT_PRIORITY
+    cost: float = 1.0
+
+
+Queue = Tuple[int, str]  # (priority, tenant)
+
+
+def next_queue(heads: Mapping[Queue, int], served: Mapping[str, float]) -> Optional[Queue]:
+    """The (priority, tenant) queue served next: ``heads`` maps each non-empty queue to its oldest
+    entry's arrival position, ``served`` each tenant's cost in service (absent: 0)."""
+    if not heads:
+        return None
+    return min(heads, key=lambda q: (-q[0], served.get(q[1], 0.0), heads[q]))
+
+
+def fair_order(entries: Sequence[Entry], served: Mapping[str, float], limit: Optional[int] = None) -> List[int]:
+    """Indices of ``entries`` (given in arrival order) in the order the rule serves them, each pick
+    adding its cost to its tenant's service; at most ``limit`` of them."""
+    queues: Dict[Queue, List[int]] = {}
+    for index, entry in enumerate(entries):
+        queues.setdefault((entry.priority, entry.tenant), []).append(index)
+    cursor = {queue: 0 for queue in queues}
+    load = dict(served)
+    order: List[int] = []
+    wanted = len(entries) if limit is None else min(limit, len(entries))
+    while len(order) < wanted:
+        heads = {q: ids[cursor[q]] for q, ids in queues.items() if cursor[q] < len(ids)}
+        queue = next_queue(heads, load)
+        index = heads[queue]
+        cursor[queue] += 1
+        order.append(index)
+        load[queue[1]] = load.get(queue[1], 0.0) + entries[index].cost
+    return order
+
+
+def next_index(entries: Sequence[Entry], served: Mapping[str, float]) -> Optional[int]:
+    """The index of the entry served next (None when there are none)."""
+    order = fair_order(entries, served, limit=1)
+    return order[0] if order else None
+
+
+def in_service(entries: Sequence[Entry]) -> Dict[str, float]:
+    """Each tenant's cost over ``entries`` (the work running now)."""
+    load: Dict[str, float] = {}
+    for entry in entries:
+        load[entry.tenant] = load.get(entry.tenant, 0.0) + entry.cost
+    return load
+
+
+def priority_rank(name: str) -> int:
+    """A class name's rank; ValueError naming the classes otherwise."""
+    try:
+        return PRIORITY_CLASSES[name]
+    except KeyError:
+        raise ValueError(f"priority: {name!r} is not a class; allowed: {', '.join(PRIORITY_CLASSES)}") from None
