@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from acestep.fairness import Entry, fair_order, in_service, next_index, next_queue, priority_rank
+from acestep.fairness import Entry, Turns, fair_order, in_service, next_index, next_queue, priority_rank
 
 
 def test_one_tenant_is_first_come_first_served():
@@ -46,3 +46,20 @@ def test_priority_names():
     assert priority_rank("low") < priority_rank("normal") < priority_rank("high")
     with pytest.raises(ValueError, match="priority.*low, normal, high"):
         priority_rank("urgent")
+
+
+def test_ties_go_to_the_tenant_served_least_recently():
+    entries = [Entry("a"), Entry("a"), Entry("c"), Entry("b")]
+    assert fair_order(entries, {}, {"a": 5.0, "c": 7.0}) == [3, 0, 2, 1]
+
+
+def test_one_slot_still_takes_turns():
+    """One item in service at a time: a flood from a and c cannot keep b's item waiting."""
+    turns = Turns()
+    waiting = [Entry("a")] * 5 + [Entry("c")] * 5 + [Entry("b")]
+    served = []
+    while waiting:
+        index = turns.pick(waiting, [])
+        served.append(waiting.pop(index).tenant)
+        turns.served(served[-1], waiting)
+    assert served[:4] == ["a", "c", "b", "a"]

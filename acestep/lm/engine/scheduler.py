@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from acestep.fairness import DEFAULT_PRIORITY, Entry, in_service, next_index
+from acestep.fairness import DEFAULT_PRIORITY, Entry, Turns
 
 
 @dataclass(eq=False)  # sequences compare by identity
@@ -50,6 +50,7 @@ class Scheduler:
         self.max_admit = max(1, int(max_admit))
         self.waiting: deque[LMSequence] = deque()
         self.running: list[LMSequence] = []
+        self.turns = Turns()
         self._free = list(range(self.max_rows))
         heapq.heapify(self._free)
 
@@ -66,10 +67,11 @@ class Scheduler:
         """Move up to ``max_admit`` waiting sequences into the running batch (rows assigned)."""
         joined: list[LMSequence] = []
         while self.waiting and len(joined) < self.max_admit:
-            seq = self.waiting[next_index([s.entry for s in self.waiting], in_service([s.entry for s in self.running]))]
+            seq = self.waiting[self.turns.pick([s.entry for s in self.waiting], [s.entry for s in self.running])]
             if seq.rows_needed > len(self._free):
                 break
             self.waiting.remove(seq)
+            self.turns.served(seq.tenant, [s.entry for s in (*self.waiting, *self.running)])
             seq.cond_row = heapq.heappop(self._free)
             if seq.rows_needed == 2:
                 seq.uncond_row = heapq.heappop(self._free)
