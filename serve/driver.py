@@ -6,7 +6,9 @@ store) and renews the lease while it runs. A task whose lease lapses -- its ingr
 the whole service stopped -- is claimed again by any driver's reaper and run again from its stored
 request (same seeds, so the same result). LM/DiT calls that fail because a replica died or pushed
 back are retried with backoff; the record gets a failure code, never a traceback, actor id or path.
-Tasks beyond ``max_drives`` stay queued in the store until a driver has room.
+Tasks beyond ``max_drives`` stay queued in the store until a driver has room; a drive that ends
+wakes the reaper, which claims the next ones in the store's claim order (priority class, then fair
+share over API keys, ``serve.store.records.claim_order``).
 """
 
 from __future__ import annotations
@@ -151,6 +153,7 @@ class TaskDriver:
         self.draining = False
         self._drives: Dict[str, asyncio.Task] = {}
         self._reaper: Optional[asyncio.Task] = None
+        self._wake: Optional[asyncio.Event] = None  # set when a drive ends: there is room to claim
         self._counts = {"started": 0, "done": 0, "failed": 0, "retries": 0, "redriven": 0, "released": 0}
 
     # -- starting ----------------------------------------------------------------------------------
@@ -164,14 +167,20 @@ class TaskDriver:
             return False
         drive = asyncio.get_running_loop().create_task(self._drive(task_id, claimed))
         self._drives[task_id] = drive
-        drive.add_done_callback(lambda _: self._drives.pop(task_id, None))
+        drive.add_done_callback(lambda _: self._ended(task_id))
         return True
+
+    def _ended(self, task_id: str) -> None:
+        self._drives.pop(task_id, None)
+        if self._wake is not None:
+            self._wake.set()
 
     def local(self, task_id: str) -> Optional[asyncio.Task]:
         return self._drives.get(task_id)
 
     def ensure_reaper(self) -> None:
         if self._reaper is None or self._reaper.done():
+            self._wake = asyncio.Event()
             # a context of its own: the drives it starts log their task's request id, not that of
             # the request that happened to start the reaper
             self._reaper = asyncio.get_running_loop().create_task(self._reap_forever(), context=contextvars.Context())
@@ -183,7 +192,11 @@ class TaskDriver:
                 await self.reap()
             except Exception:  # a store hiccup must not end re-driving for good
                 log.warning("task reaper pass failed", exc_info=True)
-            await asyncio.sleep(period)
+            try:  # the next pass at the period, or as soon as a drive ends
+                await asyncio.wait_for(self._wake.wait(), period)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
 
     async def reap(self) -> int:
         """Claim tasks whose lease is free or lapsed (queued ones too) while there is room; fail
