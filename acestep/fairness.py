@@ -23,7 +23,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 # Priority classes by name → rank (higher goes first); requests without one are "normal".
 PRIORITY_CLASSES: Dict[str, int] = {"low": 0, "normal": 1, "high": 2}
-DEFAULT_PRIORITY = PRIORITY_CLASSES["normal"]
+DEFAULT_CLASS = "normal"
+DEFAULT_PRIORITY = PRIORITY_CLASSES[DEFAULT_CLASS]
 
 
 @dataclass(frozen=True)
