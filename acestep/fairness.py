@@ -28,6 +28,14 @@ DEFAULT_PRIORITY = PRIORITY_CLASSES[DEFAULT_CLASS]
 
 
 @dataclass(frozen=True)
+class Share:
+    """Whose request it is and its class, as a caller hands them to an engine."""
+
+    tenant: str = ""
+    priority: int = DEFAULT_PRIORITY
+
+
+@dataclass(frozen=True)
 class Entry:
     """One waiting piece of work: whose it is, its class and what it costs once in service."""
 
