@@ -154,12 +154,23 @@ class TaskDriver:
         self._drives: Dict[str, asyncio.Task] = {}
         self._reaper: Optional[asyncio.Task] = None
         self._wake: Optional[asyncio.Event] = None  # set when a drive ends: there is room to claim
+        self.backlog = False  # the last reaper pass left claimable tasks for want of room
         self._counts = {"started": 0, "done": 0, "failed": 0, "retries": 0, "redriven": 0, "released": 0}
 
     # -- starting ----------------------------------------------------------------------------------
 
     def has_room(self) -> bool:
         return not self.draining and len(self._drives) < self.settings.max_drives
+
+    def may_claim_new(self) -> bool:
+        """Whether a task created here may be driven at once: room, and no queued task left behind
+        by the last reaper pass (those go first, in the claim order)."""
+        return self.has_room() and not self.backlog
+
+    def wake(self) -> None:
+        """Run the next reaper pass now (a task was queued while there may be room)."""
+        if self._wake is not None:
+            self._wake.set()
 
     def start(self, task_id: str, claimed: bool = False) -> bool:
         """Drive ``task_id`` here if there is room (claiming it unless the caller created it claimed)."""
@@ -172,8 +183,7 @@ class TaskDriver:
 
     def _ended(self, task_id: str) -> None:
         self._drives.pop(task_id, None)
-        if self._wake is not None:
-            self._wake.set()
+        self.wake()
 
     def local(self, task_id: str) -> Optional[asyncio.Task]:
         return self._drives.get(task_id)
@@ -203,9 +213,10 @@ class TaskDriver:
         those queued longer than the queue timeout. Returns how many were started."""
         if not self.has_room():
             return 0
-        started = 0
+        started, self.backlog = 0, False
         for task_id in await asyncio.to_thread(self.store.expired, self.settings.max_drives * 2):
             if not self.has_room():
+                self.backlog = True
                 break
             if task_id in self._drives:
                 continue

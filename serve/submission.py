@@ -107,7 +107,7 @@ class Submission:
             await asyncio.to_thread(state.audio.put, upload_keys[name], data)
         request = intake.task_request(source, params, config, seeds, upload_keys, extras,
                                       request_id=current_request_id())
-        claim = state.driver.has_room()
+        claim = state.driver.may_claim_new()
         priority = self._priority(key_name) if priority is None else priority
         try:
             task_id, created = await asyncio.to_thread(
@@ -124,4 +124,6 @@ class Submission:
         log.info("task %s accepted", task_id, extra=extra(task_id=task_id, source=source, created=created))
         if created and claim:
             state.driver.start(task_id, claimed=True)
+        elif created:
+            state.driver.wake()
         return task_id

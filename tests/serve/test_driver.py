@@ -375,3 +375,28 @@ def test_priority_classes_go_first_whatever_was_queued_before(store):
     low, high = ids[0], ids[21]
     assert done.index(high) < done.index(ids[16]), "the high class goes before a's 5th from the end"
     assert done.index(low) > max(done.index(t) for t in ids[3:21]), "the low class waits for the normal ones"
+
+
+def test_a_new_task_waits_behind_a_backlog_the_reaper_left(store):
+    """A task created while queued ones wait is not driven ahead of them: the reaper claims in
+    the claim order, and the next pass runs at once."""
+    async def main():
+        release = asyncio.Event()
+
+        async def pipeline(record):
+            await release.wait()
+            return {}
+
+        driver = _driver(store, pipeline, max_drives=1)
+        assert driver.may_claim_new()
+        ids = [store.create({}, key_name="a")[0] for _ in range(3)]
+        assert await driver.reap() == 1 and driver.backlog and not driver.may_claim_new()
+        release.set()
+        await _until(lambda: driver.has_room(), "the first drive ended")
+        assert not driver.may_claim_new(), "the queued tasks go first"
+        driver.ensure_reaper()
+        await _until(lambda: all(store.get(t).finished for t in ids), "the queue drained")
+        await _until(lambda: driver.may_claim_new(), "a pass found nothing left behind", tick=driver.wake)
+        await driver.drain(1.0)
+
+    asyncio.run(main())
