@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future
+from functools import partial
 from dataclasses import dataclass, fields, replace
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -25,6 +26,7 @@ from acestep.dit.items import DiTItem, Progress, RenderOutput, SamplingSettings
 from acestep.dit.prepare import build_items, encode_source, sampling_settings
 from acestep.devices import default_dtype, resolve_device
 from acestep.dit.worker import DiTWorker
+from acestep.fairness import Share
 from acestep.memory import DIT_PHASES, MemoryPlan, dit_modules, dit_offloaded, plan_memory
 from acestep.offload import RESIDENT, Offloader
 from acestep.presets import family_of
@@ -180,20 +182,23 @@ class AceStepHandler:
         return self.submit(item_params, seeds, progress=progress).result()
 
     def submit(self, item_params: List[GenerationParams], seeds: List[int],
-               settings: Optional[SamplingSettings] = None, progress: Optional[Progress] = None) -> Future:
+               settings: Optional[SamplingSettings] = None, progress: Optional[Progress] = None,
+               share: Share = Share()) -> Future:
         """``render`` without waiting: a Future of the ``RenderOutput``. Its items are prepared
         (audio read and encoded) on the worker thread and join the running batch; what preparing
         raises (unreadable audio, bad codes) fails this future only. ``future.cancel()`` drops them.
-        An extension renders window after window, each a request of its own (``acestep.dit.extend``)."""
+        An extension renders window after window, each a request of its own (``acestep.dit.extend``).
+        ``share`` (tenant, priority class): the items' place in the running batch's admission order."""
         bundle = self._require()
         settings = settings or sampling_settings(item_params[0])
         if settings.adapters is None:
             settings = replace(settings, adapters=self.lora_setting)
         if item_params[0].task_type == "extend":
-            return ExtendRender(self._loop().submit, bundle, item_params, seeds, settings, progress,
-                                self.extend).start()
+            submit = partial(_submit_shared, self._loop().submit, share)
+            return ExtendRender(submit, bundle, item_params, seeds, settings, progress, self.extend).start()
         counts = self.worker.encodes
-        return self._loop().submit(lambda: build_items(bundle, item_params, seeds, counts), settings, progress)
+        return self._loop().submit(lambda: build_items(bundle, item_params, seeds, counts), settings, progress,
+                                   share.tenant, share.priority)
 
     def prepare(self, item_params: List[GenerationParams], seeds: List[int]) -> List[DiTItem]:
         """Read and encode audio inputs, decode codes, build task contexts: one DiTItem per seed."""
@@ -303,3 +308,8 @@ class AceStepHandler:
     def _require_adapters(self) -> AdapterSlots:
         self._require()
         return self.adapters
+
+
+def _submit_shared(submit, share: Share, items, settings, progress) -> Future:
+    """A StepLoop's submit for one extension window, with the request's tenant and class."""
+    return submit(items, settings, progress, share.tenant, share.priority)

@@ -32,6 +32,7 @@ from acestep.audio import (
     save_audio,
 )
 from acestep.dit.tasks import SOURCE_TASKS, TASK_INSTRUCTIONS
+from acestep.fairness import Share
 from acestep.lm.constants import DURATION_MAX
 from acestep.params import (  # noqa: F401  (re-exported: the seed's import path)
     CreateSampleResult,
@@ -209,14 +210,16 @@ def merge_plan(params: GenerationParams, plan: Optional[LMPlan]) -> GenerationPa
 
 def plan_music(llm_handler, params: GenerationParams, config: GenerationConfig, seeds: List[int],
                progress: Optional[Callable[[Any], None]] = None, cancel: Optional[Any] = None,
-               group: Optional[str] = None) -> PlanOutcome:
+               group: Optional[str] = None, share: Share = Share()) -> PlanOutcome:
     """Run the LM when the params ask for it and one is loaded; otherwise pass through.
     ``progress`` receives ``acestep.lm.request.LMProgress`` events, ``cancel`` is an
-    ``acestep.lm.request.Cancellation``, ``group`` labels the engine requests (see the planner)."""
+    ``acestep.lm.request.Cancellation``, ``group`` labels the engine requests (see the planner),
+    ``share`` (tenant, priority class) places them in the engine's admission order."""
     if not uses_lm(llm_handler, params):
         return PlanOutcome(plans=None, params=params)
     started = time.perf_counter()
-    plans = llm_handler.plan(lm_params(params), config, seeds, progress=progress, cancel=cancel, group=group)
+    plans = llm_handler.plan(lm_params(params), config, seeds, progress=progress, cancel=cancel, group=group,
+                             share=share)
     # items decode concurrently: a phase's time is its longest item's
     phase1 = max(p.phase1_time for p in plans)
     phase2 = max(p.phase2_time for p in plans)
@@ -290,12 +293,14 @@ def _failure(error: Exception) -> GenerationResult:
                             error=str(error))
 
 
-def submit_render(dit_handler, job: RenderJob, progress: Optional[Progress] = None, adapters=None):
+def submit_render(dit_handler, job: RenderJob, progress: Optional[Progress] = None, adapters=None,
+                  share: Share = Share()):
     """Start ``job`` on the DiT worker without waiting: a ``concurrent.futures.Future`` of its
     ``RenderOutput`` (``render_result`` turns it into the seed's result). Concurrent jobs share
     the worker's running batch whatever their lengths and settings, each getting the audio it
     would get alone; ``future.cancel()`` drops the job's items. ``adapters``: an
-    ``AdapterSetting`` (loaded adapters and scales); None uses the handler's default."""
+    ``AdapterSetting`` (loaded adapters and scales); None uses the handler's default. ``share``
+    (tenant, priority class) places its items in the running batch's admission order."""
     import dataclasses
 
     from acestep.dit.prepare import sampling_settings
@@ -307,7 +312,7 @@ def submit_render(dit_handler, job: RenderJob, progress: Optional[Progress] = No
     if stems is not None:  # every track one item of this request: one source encode, shared forwards
         items, seeds = stems.items, stems.seeds
         settings = dataclasses.replace(settings, retake_seeds=stems.retake_seeds(settings.retake_seeds))
-    return dit_handler.submit(items, seeds, settings, progress)
+    return dit_handler.submit(items, seeds, settings, progress, share=share)
 
 
 def render_result(job: RenderJob, output) -> GenerationResult:

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from acestep.checkpoints.layout import resolve_lm_dir
+from acestep.fairness import Share
 from acestep.devices import default_dtype, resolve_device
 from acestep.lm import constants as C
 from acestep.lm import planner
@@ -173,10 +174,10 @@ class LLMHandler:
     # -- text2music --------------------------------------------------------------------------
     def plan(self, params: GenerationParams, config: GenerationConfig, seeds: List[int],
              progress: Optional[planner.ProgressCallback] = None, cancel: Optional[Cancellation] = None,
-             group: Optional[str] = None) -> List[LMPlan]:
+             group: Optional[str] = None, share: Share = Share()) -> List[LMPlan]:
         """Phase 1 (CoT) and phase 2 (codes) per item; see ``acestep.lm.planner``."""
         self._require()
-        return planner.plan(self, params, config, seeds, progress, cancel, group)
+        return planner.plan(self, params, config, seeds, progress, cancel, group, share)
 
     def has_all_metas(self, user_metadata: Optional[Dict[str, Any]]) -> bool:
         return planner.has_all_metas(user_metadata)

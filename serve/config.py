@@ -212,6 +212,11 @@ class IngressSettings(_Strict):
     api_keys_file: Optional[str] = Field(
         None, description="File of 'name:key' lines; the name identifies a key in limits and logs. "
                           "--api-key / ACESTEP_API_KEY add a key named 'default'. No keys: no auth.")
+    key_priorities: Dict[str, Literal["low", "normal", "high"]] = Field(
+        default_factory=dict, description="Priority class of each key by name (low, normal, high); a key not "
+                                          "named here, or no auth: normal. Queued tasks of a higher class start "
+                                          "first; within a class, keys take turns (README, fair share). A request "
+                                          "may ask for a lower class (`priority`), never a higher one.")
     public_docs: bool = Field(False, description="Serve /docs and /openapi.json without a key.")
     allowed_audio_dirs: List[str] = Field(
         default_factory=list,

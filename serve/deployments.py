@@ -28,6 +28,7 @@ from ray import serve
 from acestep.audio import SAMPLE_RATE
 from acestep.devices import device_memory
 from acestep.dit.adapters import AdapterError
+from acestep.fairness import DEFAULT_PRIORITY, Share
 from acestep.params import json_safe
 from serve import metrics
 from serve.adapter_pool import AdapterPool
@@ -39,12 +40,19 @@ from serve.store import open_task_store
 
 @dataclass
 class PlanRequest:
-    """One request for the LM: validated params/config and resolved seeds."""
+    """One request for the LM: validated params/config and resolved seeds; ``tenant`` (the task's
+    key name) and ``priority`` (its class rank) place it in the engines' admission order."""
 
     task_id: str
     params: Any  # GenerationParams
     config: Any  # GenerationConfig
     seeds: List[int]
+    tenant: str = ""
+    priority: int = DEFAULT_PRIORITY
+
+    @property
+    def share(self) -> Share:
+        return Share(self.tenant, self.priority)
 
 
 @dataclass
@@ -194,7 +202,8 @@ class LMDeployment(_ModelReplica):
         cancel = Cancellation()
         progress = self._progress_reporter(job.task_id) if self.handler is not None else None
         work = asyncio.get_running_loop().run_in_executor(self._planners, lambda: plan_music(
-            self.handler, job.params, job.config, job.seeds, progress=progress, cancel=cancel, group=job.task_id))
+            self.handler, job.params, job.config, job.seeds, progress=progress, cancel=cancel, group=job.task_id,
+            share=job.share))
         try:
             outcome = await self._tracked(work)
         except asyncio.CancelledError:
@@ -356,7 +365,7 @@ class DiTDeployment(_ModelReplica):
             await self.adapter_set(serve.get_multiplexed_model_id() or "+".join(names))
         async with self.adapters.using(names) if names else contextlib.nullcontext():
             output = await asyncio.wrap_future(submit_render(self.handler, render_job, self._progress_of(job.task_id),
-                                                             adapters=setting))
+                                                             adapters=setting, share=job.share))
         await self._report_now(job.task_id, "encode", 0.92, "encoding audio")
         return await self._run(self._output, render_job, outcome, output, setting)
 

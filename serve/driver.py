@@ -6,7 +6,9 @@ store) and renews the lease while it runs. A task whose lease lapses -- its ingr
 the whole service stopped -- is claimed again by any driver's reaper and run again from its stored
 request (same seeds, so the same result). LM/DiT calls that fail because a replica died or pushed
 back are retried with backoff; the record gets a failure code, never a traceback, actor id or path.
-Tasks beyond ``max_drives`` stay queued in the store until a driver has room.
+Tasks beyond ``max_drives`` stay queued in the store until a driver has room; a drive that ends
+wakes the reaper, which claims the next ones in the store's claim order (priority class, then fair
+share over API keys, ``serve.store.records.claim_order``).
 """
 
 from __future__ import annotations
@@ -151,6 +153,8 @@ class TaskDriver:
         self.draining = False
         self._drives: Dict[str, asyncio.Task] = {}
         self._reaper: Optional[asyncio.Task] = None
+        self._wake: Optional[asyncio.Event] = None  # set when a drive ends: there is room to claim
+        self.backlog = False  # the last reaper pass left claimable tasks for want of room
         self._counts = {"started": 0, "done": 0, "failed": 0, "retries": 0, "redriven": 0, "released": 0}
 
     # -- starting ----------------------------------------------------------------------------------
@@ -158,20 +162,35 @@ class TaskDriver:
     def has_room(self) -> bool:
         return not self.draining and len(self._drives) < self.settings.max_drives
 
+    def may_claim_new(self) -> bool:
+        """Whether a task created here may be driven at once: room, and no queued task left behind
+        by the last reaper pass (those go first, in the claim order)."""
+        return self.has_room() and not self.backlog
+
+    def wake(self) -> None:
+        """Run the next reaper pass now (a task was queued while there may be room)."""
+        if self._wake is not None:
+            self._wake.set()
+
     def start(self, task_id: str, claimed: bool = False) -> bool:
         """Drive ``task_id`` here if there is room (claiming it unless the caller created it claimed)."""
         if not self.has_room() or task_id in self._drives:
             return False
         drive = asyncio.get_running_loop().create_task(self._drive(task_id, claimed))
         self._drives[task_id] = drive
-        drive.add_done_callback(lambda _: self._drives.pop(task_id, None))
+        drive.add_done_callback(lambda _: self._ended(task_id))
         return True
+
+    def _ended(self, task_id: str) -> None:
+        self._drives.pop(task_id, None)
+        self.wake()
 
     def local(self, task_id: str) -> Optional[asyncio.Task]:
         return self._drives.get(task_id)
 
     def ensure_reaper(self) -> None:
         if self._reaper is None or self._reaper.done():
+            self._wake = asyncio.Event()
             # a context of its own: the drives it starts log their task's request id, not that of
             # the request that happened to start the reaper
             self._reaper = asyncio.get_running_loop().create_task(self._reap_forever(), context=contextvars.Context())
@@ -183,16 +202,21 @@ class TaskDriver:
                 await self.reap()
             except Exception:  # a store hiccup must not end re-driving for good
                 log.warning("task reaper pass failed", exc_info=True)
-            await asyncio.sleep(period)
+            try:  # the next pass at the period, or as soon as a drive ends
+                await asyncio.wait_for(self._wake.wait(), period)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
 
     async def reap(self) -> int:
         """Claim tasks whose lease is free or lapsed (queued ones too) while there is room; fail
         those queued longer than the queue timeout. Returns how many were started."""
         if not self.has_room():
             return 0
-        started = 0
+        started, self.backlog = 0, False
         for task_id in await asyncio.to_thread(self.store.expired, self.settings.max_drives * 2):
             if not self.has_room():
+                self.backlog = True
                 break
             if task_id in self._drives:
                 continue

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any, Dict, NamedTuple
+from typing import Any, Dict, NamedTuple, Tuple
 
 from acestep.params import GenerationParams, json_safe
 from serve.compat import release as compat
@@ -54,7 +54,8 @@ class TaskPipeline:
         if extras.get("sample_mode") or extras.get("sample_query") or extras.get("use_format"):
             params = await self._compat_sample(models.lm, params, extras)
         adapters = extras.get("adapters")
-        reply = await self._render(models, record.task_id, params, config, seeds, upload_keys, adapters)
+        reply = await self._render(models, record.task_id, params, config, seeds, upload_keys, adapters,
+                                   (record.key_name, record.priority))
         audios = [AudioItem(key=item.file_key, url=f"/v1/audio/{item.file_key}", format=item.format,
                             sample_rate=item.sample_rate, seed=item.seed, params=item.params)
                   for item in reply.items]
@@ -63,17 +64,19 @@ class TaskPipeline:
                                                                                    "preset": extras.get("preset")},
                                 time_costs=reply.time_costs, status_message=reply.status_message).model_dump()
 
-    async def _render(self, models: Models, task_id, params, config, seeds, upload_keys, adapters) -> RenderReply:
+    async def _render(self, models: Models, task_id, params, config, seeds, upload_keys, adapters,
+                      share: Tuple[str, int]) -> RenderReply:
+        """LM plan → DiT render; ``share`` = (key name, class rank): the engines' admission order."""
         calls = []
         try:
-            plan = models.lm.plan.remote(PlanRequest(task_id, params, config, seeds))  # not awaited: a ref
+            plan = models.lm.plan.remote(PlanRequest(task_id, params, config, seeds, *share))  # not awaited: a ref
             calls.append(plan)
             plan_ref = await plan._to_object_ref()
             await until_ready(plan_ref)  # the DiT is called with a finished (or failed) plan
             dit = models.dit
             if adapters:  # multiplexing: prefer a replica that holds this adapter set
                 dit = dit.options(multiplexed_model_id="+".join(name for name, _ in adapters))
-            render = RenderRequest(task_id, params, config, seeds, upload_keys, adapters=adapters)
+            render = RenderRequest(task_id, params, config, seeds, *share, uploads=upload_keys, adapters=adapters)
             calls.append(dit.render.remote(render, PlanRef(plan_ref)))
             return await calls[-1]
         except asyncio.CancelledError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Annotated, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union, get_args, get_origin
+from typing import Annotated, Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union, get_args, get_origin
 from typing import get_type_hints
 
 import annotated_types
@@ -162,6 +162,8 @@ GenerateRequest = create_model(
     **library_fields(GenerationConfig),
     src_audio_base64=(Optional[str], Field(None, description="Source audio file (cover/repaint/extend...), base64.")),
     reference_audio_base64=(Optional[str], Field(None, description="Reference (timbre) audio file, base64.")),
+    priority=(Optional[Literal["low", "normal", "high"]], Field(None, description=(
+        "The task's priority class, at most its API key's (ingress.key_priorities); default: the key's class."))),
     **routing_fields(ROUTING_FIELDS),
 )
 

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional
 
 from fastapi import Request
 
+from acestep.fairness import DEFAULT_CLASS
 from acestep.params import GenerationConfig, GenerationParams
 from serve.config import RequestLimits
 from serve.edge import intake
@@ -59,11 +60,16 @@ class Submission:
         body, files = await intake.read_generate_body(request, max_upload)
         digest = None if idempotency is None else intake.request_digest(body, files)
         params, config, files, sent_as = intake.to_params(body, files, max_upload)
+        key_name = getattr(request.state, "key_name", "")
+        priority = self._priority(key_name, body.get("priority"))
         files = await self._check_uploads(files, max_upload, sent_as)
         params, config, seeds, route = await self._prepare(params, config, files, intake.routing(body), list(body))
-        key_name = getattr(request.state, "key_name", "")
         return await self._submit(source, params, config, seeds, files, route, key_name, sync=sync,
-                                  idempotency=(idempotency, digest))
+                                  idempotency=(idempotency, digest), priority=priority)
+
+    def _priority(self, key_name: str, requested: Optional[str] = None) -> int:
+        """The task's class rank: ``requested`` up to the key's class (``ingress.key_priorities``)."""
+        return intake.task_priority(requested, self.config.ingress.key_priorities.get(key_name, DEFAULT_CLASS))
 
     async def _check_uploads(self, files, max_upload: int, sent_as: Optional[Dict[str, str]] = None):
         """``intake.check_uploads`` with this server's longest source (``ingress.limits``)."""
@@ -88,8 +94,9 @@ class Submission:
         return params, config, seeds, {"dit_model": dit, "lm_model": lm, "preset": report.to_dict(), **adapters}
 
     async def _submit(self, source, params, config, seeds, files, extras, key_name, *, sync=False,
-                      idempotency=(None, None)) -> str:
-        """Admission, then the uploads and the task record; this replica drives it when it has room."""
+                      idempotency=(None, None), priority: Optional[int] = None) -> str:
+        """Admission, then the uploads and the task record; this replica drives it when it has room.
+        ``priority``: the task's class rank; None: the key's class."""
         state = self.state
         state.start_background()
         await state.admit(key_name)
@@ -100,12 +107,13 @@ class Submission:
             await asyncio.to_thread(state.audio.put, upload_keys[name], data)
         request = intake.task_request(source, params, config, seeds, upload_keys, extras,
                                       request_id=current_request_id())
-        claim = state.driver.has_room()
+        claim = state.driver.may_claim_new()
+        priority = self._priority(key_name) if priority is None else priority
         try:
             task_id, created = await asyncio.to_thread(
                 state.store.create, request, key_name=key_name, task_id=task_id, idempotency_key=idempotency[0],
                 body_digest=idempotency[1], owner=state.driver.owner if claim else None,
-                lease_s=self.config.ingress.lease_s, bounds=state.bounds(key_name))
+                lease_s=self.config.ingress.lease_s, bounds=state.bounds(key_name), priority=priority)
         except StoreFull as full:
             for key in upload_keys.values():
                 await asyncio.to_thread(state.audio.delete, key)
@@ -116,4 +124,6 @@ class Submission:
         log.info("task %s accepted", task_id, extra=extra(task_id=task_id, source=source, created=created))
         if created and claim:
             state.driver.start(task_id, claimed=True)
+        elif created:
+            state.driver.wake()
         return task_id

@@ -8,7 +8,9 @@ adapter settings differ run in separate forwards (``acestep.dit.adapters``). Gui
 the velocity per row (``acestep.dit.guidance.combine``) and the sampler steps per row
 (``acestep.dit.samplers``, DCW from ``acestep.dit.dcw``), as in a solo run; a Heun item spends two
 batch steps on each sampler step (its corrector row is evaluated in the next forward); a flow-edit
-item (``acestep.dit.flow_edit``) puts a source and a target row per noise draw in the forward. A forward
+item (``acestep.dit.flow_edit``) puts a source and a target row per noise draw in the forward. Waiting
+items join in the fair-share order of ``acestep.fairness`` (priority class, then the tenant with the
+fewest running rows, then arrival) while the limits allow. A forward
 that raises runs again on halves of its items (``acestep.steploop.isolate``): only an item whose
 own forward or step raises leaves with its ``error``; its batch-mates go on."""
 
@@ -33,6 +35,7 @@ from acestep.dit.samplers import (corrector_velocity, heun_correct, ode_step, pr
                                   sde_step, uses_corrector)
 from acestep.dit.schedules import build_schedule, cover_noise_schedule
 from acestep.dit.tasks import crossfade_mask, inject_steps, silence_frames
+from acestep.fairness import DEFAULT_PRIORITY, Entry, Turns
 from acestep.steploop import isolate
 
 StepHook = Callable[["Track"], None]
@@ -67,6 +70,8 @@ class Track:
     edit: Optional[FlowEditState] = None  # set: a flow-edit item (x is the edit, then the target variable)
     step: int = 0
     owner: Any = None
+    tenant: str = ""  # whose item (opaque), for the fair-share admission order
+    priority: int = DEFAULT_PRIORITY
     error: Optional[Exception] = None  # set when this item's own forward or step raised
     on_step: Optional[StepHook] = field(default=None, repr=False)
 
@@ -87,6 +92,10 @@ class Track:
     @property
     def rows(self) -> int:
         return self.cond_rows * (2 if self.use_cfg else 1)
+
+    @property
+    def entry(self) -> Entry:
+        return Entry(self.tenant, self.priority, float(self.rows))
 
     @property
     def adapters(self) -> AdapterSetting:
@@ -140,14 +149,17 @@ class RunningBatch:
         self.bundle, self.limits, self.adapters = bundle, limits, adapters
         self.waiting: Deque[Track] = deque()
         self.running: List[Track] = []
+        self.turns = Turns()
         self.items_per_forward: Dict[int, int] = {}  # items in one forward -> forwards
         self.rows_per_forward: Dict[int, int] = {}  # rows (CFG items take two while guided) -> forwards
         self.forwards_by_adapters: Dict[str, int] = {}  # adapter setting label -> forwards
 
     # -- admission -----------------------------------------------------------------------------
-    def track(self, item, settings, owner: Any = None, on_step: Optional[StepHook] = None, index: int = 0) -> Track:
+    def track(self, item, settings, owner: Any = None, on_step: Optional[StepHook] = None, index: int = 0,
+              tenant: str = "", priority: int = DEFAULT_PRIORITY) -> Track:
         """Prepare an item's sampling state (conditions encoded, noise drawn) and queue it;
-        ``index``: the item's place in its request (which retake seed it takes)."""
+        ``index``: the item's place in its request (which retake seed it takes); ``tenant`` and
+        ``priority``: its place in the admission order."""
         self._check_adapters(settings.adapters or ())
         bundle, device = self.bundle, self.bundle.device
         silence = bundle.silence_latent.to(device)
@@ -165,7 +177,7 @@ class RunningBatch:
             raise ValueError(f"timesteps: {list(settings.timesteps or ())} leave no sampling step")
         track = Track(item, settings, timesteps, x, noise, clean, generator,
                       _condition(bundle, item, item.text, True), owner=owner, on_step=on_step,
-                      retake_seed=retake_seed)
+                      retake_seed=retake_seed, tenant=tenant, priority=priority)
         track.use_cfg = not bundle.is_turbo and settings.guidance_scale > 1.0
         track.momentum = MomentumBuffer(APG_MOMENTUM) if track.use_cfg else None
         if settings.flow_edit is not None and item.flow_edit is not None:  # no cover switch, DCW or repaint
@@ -222,12 +234,18 @@ class RunningBatch:
         return any(name == n for t in (*self.waiting, *self.running) for n, _ in t.adapters)
 
     def _admit(self) -> None:
+        """Waiting tracks join in the fair-share order; the next one holds back the rest while it
+        does not fit."""
         while self.waiting:
-            candidate = self.running + [self.waiting[0]]
+            running = [t.entry for t in self.running]
+            track = self.waiting[self.turns.pick([t.entry for t in self.waiting], running)]
+            candidate = self.running + [track]
             rows = sum(t.rows for t in candidate)
             if self.running and not self.limits.fits(rows, rows * bucket_frames(max(t.item.frames for t in candidate))):
                 return
-            self.running.append(self.waiting.popleft())
+            self.waiting.remove(track)
+            self.running.append(track)
+            self.turns.served(track.tenant, [t.entry for t in (*self.waiting, *self.running)])
 
     def drop(self, track: Track) -> None:
         """Remove a waiting or running track (its owner went away)."""

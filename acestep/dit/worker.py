@@ -26,6 +26,7 @@ from acestep.dit.items import DiTItem, Progress, RenderOutput, SamplingSettings
 from acestep.dit.prepare import EncodeCounts
 from acestep.dit.running import RunningBatch, Track, attempt
 from acestep.dit.tasks import splice_waveform
+from acestep.fairness import DEFAULT_PRIORITY
 from acestep.offload import RESIDENT
 from acestep.steploop import Outcome, isolate
 
@@ -45,6 +46,8 @@ class Render:
     audios: Dict[int, torch.Tensor] = field(default_factory=dict)  # track index -> audio
     costs: Dict[str, float] = field(default_factory=dict)
     failed: bool = False
+    tenant: str = ""  # whose request (opaque) and its priority class: the batch's admission order
+    priority: int = DEFAULT_PRIORITY
 
     def report(self, _track: Track) -> None:
         if self.progress is None:
@@ -69,10 +72,12 @@ class DiTWorker:
         self.requests = 0
         self.encodes = EncodeCounts()  # audio inputs VAE-encoded on this worker's thread
 
-    def add(self, items: Items, settings: SamplingSettings, progress: Optional[Progress] = None) -> Render:
+    def add(self, items: Items, settings: SamplingSettings, progress: Optional[Progress] = None,
+            tenant: str = "", priority: int = DEFAULT_PRIORITY) -> Render:
         """Queue one request: its items, or a function that prepares them at the next step (what it
-        raises fails this request only)."""
-        render = Render(items, settings, progress)
+        raises fails this request only); ``tenant`` and ``priority`` place its items in the running
+        batch's admission order (``acestep.fairness``)."""
+        render = Render(items, settings, progress, tenant=tenant, priority=priority)
         self.pending.append(render)
         self.requests += 1
         return render
@@ -172,7 +177,7 @@ class DiTWorker:
     def _track(self, render: Render) -> None:
         for index, item in enumerate(render.items):
             render.tracks.append(self.batch.track(item, render.settings, owner=render, on_step=render.report,
-                                                  index=index))
+                                                  index=index, tenant=render.tenant, priority=render.priority))
         render.costs["encoded"] = time.perf_counter()
 
     def _fail(self, render: Render, error: Exception) -> Outcome:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from queue import SimpleQueue
 from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence
 
+from acestep.fairness import Share
 from acestep.lm import constants as C
 from acestep.lm import prompts as P
 from acestep.lm.fsm import FsmSpec
@@ -100,7 +101,7 @@ def codes_target(user_metadata: Dict[str, Any], metadata: Dict[str, Any]) -> Opt
 
 
 def cot_request(lm: LMContext, params: GenerationParams, user_metadata: Dict[str, Any], seed: int,
-                group: Optional[str] = None) -> LMRequest:
+                group: Optional[str] = None, share: Share = Share()) -> LMRequest:
     sampling = sampling_from_params(params)
     prompt = lm.tokenize(P.cot_prompt(lm.render, params.caption, params.lyrics))
     uncond = None
@@ -109,7 +110,7 @@ def cot_request(lm: LMContext, params: GenerationParams, user_metadata: Dict[str
     spec = FsmSpec(phase="cot", skip_caption=not params.use_cot_caption, skip_language=not params.use_cot_language,
                    skip_genres=True, stop_at_reasoning=True, user_metadata=user_metadata or None)
     return LMRequest(prompt, sampling, seed, token_budget(None, max(len(prompt), len(uncond or [])), lm.max_model_len),
-                     uncond, spec if params.use_constrained_decoding else None, group)
+                     uncond, spec if params.use_constrained_decoding else None, group, share.tenant, share.priority)
 
 
 def codes_prompts(lm: LMContext, params: GenerationParams, metadata: Dict[str, Any]) -> tuple[str, Optional[str]]:
@@ -124,7 +125,8 @@ def codes_prompts(lm: LMContext, params: GenerationParams, metadata: Dict[str, A
 
 
 def codes_request(lm: LMContext, params: GenerationParams, metadata: Dict[str, Any],
-                  target: Optional[float], seed: int, group: Optional[str] = None) -> LMRequest:
+                  target: Optional[float], seed: int, group: Optional[str] = None,
+                  share: Share = Share()) -> LMRequest:
     prompt_text, uncond_text = codes_prompts(lm, params, metadata)
     prompt = lm.tokenize(prompt_text)
     uncond = lm.tokenize(uncond_text) if uncond_text is not None else None
@@ -132,7 +134,7 @@ def codes_request(lm: LMContext, params: GenerationParams, metadata: Dict[str, A
     spec = FsmSpec(phase="codes", target_codes=target_codes)
     budget = token_budget(target, max(len(prompt), len(uncond or [])), lm.max_model_len)
     return LMRequest(prompt, sampling_from_params(params), seed, budget, uncond,
-                     spec if params.use_constrained_decoding else None, group)
+                     spec if params.use_constrained_decoding else None, group, share.tenant, share.priority)
 
 
 def _parse_cot(text: str) -> Dict[str, Any]:
@@ -195,10 +197,11 @@ def _window(config: GenerationConfig, items: int) -> int:
 
 def plan(lm: LMContext, params: GenerationParams, config: GenerationConfig, seeds: Sequence[int],
          progress: Optional[ProgressCallback] = None, cancel: Optional[Cancellation] = None,
-         group: Optional[str] = None) -> List[LMPlan]:
+         group: Optional[str] = None, share: Share = Share()) -> List[LMPlan]:
     """One LMPlan per item (``len(seeds) == config.batch_size``). ``progress`` gets rate-limited
     ``LMProgress`` events; ``cancel`` aborts the call's engine requests (raises CancelledError);
-    ``group`` labels its requests in the engine's stats."""
+    ``group`` labels its requests in the engine's stats; ``share`` places them in its admission
+    order (``acestep.fairness``)."""
     if len(seeds) != config.batch_size:
         raise ValueError(f"got {len(seeds)} seeds for batch_size={config.batch_size}")
     user_metadata = user_metadata_from_params(params)
@@ -211,10 +214,10 @@ def plan(lm: LMContext, params: GenerationParams, config: GenerationConfig, seed
     def submit(item: _Item) -> Future:
         phase = item.phases[0]
         if phase == "cot":
-            request = cot_request(lm, params, user_metadata, item.plan.seed, group)
+            request = cot_request(lm, params, user_metadata, item.plan.seed, group, share)
         else:
             target = codes_target(user_metadata, item.plan.metadata)
-            request = codes_request(lm, params, item.plan.metadata, target, item.plan.seed, group)
+            request = codes_request(lm, params, item.plan.metadata, target, item.plan.seed, group, share)
             item.codes_expected = int(target * C.CODES_PER_SECOND) + 1 if target else None
         item.started = time.perf_counter()
         future = cancel.track(lm.submit(request, lambda tokens: reporter.update(item, phase, tokens)))

@@ -9,6 +9,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Set
 
+from acestep.fairness import DEFAULT_PRIORITY
 from acestep.lm.fsm import FsmSpec
 from acestep.params import DEFAULT_LM_TEMPERATURE
 
@@ -55,7 +56,9 @@ class SamplingConfig:
 @dataclass
 class LMRequest:
     """One generation. ``group`` names what the request belongs to (a task, a Ray Data row): the
-    engine counts how many requests of each group it holds at once (``LMEngine.stats``)."""
+    engine counts how many requests of each group it holds at once (``LMEngine.stats``).
+    ``tenant`` (whose request, opaque) and ``priority`` (a class rank) place it in the engine's
+    fair-share admission order (``acestep.fairness``)."""
 
     prompt_ids: List[int]
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -64,6 +67,8 @@ class LMRequest:
     uncond_ids: Optional[List[int]] = None
     fsm: Optional[FsmSpec] = None
     group: Optional[str] = None
+    tenant: str = ""
+    priority: int = DEFAULT_PRIORITY
 
     def __post_init__(self):
         if self.sampling.uses_cfg and not self.uncond_ids:

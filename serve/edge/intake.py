@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from pydantic import ValidationError
 from starlette.requests import Request
 
+from acestep.fairness import PRIORITY_CLASSES, priority_rank
 from acestep.params import GenerationConfig, GenerationParams
 from acestep.presets import apply_model
 from serve.edge.errors import APIError, FieldError
@@ -115,6 +116,19 @@ async def read_generate_body(request: Request, max_upload: int) -> Tuple[Dict[st
 def routing(body: Dict[str, Any]) -> Dict[str, Any]:
     """The request's model and adapter choice (``ROUTING_FIELDS``; checked by ``to_params``)."""
     return {name: body[name] for name in ROUTING_FIELDS if body.get(name) is not None}
+
+
+def task_priority(requested: Optional[str], key_class: str) -> int:
+    """The task's class rank (``acestep.fairness``): ``requested`` (the body's ``priority``, already
+    one of the class names) when it is at most the key's class, else 422 naming ``priority``; none
+    requested: the key's class."""
+    if requested is None:
+        return priority_rank(key_class)
+    if priority_rank(requested) > priority_rank(key_class):
+        allowed = ", ".join(name for name, rank in PRIORITY_CLASSES.items() if rank <= priority_rank(key_class))
+        raise FieldError("priority", f"priority {requested!r} is above this API key's class "
+                                     f"({key_class!r}); allowed: {allowed}")
+    return priority_rank(requested)
 
 
 def to_params(body: Dict[str, Any], files: Uploads, max_upload: int

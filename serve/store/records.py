@@ -22,6 +22,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
+from acestep.fairness import DEFAULT_PRIORITY, Entry, fair_order
+
 PHASES = ("queued", "lm", "dit", "encode", "done", "failed")
 FINAL_PHASES = ("done", "failed")
 _RANK = {name: rank for rank, name in enumerate(PHASES)}
@@ -61,6 +63,8 @@ class TaskRecord:
     idempotency_key: Optional[str] = None
     body_digest: Optional[str] = None
     last_seq: int = 0  # seq of the newest event, so the next one is numbered without reading events
+    priority: int = DEFAULT_PRIORITY  # the task's class rank (acestep.fairness): its place in the claim order
+    started_at: float = 0.0  # when a driver first claimed it (0: never); a key's latest is its last turn
 
     @property
     def finished(self) -> bool:
@@ -110,17 +114,17 @@ class IdempotencyConflict(Exception):
 
 def new_record(request: Dict[str, Any], *, key_name: str = "", task_id: Optional[str] = None,
                idempotency_key: Optional[str] = None, body_digest: Optional[str] = None,
-               owner: Optional[str] = None, lease_s: float = 0.0,
+               owner: Optional[str] = None, lease_s: float = 0.0, priority: int = DEFAULT_PRIORITY,
                now: Optional[float] = None) -> Tuple[TaskRecord, TaskEvent]:
     """A queued record and its first event; claimed already when ``owner`` is given."""
     now = time.time() if now is None else now
     record = TaskRecord(
         task_id=task_id or uuid.uuid4().hex, key_name=key_name or "", message="queued",
         created_at=now, updated_at=now, request=dict(request or {}),
-        idempotency_key=idempotency_key, body_digest=body_digest,
+        idempotency_key=idempotency_key, body_digest=body_digest, priority=int(priority),
     )
     if owner is not None:
-        record.owner, record.lease_until, record.attempts = owner, now + lease_s, 1
+        record.owner, record.lease_until, record.attempts, record.started_at = owner, now + lease_s, 1, now
     return record, TaskEvent(0, "queued", 0.0, "queued", now)
 
 
@@ -173,6 +177,7 @@ def apply_claim(record: TaskRecord, owner: str, lease_s: float, now: float) -> b
         return False
     record.owner, record.lease_until = owner, now + lease_s
     record.attempts += 1
+    record.started_at = record.started_at or now
     return True
 
 
@@ -223,6 +228,21 @@ def take_token(tokens: Optional[float], updated: float, rate_per_s: float, burst
     return level, (1.0 - level) / rate_per_s
 
 
+# -- the claim order ----------------------------------------------------------------------------
+
+Claimable = Tuple[str, str, int]  # (task_id, key_name, priority), oldest created first
+
+
+def claim_order(claimable: List[Claimable], in_flight: Dict[str, int], last_started: Dict[str, float],
+                limit: int) -> List[str]:
+    """The order drivers claim tasks in: ``acestep.fairness``'s rule over the key names, with the
+    tasks each key has under a live lease as its work in service and its latest start as its last
+    turn, so that one key's backlog takes turns with every other key's next task."""
+    entries = [Entry(key_name, priority) for _, key_name, priority in claimable]
+    order = fair_order(entries, {k: float(n) for k, n in in_flight.items()}, last_started, limit=int(limit))
+    return [claimable[i][0] for i in order]
+
+
 # -- the interface ------------------------------------------------------------------------------
 
 class TaskStore(abc.ABC):
@@ -255,12 +275,14 @@ class TaskStore(abc.ABC):
     def create(self, request: Dict[str, Any], *, key_name: str = "", task_id: Optional[str] = None,
                idempotency_key: Optional[str] = None, body_digest: Optional[str] = None,
                owner: Optional[str] = None, lease_s: float = 0.0,
-               bounds: Tuple[Optional[int], Optional[int]] = (None, None)) -> Tuple[str, bool]:
+               bounds: Tuple[Optional[int], Optional[int]] = (None, None),
+               priority: int = DEFAULT_PRIORITY) -> Tuple[str, bool]:
         """(task_id, created). An idempotency key already used by ``key_name`` gives the earlier id
         (same body digest) or raises IdempotencyConflict; an existing ``task_id`` gives (id, False).
         ``bounds`` = (most unfinished tasks in all, most for ``key_name``): a new record that would
         pass either raises StoreFull, checked in the same transaction as the insert, so concurrent
-        creators on any replica never overshoot."""
+        creators on any replica never overshoot. ``priority``: the task's class rank (its place in
+        the claim order, ``claim_order``)."""
 
     @abc.abstractmethod
     def count_unfinished(self, key_name: Optional[str] = None) -> int:
@@ -304,7 +326,8 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     def expired(self, limit: int = 100) -> List[str]:
-        """Unfinished tasks whose lease is free or expired, oldest created first."""
+        """Unfinished tasks whose lease is free or expired, in the claim order (``claim_order``:
+        priority class, then fair share over key names; one key alone: oldest created first)."""
 
     @abc.abstractmethod
     def stats(self) -> Dict[str, Any]:

@@ -9,7 +9,8 @@ Layout, all under one key prefix:
   ``P:phases`` hash counting unfinished tasks per phase;
 - ``P:finished`` and ``P:failed`` sorted sets of finished tasks scored by finish time;
 - ``P:idem:HASH`` hash (task_id, digest) for each key name's idempotency key;
-- ``P:settings`` hash of the service-wide settings (JSON values).
+- ``P:settings`` hash of the service-wide settings (JSON values);
+- ``P:started`` hash of each key name's latest task start (its last turn in the claim order).
 
 Read-modify-writes WATCH the task's hash, apply the shared rules from ``serve.store.records`` and write the
 record and every index in one MULTI, retrying when another client changed the hash in between, so
@@ -30,7 +31,7 @@ import redis
 
 from serve.store.records import (
     MAX_EVENTS, PHASES, IdempotencyConflict, Mutation, TaskEvent, TaskRecord, TaskStore,
-    BUCKET_IDLE_S, check_bounds, new_record, same_body, take_token,
+    BUCKET_IDLE_S, DEFAULT_PRIORITY, check_bounds, claim_order, new_record, same_body, take_token,
 )
 
 _FIELDS = tuple(f.name for f in fields(TaskRecord))
@@ -127,11 +128,12 @@ class RedisTaskStore(TaskStore):
     def create(self, request: Dict[str, Any], *, key_name: str = "", task_id: Optional[str] = None,
                idempotency_key: Optional[str] = None, body_digest: Optional[str] = None,
                owner: Optional[str] = None, lease_s: float = 0.0,
-               bounds: Tuple[Optional[int], Optional[int]] = (None, None)) -> Tuple[str, bool]:
+               bounds: Tuple[Optional[int], Optional[int]] = (None, None),
+               priority: int = DEFAULT_PRIORITY) -> Tuple[str, bool]:
         self._maybe_purge()
         record, event = new_record(request, key_name=key_name, task_id=task_id,
                                    idempotency_key=idempotency_key, body_digest=body_digest,
-                                   owner=owner, lease_s=lease_s, now=self.clock())
+                                   owner=owner, lease_s=lease_s, priority=priority, now=self.clock())
         task_key = self._task_key(record.task_id)
         idem_ref = None if idempotency_key is None else self._idem_key(record.key_name, idempotency_key)
 
@@ -163,6 +165,8 @@ class RedisTaskStore(TaskStore):
         pipe.zadd(self._key("lease"), {task_id: record.lease_until})
         pipe.sadd(self._active_key(record.key_name), task_id)
         pipe.hincrby(self._key("phases"), record.phase, 1)
+        if record.started_at:
+            pipe.hset(self._key("started"), record.key_name, repr(record.started_at))
         if idem_ref is not None:
             pipe.hset(idem_ref, mapping={"task_id": task_id, "digest": record.body_digest or ""})
 
@@ -180,6 +184,8 @@ class RedisTaskStore(TaskStore):
                 return False
             pipe.multi()
             self._queue_write(pipe, record, before, event, json.loads(data.get("idem_ref", "null")))
+            if record.started_at != json.loads(data.get("started_at", "0")):  # its first claim
+                pipe.hset(self._key("started"), record.key_name, repr(record.started_at))
             return True
 
         return self._atomic([task_key], body)
@@ -264,12 +270,28 @@ class RedisTaskStore(TaskStore):
         return [TaskEvent(**json.loads(row)) for row in rows]
 
     def expired(self, limit: int = 100) -> List[str]:
-        due = self._redis.zrangebyscore(self._key("lease"), "-inf", f"({self.clock()!r}")
+        now = self.clock()
+        due = self._redis.zrangebyscore(self._key("lease"), "-inf", f"({now!r}")
         if not due:
             return []
         created = self._redis.zmscore(self._key("unfinished"), due)
         ordered = sorted((score, task_id) for task_id, score in zip(due, created) if score is not None)
-        return [task_id for _, task_id in ordered[:int(limit)]]
+        live = self._redis.zrangebyscore(self._key("lease"), repr(now), "+inf")
+        with self._redis.pipeline(transaction=False) as pipe:
+            for _, task_id in ordered:
+                pipe.hmget(self._task_key(task_id), "key_name", "priority")
+            for task_id in live:
+                pipe.hget(self._task_key(task_id), "key_name")
+            pipe.hgetall(self._key("started"))
+            rows = pipe.execute()
+        claimable = [(task_id, json.loads(key or '""'), json.loads(priority or str(DEFAULT_PRIORITY)))
+                     for (_, task_id), (key, priority) in zip(ordered, rows)]
+        in_flight: Dict[str, int] = {}
+        for key in rows[len(ordered):-1]:
+            if key is not None:
+                in_flight[json.loads(key)] = in_flight.get(json.loads(key), 0) + 1
+        last_started = {name: float(value) for name, value in rows[-1].items()}
+        return claim_order(claimable, in_flight, last_started, limit)
 
     def stats(self) -> Dict[str, Any]:
         with self._redis.pipeline(transaction=True) as pipe:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 
 from serve.store.records import (
     MAX_EVENTS, PHASES, IdempotencyConflict, Mutation, TaskEvent, TaskRecord, TaskStore,
-    BUCKET_IDLE_S, check_bounds, new_record, same_body, take_token,
+    BUCKET_IDLE_S, DEFAULT_PRIORITY, check_bounds, claim_order, new_record, same_body, take_token,
 )
 
 _SCHEMA = (
@@ -28,7 +28,8 @@ _SCHEMA = (
         finished INTEGER NOT NULL, progress REAL NOT NULL, message TEXT NOT NULL, detail TEXT,
         created_at REAL NOT NULL, updated_at REAL NOT NULL, request TEXT, result TEXT, error TEXT,
         attempts INTEGER NOT NULL, owner TEXT, lease_until REAL NOT NULL, idempotency_key TEXT,
-        body_digest TEXT, last_seq INTEGER NOT NULL)""",
+        body_digest TEXT, last_seq INTEGER NOT NULL, priority INTEGER NOT NULL DEFAULT 1,
+        started_at REAL NOT NULL DEFAULT 0)""",
     """CREATE TABLE IF NOT EXISTS events (
         task_id TEXT NOT NULL, seq INTEGER NOT NULL, phase TEXT NOT NULL, progress REAL NOT NULL,
         message TEXT NOT NULL, time REAL NOT NULL, detail TEXT, PRIMARY KEY (task_id, seq)
@@ -42,6 +43,14 @@ _SCHEMA = (
     """CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks (key_name, idempotency_key)
         WHERE idempotency_key IS NOT NULL""",
 )
+# Columns added since the first schema: a file written before them gets them on open.
+_ADDED_COLUMNS = (("priority", "INTEGER NOT NULL DEFAULT 1"), ("started_at", "REAL NOT NULL DEFAULT 0"))
+_LATE_INDEXES = ("CREATE INDEX IF NOT EXISTS tasks_key_started ON tasks (key_name, started_at)",)
+# The claimable tasks, at most ``limit`` per (key, class), oldest first: enough for any claim order.
+_CLAIMABLE = """SELECT task_id, key_name, priority FROM (
+    SELECT task_id, key_name, priority, created_at,
+           ROW_NUMBER() OVER (PARTITION BY key_name, priority ORDER BY created_at) AS n
+    FROM tasks WHERE finished = 0 AND lease_until < ?) WHERE n <= ? ORDER BY created_at"""
 
 _JSON_COLUMNS = ("detail", "request", "result")
 _COLUMNS = tuple(f.name for f in fields(TaskRecord))
@@ -49,7 +58,7 @@ _COUNT = "SELECT COUNT(*) FROM tasks WHERE finished = 0"
 _INSERT = (f"INSERT INTO tasks ({', '.join(_COLUMNS)}, finished) "
            f"VALUES ({', '.join('?' for _ in _COLUMNS)}, ?)")
 _MUTABLE = ("phase", "progress", "message", "detail", "updated_at", "result", "error", "attempts",
-            "owner", "lease_until", "last_seq")
+            "owner", "lease_until", "last_seq", "started_at")
 _UPDATE = f"UPDATE tasks SET {', '.join(c + ' = ?' for c in _MUTABLE)}, finished = ? WHERE task_id = ?"
 _CHUNK = 500  # ids per IN (...) query, well below SQLite's bound-parameter limit
 
@@ -102,6 +111,12 @@ class SQLiteTaskStore(TaskStore):
         with self._transaction() as conn:
             for statement in _SCHEMA:
                 conn.execute(statement)
+            present = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
+            for column, declaration in _ADDED_COLUMNS:
+                if column not in present:
+                    conn.execute(f"ALTER TABLE tasks ADD COLUMN {column} {declaration}")
+            for statement in _LATE_INDEXES:
+                conn.execute(statement)
 
     # -- connections and transactions -----------------------------------------------------------
 
@@ -140,11 +155,12 @@ class SQLiteTaskStore(TaskStore):
     def create(self, request: Dict[str, Any], *, key_name: str = "", task_id: Optional[str] = None,
                idempotency_key: Optional[str] = None, body_digest: Optional[str] = None,
                owner: Optional[str] = None, lease_s: float = 0.0,
-               bounds: Tuple[Optional[int], Optional[int]] = (None, None)) -> Tuple[str, bool]:
+               bounds: Tuple[Optional[int], Optional[int]] = (None, None),
+               priority: int = DEFAULT_PRIORITY) -> Tuple[str, bool]:
         self._maybe_purge()
         record, event = new_record(request, key_name=key_name, task_id=task_id,
                                    idempotency_key=idempotency_key, body_digest=body_digest,
-                                   owner=owner, lease_s=lease_s, now=self.clock())
+                                   owner=owner, lease_s=lease_s, priority=priority, now=self.clock())
         with self._transaction() as conn:
             if idempotency_key is not None:
                 row = conn.execute(
@@ -255,10 +271,22 @@ class SQLiteTaskStore(TaskStore):
         return [_event_from_row(row) for row in rows]
 
     def expired(self, limit: int = 100) -> List[str]:
-        rows = self._conn().execute(
-            "SELECT task_id FROM tasks WHERE finished = 0 AND lease_until < ? "
-            "ORDER BY created_at LIMIT ?", (self.clock(), int(limit)))
-        return [row[0] for row in rows]
+        conn, now = self._conn(), self.clock()
+        conn.execute("BEGIN")  # one snapshot: the candidates and the keys' turns agree
+        try:
+            claimable = [tuple(row) for row in conn.execute(_CLAIMABLE, (now, int(limit)))]
+            in_flight = dict(conn.execute("SELECT key_name, COUNT(*) FROM tasks WHERE finished = 0 "
+                                          "AND lease_until >= ? GROUP BY key_name", (now,)).fetchall())
+            keys = sorted({key_name for _, key_name, _ in claimable})
+            last_started: Dict[str, float] = {}
+            for chunk in _chunks(keys):
+                marks = ", ".join("?" for _ in chunk)
+                last_started.update(conn.execute(
+                    f"SELECT key_name, MAX(started_at) FROM tasks WHERE key_name IN ({marks}) AND started_at > 0 "
+                    "GROUP BY key_name", chunk).fetchall())
+        finally:
+            conn.execute("COMMIT")
+        return claim_order(claimable, in_flight, last_started, limit)
 
     def stats(self) -> Dict[str, Any]:
         counts = {phase: 0 for phase in PHASES}

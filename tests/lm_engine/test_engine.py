@@ -199,3 +199,27 @@ def test_cuda_graph_engine_matches_eager_engine(lm_handler, make_request):
         assert sum(g == w for g, w in zip(got, want)) >= 3
     finally:
         backend.model.to("cpu")
+
+
+def test_a_requests_share_sets_its_place_in_the_engines_admission_order(peaked, lm_handler):
+    """A planner request carries its caller's tenant and class into the engine's queue: a later,
+    higher class request joins before the earlier ones."""
+    from acestep.fairness import Share
+    from acestep.lm import planner
+    from acestep.params import GenerationParams
+
+    engine = make_engine(peaked, max_rows=4, max_len=1024, max_admit_per_step=1)
+    params = GenerationParams(caption="calm piano", lyrics="[Verse]\nhello", lm_cfg_scale=1.0)
+
+    def add(seed, share):
+        request = planner.cot_request(lm_handler, params, {}, seed, share=share)
+        request.max_new_tokens = 8
+        return engine.add(request)
+
+    early = [add(seed, Share("a", 0)) for seed in (1, 2)]
+    late = add(3, Share("b", 2))
+    engine.step()
+    assert [s.rid for s in engine.scheduler.running] == [late]
+    assert engine.scheduler.running[0].tenant == "b" and len(early) == 2
+    while engine.has_work:
+        engine.step()

@@ -33,3 +33,51 @@ def test_rejects_what_can_never_fit():
     sched = Scheduler(max_rows=2, max_admit=1)
     with pytest.raises(ValueError):
         sched.add(LMSequence(0, None, 3))
+
+
+def _tenant_jobs(*tenants, rows=1, priority=1, start=0):
+    return [LMSequence(start + i, request=None, rows_needed=rows, tenant=t, priority=priority)
+            for i, t in enumerate(tenants)]
+
+
+def test_admits_round_robin_across_tenants():
+    """A flood from one tenant takes turns with a later tenant instead of going first."""
+    sched = Scheduler(max_rows=2, max_admit=8)
+    flood = _tenant_jobs(*["a"] * 6)
+    late = _tenant_jobs("b", start=6)
+    for job in flood:
+        sched.add(job)
+    assert sched.admit() == flood[:2]
+    sched.add(late[0])  # behind four more of a's
+    sched.finish(flood[0])
+    assert sched.admit() == late  # a holds one row, b none: b goes next
+    sched.finish(flood[1])
+    assert sched.admit() == [flood[2]]  # a's own requests keep their arrival order
+
+
+def test_two_tenants_waiting_together_alternate():
+    sched = Scheduler(max_rows=4, max_admit=8)
+    a, b = _tenant_jobs("a", "a", "a"), _tenant_jobs("b", "b", start=3)
+    for job in a + b:
+        sched.add(job)
+    assert sched.admit() == [a[0], b[0], a[1], b[1]]
+
+
+def test_higher_priority_class_is_admitted_first():
+    sched = Scheduler(max_rows=2, max_admit=1)
+    low = _tenant_jobs("a", "a", priority=0)
+    high = _tenant_jobs("a", priority=2, start=2)
+    for job in low + high:
+        sched.add(job)
+    assert sched.admit() == high
+    assert sched.admit() == [low[0]]
+
+
+def test_the_next_in_fair_order_holds_back_when_it_does_not_fit():
+    sched = Scheduler(max_rows=3, max_admit=8)
+    a = _tenant_jobs("a", "a", rows=1)
+    b = _tenant_jobs("b", rows=2, start=2)
+    for job in a + b:
+        sched.add(job)
+    assert sched.admit() == [a[0], b[0]]  # b holds no rows yet: it goes second
+    assert sched.admit() == []  # a[1] is next but the rows are taken

@@ -274,6 +274,8 @@ BAD_INPUTS = [
     ("/v1/tasks", {"latent_rescale": 2}, 422, "latent_rescale", "0.5 to 1.5"),
     ("/v1/tasks", {"retake_seed": "1,x"}, 422, "retake_seed", "commas"),
     ("/v1/tasks", {"inference_steps": 12}, 422, "inference_steps", "1 to 8 on acestep-v15-turbo"),
+    ("/v1/tasks", {"priority": "urgent"}, 422, "priority", "'high'"),
+    ("/v1/tasks", {"priority": "high"}, 422, "priority", "allowed: low, normal"),
     ("/release_task", {"prompt": "x", "dcw_high_scaler": "0.5"}, 422, "dcw_high_scaler", "0.0 to 0.1"),
     ("/release_task", {"prompt": "x", "bpm": "fast"}, 422, "bpm", "integer"),
     ("/release_task", {"prompt": "x", "src_audio_path": "/etc/passwd"}, 400, "src_audio_path", "path"),

@@ -335,3 +335,68 @@ def test_a_drive_logs_every_phase_transition_of_its_task(store, phase_lines):
     assert {f["task_id"] for f in phase_lines} == {task_id}
     # the durations are the stored events' own: together, creation to done
     assert sum(f["duration_s"] for f in phase_lines) == events[-1].time - events[0].time == 5.0
+
+
+def _completion_order(store, tasks, max_drives=2):
+    """Create ``tasks`` ((key name, priority) each, in this order, all queued), let one driver's
+    reaper run them all → (ids, the ids in the order their pipelines completed)."""
+    done = []
+
+    async def pipeline(record):
+        await asyncio.sleep(0.005)
+        store.clock.advance(0.01)  # starts and completions happen one after another
+        done.append(record.task_id)
+        return {}
+
+    async def main():
+        driver = _driver(store, pipeline, max_drives=max_drives, lease_s=1000.0)
+        ids = []
+        for key_name, priority in tasks:
+            ids.append(store.create({}, key_name=key_name, priority=priority)[0])
+            store.clock.advance(0.01)
+        driver.ensure_reaper()
+        await _until(lambda: len(done) == len(ids), "every task done", timeout_s=120.0)
+        await driver.drain(1.0)
+        return ids
+
+    ids = asyncio.run(main())
+    assert all(store.get(task_id).phase == "done" for task_id in ids)
+    return ids, done
+
+
+def test_a_flood_from_one_key_does_not_hold_back_another_keys_song(store):
+    ids, done = _completion_order(store, [("a", 1)] * 40 + [("b", 1)])
+    b_song, a_fifth_from_end = ids[40], ids[35]
+    assert done.index(b_song) < done.index(a_fifth_from_end)
+
+
+def test_priority_classes_go_first_whatever_was_queued_before(store):
+    ids, done = _completion_order(store, [("c", 0)] + [("a", 1)] * 20 + [("b", 2)])
+    low, high = ids[0], ids[21]
+    assert done.index(high) < done.index(ids[16]), "the high class goes before a's 5th from the end"
+    assert done.index(low) > max(done.index(t) for t in ids[3:21]), "the low class waits for the normal ones"
+
+
+def test_a_new_task_waits_behind_a_backlog_the_reaper_left(store):
+    """A task created while queued ones wait is not driven ahead of them: the reaper claims in
+    the claim order, and the next pass runs at once."""
+    async def main():
+        release = asyncio.Event()
+
+        async def pipeline(record):
+            await release.wait()
+            return {}
+
+        driver = _driver(store, pipeline, max_drives=1)
+        assert driver.may_claim_new()
+        ids = [store.create({}, key_name="a")[0] for _ in range(3)]
+        assert await driver.reap() == 1 and driver.backlog and not driver.may_claim_new()
+        release.set()
+        await _until(lambda: driver.has_room(), "the first drive ended")
+        assert not driver.may_claim_new(), "the queued tasks go first"
+        driver.ensure_reaper()
+        await _until(lambda: all(store.get(t).finished for t in ids), "the queue drained")
+        await _until(lambda: driver.may_claim_new(), "a pass found nothing left behind", tick=driver.wake)
+        await driver.drain(1.0)
+
+    asyncio.run(main())

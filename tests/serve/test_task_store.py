@@ -592,3 +592,52 @@ def test_token_buckets_are_shared_by_every_store_client(open_store, clock):
     assert first.take_token("rpm:alice", 0.5, 2.0) == pytest.approx(2.0)
     clock.advance(2.0)
     assert second.take_token("rpm:alice", 0.5, 2.0) == 0.0
+
+
+def test_claim_order_is_fair_across_keys_and_classes(open_store, clock):
+    """``expired`` lists claimable tasks in the claim order: a higher class first, then the key
+    with fewest tasks under a live lease, then the key whose latest start is oldest; one key's
+    own tasks oldest first."""
+    store = open_store(clock=clock)
+    flood = []
+    for _ in range(6):
+        flood.append(store.create({}, key_name="a")[0])
+        clock.advance(1.0)
+    assert store.expired() == flood  # one key alone: oldest first
+    assert store.claim(flood[0], "driver", 30.0)
+    late = store.create({}, key_name="b")[0]
+    clock.advance(1.0)
+    assert store.expired(limit=3) == [late, flood[1], flood[2]]  # a runs one task, b none
+    assert store.claim(late, "driver", 30.0) and store.finish(late, {})
+    store.finish(flood[0], {})
+    again = store.create({}, key_name="b")[0]
+    clock.advance(1.0)
+    # nothing running: b's last start is newer than a's, so a's next task goes first
+    assert store.expired(limit=2) == [flood[1], again]
+    urgent = store.create({}, key_name="a", priority=2)[0]
+    low = store.create({}, key_name="c", priority=0)[0]
+    assert store.expired()[0] == urgent and store.expired()[-1] == low
+    assert store.get(urgent).priority == 2 and store.get(late).started_at > 0
+
+
+def test_sqlite_file_from_before_the_fair_share_columns_opens(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.execute("""CREATE TABLE tasks (
+        task_id TEXT PRIMARY KEY, key_name TEXT NOT NULL, phase TEXT NOT NULL,
+        finished INTEGER NOT NULL, progress REAL NOT NULL, message TEXT NOT NULL, detail TEXT,
+        created_at REAL NOT NULL, updated_at REAL NOT NULL, request TEXT, result TEXT, error TEXT,
+        attempts INTEGER NOT NULL, owner TEXT, lease_until REAL NOT NULL, idempotency_key TEXT,
+        body_digest TEXT, last_seq INTEGER NOT NULL)""")
+    conn.execute("INSERT INTO tasks VALUES ('old', 'a', 'queued', 0, 0, 'queued', NULL, 1, 1, '{}', NULL, NULL, "
+                 "0, NULL, 0, NULL, NULL, 0)")
+    conn.commit()
+    conn.close()
+    store = SQLiteTaskStore(str(path))
+    try:
+        assert store.get("old").priority == 1 and store.expired() == ["old"]
+        assert store.claim("old", "driver", 30.0) and store.get("old").started_at > 0
+    finally:
+        store.close()

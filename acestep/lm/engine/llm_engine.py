@@ -147,7 +147,8 @@ class LMEngine:
         gen.manual_seed(int(request.seed) & 0xFFFF_FFFF_FFFF_FFFF)
         state = F.new_state(request.fsm, self.tables, self.encode) if request.fsm is not None else None
         rid, self._next_rid = self._next_rid, self._next_rid + 1
-        job = LMSequence(rid, request, request.rows, _RowState(gen, state, on_step))
+        job = LMSequence(rid, request, request.rows, _RowState(gen, state, on_step), tenant=request.tenant,
+                         priority=request.priority)
         self.scheduler.add(job)
         self._sequences[rid] = job
         self._counts["added"] += 1

@@ -1,9 +1,11 @@
 """Continuous batching bookkeeping: which requests run, in which KV-cache rows (no tensors).
 
 A request takes one row (two with CFG: cond + uncond). Waiting requests join the running batch
-between steps, at most ``max_admit`` per step, first come first served (a request that does not fit
-yet holds back the ones behind it), while rows are free; a finished request frees its rows at once. Slots are handed out lowest
-first, so the running rows stay packed near row 0 and a decode step covers few idle rows."""
+between steps, at most ``max_admit`` per step, while rows are free, in the fair-share order of
+``acestep.fairness`` (priority class first, then the tenant holding the fewest running rows, then
+arrival; one tenant alone is first come first served); the request next in that order holds back the
+others while it does not fit yet. A finished request frees its rows at once. Slots are handed out
+lowest first, so the running rows stay packed near row 0 and a decode step covers few idle rows."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import heapq
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
+
+from acestep.fairness import DEFAULT_PRIORITY, Entry, Turns
 
 
 @dataclass(eq=False)  # sequences compare by identity
@@ -26,6 +30,12 @@ class LMSequence:
     uncond_row: int | None = None
     tokens: list[int] = field(default_factory=list)
     finished: bool = False
+    tenant: str = ""  # whose request (opaque), for the fair-share order
+    priority: int = DEFAULT_PRIORITY
+
+    @property
+    def entry(self) -> Entry:
+        return Entry(self.tenant, self.priority, float(self.rows_needed))
 
     @property
     def rows(self) -> list[int]:
@@ -40,6 +50,7 @@ class Scheduler:
         self.max_admit = max(1, int(max_admit))
         self.waiting: deque[LMSequence] = deque()
         self.running: list[LMSequence] = []
+        self.turns = Turns()
         self._free = list(range(self.max_rows))
         heapq.heapify(self._free)
 
@@ -55,8 +66,12 @@ class Scheduler:
     def admit(self) -> list[LMSequence]:
         """Move up to ``max_admit`` waiting sequences into the running batch (rows assigned)."""
         joined: list[LMSequence] = []
-        while self.waiting and len(joined) < self.max_admit and self.waiting[0].rows_needed <= len(self._free):
-            seq = self.waiting.popleft()
+        while self.waiting and len(joined) < self.max_admit:
+            seq = self.waiting[self.turns.pick([s.entry for s in self.waiting], [s.entry for s in self.running])]
+            if seq.rows_needed > len(self._free):
+                break
+            self.waiting.remove(seq)
+            self.turns.served(seq.tenant, [s.entry for s in (*self.waiting, *self.running)])
             seq.cond_row = heapq.heappop(self._free)
             if seq.rows_needed == 2:
                 seq.uncond_row = heapq.heappop(self._free)
