@@ -151,6 +151,8 @@ def routing_fields(names: Sequence[str], aliases: Optional[Mapping[str, Sequence
 
 
 ROUTING_FIELDS = ("model", "lm_model", "lora", "lora_scale", "loras")
+WEBHOOK_DESCRIPTION = ("http(s) URL POSTed the task's public record once it is done or failed, signed with "
+                       "X-Acestep-Signature (README: Webhooks); it must resolve to public addresses.")
 # Where HTTP differs from the library's defaults: fields a request leaves out get its model's preset.
 HTTP_DEFAULTS = {"preset": "model"}
 
@@ -163,6 +165,7 @@ GenerateRequest = create_model(
     src_audio_base64=(Optional[str], Field(None, description="Source audio file (cover/repaint/extend...), base64.")),
     reference_audio_base64=(Optional[str], Field(None, description="Reference (timbre) audio file, base64.")),
     **routing_fields(ROUTING_FIELDS),
+    webhook_url=(Optional[str], Field(None, max_length=2048, description=WEBHOOK_DESCRIPTION)),
 )
 
 

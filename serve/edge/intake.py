@@ -27,6 +27,7 @@ from acestep.params import GenerationConfig, GenerationParams
 from acestep.presets import apply_model
 from serve.edge.errors import APIError, FieldError
 from serve.edge.safejson import JSON_LIMIT, check_text, parse_json
+from serve.store.records import WEBHOOK_FIELD
 from serve.schemas import CONFIG_FIELDS, PARAM_FIELDS, ROUTING_FIELDS, UPLOAD_FIELDS, GenerateRequest, to_library
 
 KNOWN_FIELDS = set(PARAM_FIELDS) | set(CONFIG_FIELDS) | set(UPLOAD_FIELDS)
@@ -115,6 +116,13 @@ async def read_generate_body(request: Request, max_upload: int) -> Tuple[Dict[st
 def routing(body: Dict[str, Any]) -> Dict[str, Any]:
     """The request's model and adapter choice (``ROUTING_FIELDS``; checked by ``to_params``)."""
     return {name: body[name] for name in ROUTING_FIELDS if body.get(name) is not None}
+
+
+def webhook(body: Dict[str, Any]) -> Dict[str, str]:
+    """The task's webhook as its extras keep it ({} without one; ``to_params`` checked its type and
+    length, ``serve.webhooks`` checks where it points)."""
+    url = body.get(WEBHOOK_FIELD)
+    return {WEBHOOK_FIELD: url} if isinstance(url, str) and url else {}
 
 
 def to_params(body: Dict[str, Any], files: Uploads, max_upload: int
