@@ -154,6 +154,7 @@ class WebhookSender:
         self.store, self.settings, self.secrets, self.owner = store, settings, secrets, owner
         self.batch, self.wall = batch, wall
         self._pumping: Optional[asyncio.Task] = None
+        self._again = False
         self.counts = {"delivered": 0, "failed_attempts": 0, "abandoned": 0}
 
     async def check_submission(self, url: str, key_name: str) -> None:
@@ -163,15 +164,20 @@ class WebhookSender:
         await asyncio.to_thread(check_url, url, self.settings.allow_private)
 
     def kick(self) -> None:
-        """Start a pump unless one runs (called by the reaper's period and when a task finishes)."""
+        """Pump soon (called by the reaper's period and when a task finishes): a kick while a pump
+        runs makes it pass once more, since what it finished may have been written after its claim."""
+        self._again = True
         if self._pumping is None or self._pumping.done():
             self._pumping = asyncio.get_running_loop().create_task(self._pump_safely(), context=contextvars.Context())
 
     async def _pump_safely(self) -> None:
-        try:
-            await self.pump()
-        except Exception:  # a store hiccup: the deliveries stay due and the next pump sends them
-            log.warning("webhook pump failed", exc_info=True)
+        while self._again:
+            self._again = False
+            try:
+                await self.pump()
+            except Exception:  # a store hiccup: the deliveries stay due and the next kick sends them
+                log.warning("webhook pump failed", exc_info=True)
+                return
 
     async def pump(self) -> int:
         """Claim and send due deliveries until none is left; returns how many were sent."""
