@@ -10,18 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from serve.config import WebhookSettings
 from serve.driver import DriverSettings, TaskDriver
 from serve.store import open_task_store
-from serve.webhooks import (
-    DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, WebhookRefused, WebhookSecrets, WebhookSender, check_url,
-    sign, verify_signature,
-)
+from serve.webhooks import WebhookRefused, WebhookSecrets, WebhookSender, check_url, sign, verify_signature
 from tests.clock import FakeClock
+from tests.serve.hook_receiver import Receiver
 from tests.serve.test_task_store import clock, open_store, redis_url, store_url  # noqa: F401 (both backends)
 
 SECRET = "whsec-test"
@@ -189,53 +186,12 @@ def test_concurrent_claimers_never_share_a_delivery(open_store, clock):
 
 # -- deliveries to a loopback receiver ----------------------------------------------------------
 
-class Receiver:
-    """A real HTTP server on loopback recording every POST; answers ``statuses`` in turn, then 204."""
-
-    def __init__(self, statuses=()):
-        self.received, self.statuses, self.lock = [], list(statuses), threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                with receiver.lock:
-                    receiver.received.append((dict(self.headers), body, self.path))
-                    status = receiver.statuses.pop(0) if receiver.statuses else 204
-                self.send_response(status)
-                if status in (301, 302, 307):
-                    self.send_header("Location", f"http://127.0.0.1:{self.server.server_port}/elsewhere")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def by_delivery(self):
-        """{delivery id: [bodies]}, each copy's signature checked on the way."""
-        seen = {}
-        for headers, body, path in list(self.received):
-            assert path == "/hook" and verify_signature(SECRET, headers[SIGNATURE_HEADER], body)
-            payload = json.loads(body)
-            assert headers[DELIVERY_HEADER] == payload["id"] and headers[EVENT_HEADER] == payload["event"]
-            seen.setdefault(payload["id"], []).append(body)
-        return seen
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def receiver():
     made = []
 
     def factory(statuses=()):
-        made.append(Receiver(statuses))
+        made.append(Receiver(SECRET, statuses))
         return made[-1]
 
     yield factory
@@ -297,20 +253,20 @@ def test_each_finished_task_is_delivered_once_signed(tmp_path, receiver):
 def test_a_dead_senders_claim_lapses_and_a_restarted_server_delivers(tmp_path, receiver):
     hook = receiver()
     url = f"sqlite:///{tmp_path / 'tasks.db'}"
-    clock = FakeClock()
-    store = open_task_store(url, clock=clock)
+    fake = FakeClock()
+    store = open_task_store(url, clock=fake)
     task_id, _ = store.create({"extras": {"webhook_url": hook.url}})
     assert store.finish(task_id, {"audios": []})
     assert len(store.claim_deliveries("replica-killed-mid-call", 60)) == 1
     store.close()
 
     async def restarted():
-        reopened = open_task_store(url, clock=clock)
+        reopened = open_task_store(url, clock=fake)
         _, sender = _driver(reopened, "b")
         assert await sender.pump() == 0  # still leased to the dead replica
-        clock.advance(61)
+        fake.advance(61)
         assert await sender.pump() == 1
-        clock.advance(3600)
+        fake.advance(3600)
         assert await sender.pump() == 0  # delivered: never again
         reopened.close()
 
