@@ -205,6 +205,10 @@ class SQLiteTaskStore(TaskStore):
 
     def claim_deliveries(self, owner: str, lease_s: float, limit: int = 16) -> List[Delivery]:
         now = self.clock()
+        # every replica asks every few seconds: a plain read first, so an empty outbox takes no write lock
+        if self._conn().execute("SELECT 1 FROM deliveries WHERE state = 'pending' AND due_at <= ? LIMIT 1",
+                                (now,)).fetchone() is None:
+            return []
         with self._transaction() as conn:
             rows = conn.execute("SELECT * FROM deliveries WHERE state = 'pending' AND due_at <= ? "
                                 "ORDER BY due_at LIMIT ?", (now, int(limit))).fetchall()
