@@ -12,8 +12,9 @@ HMAC-SHA256 of ``"<t>.<body>"`` under the key's secret; ``verify_signature`` is 
 Address rules (against server-side request forgery): only http and https, no credentials in the URL,
 and every address the host resolves to must be public: loopback, private, link-local, multicast,
 reserved, unspecified and other non-global addresses (IPv4, IPv6 and IPv4-mapped IPv6) are refused
-unless ``allow_private``. Checked at submission and again before each attempt (DNS can change);
-redirects are never followed and proxy settings from the environment are ignored.
+unless ``allow_private``. Checked at submission and again before each attempt (DNS can change), and
+the attempt connects to the address just checked (``pinned``), so a name that re-resolves in between
+cannot redirect it; redirects are never followed and proxy settings from the environment are ignored.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import json
 import os
 import socket
 import time
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
 from serve.logs import extra, log
@@ -62,9 +63,9 @@ def address_problem(address: str) -> Optional[str]:
     return None if ip.is_global else "non-public"
 
 
-def check_url(url: str, allow_private: bool = False, resolver: Resolver = resolve) -> None:
-    """WebhookRefused unless ``url`` is an http(s) URL whose host resolves only to addresses the
-    rules allow."""
+def check_url(url: str, allow_private: bool = False, resolver: Resolver = resolve) -> List[str]:
+    """The addresses ``url``'s host resolves to; WebhookRefused unless it is an http(s) URL whose
+    host resolves only to addresses the rules allow."""
     if len(url) > MAX_URL_LENGTH:
         raise WebhookRefused(f"webhook_url is at most {MAX_URL_LENGTH} characters")
     try:
@@ -82,13 +83,24 @@ def check_url(url: str, allow_private: bool = False, resolver: Resolver = resolv
         raise WebhookRefused("webhook_url's host could not be resolved") from None
     if not addresses:
         raise WebhookRefused("webhook_url's host could not be resolved")
-    if allow_private:
-        return
     for address in addresses:
-        problem = address_problem(address)
+        problem = None if allow_private else address_problem(address)
         if problem is not None:
             raise WebhookRefused(f"webhook_url's host resolves to a {problem} address; only public addresses "
                                  "are called (ingress.webhooks.allow_private allows others)")
+    return addresses
+
+
+def pinned(url: str, address: str) -> Tuple[str, Dict[str, str], Dict[str, str]]:
+    """(URL, headers, httpx extensions) that call ``address`` itself, so the connection goes where
+    the rules were checked even if the name resolves elsewhere a moment later; Host, and for https
+    SNI and certificate checks, keep the name."""
+    parts = urlsplit(url)
+    host = f"[{address}]" if ":" in address else address
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    name = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+    extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
+    return parts._replace(netloc=netloc).geturl(), {"Host": name}, extensions
 
 
 def sign(secret: str, body: bytes, timestamp: int) -> str:
@@ -150,9 +162,9 @@ class WebhookSender:
     ``serve.config.WebhookSettings``); ``wall`` gives the signature's timestamps."""
 
     def __init__(self, store: TaskStore, settings, secrets: WebhookSecrets, owner: str, batch: int = 16,
-                 wall: Callable[[], float] = time.time):
+                 wall: Callable[[], float] = time.time, resolver: Resolver = resolve):
         self.store, self.settings, self.secrets, self.owner = store, settings, secrets, owner
-        self.batch, self.wall = batch, wall
+        self.batch, self.wall, self.resolver = batch, wall, resolver
         self._pumping: Optional[asyncio.Task] = None
         self._again = False
         self.counts = {"delivered": 0, "failed_attempts": 0, "abandoned": 0}
@@ -161,7 +173,7 @@ class WebhookSender:
         """WebhookRefused when a task may not name ``url``: the address rules, or no secret to sign with."""
         if self.secrets.for_key(key_name) is None:
             raise WebhookRefused("this server has no webhook secret configured, so it cannot sign deliveries")
-        await asyncio.to_thread(check_url, url, self.settings.allow_private)
+        await asyncio.to_thread(check_url, url, self.settings.allow_private, self.resolver)
 
     def kick(self) -> None:
         """Pump soon (called by the reaper's period and when a task finishes): a kick while a pump
@@ -217,17 +229,18 @@ class WebhookSender:
         if secret is None:
             return "no webhook secret for this key"
         try:
-            await asyncio.to_thread(check_url, delivery.url, self.settings.allow_private)
+            addresses = await asyncio.to_thread(check_url, delivery.url, self.settings.allow_private, self.resolver)
         except WebhookRefused as refused:
             return str(refused)
+        url, host, extensions = pinned(delivery.url, addresses[0])
         body = encode(delivery.payload)
-        headers = {"Content-Type": "application/json", "User-Agent": "acestep-serve-webhooks",
+        headers = {"Content-Type": "application/json", "User-Agent": "acestep-serve-webhooks", **host,
                    SIGNATURE_HEADER: sign(secret, body, int(self.wall())),
                    DELIVERY_HEADER: delivery.delivery_id, EVENT_HEADER: delivery.event}
         try:
             async with httpx.AsyncClient(timeout=self.settings.timeout_s, follow_redirects=False,
                                          trust_env=False) as client:
-                response = await client.post(delivery.url, content=body, headers=headers)
+                response = await client.post(url, content=body, headers=headers, extensions=extensions)
         except httpx.HTTPError as error:
             return f"request failed: {type(error).__name__}"
         return None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"

@@ -16,7 +16,9 @@ import pytest
 from serve.config import WebhookSettings
 from serve.driver import DriverSettings, TaskDriver
 from serve.store import open_task_store
-from serve.webhooks import WebhookRefused, WebhookSecrets, WebhookSender, check_url, sign, verify_signature
+from serve.webhooks import (
+    WebhookRefused, WebhookSecrets, WebhookSender, check_url, pinned, resolve, sign, verify_signature,
+)
 from tests.clock import FakeClock
 from tests.serve.hook_receiver import Receiver
 from tests.serve.test_task_store import clock, open_store, redis_url, store_url  # noqa: F401 (both backends)
@@ -69,6 +71,13 @@ def test_unresolvable_hosts_are_refused():
 
     with pytest.raises(WebhookRefused, match="resolved"):
         check_url("https://nowhere.example/h", resolver=resolver)
+
+
+def test_pinned_calls_the_checked_address_under_the_name():
+    assert pinned("https://h.example/x?q=1", "2606:4700::1") == (
+        "https://[2606:4700::1]/x?q=1", {"Host": "h.example"}, {"sni_hostname": "h.example"})
+    assert pinned("http://h.example:8080/x", "93.184.216.34") == (
+        "http://93.184.216.34:8080/x", {"Host": "h.example:8080"}, {})
 
 
 # -- signature ----------------------------------------------------------------------------------
@@ -199,9 +208,9 @@ def receiver():
         item.close()
 
 
-def _driver(store, owner, **webhooks):
+def _driver(store, owner, resolver=resolve, **webhooks):
     settings = WebhookSettings(allow_private=True, backoff_s=10, lease_s=60, timeout_s=10, **webhooks)
-    sender = WebhookSender(store, settings, WebhookSecrets(SECRET), owner)
+    sender = WebhookSender(store, settings, WebhookSecrets(SECRET), owner, resolver=resolver)
     timeouts = {"queued": 600.0, "lm": 600.0, "dit": 600.0, "encode": 600.0}
     driver = TaskDriver(store, _pipeline, DriverSettings(max_drives=4, lease_s=30, retries=0, retry_backoff_s=0,
                                                          timeouts=timeouts, poll_s=0.05),
@@ -308,4 +317,22 @@ def test_delivery_rechecks_the_address_rules(tmp_path, receiver):
 
     asyncio.run(run())
     assert hook.received == [] and "loopback" in store.get_delivery(f"{task_id}.done").last_error
+    store.close()
+
+
+def test_an_attempt_connects_to_the_address_it_checked(tmp_path, receiver):
+    hook = receiver()
+    port = hook.server.server_port
+    store = open_task_store(f"sqlite:///{tmp_path / 'tasks.db'}", clock=FakeClock())
+    task_id, _ = store.create({"extras": {"webhook_url": f"http://hooks.invalid:{port}/hook"}})
+    store.finish(task_id, {})
+
+    async def run():
+        # only the checked answer knows this name: had the client resolved it again, nothing would arrive
+        _, sender = _driver(store, "a", resolver=lambda host, port: {"hooks.invalid": ["127.0.0.1"]}[host])
+        assert await sender.pump() == 1
+
+    asyncio.run(run())
+    [(headers, _, _)] = hook.received
+    assert headers["Host"] == f"hooks.invalid:{port}" and list(hook.by_delivery()) == [f"{task_id}.done"]
     store.close()
