@@ -222,7 +222,13 @@ class WebhookSettings(_Strict):
     backoff_s: float = Field(5.0, ge=0, description="Delay before the first retry; doubles for each further one.")
     max_backoff_s: float = Field(900.0, ge=0, description="Longest delay between two attempts.")
     lease_s: float = Field(60.0, ge=1, description="A claimed delivery not settled within this is sent again "
-                                                   "(its sender died); keep it above timeout_s.")
+                                                   "(its sender died); above timeout_s.")
+
+    @model_validator(mode="after")
+    def _lease_outlives_a_call(self) -> "WebhookSettings":
+        if self.lease_s <= self.timeout_s:  # else a slow but live call would be sent twice
+            raise ValueError(f"lease_s ({self.lease_s:g}) must be above timeout_s ({self.timeout_s:g})")
+        return self
 
 
 class IngressSettings(_Strict):

@@ -108,6 +108,8 @@ def test_secrets_per_key_then_the_server_secret(tmp_path):
     keys.write_text("alice\n")
     with pytest.raises(ValueError, match="line 1"):
         WebhookSecrets.load(settings, env={})
+    with pytest.raises(ValueError, match="lease_s"):
+        WebhookSettings(lease_s=10, timeout_s=10)
 
 
 # -- the outbox in both store backends -----------------------------------------------------------
