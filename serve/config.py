@@ -206,6 +206,31 @@ class RequestLimits(_Strict):
                                           "not named here: this config.")
 
 
+class WebhookSettings(_Strict):
+    """Task webhooks (``webhook_url`` on a task): signed POSTs of the finished task's public record,
+    retried with backoff from an outbox in the task store (``serve.webhooks``)."""
+
+    secret_env: str = Field("ACESTEP_WEBHOOK_SECRET", description="Environment variable holding the server "
+                                                                  "secret that signs deliveries of keys without one "
+                                                                  "of their own.")
+    secrets_file: Optional[str] = Field(None, description="File of 'keyname:secret' lines: each API key's deliveries "
+                                                          "are signed with its own secret.")
+    allow_private: bool = Field(False, description="Allow webhook URLs that resolve to loopback, private, link-local "
+                                                   "or other non-public addresses (trusted networks and tests only).")
+    timeout_s: float = Field(10.0, gt=0, le=120, description="One delivery attempt's HTTP timeout.")
+    max_attempts: int = Field(8, ge=1, le=50, description="Attempts before a delivery is abandoned.")
+    backoff_s: float = Field(5.0, ge=0, description="Delay before the first retry; doubles for each further one.")
+    max_backoff_s: float = Field(900.0, ge=0, description="Longest delay between two attempts.")
+    lease_s: float = Field(60.0, ge=1, description="A claimed delivery not settled within this is sent again "
+                                                   "(its sender died); above timeout_s.")
+
+    @model_validator(mode="after")
+    def _lease_outlives_a_call(self) -> "WebhookSettings":
+        if self.lease_s <= self.timeout_s:  # else a slow but live call would be sent twice
+            raise ValueError(f"lease_s ({self.lease_s:g}) must be above timeout_s ({self.timeout_s:g})")
+        return self
+
+
 class IngressSettings(_Strict):
     """The HTTP ingress: keys, admission, limits on what clients send, and how tasks are driven."""
 
@@ -234,6 +259,7 @@ class IngressSettings(_Strict):
     retry_backoff_s: float = Field(1.0, ge=0, description="First retry's delay; doubles for each further retry.")
     drain_grace_s: float = Field(30.0, ge=0, description="On shutdown, how long phases in flight may finish.")
     timeouts: PhaseTimeouts = Field(default_factory=PhaseTimeouts)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     limits: RequestLimits = Field(default_factory=RequestLimits)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 

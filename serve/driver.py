@@ -146,8 +146,10 @@ class TaskDriver:
     are measured on ``clock`` (``time.monotonic`` when None); a task's queue age on the store's."""
 
     def __init__(self, store: TaskStore, pipeline: Pipeline, settings: DriverSettings, owner: str,
-                 on_done: Optional[Callable[[float], None]] = None, clock: Optional[Callable[[], float]] = None):
+                 on_done: Optional[Callable[[float], None]] = None, clock: Optional[Callable[[], float]] = None,
+                 webhooks=None):
         self.store, self.pipeline, self.settings, self.owner = store, pipeline, settings, owner
+        self.webhooks = webhooks  # a serve.webhooks.WebhookSender: the reaper's period sends due deliveries
         self.on_done = on_done  # called with each finished task's wall time (admission's estimate)
         self.clock: Callable[[], float] = clock or time.monotonic
         self.draining = False
@@ -198,6 +200,8 @@ class TaskDriver:
     async def _reap_forever(self) -> None:
         period = max(0.5, min(5.0, self.settings.lease_s / 3))
         while not self.draining:
+            if self.webhooks is not None:
+                self.webhooks.kick()
             try:
                 await self.reap()
             except Exception:  # a store hiccup must not end re-driving for good
@@ -273,7 +277,10 @@ class TaskDriver:
             await self._settle(clock)
 
     async def _settle(self, clock: Optional[PhaseClock]) -> None:
-        """The last transitions (into done or failed, here or by DELETE) and the task's outcome."""
+        """The last transitions (into done or failed, here or by DELETE) and the task's outcome; its
+        webhook (if any) is sent now rather than at the reaper's next pass."""
+        if self.webhooks is not None:
+            self.webhooks.kick()
         if clock is None:
             return
         try:

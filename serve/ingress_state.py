@@ -26,6 +26,7 @@ from serve.logs import log
 from serve.replica import plans_unpacked
 from serve.store.records import FINAL_PHASES, StoreFull, TaskRecord, wait_final
 from serve.store import open_task_store
+from serve.webhooks import WebhookSecrets, WebhookSender
 
 
 MAX_UPLOAD_SECONDS = 600.0  # the DiT's longest song; longer sources cannot be covered or repainted
@@ -89,7 +90,9 @@ class IngressState:
             timeouts={"queued": timeouts.queue_s, "lm": timeouts.lm_s, "dit": timeouts.dit_s,
                       "encode": timeouts.encode_s})
         owner = f"ingress-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.driver = TaskDriver(self.store, pipeline, settings, owner, on_done=self.admission.record_task_time)
+        self.webhooks = WebhookSender(self.store, ingress.webhooks, WebhookSecrets.load(ingress.webhooks), owner)
+        self.driver = TaskDriver(self.store, pipeline, settings, owner, on_done=self.admission.record_task_time,
+                                 webhooks=self.webhooks)
         self._view: Dict[str, Any] = {"lm_info": None, "dit_info": None, "lm_stats": None, "dit_stats": None,
                                       "replicas": {}, "store_ok": False, "as_of": 0.0}
         self._refresher: Optional[asyncio.Task] = None
@@ -211,7 +214,7 @@ class IngressState:
         view = self._view
         return {"lm": view["lm_stats"], "dit": view["dit_stats"], "store": self.store.stats(),
                 "admission": self.admission.stats(), "driver": self.driver.stats(), "as_of": view["as_of"],
-                "plans_unpacked": plans_unpacked()}
+                "webhooks": dict(self.webhooks.counts), "plans_unpacked": plans_unpacked()}
 
     # -- tasks -------------------------------------------------------------------------------------
 

@@ -151,6 +151,8 @@ def routing_fields(names: Sequence[str], aliases: Optional[Mapping[str, Sequence
 
 
 ROUTING_FIELDS = ("model", "lm_model", "lora", "lora_scale", "loras")
+WEBHOOK_DESCRIPTION = ("http(s) URL POSTed the task's public record once it is done or failed, signed with "
+                       "X-Acestep-Signature (README: Webhooks); it must resolve to public addresses.")
 # Where HTTP differs from the library's defaults: fields a request leaves out get its model's preset.
 HTTP_DEFAULTS = {"preset": "model"}
 
@@ -165,6 +167,7 @@ GenerateRequest = create_model(
     priority=(Optional[Literal["low", "normal", "high"]], Field(None, description=(
         "The task's priority class, at most its API key's (ingress.key_priorities); default: the key's class."))),
     **routing_fields(ROUTING_FIELDS),
+    webhook_url=(Optional[str], Field(None, max_length=2048, description=WEBHOOK_DESCRIPTION)),
 )
 
 

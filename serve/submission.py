@@ -19,7 +19,8 @@ from serve.edge import intake
 from serve.edge.errors import APIError, FieldError
 from serve.logs import current_request_id, extra, log
 from serve.models import adapter_choice
-from serve.store.records import IdempotencyConflict, StoreFull
+from serve.store.records import WEBHOOK_FIELD, IdempotencyConflict, StoreFull
+from serve.webhooks import WebhookRefused
 
 DEFAULT_BATCH_SIZE = GenerationConfig().batch_size
 
@@ -64,6 +65,7 @@ class Submission:
         priority = self._priority(key_name, body.get("priority"))
         files = await self._check_uploads(files, max_upload, sent_as)
         params, config, seeds, route = await self._prepare(params, config, files, intake.routing(body), list(body))
+        route.update(intake.webhook(body))
         return await self._submit(source, params, config, seeds, files, route, key_name, sync=sync,
                                   idempotency=(idempotency, digest), priority=priority)
 
@@ -99,6 +101,11 @@ class Submission:
         ``priority``: the task's class rank; None: the key's class."""
         state = self.state
         state.start_background()
+        if extras.get(WEBHOOK_FIELD):
+            try:
+                await state.webhooks.check_submission(extras[WEBHOOK_FIELD], key_name)
+            except WebhookRefused as refused:
+                raise FieldError(WEBHOOK_FIELD, str(refused)) from None
         await state.admit(key_name)
         task_id = uuid.uuid4().hex
         upload_keys = {}

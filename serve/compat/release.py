@@ -62,7 +62,7 @@ ANALYSIS_MODES = ("extract_codes_only", "full_analysis_only", "analysis_only")
 ANALYSIS_NEEDS = {"extract_codes_only": {"src_audio"}, "full_analysis_only": {"src_audio", "lm"},
                   "analysis_only": {"lm"}}
 # Request fields that are no library params: they travel as the task's extras when sent.
-EXTRA_FIELDS = ("sample_query", "sample_mode", "use_format", "model", "lm_model", "lora", "lora_scale")
+EXTRA_FIELDS = ("sample_query", "sample_mode", "use_format", "model", "lm_model", "lora", "lora_scale", "webhook_url")
 PATH_FIELDS = {
     "reference_audio": ("reference_audio_path", "ref_audio_path", "referenceAudioPath", "refAudioPath"),
     "src_audio": ("src_audio_path", "ctx_audio_path", "sourceAudioPath", "srcAudioPath", "ctxAudioPath"),
@@ -96,6 +96,7 @@ ReleaseRequest = create_model(
                              description="A description of the song: the LM writes caption, lyrics and metadata.")),
     sample_mode=(bool, Field(False, validation_alias=schemas.spellings("sample_mode", ALIASES),
                              description="The LM writes the song from sample_query (or from nothing).")),
+    webhook_url=(Optional[str], Field(None, max_length=2048, description=schemas.WEBHOOK_DESCRIPTION)),
     use_format=(bool, Field(False, validation_alias=schemas.spellings("use_format", ALIASES),
                             description="The LM formats caption, lyrics and metadata first.")),
     **{mode: (bool, Field(False, validation_alias=schemas.spellings(mode, ALIASES),

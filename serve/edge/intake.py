@@ -28,6 +28,7 @@ from acestep.params import GenerationConfig, GenerationParams
 from acestep.presets import apply_model
 from serve.edge.errors import APIError, FieldError
 from serve.edge.safejson import JSON_LIMIT, check_text, parse_json
+from serve.store.records import WEBHOOK_FIELD
 from serve.schemas import CONFIG_FIELDS, PARAM_FIELDS, ROUTING_FIELDS, UPLOAD_FIELDS, GenerateRequest, to_library
 
 KNOWN_FIELDS = set(PARAM_FIELDS) | set(CONFIG_FIELDS) | set(UPLOAD_FIELDS)
@@ -129,6 +130,13 @@ def task_priority(requested: Optional[str], key_class: str) -> int:
         raise FieldError("priority", f"priority {requested!r} is above this API key's class "
                                      f"({key_class!r}); allowed: {allowed}")
     return priority_rank(requested)
+
+
+def webhook(body: Dict[str, Any]) -> Dict[str, str]:
+    """The task's webhook as its extras keep it ({} without one; ``to_params`` checked its type and
+    length, ``serve.webhooks`` checks where it points)."""
+    url = body.get(WEBHOOK_FIELD)
+    return {WEBHOOK_FIELD: url} if isinstance(url, str) and url else {}
 
 
 def to_params(body: Dict[str, Any], files: Uploads, max_upload: int

@@ -80,6 +80,31 @@ class TaskRecord:
         }
 
 
+@dataclass
+class Delivery:
+    """One webhook call owed for a finished task (the outbox row). ``payload`` is the body's
+    object, frozen when the task finished so that every attempt sends the same bytes; ``due_at`` is
+    when it may be sent next (a claim pushes it one lease ahead, so a sender that dies mid-call
+    leaves it due again); ``state`` is pending, delivered or abandoned (attempts ran out)."""
+
+    delivery_id: str
+    task_id: str
+    key_name: str
+    url: str
+    event: str
+    payload: Dict[str, Any]
+    state: str = "pending"
+    attempts: int = 0
+    due_at: float = 0.0
+    owner: Optional[str] = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    last_error: Optional[str] = None
+
+
+WEBHOOK_FIELD = "webhook_url"  # where a task's stored request keeps its webhook (in its extras)
+
+
 class StoreFull(Exception):
     """A create refused by its bounds; ``scope`` is "global" or "key", ``unfinished`` the count."""
 
@@ -192,6 +217,44 @@ def apply_release(record: TaskRecord, owner: str, now: float) -> bool:
     if record.finished or record.owner != owner:
         return False
     record.owner, record.lease_until = None, 0.0
+    return True
+
+
+def new_delivery(record: TaskRecord, now: float) -> Optional[Delivery]:
+    """The webhook delivery a just-finished record owes (None when its request named no webhook):
+    written by the backend in the transaction that finishes the task, so a crash between finishing
+    and calling loses nothing. Its id is stable per task and event: receivers de-duplicate on it."""
+    url = ((record.request or {}).get("extras") or {}).get(WEBHOOK_FIELD)
+    if not record.finished or not url:
+        return None
+    event = f"task.{record.phase}"
+    delivery_id = f"{record.task_id}.{record.phase}"
+    payload = {"id": delivery_id, "event": event, "created_at": now, "task": record.summary()}
+    return Delivery(delivery_id=delivery_id, task_id=record.task_id, key_name=record.key_name, url=url,
+                    event=event, payload=payload, due_at=now, created_at=now, updated_at=now)
+
+
+def apply_delivery_claim(delivery: Delivery, owner: str, lease_s: float, now: float) -> bool:
+    if delivery.state != "pending" or delivery.due_at > now:
+        return False
+    delivery.owner, delivery.due_at, delivery.updated_at = owner, now + lease_s, now
+    delivery.attempts += 1
+    return True
+
+
+def apply_delivery_settle(delivery: Delivery, owner: str, delivered: bool, retry_at: Optional[float],
+                          error: Optional[str], now: float) -> bool:
+    """Delivered, rescheduled at ``retry_at``, or abandoned (``retry_at`` None); only by the sender
+    holding the claim (one whose lease lapsed and was re-claimed no longer does)."""
+    if delivery.state != "pending" or delivery.owner != owner:
+        return False
+    delivery.owner, delivery.updated_at, delivery.last_error = None, now, error
+    if delivered:
+        delivery.state = "delivered"
+    elif retry_at is None:
+        delivery.state = "abandoned"
+    else:
+        delivery.due_at = retry_at
     return True
 
 
@@ -311,6 +374,20 @@ class TaskStore(abc.ABC):
     def release(self, task_id: str, owner: str) -> bool:
         """Give an unfinished task back, phase unchanged, so that another replica re-drives it."""
         return self._mutate(task_id, _lease_rule(apply_release, owner))
+
+    @abc.abstractmethod
+    def claim_deliveries(self, owner: str, lease_s: float, limit: int = 16) -> List[Delivery]:
+        """Pending webhook deliveries that are due, oldest due first, each claimed for ``lease_s``
+        (its attempt counted); a delivery goes to exactly one concurrent claimer."""
+
+    @abc.abstractmethod
+    def settle_delivery(self, delivery_id: str, owner: str, delivered: bool, retry_at: Optional[float] = None,
+                        error: Optional[str] = None) -> bool:
+        """``apply_delivery_settle`` on the stored delivery; False when ``owner`` no longer holds it."""
+
+    @abc.abstractmethod
+    def get_delivery(self, delivery_id: str) -> Optional[Delivery]:
+        ...
 
     @abc.abstractmethod
     def get(self, task_id: str) -> Optional[TaskRecord]:

@@ -11,6 +11,8 @@ Layout, all under one key prefix:
 - ``P:idem:HASH`` hash (task_id, digest) for each key name's idempotency key;
 - ``P:settings`` hash of the service-wide settings (JSON values);
 - ``P:started`` hash of each key name's latest task start (its last turn in the claim order).
+- ``P:delivery:ID`` hash of one webhook delivery (JSON values) and ``P:outbox`` sorted set of the
+  pending ones scored by when they are due.
 
 Read-modify-writes WATCH the task's hash, apply the shared rules from ``serve.store.records`` and write the
 record and every index in one MULTI, retrying when another client changed the hash in between, so
@@ -30,11 +32,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import redis
 
 from serve.store.records import (
-    MAX_EVENTS, PHASES, IdempotencyConflict, Mutation, TaskEvent, TaskRecord, TaskStore,
-    BUCKET_IDLE_S, DEFAULT_PRIORITY, check_bounds, claim_order, new_record, same_body, take_token,
+    MAX_EVENTS, PHASES, Delivery, IdempotencyConflict, Mutation, TaskEvent, TaskRecord, TaskStore,
+    BUCKET_IDLE_S, DEFAULT_PRIORITY, apply_delivery_claim, apply_delivery_settle, check_bounds, claim_order,
+    new_delivery, new_record, same_body, take_token,
 )
 
 _FIELDS = tuple(f.name for f in fields(TaskRecord))
+_DELIVERY_FIELDS = tuple(f.name for f in fields(Delivery))
 _BATCH = 500  # ids per purge round trip
 
 # Deletes finished tasks (never unfinished ones: only ids still in the finished set), their events
@@ -67,6 +71,10 @@ def _encode(record: TaskRecord) -> Dict[str, str]:
 
 def _decode(data: Dict[str, str]) -> TaskRecord:
     return TaskRecord(**{name: json.loads(data[name]) for name in _FIELDS if name in data})
+
+
+def _decode_delivery(data: Dict[str, str]) -> Delivery:
+    return Delivery(**{name: json.loads(data[name]) for name in _DELIVERY_FIELDS if name in data})
 
 
 def _event_json(event: TaskEvent) -> str:
@@ -178,14 +186,17 @@ class RedisTaskStore(TaskStore):
             if not data:
                 return False
             record = _decode(data)
-            before = record.phase
-            changed, event = mutation(record, self.clock())
+            before, was_finished, now = record.phase, record.finished, self.clock()
+            changed, event = mutation(record, now)
             if not changed:
                 return False
             pipe.multi()
             self._queue_write(pipe, record, before, event, json.loads(data.get("idem_ref", "null")))
             if record.started_at != json.loads(data.get("started_at", "0")):  # its first claim
                 pipe.hset(self._key("started"), record.key_name, repr(record.started_at))
+            delivery = None if was_finished else new_delivery(record, now)
+            if delivery is not None:
+                self._queue_delivery(pipe, delivery)
             return True
 
         return self._atomic([task_key], body)
@@ -219,6 +230,52 @@ class RedisTaskStore(TaskStore):
         for key in (self._task_key(task_id), self._events_key(task_id), idem_ref):
             if key is not None:
                 pipe.expire(key, self._expire_s)
+
+    # -- webhook outbox ---------------------------------------------------------------------------
+
+    def _delivery_key(self, delivery_id: str) -> str:
+        return self._key("delivery", delivery_id)
+
+    def _queue_delivery(self, pipe, delivery: Delivery) -> None:
+        key = self._delivery_key(delivery.delivery_id)
+        pipe.hset(key, mapping={name: json.dumps(getattr(delivery, name)) for name in _DELIVERY_FIELDS})
+        if delivery.state == "pending":
+            pipe.zadd(self._key("outbox"), {delivery.delivery_id: delivery.due_at})
+        else:  # settled: kept as long as finished tasks are, for inspection
+            pipe.zrem(self._key("outbox"), delivery.delivery_id)
+            pipe.expire(key, self._expire_s)
+
+    def _change_delivery(self, delivery_id: str, rule: Callable[[Delivery], bool]) -> Optional[Delivery]:
+        key = self._delivery_key(delivery_id)
+
+        def body(pipe) -> Optional[Delivery]:
+            data = pipe.hgetall(key)
+            if not data:
+                return None
+            delivery = _decode_delivery(data)
+            if not rule(delivery):
+                return None
+            pipe.multi()
+            self._queue_delivery(pipe, delivery)
+            return delivery
+
+        return self._atomic([key], body)
+
+    def claim_deliveries(self, owner: str, lease_s: float, limit: int = 16) -> List[Delivery]:
+        now = self.clock()
+        due = self._redis.zrangebyscore(self._key("outbox"), "-inf", repr(now), start=0, num=int(limit))
+        claimed = (self._change_delivery(d, lambda delivery: apply_delivery_claim(delivery, owner, lease_s, now))
+                   for d in due)
+        return [delivery for delivery in claimed if delivery is not None]
+
+    def settle_delivery(self, delivery_id: str, owner: str, delivered: bool, retry_at: Optional[float] = None,
+                        error: Optional[str] = None) -> bool:
+        return self._change_delivery(delivery_id, lambda delivery: apply_delivery_settle(
+            delivery, owner, delivered, retry_at, error, self.clock())) is not None
+
+    def get_delivery(self, delivery_id: str) -> Optional[Delivery]:
+        data = self._redis.hgetall(self._delivery_key(delivery_id))
+        return _decode_delivery(data) if data else None
 
     def purge(self, now: Optional[float] = None) -> int:
         cutoff = (self.clock() if now is None else now) - self.ttl_s

@@ -18,8 +18,9 @@ from dataclasses import fields
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from serve.store.records import (
-    MAX_EVENTS, PHASES, IdempotencyConflict, Mutation, TaskEvent, TaskRecord, TaskStore,
-    BUCKET_IDLE_S, DEFAULT_PRIORITY, check_bounds, claim_order, new_record, same_body, take_token,
+    MAX_EVENTS, PHASES, Delivery, IdempotencyConflict, Mutation, TaskEvent, TaskRecord, TaskStore,
+    BUCKET_IDLE_S, DEFAULT_PRIORITY, apply_delivery_claim, apply_delivery_settle, check_bounds, claim_order,
+    new_delivery, new_record, same_body, take_token,
 )
 
 _SCHEMA = (
@@ -36,6 +37,11 @@ _SCHEMA = (
     ) WITHOUT ROWID""",
     "CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS buckets (name TEXT PRIMARY KEY, tokens REAL NOT NULL, updated REAL NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS deliveries (
+        delivery_id TEXT PRIMARY KEY, task_id TEXT NOT NULL, key_name TEXT NOT NULL, url TEXT NOT NULL,
+        event TEXT NOT NULL, payload TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL,
+        due_at REAL NOT NULL, owner TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL, last_error TEXT)""",
+    "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (due_at) WHERE state = 'pending'",
     "CREATE INDEX IF NOT EXISTS tasks_phase ON tasks (phase)",
     "CREATE INDEX IF NOT EXISTS tasks_unfinished_key ON tasks (key_name) WHERE finished = 0",
     "CREATE INDEX IF NOT EXISTS tasks_lease ON tasks (lease_until) WHERE finished = 0",
@@ -60,6 +66,11 @@ _INSERT = (f"INSERT INTO tasks ({', '.join(_COLUMNS)}, finished) "
 _MUTABLE = ("phase", "progress", "message", "detail", "updated_at", "result", "error", "attempts",
             "owner", "lease_until", "last_seq", "started_at")
 _UPDATE = f"UPDATE tasks SET {', '.join(c + ' = ?' for c in _MUTABLE)}, finished = ? WHERE task_id = ?"
+_DELIVERY_COLUMNS = tuple(f.name for f in fields(Delivery))
+_DELIVERY_INSERT = (f"INSERT OR IGNORE INTO deliveries ({', '.join(_DELIVERY_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' for _ in _DELIVERY_COLUMNS)})")
+_DELIVERY_UPDATE = ("UPDATE deliveries SET state = ?, attempts = ?, due_at = ?, owner = ?, updated_at = ?, "
+                    "last_error = ? WHERE delivery_id = ?")
 _CHUNK = 500  # ids per IN (...) query, well below SQLite's bound-parameter limit
 
 
@@ -84,6 +95,16 @@ def _record_from_row(row: sqlite3.Row) -> TaskRecord:
     for column in _JSON_COLUMNS:
         data[column] = _loads(data[column])
     return TaskRecord(**data)
+
+
+def _delivery_values(delivery: Delivery) -> List[Any]:
+    return [_dumps(getattr(delivery, c)) if c == "payload" else getattr(delivery, c) for c in _DELIVERY_COLUMNS]
+
+
+def _delivery_from_row(row: sqlite3.Row) -> Delivery:
+    data = {column: row[column] for column in _DELIVERY_COLUMNS}
+    data["payload"] = _loads(data["payload"])
+    return Delivery(**data)
 
 
 def _event_from_row(row: sqlite3.Row) -> TaskEvent:
@@ -184,13 +205,57 @@ class SQLiteTaskStore(TaskStore):
             if row is None:
                 return False
             record = _record_from_row(row)
-            changed, event = mutation(record, self.clock())
+            was_finished, now = record.finished, self.clock()
+            changed, event = mutation(record, now)
             if not changed:
                 return False
             conn.execute(_UPDATE, [*_column_values(record, _MUTABLE), int(record.finished), task_id])
             if event is not None:
                 self._insert_event(conn, task_id, event)
+            delivery = None if was_finished else new_delivery(record, now)
+            if delivery is not None:
+                conn.execute(_DELIVERY_INSERT, _delivery_values(delivery))
         return True
+
+    # -- webhook outbox ---------------------------------------------------------------------------
+
+    def claim_deliveries(self, owner: str, lease_s: float, limit: int = 16) -> List[Delivery]:
+        now = self.clock()
+        # every replica asks every few seconds: a plain read first, so an empty outbox takes no write lock
+        if self._conn().execute("SELECT 1 FROM deliveries WHERE state = 'pending' AND due_at <= ? LIMIT 1",
+                                (now,)).fetchone() is None:
+            return []
+        with self._transaction() as conn:
+            rows = conn.execute("SELECT * FROM deliveries WHERE state = 'pending' AND due_at <= ? "
+                                "ORDER BY due_at LIMIT ?", (now, int(limit))).fetchall()
+            claimed = []
+            for row in rows:
+                delivery = _delivery_from_row(row)
+                if apply_delivery_claim(delivery, owner, lease_s, now):
+                    self._update_delivery(conn, delivery)
+                    claimed.append(delivery)
+        return claimed
+
+    def settle_delivery(self, delivery_id: str, owner: str, delivered: bool, retry_at: Optional[float] = None,
+                        error: Optional[str] = None) -> bool:
+        with self._transaction() as conn:
+            row = conn.execute("SELECT * FROM deliveries WHERE delivery_id = ?", (delivery_id,)).fetchone()
+            if row is None:
+                return False
+            delivery = _delivery_from_row(row)
+            if not apply_delivery_settle(delivery, owner, delivered, retry_at, error, self.clock()):
+                return False
+            self._update_delivery(conn, delivery)
+        return True
+
+    @staticmethod
+    def _update_delivery(conn: sqlite3.Connection, delivery: Delivery) -> None:
+        conn.execute(_DELIVERY_UPDATE, (delivery.state, delivery.attempts, delivery.due_at, delivery.owner,
+                                        delivery.updated_at, delivery.last_error, delivery.delivery_id))
+
+    def get_delivery(self, delivery_id: str) -> Optional[Delivery]:
+        row = self._conn().execute("SELECT * FROM deliveries WHERE delivery_id = ?", (delivery_id,)).fetchone()
+        return None if row is None else _delivery_from_row(row)
 
     @staticmethod
     def _insert_event(conn: sqlite3.Connection, task_id: str, event: TaskEvent) -> None:
@@ -216,6 +281,8 @@ class SQLiteTaskStore(TaskStore):
         cutoff = now - self.ttl_s
         with self._transaction() as conn:
             conn.execute("DELETE FROM buckets WHERE updated < ?", (now - BUCKET_IDLE_S,))
+            # settled deliveries go with the TTL; pending ones stay until sent or abandoned
+            conn.execute("DELETE FROM deliveries WHERE state != 'pending' AND updated_at < ?", (cutoff,))
             stale = [row[0] for row in conn.execute(
                 "SELECT task_id FROM tasks WHERE finished = 1 AND updated_at < ?", (cutoff,))]
             self._delete(conn, stale)

@@ -68,9 +68,13 @@ def serve_app(demo_root, tmp_path_factory, shared_dir):
     # tests see songs share DiT forwards; the base variant beside turbo, as `acestep serve --demo`
     # serves it (extract, lego and complete go there)
     batch = {"max_forward_rows": 16, "max_row_frames": 96000, "max_padding": 0.25}
+    # webhooks may call the tests' loopback receiver, signed with the default key's own secret
+    hooks = tmp_path_factory.mktemp("webhooks") / "secrets"
+    hooks.write_text(f"default:whsec-{secrets.token_urlsafe(16)}\n")
     yield from deployed_app(demo_root, tmp_path_factory.mktemp("state"),
                             dit={"batch": batch, "extra_models": ["acestep-v15-base"]},
-                            ingress={"allowed_audio_dirs": [str(shared_dir)]})
+                            ingress={"allowed_audio_dirs": [str(shared_dir)],
+                                     "webhooks": {"allow_private": True, "secrets_file": str(hooks)}})
 
 
 def deployed_app(demo_root, state_dir, metrics_report_ms: Optional[int] = None, **overrides):

@@ -375,3 +375,8 @@ from tests.serve.app_extend import (  # noqa: E402,F401
     test_bad_extensions_are_422_naming_the_field,
     test_generate_extends_the_upload_with_the_lm_planning_the_new_part,
 )
+from tests.serve.app_webhooks import (  # noqa: E402,F401
+    hook,
+    test_native_and_release_tasks_are_delivered_once_signed,
+    test_refused_webhook_urls_are_422_naming_the_field,
+)

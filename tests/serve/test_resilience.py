@@ -14,17 +14,32 @@ import httpx
 import pytest
 
 from tests.serve.conftest import deployed_app
+from tests.serve.hook_receiver import Receiver
 
 BOUND = 8
 SONG = {"caption": "lofi beat", "duration": 10, "inference_steps": 2, "batch_size": 1, "thinking": False}
 CODES = ("replica_died", "overloaded", "invalid_audio", "internal", "cancelled")
 
 
+WEBHOOK_SECRET = "whsec-resilience"
+
+
 @pytest.fixture(scope="module")
 def tough_app(demo_root, tmp_path_factory):
+    # webhooks to the tests' loopback receiver; a short delivery lease re-sends a killed ingress's claims soon
+    secrets_file = tmp_path_factory.mktemp("webhooks") / "secrets"
+    secrets_file.write_text(f"default:{WEBHOOK_SECRET}\n")
+    webhooks = {"allow_private": True, "secrets_file": str(secrets_file), "lease_s": 5, "timeout_s": 3}
     yield from deployed_app(demo_root, tmp_path_factory.mktemp("tough-state"),
                             ingress={"max_unfinished_tasks": BOUND, "max_sync_requests": 2, "lease_s": 3,
-                                     "request_timeout_s": 300})
+                                     "request_timeout_s": 300, "webhooks": webhooks})
+
+
+@pytest.fixture
+def hook():
+    receiver = Receiver(WEBHOOK_SECRET)
+    yield receiver
+    receiver.close()
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +92,17 @@ def _wait_phase(http, ids, phases, timeout_s=300.0):
             return
         time.sleep(0.1)
     raise AssertionError(f"no task reached {phases}")
+
+
+def _deliveries(hook, ids, timeout_s=120.0):
+    """{delivery id: [bodies]} once every task in ``ids`` has one (bounded wait)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        copies = hook.by_delivery()
+        if {delivery.rsplit(".", 1)[0] for delivery in copies} >= set(ids):
+            return copies
+        time.sleep(0.2)
+    raise AssertionError(f"webhooks missing for {set(ids) - {d.rsplit('.', 1)[0] for d in hook.by_delivery()}}")
 
 
 def _kill(app_name, deployment):
@@ -135,13 +161,17 @@ def test_info_routes_answer_with_the_queue_at_its_bound(tough_app, http):
     ("DiTDeployment", ("dit",), {"duration": 30}),
     ("Ingress", ("lm", "dit"), {"duration": 20}),
 ])
-def test_replica_kill_loses_no_task(tough_app, http, deployment, phases, changes):
-    ids = _submit(http, BOUND, **changes)
+def test_replica_kill_loses_no_task(tough_app, http, hook, deployment, phases, changes):
+    ids = _submit(http, BOUND, webhook_url=hook.url, **changes)
     _wait_phase(http, ids, phases)
     _kill(tough_app.name, deployment)
     records = _wait_terminal(http, ids)
     done = _check_outcomes(records)
     # one replica's death costs no task: LM/DiT calls are retried, an ingress's tasks re-driven
     assert done == len(ids), {i: (r["phase"], r["error"]) for i, r in records.items()}
+    # and no webhook: one delivery id per task, every copy signed and alike (receivers de-duplicate on the id)
+    copies = _deliveries(hook, ids)
+    assert sorted(copies) == sorted(f"{task_id}.done" for task_id in ids)
+    assert all(len(set(bodies)) == 1 for bodies in copies.values())
     after = http.post("/v1/generate", json=SONG)
     assert after.status_code == 200, after.text
