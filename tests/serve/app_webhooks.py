@@ -26,17 +26,6 @@ def hook(serve_app):
     receiver.close()
 
 
-def _deliveries(hook, ids, timeout_s=240.0):
-    """{delivery id: [bodies]} once every task in ``ids`` has one (bounded wait)."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        copies = hook.by_delivery()
-        if {delivery.rsplit(".", 1)[0] for delivery in copies} >= set(ids):
-            return copies
-        time.sleep(0.2)
-    raise AssertionError(f"deliveries missing: {set(ids) - {d.rsplit('.', 1)[0] for d in hook.by_delivery()}}")
-
-
 def _settled(serve_app, delivery_ids, timeout_s=60.0):
     """The deliveries as the app's task store has them, once none is pending (bounded wait)."""
     store = open_task_store(serve_app.config.task_store_url())
@@ -58,7 +47,7 @@ def test_native_and_release_tasks_are_delivered_once_signed(client, serve_app, h
                                                  "webhook_url": hook.url})
     assert release.status_code == 200, release.text
     ids = [native.json()["task_id"], release.json()["data"]["task_id"]]
-    copies = _deliveries(hook, ids)
+    copies = hook.wait_for(ids)
     assert sorted(copies) == sorted(f"{task_id}.done" for task_id in ids)
     for task_id in ids:
         [body] = copies[f"{task_id}.done"]  # exactly one: nothing failed, so nothing was re-sent

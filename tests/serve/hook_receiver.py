@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from serve.webhooks import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, verify_signature
@@ -45,6 +46,17 @@ class Receiver:
             assert headers[DELIVERY_HEADER] == payload["id"] and headers[EVENT_HEADER] == payload["event"]
             seen.setdefault(payload["id"], []).append(body)
         return seen
+
+    def wait_for(self, task_ids, timeout_s=240.0):
+        """``by_delivery()`` once every task in ``task_ids`` has a delivery (a bounded wait)."""
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            copies = self.by_delivery()
+            if {delivery.rsplit(".", 1)[0] for delivery in copies} >= set(task_ids):
+                return copies
+            time.sleep(0.2)
+        missing = set(task_ids) - {d.rsplit(".", 1)[0] for d in self.by_delivery()}
+        raise AssertionError(f"webhooks missing for {missing}")
 
     def close(self):
         self.server.shutdown()

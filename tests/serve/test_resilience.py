@@ -94,17 +94,6 @@ def _wait_phase(http, ids, phases, timeout_s=300.0):
     raise AssertionError(f"no task reached {phases}")
 
 
-def _deliveries(hook, ids, timeout_s=120.0):
-    """{delivery id: [bodies]} once every task in ``ids`` has one (bounded wait)."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        copies = hook.by_delivery()
-        if {delivery.rsplit(".", 1)[0] for delivery in copies} >= set(ids):
-            return copies
-        time.sleep(0.2)
-    raise AssertionError(f"webhooks missing for {set(ids) - {d.rsplit('.', 1)[0] for d in hook.by_delivery()}}")
-
-
 def _kill(app_name, deployment):
     import ray
 
@@ -170,7 +159,7 @@ def test_replica_kill_loses_no_task(tough_app, http, hook, deployment, phases, c
     # one replica's death costs no task: LM/DiT calls are retried, an ingress's tasks re-driven
     assert done == len(ids), {i: (r["phase"], r["error"]) for i, r in records.items()}
     # and no webhook: one delivery id per task, every copy signed and alike (receivers de-duplicate on the id)
-    copies = _deliveries(hook, ids)
+    copies = hook.wait_for(ids)
     assert sorted(copies) == sorted(f"{task_id}.done" for task_id in ids)
     assert all(len(set(bodies)) == 1 for bodies in copies.values())
     after = http.post("/v1/generate", json=SONG)
