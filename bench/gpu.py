@@ -42,14 +42,14 @@ def _quick_when_tiny(run) -> Section:
 
 SECTIONS: Dict[str, Section] = {
     "dit": forwards.bench_dit, "vae": forwards.bench_vae, "encoders": forwards.bench_encoders, "lm": _lm,
-    "memory": memory.bench_memory, "e2e": _e2e, "dit-serving": _quick_when_tiny(dit_serving.run), "lm-serving": _quick_when_tiny(serving.run),
+    "memory": memory.bench_memory, "e2e": _e2e, "dit-serving": _quick_when_tiny(dit_serving.run),
+    "lm-serving": _quick_when_tiny(serving.run),
     "adapters": _quick_when_tiny(adapters.run), "samplers": forwards.bench_samplers,
     "quantization": _quick_when_tiny(quantization.run), "stems": _quick_when_tiny(stems.run)}
 # The most a section may take at full size (seconds) before the watchdog moves on to the next; a
 # section also never runs past the global budget. Sized so that all of them fit one device call.
 SECTION_CAPS_S = {"dit": 90, "vae": 45, "encoders": 20, "lm": 120, "memory": 150, "e2e": 90, "dit-serving": 90,
-                  "lm-serving": 90, "adapters": 45, "samplers": 20, "quantization": 90,
-                  "stems": 90}
+                  "lm-serving": 90, "adapters": 45, "samplers": 20, "quantization": 90, "stems": 90}
 
 
 def run_sections(bench: Bench, names: List[str], dtype: torch.dtype, iters: int, section_scale: float) -> None:
