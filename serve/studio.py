@@ -45,7 +45,10 @@ class StudioRoutes:
         the track names and the output formats (``audio_format``) a request may name."""
         turbo = await self.state.turbo_by_model()
         if model:
-            model = self.served.dit_name(model)  # 422 naming `model` for one not served
+            try:
+                model = self.served.dit_name(model)
+            except FieldError as error:  # the query parameter, not a body field
+                raise APIError(422, error.message, loc=("query", "model")) from None
         tasks = []
         for entry in task_catalog():
             try:

@@ -94,7 +94,8 @@ def test_task_types_say_what_a_chosen_dit_can_serve(client):
     assert not turbo["extract"]["servable"] and "acestep-v15-turbo is turbo" in turbo["extract"]["reason"]
     assert turbo["text2music"]["servable"] and turbo["text2music"]["model"] == "acestep-v15-turbo"
     unknown = client.get("/v1/task_types", params={"model": "nope"})
-    assert unknown.status_code == 422 and "model" in str(unknown.json()["detail"][0]["loc"])
+    assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"] == ["query", "model"]
+    assert "acestep-v15-base" in unknown.json()["detail"][0]["msg"]  # names the served models
 
 
 BAD_TRACKS = [
