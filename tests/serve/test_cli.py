@@ -19,6 +19,7 @@ import soundfile as sf
 import yaml
 
 from acestep.dit.tasks import TASK_TYPES
+from tests.serve.hook_receiver import Receiver
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,8 +30,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start(tmp_path, port, *extra):
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+def _start(tmp_path, port, *extra, env=None):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+           **(env or {})}
     env.pop("ACESTEP_API_KEY", None)
     command = [sys.executable, "-m", "acestep.cli", "serve", "--demo", "--port", str(port), *extra]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -71,15 +73,20 @@ def test_a_public_host_without_a_key_is_refused(tmp_path):
 def test_acestep_serve_demo_with_a_key_drains_on_sigterm_and_resumes_its_queue(tmp_path):
     """The README's command with a key: every task type servable (the demo serves its base DiT
     beside turbo); SIGTERM with 4 tasks queued (one driver slot), exit 0; the
-    same command on the same state directory finishes all 4."""
+    same command on the same state directory finishes all 4, and each task's webhook reaches a
+    loopback receiver under one delivery id, signed with the server's secret, across the restart."""
     config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
-    config["applications"][0]["args"]["ingress"]["max_drives"] = 1
+    ingress = config["applications"][0]["args"]["ingress"]
+    ingress["max_drives"] = 1
+    ingress["webhooks"] = {"allow_private": True}  # the receiver is on loopback
     config_path = tmp_path / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     state, key, port = tmp_path / "state", "cli-test-key", _free_port()
     args = ("--state-dir", str(state), "--api-key", key, "--config", str(config_path))
     headers = {"Authorization": f"Bearer {key}"}
-    process, url = _start(tmp_path, port, *args)
+    receiver = Receiver("cli-test-webhook-secret")
+    env = {"ACESTEP_WEBHOOK_SECRET": receiver.secret}
+    process, url = _start(tmp_path, port, *args, env=env)
     try:
         assert (tmp_path / "acestep" / "demo_checkpoints" / ".complete").exists()
         catalog = httpx.get(f"{url}/v1/task_types", headers=headers, timeout=30)
@@ -93,7 +100,8 @@ def test_acestep_serve_demo_with_a_key_drains_on_sigterm_and_resumes_its_queue(t
         audio = httpx.get(url + response.json()["audios"][0]["url"], headers=headers, timeout=60)
         data, rate = sf.read(io.BytesIO(audio.content), always_2d=True)
         assert rate == 48000 and data.shape[1] == 2
-        ids = [httpx.post(f"{url}/v1/tasks", json={**SONG, "duration": 30}, headers=headers, timeout=60).json()["task_id"]
+        song = {**SONG, "duration": 30, "webhook_url": receiver.url}
+        ids = [httpx.post(f"{url}/v1/tasks", json=song, headers=headers, timeout=60).json()["task_id"]
                for _ in range(4)]
         phases = [httpx.get(f"{url}/v1/tasks/{i}", headers=headers, timeout=30).json()["phase"] for i in ids]
         assert phases.count("queued") >= 3, phases  # one driver slot: the rest wait in the store
@@ -102,7 +110,7 @@ def test_acestep_serve_demo_with_a_key_drains_on_sigterm_and_resumes_its_queue(t
     output = process.stdout.read()
     assert code == 0, output
     assert key not in output
-    process, url = _start(tmp_path, port, *args)
+    process, url = _start(tmp_path, port, *args, env=env)
     try:
         deadline = time.time() + 600
         while True:
@@ -112,7 +120,10 @@ def test_acestep_serve_demo_with_a_key_drains_on_sigterm_and_resumes_its_queue(t
             assert "failed" not in phases, phases
             assert time.time() < deadline, phases
             time.sleep(1)
+        deliveries = receiver.wait_for(ids, timeout_s=120)
+        assert sorted(deliveries) == sorted(f"{task_id}.done" for task_id in ids), deliveries
     finally:
+        receiver.close()
         assert _stop(process, signal.SIGINT) == 0
 
 
