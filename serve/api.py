@@ -31,6 +31,7 @@ from serve.deployments import LMDisabled
 from serve.driver import TaskFailure, classify
 from serve.edge import intake
 from serve.edge.errors import APIError, FieldError, error_responses, retry_after
+from serve.gates import Gates
 from serve.http_app import api, json_body, not_found
 from serve.ingress_state import IngressState, failure_status, guard_settings
 from serve.models import ModelSet
@@ -65,8 +66,9 @@ class Ingress(Submission, CompatRoutes, AdapterRoutes, StudioRoutes):
         importlib.import_module(__name__)
         self.config, self.served = config, ModelSet.of(config)
         self.lms, self.dits = lms, dits
-        self.pipeline = TaskPipeline(config, self.served, lms, dits)
-        self.state = IngressState(config, self.pipeline.run, lms, dits)
+        gates = Gates.for_config(config)
+        self.pipeline = TaskPipeline(config, self.served, lms, dits, gates)
+        self.state = IngressState(config, self.pipeline.run, lms, dits, gates)
         self._started = int(time.time())
         api.user_middleware.clear()
         from serve.edge.guard import Guard

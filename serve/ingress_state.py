@@ -27,6 +27,7 @@ from serve.replica import plans_unpacked
 from serve.store.records import FINAL_PHASES, StoreFull, TaskRecord, wait_final
 from serve.store import open_task_store
 from serve.webhooks import WebhookSecrets, WebhookSender
+from serve.gates import Gates
 
 
 MAX_UPLOAD_SECONDS = 600.0  # the DiT's longest song; longer sources cannot be covered or repainted
@@ -67,7 +68,8 @@ def guard_settings(config: AppConfig):
 
 
 class IngressState:
-    def __init__(self, config: AppConfig, pipeline, lms: Dict[str, Any], dits: Dict[str, Any]):
+    def __init__(self, config: AppConfig, pipeline, lms: Dict[str, Any], dits: Dict[str, Any],
+                 gates: Optional[Gates] = None):
         from serve.edge.uploads import UploadChecker
 
         ingress, store = config.ingress, config.store
@@ -97,6 +99,9 @@ class IngressState:
                                       "replicas": {}, "store_ok": False, "as_of": 0.0}
         self._refresher: Optional[asyncio.Task] = None
         self._last_purge = 0.0
+        # the pipeline's calls wait their turn here, sized by the replicas this view counts
+        self.gates = gates or Gates.for_config(config)
+        self.gates.replicas = lambda: self._view["replicas"]
 
     # -- background ------------------------------------------------------------------------------
 
@@ -124,6 +129,7 @@ class IngressState:
         if view["store_ok"]:
             metrics.store_tasks((await asyncio.to_thread(self.store.stats))["tasks"])
         view["replicas"] = await asyncio.to_thread(_running_replicas)
+        self.gates.refresh()  # more replicas: more room
         calls = {"lm_stats": self.lm.stats, "dit_stats": self.dit.stats}
         if view["lm_info"] is None:
             calls["lm_info"] = self.lm.info
@@ -214,7 +220,7 @@ class IngressState:
         view = self._view
         return {"lm": view["lm_stats"], "dit": view["dit_stats"], "store": self.store.stats(),
                 "admission": self.admission.stats(), "driver": self.driver.stats(), "as_of": view["as_of"],
-                "webhooks": dict(self.webhooks.counts), "plans_unpacked": plans_unpacked()}
+                "webhooks": dict(self.webhooks.counts), "gates": self.gates.stats(), "plans_unpacked": plans_unpacked()}
 
     # -- tasks -------------------------------------------------------------------------------------
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any, Dict, NamedTuple, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 from acestep.params import GenerationParams, json_safe
 from serve.compat import release as compat
 from serve.deployments import PlanRequest, RenderReply, RenderRequest
 from serve.edge import intake
-from serve.models import ModelSet
+from serve.gates import Gates
+from serve.models import ModelSet, deployment_name
 from serve.replica import PlanRef, until_ready
 from serve.schemas import AudioItem, GenerationOutput
 
@@ -34,8 +35,10 @@ class Models(NamedTuple):
 class TaskPipeline:
     """Runs stored tasks on the LM and DiT deployments (``run`` is the driver's callable)."""
 
-    def __init__(self, config, served: ModelSet, lms: Dict[str, Any], dits: Dict[str, Any]):
+    def __init__(self, config, served: ModelSet, lms: Dict[str, Any], dits: Dict[str, Any],
+                 gates: Optional[Gates] = None):
         self.config, self.served, self.lms, self.dits = config, served, lms, dits
+        self.gates = gates or Gates.for_config(config)  # plan and render calls wait their turn there
 
     def models_for(self, extras: Dict[str, Any]) -> Models:
         """The task's chosen LM and DiT (resolved at intake), else the defaults."""
@@ -66,23 +69,30 @@ class TaskPipeline:
 
     async def _render(self, models: Models, task_id, params, config, seeds, upload_keys, adapters,
                       share: Tuple[str, int]) -> RenderReply:
-        """LM plan → DiT render; ``share`` = (key name, class rank): the engines' admission order."""
+        """LM plan → DiT render, each call in its deployment's turn (``serve.gates``); ``share`` =
+        (key name, class rank): the gates' and the engines' admission order."""
         calls = []
         try:
-            plan = models.lm.plan.remote(PlanRequest(task_id, params, config, seeds, *share))  # not awaited: a ref
-            calls.append(plan)
-            plan_ref = await plan._to_object_ref()
-            await until_ready(plan_ref)  # the DiT is called with a finished (or failed) plan
+            async with self._gate("lm", models.lm_name).slot(*share):
+                plan = models.lm.plan.remote(PlanRequest(task_id, params, config, seeds, *share))  # a ref
+                calls.append(plan)
+                plan_ref = await plan._to_object_ref()
+                await until_ready(plan_ref)  # the DiT is called with a finished (or failed) plan
             dit = models.dit
             if adapters:  # multiplexing: prefer a replica that holds this adapter set
                 dit = dit.options(multiplexed_model_id="+".join(name for name, _ in adapters))
             render = RenderRequest(task_id, params, config, seeds, *share, uploads=upload_keys, adapters=adapters)
-            calls.append(dit.render.remote(render, PlanRef(plan_ref)))
-            return await calls[-1]
+            async with self._gate("dit", models.dit_name).slot(*share):
+                calls.append(dit.render.remote(render, PlanRef(plan_ref)))
+                return await calls[-1]
         except asyncio.CancelledError:
             for call in calls:  # the LM aborts the task's engine rows; the DiT drops its part
                 call.cancel()
             raise
+
+    def _gate(self, kind: str, model: str):
+        default = self.config.lm.model if kind == "lm" else self.config.dit.model
+        return self.gates.gate(deployment_name(kind, model, default))
 
     async def _analysis(self, task_id: str, mode: str, models: Models, params, config, seeds,
                         upload_keys) -> Dict[str, Any]:

@@ -380,3 +380,4 @@ from tests.serve.app_webhooks import (  # noqa: E402,F401
     test_native_and_release_tasks_are_delivered_once_signed,
     test_refused_webhook_urls_are_422_naming_the_field,
 )
+from tests.serve.app_fair import test_a_keys_flood_does_not_hold_back_another_keys_song  # noqa: E402,F401
