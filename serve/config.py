@@ -156,6 +156,20 @@ class AdapterSettings(_Strict):
     default_scale: float = Field(1.0, ge=0, le=2, description="Scale of the default adapter.")
 
 
+class UploadURLSettings(_Strict):
+    """How a DiT replica PUTs each encoded file to the task's ``upload_url`` (``serve.upload_url``).
+    A failed PUT never fails the task: the audio item records the error, and the file stays in the
+    audio store. The address rules are the webhooks' (``ingress.webhooks.allow_private``)."""
+
+    timeout_s: float = Field(30.0, gt=0, le=300, description="One PUT attempt's HTTP timeout.")
+    attempts: int = Field(3, ge=1, le=5, description="PUT attempts per file; only transient failures (no answer, "
+                                                     "408, 429, 5xx) are tried again.")
+    backoff_s: float = Field(1.0, ge=0, le=30, description="Delay before the first retry; doubles for each further one.")
+    deadline_s: float = Field(120.0, gt=0, description="One task's uploads: no attempt starts after this many seconds "
+                                                       "and each attempt's timeout is cut to what is left; below "
+                                                       "ingress.timeouts.encode_s, so uploads do not time a task out.")
+
+
 class DiTSettings(_Strict):
     """The DiT + text encoder + VAE replica."""
 
@@ -177,6 +191,7 @@ class DiTSettings(_Strict):
     offload_dit_to_cpu: bool = Field(False, description="With offload_to_cpu: the DiT transformer too (the peak is "
                                                         "then the largest phase's weights).")
     batch: DiTBatchSettings = Field(default_factory=DiTBatchSettings)
+    upload_url: UploadURLSettings = Field(default_factory=UploadURLSettings)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
 
@@ -271,6 +286,10 @@ class StoreSettings(_Strict):
         None, description="redis://host:port/db for clusters; null: SQLite in the state directory (one machine).")
     audio_url: Optional[str] = Field(
         None, description="Audio store: a directory or an fsspec URL (s3://..., gs://...); null: the state directory.")
+    audio_options: Dict[str, Any] = Field(
+        default_factory=dict, description="fsspec storage options for audio_url's filesystem, e.g. {endpoint_url: "
+                                          "http://minio:9000} for an S3-compatible server; credentials are better "
+                                          "left to the environment (AWS_ACCESS_KEY_ID, ...).")
     task_ttl_s: float = Field(86400.0, gt=0, description="How long finished tasks and their audio are kept.")
     max_records: int = Field(10000, ge=10, description="Finished task records kept at most (oldest dropped first).")
     max_audio_mb: float = Field(10240.0, gt=0, description="Audio kept at most in the audio store (oldest dropped first).")
@@ -310,6 +329,22 @@ class AppConfig(_Strict):
             # the demo set has a base variant too (a few MB): serving it lets a newcomer try every task
             self.dit.extra_models = [DEMO_BASE_DIT]
         return self
+
+    @model_validator(mode="after")
+    def _uploads_within_encode(self) -> "AppConfig":
+        if self.dit.upload_url.deadline_s >= self.ingress.timeouts.encode_s:
+            raise ValueError(f"dit.upload_url.deadline_s ({self.dit.upload_url.deadline_s:g}) must be below "
+                             f"ingress.timeouts.encode_s ({self.ingress.timeouts.encode_s:g}): uploads run in the "
+                             "encode phase")
+        return self
+
+    def audio_store(self):
+        """The audio store this config names (``store.audio_url`` with ``store.audio_options``)."""
+        from serve.store.audio import AudioStore
+
+        store = self.store
+        return AudioStore(self.audio_store_url(), ttl_s=store.task_ttl_s, max_bytes=int(store.max_audio_mb * 2**20),
+                          options=store.audio_options)
 
     def state_path(self) -> Path:
         return Path(self.state_dir).expanduser() if self.state_dir else default_state_dir()

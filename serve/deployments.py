@@ -4,8 +4,8 @@
   into the replica's one LM engine (continuous batching; ``stats()`` shows the engine's counters).
 - ``DiTDeployment``: ``AceStepHandler`` + ``acestep.inference.submit_render``; every request goes
   straight into the replica's one DiT worker (step-level batching; ``stats()`` shows forward sizes);
-  reads uploads from the audio store and writes the encoded files there, so no audio bytes travel
-  through other actors.
+  reads uploads from the audio store and writes the encoded files there (and PUTs them to a task's
+  ``upload_url``, ``serve.upload_url``), so no audio bytes travel through other actors.
 
 Task records and audio live outside every replica (``serve.store.records``, ``serve.store.audio``); the
 replicas write progress there themselves (``serve.replica.ProgressSink``). ``check_health`` fails a
@@ -20,7 +20,7 @@ import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from ray import serve
@@ -32,10 +32,10 @@ from acestep.fairness import DEFAULT_PRIORITY, Share
 from acestep.params import json_safe
 from serve import metrics
 from serve.adapter_pool import AdapterPool
-from serve.store.audio import AudioStore
 from serve.config import AppConfig
 from serve.replica import PlanRef, ProgressSink, ShippedPlan, StallWatch, plans_unpacked
 from serve.store import open_task_store
+from serve.upload_url import Uploader
 
 
 @dataclass
@@ -57,15 +57,18 @@ class PlanRequest:
 
 @dataclass
 class RenderRequest(PlanRequest):
-    """One request for the DiT; ``uploads`` maps 'src_audio' / 'reference_audio' to audio-store keys."""
+    """One request for the DiT; ``uploads`` maps 'src_audio' / 'reference_audio' to audio-store keys;
+    ``upload_urls``: one URL per audio the files are PUT to (``serve.upload_url``)."""
 
     uploads: Dict[str, str] = field(default_factory=dict)
     adapters: Optional[List[List[Any]]] = None  # [[name, scale]]: the DiT adapters this request uses
+    upload_urls: Optional[List[str]] = None
 
 
 @dataclass
 class RenderedItem:
-    """One encoded file, already in the audio store under ``file_key``."""
+    """One encoded file, already in the audio store under ``file_key``; ``upload``: the outcome of its
+    PUT to the task's upload URL (``serve.upload_url.Uploader.send``), when it had one."""
 
     key: str
     file_key: str
@@ -75,6 +78,7 @@ class RenderedItem:
     sample_rate: int
     seed: Optional[int]
     params: Dict[str, Any]
+    upload: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -297,8 +301,8 @@ class DiTDeployment(_ModelReplica):
     def __init__(self, config: AppConfig, model: Optional[str] = None):
         self._setup(config, config.dit.deployment)
         self.settings, self.model = config.dit, model or config.dit.model
-        self.audio = AudioStore(config.audio_store_url(), ttl_s=config.store.task_ttl_s,
-                                max_bytes=int(config.store.max_audio_mb * 2**20))
+        self.audio = config.audio_store()
+        self.uploader = Uploader(config.dit.upload_url, allow_private=config.ingress.webhooks.allow_private)
         self.handler = load_dit(config, self.model)
         metrics.watch(self.handler.stats, metrics.DiTMeter(self.model))
         adapters = config.dit.adapters
@@ -367,7 +371,7 @@ class DiTDeployment(_ModelReplica):
             output = await asyncio.wrap_future(submit_render(self.handler, render_job, self._progress_of(job.task_id),
                                                              adapters=setting, share=job.share))
         await self._report_now(job.task_id, "encode", 0.92, "encoding audio")
-        return await self._run(self._output, render_job, outcome, output, setting)
+        return await self._run(self._output, render_job, outcome, output, setting, job)
 
     async def audio_codes(self, task_id: str, upload_key: str) -> str:
         """An uploaded source from the audio store → its 5 Hz code string (VAE encode + tokenizer)."""
@@ -393,21 +397,27 @@ class DiTDeployment(_ModelReplica):
 
         return report
 
-    def _output(self, render_job, outcome, output, setting=()) -> RenderReply:
+    def _output(self, render_job, outcome, output, setting=(), job: Optional[RenderRequest] = None) -> RenderReply:
         from acestep.inference import render_result
 
         result = render_result(render_job, output)
-        items = [self._store_file(audio, render_job.config.audio_format, setting) for audio in result.audios]
+        stored = [self._store_file(audio, render_job.config.audio_format, setting) for audio in result.audios]
+        items = [item for item, _ in stored]
+        if job is not None and job.upload_urls:  # PUT from here: the bytes pass through no other actor
+            files = [(url, data, item.media_type) for url, (item, data) in zip(job.upload_urls, stored)]
+            self._report([job.task_id], "encode", 0.95, f"uploading {len(files)} file(s) to upload_url")
+            for item, upload in zip(items, self.uploader.send_all(files, job.task_id)):
+                item.upload = upload
         # each item's codes travel once, in its params (``audio_codes``); the plan keeps the rest
         plans = [{k: v for k, v in json_safe(p).items() if k != "audio_codes"} for p in (outcome.plans or [])]
         metadata = {"plans": plans, "lm_status": outcome.status}
         time_costs = json_safe(result.extra_outputs.get("time_costs", {}))
         return RenderReply(items, result.status_message, time_costs, metadata)
 
-    def _store_file(self, audio: Dict[str, Any], audio_format: str, setting=()) -> RenderedItem:
-        """Encode one song and put it in the audio store; its key is a hash of the params (and of
-        the DiT and adapters when they are not the defaults: the same params render differently
-        there), so a re-driven task writes the same file again (idempotent)."""
+    def _store_file(self, audio: Dict[str, Any], audio_format: str, setting=()) -> Tuple[RenderedItem, bytes]:
+        """Encode one song and put it in the audio store → (its item, the encoded bytes); its key is a
+        hash of the params (and of the DiT and adapters when they are not the defaults: the same
+        params render differently there), so a re-driven task writes the same file again (idempotent)."""
         from acestep.audio import encode_audio, params_key
 
         params = audio.get("params") or {}
@@ -422,7 +432,7 @@ class DiTDeployment(_ModelReplica):
             key=key, file_key=file_key, size=len(data), format=audio_format,
             media_type=self.audio.media_type(file_key),
             sample_rate=int(audio.get("sample_rate", SAMPLE_RATE)), seed=params.get("seed"), params=params,
-        )
+        ), data
 
 
 def load_lm(config: AppConfig, model: str):

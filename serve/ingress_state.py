@@ -18,7 +18,6 @@ from typing import Any, Dict, Optional, Tuple
 
 from serve import metrics
 from serve.edge.admission import Admission, AdmissionLimits
-from serve.store.audio import AudioStore
 from serve.config import AppConfig
 from serve.driver import DriverSettings, TaskDriver
 from serve.edge.errors import APIError, retry_after
@@ -78,8 +77,7 @@ class IngressState:
         self._dit_infos: Dict[str, Dict[str, Any]] = {}
         self.max_upload = int(ingress.max_upload_mb * 2**20)
         self.store = open_task_store(config.task_store_url(), ttl_s=store.task_ttl_s, max_records=store.max_records)
-        self.audio = AudioStore(config.audio_store_url(), ttl_s=store.task_ttl_s,
-                                max_bytes=int(store.max_audio_mb * 2**20))
+        self.audio = config.audio_store()
         self.admission = Admission(AdmissionLimits(
             max_unfinished=ingress.max_unfinished_tasks, per_key_unfinished=ingress.per_key_unfinished,
             per_key_rpm=ingress.per_key_rpm, sync_max_inflight=ingress.max_sync_requests),

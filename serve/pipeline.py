@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from acestep.params import GenerationParams, json_safe
 from serve.compat import release as compat
@@ -21,6 +21,7 @@ from serve.gates import Gates
 from serve.models import ModelSet, deployment_name
 from serve.replica import PlanRef, until_ready
 from serve.schemas import AudioItem, GenerationOutput
+from serve.upload_url import UPLOAD_FIELD
 
 
 class Models(NamedTuple):
@@ -58,9 +59,9 @@ class TaskPipeline:
             params = await self._compat_sample(models.lm, params, extras)
         adapters = extras.get("adapters")
         reply = await self._render(models, record.task_id, params, config, seeds, upload_keys, adapters,
-                                   (record.key_name, record.priority))
+                                   (record.key_name, record.priority), extras.get(UPLOAD_FIELD))
         audios = [AudioItem(key=item.file_key, url=f"/v1/audio/{item.file_key}", format=item.format,
-                            sample_rate=item.sample_rate, seed=item.seed, params=item.params)
+                            sample_rate=item.sample_rate, seed=item.seed, params=item.params, upload=item.upload)
                   for item in reply.items]
         names = {"dit": models.dit_name, "lm": models.lm_name, "adapters": adapters or []}
         return GenerationOutput(task_id=record.task_id, audios=audios, metadata={**reply.metadata, "models": names,
@@ -68,9 +69,10 @@ class TaskPipeline:
                                 time_costs=reply.time_costs, status_message=reply.status_message).model_dump()
 
     async def _render(self, models: Models, task_id, params, config, seeds, upload_keys, adapters,
-                      share: Tuple[str, int]) -> RenderReply:
+                      share: Tuple[str, int], upload_urls: Optional[List[str]] = None) -> RenderReply:
         """LM plan → DiT render, each call in its deployment's turn (``serve.gates``); ``share`` =
-        (key name, class rank): the gates' and the engines' admission order."""
+        (key name, class rank): the gates' and the engines' admission order; ``upload_urls``: one per
+        audio, PUT by the DiT replica."""
         calls = []
         try:
             async with self._gate("lm", models.lm_name).slot(*share):
@@ -81,7 +83,8 @@ class TaskPipeline:
             dit = models.dit
             if adapters:  # multiplexing: prefer a replica that holds this adapter set
                 dit = dit.options(multiplexed_model_id="+".join(name for name, _ in adapters))
-            render = RenderRequest(task_id, params, config, seeds, *share, uploads=upload_keys, adapters=adapters)
+            render = RenderRequest(task_id, params, config, seeds, *share, uploads=upload_keys, adapters=adapters,
+                                   upload_urls=upload_urls)
             async with self._gate("dit", models.dit_name).slot(*share):
                 calls.append(dit.render.remote(render, PlanRef(plan_ref)))
                 return await calls[-1]

@@ -18,6 +18,8 @@ from acestep.dit.tasks import TASK_TYPES
 from acestep.params import LM_HELPER_DEFAULTS, GenerationConfig, GenerationParams
 from acestep.validation import RULES, Rule
 from acestep.validation import ValidationError as LibraryValidationError
+from serve.upload_url import MAX_URLS, UPLOAD_FIELD
+from serve.webhooks import MAX_URL_LENGTH
 
 UPLOAD_FIELDS = ("src_audio", "reference_audio")
 # Library fields a client may not set: uploads arrive as bytes, cot_* are LM outputs.
@@ -153,6 +155,18 @@ def routing_fields(names: Sequence[str], aliases: Optional[Mapping[str, Sequence
 ROUTING_FIELDS = ("model", "lm_model", "lora", "lora_scale", "loras")
 WEBHOOK_DESCRIPTION = ("http(s) URL POSTed the task's public record once it is done or failed, signed with "
                        "X-Acestep-Signature (README: Webhooks); it must resolve to public addresses.")
+UPLOAD_URL_DESCRIPTION = ("Presigned http(s) PUT URL (S3, GCS, Azure) each encoded file is uploaded to from the DiT "
+                          "replica: one URL when the task makes one audio, else a list of one per audio, in order. "
+                          "The file stays retrievable here too; audios[i].upload says where it went (the URL without "
+                          "its query) or why not. It must resolve to public addresses.")
+_URL = Annotated[str, StringConstraints(max_length=MAX_URL_LENGTH)]
+
+
+def upload_url_field(aliases: Optional[Mapping[str, Sequence[str]]] = None) -> Tuple[Any, Any]:
+    """``upload_url`` as a request model declares it (the count per task is checked at submission)."""
+    return (Optional[Union[_URL, Annotated[List[_URL], Field(max_length=MAX_URLS)]]],
+            Field(None, description=UPLOAD_URL_DESCRIPTION, validation_alias=spellings(UPLOAD_FIELD, aliases)))
+
 # Where HTTP differs from the library's defaults: fields a request leaves out get its model's preset.
 HTTP_DEFAULTS = {"preset": "model"}
 
@@ -167,7 +181,8 @@ GenerateRequest = create_model(
     priority=(Optional[Literal["low", "normal", "high"]], Field(None, description=(
         "The task's priority class, at most its API key's (ingress.key_priorities); default: the key's class."))),
     **routing_fields(ROUTING_FIELDS),
-    webhook_url=(Optional[str], Field(None, max_length=2048, description=WEBHOOK_DESCRIPTION)),
+    webhook_url=(Optional[str], Field(None, max_length=MAX_URL_LENGTH, description=WEBHOOK_DESCRIPTION)),
+    upload_url=upload_url_field(),
 )
 
 
@@ -193,6 +208,16 @@ def field_from_message(message: str, names) -> str:
     return "body"
 
 
+class UploadOutcome(BaseModel):
+    """Where an audio's ``upload_url`` PUT went; a failed one leaves the task done and the file here."""
+
+    url: str = Field(description="The upload URL without its query (a presigned query is a credential).")
+    ok: bool = Field(description="Whether the file arrived (a 2xx answer).")
+    status: Optional[int] = Field(None, description="The last attempt's HTTP status; null when none answered.")
+    error: Optional[str] = Field(None, description="Why the file did not arrive; null when it did.")
+    attempts: int = Field(0, description="PUT attempts made (transient failures are tried again).")
+
+
 class AudioItem(BaseModel):
     key: str = Field(description="Audio key; fetch the file with GET /v1/audio/{key}.")
     url: str
@@ -201,6 +226,8 @@ class AudioItem(BaseModel):
     seed: Optional[int] = None
     params: Dict[str, Any] = Field(default_factory=dict, description="The params this item was rendered with.")
     track: Optional[str] = Field(None, description="The track this audio is, when the request named `tracks`.")
+    upload: Optional[UploadOutcome] = Field(None, description="The PUT to this audio's `upload_url`, when the "
+                                                               "request named one.")
 
     @model_validator(mode="after")
     def _track_from_params(self) -> "AudioItem":

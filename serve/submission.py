@@ -20,6 +20,8 @@ from serve.edge.errors import APIError, FieldError
 from serve.logs import current_request_id, extra, log
 from serve.models import adapter_choice
 from serve.store.records import WEBHOOK_FIELD, IdempotencyConflict, StoreFull
+from serve import upload_url
+from serve.upload_url import UPLOAD_FIELD
 from serve.webhooks import WebhookRefused
 
 DEFAULT_BATCH_SIZE = GenerationConfig().batch_size
@@ -66,8 +68,19 @@ class Submission:
         files = await self._check_uploads(files, max_upload, sent_as)
         params, config, seeds, route = await self._prepare(params, config, files, intake.routing(body), list(body))
         route.update(intake.webhook(body))
+        route.update(intake.upload_url(body))
         return await self._submit(source, params, config, seeds, files, route, key_name, sync=sync,
                                   idempotency=(idempotency, digest), priority=priority)
+
+    async def _upload_targets(self, params, seeds, extras: Dict[str, Any]) -> Dict[str, Any]:
+        """``extras`` with its ``upload_url`` as one checked URL per audio (422 naming the field when
+        the count or an address is wrong); none (or none needed) dropped."""
+        value = extras.get(UPLOAD_FIELD)
+        urls = [] if value in (None, "") else upload_url.targets(value, upload_url.audio_count(params, seeds, extras))
+        if not urls:
+            return {name: item for name, item in extras.items() if name != UPLOAD_FIELD}
+        await upload_url.check_targets(urls, self.config.ingress.webhooks.allow_private)
+        return {**extras, UPLOAD_FIELD: urls}
 
     def _priority(self, key_name: str, requested: Optional[str] = None) -> int:
         """The task's class rank: ``requested`` up to the key's class (``ingress.key_priorities``)."""
@@ -106,6 +119,7 @@ class Submission:
                 await state.webhooks.check_submission(extras[WEBHOOK_FIELD], key_name)
             except WebhookRefused as refused:
                 raise FieldError(WEBHOOK_FIELD, str(refused)) from None
+        extras = await self._upload_targets(params, seeds, extras)
         await state.admit(key_name)
         task_id = uuid.uuid4().hex
         upload_keys = {}

@@ -63,30 +63,32 @@ def address_problem(address: str) -> Optional[str]:
     return None if ip.is_global else "non-public"
 
 
-def check_url(url: str, allow_private: bool = False, resolver: Resolver = resolve) -> List[str]:
+def check_url(url: str, allow_private: bool = False, resolver: Resolver = resolve, field: str = "webhook_url"
+              ) -> List[str]:
     """The addresses ``url``'s host resolves to; WebhookRefused unless it is an http(s) URL whose
-    host resolves only to addresses the rules allow."""
+    host resolves only to addresses the rules allow. ``field`` names the URL in the messages (every
+    server-side request to a client's URL meets these rules: webhooks and ``upload_url``)."""
     if len(url) > MAX_URL_LENGTH:
-        raise WebhookRefused(f"webhook_url is at most {MAX_URL_LENGTH} characters")
+        raise WebhookRefused(f"{field} is at most {MAX_URL_LENGTH} characters")
     try:
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        raise WebhookRefused("webhook_url is not a valid URL") from None
+        raise WebhookRefused(f"{field} is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise WebhookRefused("webhook_url must be an http:// or https:// URL with a host")
+        raise WebhookRefused(f"{field} must be an http:// or https:// URL with a host")
     if parts.username is not None or parts.password is not None:
-        raise WebhookRefused("webhook_url may not carry credentials; the signature authenticates the server")
+        raise WebhookRefused(f"{field} may not carry credentials (user:password@)")
     try:
         addresses = resolver(parts.hostname, port)
     except (OSError, UnicodeError):
-        raise WebhookRefused("webhook_url's host could not be resolved") from None
+        raise WebhookRefused(f"{field}'s host could not be resolved") from None
     if not addresses:
-        raise WebhookRefused("webhook_url's host could not be resolved")
+        raise WebhookRefused(f"{field}'s host could not be resolved")
     for address in addresses:
         problem = None if allow_private else address_problem(address)
         if problem is not None:
-            raise WebhookRefused(f"webhook_url's host resolves to a {problem} address; only public addresses "
+            raise WebhookRefused(f"{field}'s host resolves to a {problem} address; only public addresses "
                                  "are called (ingress.webhooks.allow_private allows others)")
     return addresses
 

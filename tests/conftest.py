@@ -65,6 +65,16 @@ def pytest_unconfigure(config):
 
 
 @pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """One real S3-compatible server for the session (moto's server mode: tests/serve/s3_server.py);
+    each test takes its own bucket (``s3.bucket()``)."""
+    from tests.serve.s3_server import start_s3
+
+    with start_s3(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """The complete tiny set (official layout): turbo, base, vae, text encoder, 5 Hz LM."""
     return write_demo_checkpoints(tmp_path_factory.mktemp("checkpoints"))

@@ -24,6 +24,7 @@ from serve import schemas
 from serve.edge.errors import FieldError
 from serve.edge.intake import ValidationFailed, validation_errors
 from serve.edge.safejson import JSON_LIMIT, check_text, parse_json
+from serve.webhooks import MAX_URL_LENGTH
 
 # Upstream's spellings of a field (its own name first); every field also takes its library name.
 ALIASES: Dict[str, Tuple[str, ...]] = {
@@ -62,7 +63,8 @@ ANALYSIS_MODES = ("extract_codes_only", "full_analysis_only", "analysis_only")
 ANALYSIS_NEEDS = {"extract_codes_only": {"src_audio"}, "full_analysis_only": {"src_audio", "lm"},
                   "analysis_only": {"lm"}}
 # Request fields that are no library params: they travel as the task's extras when sent.
-EXTRA_FIELDS = ("sample_query", "sample_mode", "use_format", "model", "lm_model", "lora", "lora_scale", "webhook_url")
+EXTRA_FIELDS = ("sample_query", "sample_mode", "use_format", "model", "lm_model", "lora", "lora_scale", "webhook_url",
+                "upload_url")
 PATH_FIELDS = {
     "reference_audio": ("reference_audio_path", "ref_audio_path", "referenceAudioPath", "refAudioPath"),
     "src_audio": ("src_audio_path", "ctx_audio_path", "sourceAudioPath", "srcAudioPath", "ctxAudioPath"),
@@ -96,7 +98,8 @@ ReleaseRequest = create_model(
                              description="A description of the song: the LM writes caption, lyrics and metadata.")),
     sample_mode=(bool, Field(False, validation_alias=schemas.spellings("sample_mode", ALIASES),
                              description="The LM writes the song from sample_query (or from nothing).")),
-    webhook_url=(Optional[str], Field(None, max_length=2048, description=schemas.WEBHOOK_DESCRIPTION)),
+    webhook_url=(Optional[str], Field(None, max_length=MAX_URL_LENGTH, description=schemas.WEBHOOK_DESCRIPTION)),
+    upload_url=schemas.upload_url_field(ALIASES),
     use_format=(bool, Field(False, validation_alias=schemas.spellings("use_format", ALIASES),
                             description="The LM formats caption, lyrics and metadata first.")),
     **{mode: (bool, Field(False, validation_alias=schemas.spellings(mode, ALIASES),

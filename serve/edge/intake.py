@@ -29,6 +29,7 @@ from acestep.presets import apply_model
 from serve.edge.errors import APIError, FieldError
 from serve.edge.safejson import JSON_LIMIT, check_text, parse_json
 from serve.store.records import WEBHOOK_FIELD
+from serve.upload_url import UPLOAD_FIELD
 from serve.schemas import CONFIG_FIELDS, PARAM_FIELDS, ROUTING_FIELDS, UPLOAD_FIELDS, GenerateRequest, to_library
 
 KNOWN_FIELDS = set(PARAM_FIELDS) | set(CONFIG_FIELDS) | set(UPLOAD_FIELDS)
@@ -137,6 +138,13 @@ def webhook(body: Dict[str, Any]) -> Dict[str, str]:
     length, ``serve.webhooks`` checks where it points)."""
     url = body.get(WEBHOOK_FIELD)
     return {WEBHOOK_FIELD: url} if isinstance(url, str) and url else {}
+
+
+def upload_url(body: Dict[str, Any]) -> Dict[str, Any]:
+    """The task's ``upload_url`` as its extras keep it until submission checks it against the task
+    ({} without one; ``to_params`` checked its shape, ``serve.upload_url`` the count and addresses)."""
+    value = body.get(UPLOAD_FIELD)
+    return {UPLOAD_FIELD: value} if value not in (None, "") else {}
 
 
 def to_params(body: Dict[str, Any], files: Uploads, max_upload: int

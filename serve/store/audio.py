@@ -6,7 +6,8 @@ task store nor the ingress has to hold whole files in memory. Old files are purg
 total size budget.
 
 ``AudioStore`` pickles to its URL and settings only; the filesystem is opened lazily in each process,
-so one instance can be handed to Ray actors.
+so one instance can be handed to Ray actors. ``options`` are the filesystem's fsspec storage options
+(an S3-compatible server's ``endpoint_url``, say).
 """
 
 from __future__ import annotations
@@ -54,31 +55,35 @@ def valid_key(key: Any) -> bool:
 class AudioStore:
     """Flat file store at ``url``; ``ttl_s`` and ``max_bytes`` bound what ``purge`` keeps.
 
-    ``ttl_s=None`` disables expiry by age, ``max_bytes=None`` the size budget.
+    ``ttl_s=None`` disables expiry by age, ``max_bytes=None`` the size budget; ``options``: fsspec
+    storage options for the URL's filesystem.
     """
 
-    def __init__(self, url: str, *, ttl_s: Optional[float] = 86400.0, max_bytes: Optional[int] = None):
+    def __init__(self, url: str, *, ttl_s: Optional[float] = 86400.0, max_bytes: Optional[int] = None,
+                 options: Optional[Dict[str, Any]] = None):
         if ttl_s is not None and ttl_s < 0:
             raise ValueError("ttl_s must be >= 0")
         if max_bytes is not None and max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
         self.url, self.ttl_s, self.max_bytes = str(url), ttl_s, max_bytes
+        self.options = dict(options or {})
         self._fs: Optional[fsspec.AbstractFileSystem] = None
         self._root = ""
 
     # Pickle the settings only: open filesystems hold sockets, locks and caches.
     def __getstate__(self) -> Dict[str, Any]:
-        return {"url": self.url, "ttl_s": self.ttl_s, "max_bytes": self.max_bytes}
+        return {"url": self.url, "ttl_s": self.ttl_s, "max_bytes": self.max_bytes, "options": self.options}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.url, self.ttl_s, self.max_bytes = state["url"], state["ttl_s"], state["max_bytes"]
+        self.options = dict(state.get("options") or {})
         self._fs, self._root = None, ""
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
         """The filesystem, opened on first use (a local directory is created then)."""
         if self._fs is None:
-            fs, root = fsspec.core.url_to_fs(self.url)
+            fs, root = fsspec.core.url_to_fs(self.url, **self.options)
             root = root.rstrip("/") or "/"
             if isinstance(fs, LocalFileSystem):
                 fs.makedirs(root, exist_ok=True)
@@ -187,6 +192,11 @@ class AudioStore:
         return path is not None and self._remove(path)
 
     def _remove(self, path: str) -> bool:
+        if not self.is_local:
+            # object stores delete a missing key without an error: ask first (fresh, not a cached listing)
+            self.fs.invalidate_cache(path)
+            if not self.fs.exists(path):
+                return False
         try:
             self.fs.rm_file(path)
         except FileNotFoundError:

@@ -381,3 +381,8 @@ from tests.serve.app_webhooks import (  # noqa: E402,F401
     test_refused_webhook_urls_are_422_naming_the_field,
 )
 from tests.serve.app_fair import test_a_keys_flood_does_not_hold_back_another_keys_song  # noqa: E402,F401
+from tests.serve.app_upload import (  # noqa: E402,F401
+    test_a_failing_upload_url_leaves_the_task_done_with_the_error_recorded,
+    test_native_and_release_tasks_put_each_audio_to_its_url,
+    test_upload_urls_that_do_not_fit_the_task_are_422_naming_the_field,
+)

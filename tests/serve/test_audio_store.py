@@ -1,4 +1,5 @@
-"""AudioStore on a local directory and on the memory filesystem, and its HTTP range responses."""
+"""AudioStore on a local directory, on the memory filesystem and on a real S3-compatible server, and
+its HTTP range responses."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pickle
 import threading
 import time
 import uuid
+import zipfile
 from datetime import datetime, timezone
 from typing import Optional
 
@@ -19,7 +21,7 @@ import torch
 from fastapi import FastAPI, Header, Request
 
 from acestep.audio import encode_audio
-from serve.store.audio import AudioStore, audio_response, parse_range, valid_key
+from serve.store.audio import AudioStore, archive, audio_response, parse_range, valid_key
 from serve.edge.errors import APIError
 
 DATA = bytes(range(256)) * 40  # 10,240 bytes, every offset distinguishable within a period
@@ -320,3 +322,62 @@ def test_filename_is_sanitized(tmp_path):
     with pytest.raises(APIError) as error:
         audio_response(store, "y.flac", None)
     assert error.value.status_code == 404 and "y.flac" not in error.value.message
+
+
+# --- on a real S3-compatible server (moto's, tests/serve/s3_server.py) ----------------------------
+
+
+@pytest.fixture
+def s3_store(s3):
+    bucket = s3.bucket()
+    return AudioStore(f"s3://{bucket}/audio", options=s3.options), bucket
+
+
+def test_s3_store_put_read_range_list_delete_byte_equal(s3, s3_store):
+    store, bucket = s3_store
+    song = encode_audio(torch.sin(torch.arange(48000) / 9.0).repeat(2, 1) * 0.5, "flac")
+    store.put("song.flac", song)
+    store.put("other.wav", DATA)
+    assert s3.read(bucket, "audio/song.flac") == song  # the object itself, as any S3 client reads it
+    assert store.read("song.flac") == song and store.size("song.flac") == len(song)
+    assert store.read("other.wav", 100, 200) == DATA[100:200]
+    assert b"".join(store.iter_range("other.wav", 5, 5005, chunk_size=1000)) == DATA[5:5005]
+    assert _files(store) == ["other.wav", "song.flac"]
+    assert store.read("missing.flac") is None and store.size("missing.flac") is None
+    assert store.delete("other.wav") is True
+    assert store.delete("other.wav") is False  # S3 deletes a missing key without complaint; the store says so
+    assert store.read("other.wav") is None and _files(store) == ["song.flac"]
+    assert store.media_type("song.flac") == "audio/flac"
+
+
+def test_s3_store_archive_and_http_ranges(s3_store):
+    store, _ = s3_store
+    store.put("a.flac", DATA)
+    store.put("b.flac", DATA[::-1])
+    items = [{"key": "a.flac", "format": "flac"}, {"key": "b.flac", "format": "flac", "track": "drums"}]
+    with zipfile.ZipFile(io.BytesIO(archive(store, items))) as bundle:
+        assert bundle.namelist() == ["01-a.flac", "02-drums.flac"]
+        assert bundle.read("01-a.flac") == DATA and bundle.read("02-drums.flac") == DATA[::-1]
+    whole, part = _get(store, "a.flac"), _get(store, "a.flac", "bytes=100-")
+    assert whole.status_code == 200 and whole.content == DATA
+    assert part.status_code == 206 and part.content == DATA[100:]
+
+
+def test_s3_store_purges_by_listed_age_and_pickles_its_options(s3_store):
+    store, _ = s3_store
+    store.ttl_s = 3600.0
+    store.put("k.flac", DATA)
+    assert store.purge() == 0  # just written: S3's LastModified is now
+    clone = pickle.loads(pickle.dumps(store))  # as Ray hands it to a replica: the endpoint goes along
+    assert clone.options == store.options and clone.read("k.flac") == DATA
+    assert clone.purge(now=time.time() + 7200) == 1
+    assert store.read("k.flac") is None
+
+
+def test_app_config_opens_its_audio_store_on_s3(s3):
+    from serve.config import AppConfig
+
+    bucket = s3.bucket()
+    config = AppConfig(demo=True, store={"audio_url": f"s3://{bucket}/a", "audio_options": s3.options})
+    config.audio_store().put("x.mp3", DATA)
+    assert s3.read(bucket, "a/x.mp3") == DATA
