@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any, Dict, NamedTuple, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 from acestep.params import GenerationParams, json_safe
 from serve.compat import release as compat
@@ -20,6 +20,7 @@ from serve.edge import intake
 from serve.models import ModelSet
 from serve.replica import PlanRef, until_ready
 from serve.schemas import AudioItem, GenerationOutput
+from serve.streaming import STREAM_FIELD
 
 
 class Models(NamedTuple):
@@ -55,7 +56,7 @@ class TaskPipeline:
             params = await self._compat_sample(models.lm, params, extras)
         adapters = extras.get("adapters")
         reply = await self._render(models, record.task_id, params, config, seeds, upload_keys, adapters,
-                                   (record.key_name, record.priority))
+                                   (record.key_name, record.priority), extras.get(STREAM_FIELD))
         audios = [AudioItem(key=item.file_key, url=f"/v1/audio/{item.file_key}", format=item.format,
                             sample_rate=item.sample_rate, seed=item.seed, params=item.params)
                   for item in reply.items]
@@ -65,8 +66,9 @@ class TaskPipeline:
                                 time_costs=reply.time_costs, status_message=reply.status_message).model_dump()
 
     async def _render(self, models: Models, task_id, params, config, seeds, upload_keys, adapters,
-                      share: Tuple[str, int]) -> RenderReply:
-        """LM plan → DiT render; ``share`` = (key name, class rank): the engines' admission order."""
+                      share: Tuple[str, int], stream: Optional[str] = None) -> RenderReply:
+        """LM plan → DiT render; ``share`` = (key name, class rank): the engines' admission order;
+        ``stream``: the format the DiT streams the songs in while they decode."""
         calls = []
         try:
             plan = models.lm.plan.remote(PlanRequest(task_id, params, config, seeds, *share))  # not awaited: a ref
@@ -76,7 +78,8 @@ class TaskPipeline:
             dit = models.dit
             if adapters:  # multiplexing: prefer a replica that holds this adapter set
                 dit = dit.options(multiplexed_model_id="+".join(name for name, _ in adapters))
-            render = RenderRequest(task_id, params, config, seeds, *share, uploads=upload_keys, adapters=adapters)
+            render = RenderRequest(task_id, params, config, seeds, *share, uploads=upload_keys, adapters=adapters,
+                                   stream=stream)
             calls.append(dit.render.remote(render, PlanRef(plan_ref)))
             return await calls[-1]
         except asyncio.CancelledError:

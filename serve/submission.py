@@ -20,6 +20,7 @@ from serve.edge.errors import APIError, FieldError
 from serve.logs import current_request_id, extra, log
 from serve.models import adapter_choice
 from serve.store.records import WEBHOOK_FIELD, IdempotencyConflict, StoreFull
+from serve.streaming import STREAM_FIELD, stream_extras
 from serve.webhooks import WebhookRefused
 
 DEFAULT_BATCH_SIZE = GenerationConfig().batch_size
@@ -66,6 +67,7 @@ class Submission:
         files = await self._check_uploads(files, max_upload, sent_as)
         params, config, seeds, route = await self._prepare(params, config, files, intake.routing(body), list(body))
         route.update(intake.webhook(body))
+        route.update(stream_extras(body.get(STREAM_FIELD), params))
         return await self._submit(source, params, config, seeds, files, route, key_name, sync=sync,
                                   idempotency=(idempotency, digest), priority=priority)
 

@@ -1,11 +1,13 @@
 // The studio page: a form built on the server's own schema (defaults and ranges come from
-// /openapi.json), one card per generation fed by its server-sent events, and a history of this
-// browser's tasks in localStorage. A request carries only what differs from the page's defaults.
+// /openapi.json), one card per generation fed by its server-sent events (its first song playing
+// while it renders, stream.js), and a history of this browser's tasks in localStorage. A request
+// carries only what differs from the page's defaults.
 import { ApiError, apiKey, events, json, request, setApiKey, upload } from "/studio/api.js";
 import { changed, field, setSchemaDefault, valueOf } from "/studio/fields.js";
 import { loadModels, wireModels } from "/studio/models.js";
 import { chosenFiles, loadTasks, taskFields, useAsSource, wireSources } from "/studio/tasks.js";
 import { fetchAudios, isStems, songFigure, stemsViews } from "/studio/results.js";
+import { STREAM_FORMAT, canStream, handOver, liveFigure, streamable } from "/studio/stream.js";
 
 const form = document.getElementById("song");
 const cards = document.getElementById("cards");
@@ -46,6 +48,7 @@ function body() {
   }
   const seed = Number(field("seed").value);
   if (seed >= 0) Object.assign(out, { seeds: [seed], use_random_seed: false });
+  if (canStream() && streamable(out)) out.stream_format = STREAM_FORMAT;  // heard while it renders
   return out;
 }
 
@@ -167,11 +170,14 @@ function usedModels(status) {
 }
 
 async function follow(view, taskId) {
+  const live = view.request && view.request.stream_format ? liveFigure(taskId) : null;
+  if (live) view.results.append(live);
   for await (const event of events(`/v1/tasks/${taskId}/events`)) {
     onEvent(view, event);
     if (event.phase === "done" || event.phase === "failed") break;
   }
   const status = await showResult(view, taskId);
+  if (live) handOver(live, view.results.querySelector("figure:not(.live) audio"));
   remember({ task_id: taskId, caption: view.request.caption || "", phase: status.phase });
 }
 
