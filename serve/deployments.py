@@ -384,14 +384,12 @@ class DiTDeployment(_ModelReplica):
         events carry its stream's state (``serve.streaming``)."""
         if not job.stream:
             return None, self._progress_of(job.task_id)
-        from serve.streaming import StreamProgress, StreamWriter
+        from serve.streaming import StreamProgress, StreamState, StreamWriter
 
-        writer = StreamWriter(self.audio, job.task_id, job.stream, len(job.seeds))
-        report = lambda fraction, desc, detail: self._report(  # noqa: E731
-            [job.task_id], "dit", 0.3 + 0.6 * fraction, desc, detail)
-        progress = StreamProgress(report, writer.state)
-        writer.report = progress.written
-        return writer, progress.diffusion
+        state = StreamState.new(job.stream, len(job.seeds))
+        progress = StreamProgress(lambda fraction, desc, detail: self._report(
+            [job.task_id], "dit", 0.3 + 0.6 * fraction, desc, detail), state)
+        return StreamWriter(self.audio, job.task_id, state, progress.written), progress.diffusion
 
     async def audio_codes(self, task_id: str, upload_key: str) -> str:
         """An uploaded source from the audio store → its 5 Hz code string (VAE encode + tokenizer)."""

@@ -118,16 +118,14 @@ class StreamProgress:
 class StreamWriter:
     """The DiT replica's side of one render's stream. The worker hands each song's audio over as it
     decodes (``piece``, an ``acestep.dit.worker.SongSink``: only a queue put on the worker's thread);
-    one thread encodes it, writes each chunk to the audio store, then reports. The stream is
-    advisory, like progress: a failure to write it is logged and the render goes on."""
+    one thread encodes it, writes each chunk to the audio store, counts it in ``state`` and
+    reports the share of the songs written. The stream is advisory, like progress: a failure to
+    write it is logged and the render goes on."""
 
-    def __init__(self, audio, task_id: str, stream_format: str, songs: int,
-                 report: Optional[Callable[[float], None]] = None):
-        self.audio, self.task_id = audio, task_id
-        self.state = StreamState.new(stream_format, songs)
-        self.report = report or (lambda fraction: None)
+    def __init__(self, audio, task_id: str, state: StreamState, report: Callable[[float], None] = lambda f: None):
+        self.audio, self.task_id, self.state, self.report = audio, task_id, state, report
         self._encoders: Dict[int, StreamEncoder] = {}
-        self._written = [0.0] * songs
+        self._written = [0.0] * len(state.chunks)
         self._queue: "queue.Queue" = queue.Queue()
         self._stopped = self.failed = False
         self._thread = threading.Thread(target=self._run, name="stream-writer", daemon=True)

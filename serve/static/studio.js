@@ -134,11 +134,13 @@ async function showResult(view, taskId) {
   const status = await (await request(`/v1/tasks/${taskId}`)).json();
   if (status.phase === "failed") {
     view.phase.textContent = `failed: ${status.message}`;
+    endLive(view);
     return status;
   }
   const fetched = await fetchAudios(view.results, status.result.audios);
   if (isStems(fetched)) {
     view.results.append(...stemsViews(taskId, fetched));
+    endLive(view);
     return status;
   }
   const actions = [
@@ -151,7 +153,14 @@ async function showResult(view, taskId) {
     const description = `seed ${item.seed} · ${item.params.bpm || "?"} bpm · ${item.params.keyscale || "?"}${usedModels(status)}`;
     view.results.append(songFigure(song, description, actions));
   }
+  endLive(view, view.results.querySelector("figure:not(.live) audio"));  // with the figures: one swap
   return status;
+}
+
+// The live player gives way to the song's file (``audio``), if the task streamed one.
+function endLive(view, audio = null) {
+  if (view.live) handOver(view.live, audio);
+  view.live = null;
 }
 
 // A result becomes the source of an extension; with no length chosen yet, 30 s to the right.
@@ -170,14 +179,13 @@ function usedModels(status) {
 }
 
 async function follow(view, taskId) {
-  const live = view.request && view.request.stream_format ? liveFigure(taskId) : null;
-  if (live) view.results.append(live);
+  view.live = view.request && view.request.stream_format ? liveFigure(taskId) : null;
+  if (view.live) view.results.append(view.live);
   for await (const event of events(`/v1/tasks/${taskId}/events`)) {
     onEvent(view, event);
     if (event.phase === "done" || event.phase === "failed") break;
   }
   const status = await showResult(view, taskId);
-  if (live) handOver(live, view.results.querySelector("figure:not(.live) audio"));
   remember({ task_id: taskId, caption: view.request.caption || "", phase: status.phase });
 }
 
