@@ -88,9 +88,9 @@ class SongStream:
         if self._weight is not None:
             length = min(end, self._source.shape[-1]) - start
             if length > 0:
-                weight = self._weight[start:start + length]
+                weight, source = self._weight[start:start + length], self._source[..., start:start + length]
                 audio = audio.clone()
-                audio[..., :length] = weight * audio[..., :length] + (1 - weight) * self._source[..., start:start + length]
+                audio[..., :length] = weight * audio[..., :length] + (1 - weight) * source
         self.peak = max(self.peak, float(audio.abs().amax()))
         audio = audio * self._gain()
         return self._fades(start, audio)

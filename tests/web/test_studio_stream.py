@@ -15,7 +15,9 @@ window.__playing = [];
 window.__requests = [];
 const original = window.fetch;
 window.fetch = (url, options = {}) => {
-  if (String(url).endsWith('/v1/tasks') && typeof options.body === 'string') window.__requests.push(JSON.parse(options.body));
+  if (String(url).endsWith('/v1/tasks') && typeof options.body === 'string') {
+    window.__requests.push(JSON.parse(options.body));
+  }
   return original(url, options);
 };
 document.addEventListener('playing', async (event) => {
