@@ -1,4 +1,5 @@
-"""Audio in and out (soundfile; PyAV for AAC), and the result key (a hash of the params).
+"""Audio in and out (soundfile; PyAV for AAC and the streamed formats), and the result key (a hash of
+the params).
 
 Audio inputs (``AudioSource``) are a path, the file's bytes (``bytes``/``bytearray``/``memoryview``)
 or a seekable binary file object; callers holding an upload in memory need no temporary file.
@@ -226,6 +227,96 @@ def encode_audio(audio: torch.Tensor, audio_format: str, sample_rate: int = SAMP
     buffer = io.BytesIO()
     _write(buffer, audio, audio_format, sample_rate)
     return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class StreamFormat:
+    """A format audio is streamed in while it decodes (``StreamEncoder``): FFmpeg's muxer, encoder,
+    rate and muxer options, and the HTTP media type."""
+
+    container: str
+    codec: str
+    bitrate: int  # bit/s
+    media_type: str
+    options: Tuple[Tuple[str, str], ...] = ()
+
+
+# Ogg Opus records the exact length (its last page's granule position); MP3 plays in browsers'
+# MediaSource. The MP3 muxer's ID3 tag and Xing frame are left out: a stream cannot go back to fill
+# in the Xing frame's counts, and MediaSource takes bare MPEG frames.
+STREAM_FORMATS: Dict[str, StreamFormat] = {
+    "opus": StreamFormat("ogg", "libopus", 96_000, "audio/ogg"),
+    "mp3": StreamFormat("mp3", "libmp3lame", 128_000, "audio/mpeg", (("id3v2_version", "0"), ("write_xing", "0"))),
+}
+
+
+# What is not streamed, and why (the serving layer refuses these before a render starts).
+NOT_STREAMED = {
+    "extend": "an extension renders window after window and is normalised once at the end; it is not streamed",
+    "tracks": "stems are not streamed (an accompaniment is the sum of several rendered tracks)",
+}
+
+
+class _Collector:
+    """A write-only file for PyAV: what the muxer wrote since the last ``take``. Having no ``seek``,
+    it makes the muxer write a stream (nothing is rewritten at the end)."""
+
+    def __init__(self):
+        self._data = bytearray()
+
+    def write(self, data) -> int:
+        self._data += bytes(data)
+        return len(data)
+
+    def take(self) -> bytes:
+        data = bytes(self._data)
+        self._data.clear()
+        return data
+
+
+class StreamEncoder:
+    """One song encoded piece by piece (``STREAM_FORMATS``): ``encode`` returns the bytes each piece
+    completes (possibly none: the encoder keeps a few milliseconds back), ``finish`` the rest; the
+    concatenation is one valid file. The encoder's state runs across pieces, so pieces of any length
+    give the same stream as the whole song at once."""
+
+    def __init__(self, stream_format: str, sample_rate: int = SAMPLE_RATE, channels: int = 2):
+        import av
+
+        spec = STREAM_FORMATS[stream_format]
+        self.format, self.media_type = stream_format, spec.media_type
+        self._layout = "stereo" if channels == 2 else "mono"
+        self._out = _Collector()
+        self._container = av.open(self._out, mode="w", format=spec.container, options=dict(spec.options))
+        self._stream = self._container.add_stream(spec.codec, rate=sample_rate, layout=self._layout)
+        self._stream.bit_rate = spec.bitrate
+        self._rate, self._pts, self._closed = sample_rate, 0, False
+
+    def encode(self, audio: torch.Tensor) -> bytes:
+        """[C, S] float audio (the song's next samples) → the bytes it completes."""
+        import av
+
+        data = np.ascontiguousarray(audio.detach().float().cpu().numpy())
+        if data.shape[-1] == 0:
+            return b""
+        frame = av.AudioFrame.from_ndarray(data, format="fltp", layout=self._layout)
+        frame.sample_rate, frame.pts = self._rate, self._pts
+        self._pts += data.shape[-1]
+        self._mux(self._stream.encode(frame))
+        return self._out.take()
+
+    def finish(self) -> bytes:
+        """The encoder's last packets and the container's end."""
+        if self._closed:
+            return b""
+        self._closed = True
+        self._mux(self._stream.encode(None))
+        self._container.close()
+        return self._out.take()
+
+    def _mux(self, packets) -> None:
+        for packet in packets:
+            self._container.mux(packet)
 
 
 def decode_audio(data: bytes, audio_format: str) -> Tuple[np.ndarray, int]:

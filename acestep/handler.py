@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from acestep.audio import NOT_STREAMED
 from acestep.checkpoints.bundle import DiTBundle, load_dit_bundle
 from acestep.dit.adapters import (MAX_WEIGHT, AdapterError, AdapterInfo, AdapterSetting, AdapterSlots, adapter_setting,
                                   read_adapter)
@@ -25,7 +26,7 @@ from acestep.dit.extend import ExtendConfig, ExtendRender
 from acestep.dit.items import DiTItem, Progress, RenderOutput, SamplingSettings
 from acestep.dit.prepare import build_items, encode_source, sampling_settings
 from acestep.devices import default_dtype, resolve_device
-from acestep.dit.worker import DiTWorker
+from acestep.dit.worker import DiTWorker, SongSink
 from acestep.fairness import Share
 from acestep.memory import DIT_PHASES, MemoryPlan, dit_modules, dit_offloaded, plan_memory
 from acestep.offload import RESIDENT, Offloader
@@ -183,22 +184,25 @@ class AceStepHandler:
 
     def submit(self, item_params: List[GenerationParams], seeds: List[int],
                settings: Optional[SamplingSettings] = None, progress: Optional[Progress] = None,
-               share: Share = Share()) -> Future:
+               share: Share = Share(), stream: Optional[SongSink] = None) -> Future:
         """``render`` without waiting: a Future of the ``RenderOutput``. Its items are prepared
         (audio read and encoded) on the worker thread and join the running batch; what preparing
         raises (unreadable audio, bad codes) fails this future only. ``future.cancel()`` drops them.
         An extension renders window after window, each a request of its own (``acestep.dit.extend``).
-        ``share`` (tenant, priority class): the items' place in the running batch's admission order."""
+        ``share`` (tenant, priority class): the items' place in the running batch's admission order.
+        ``stream`` gets each item's audio as the VAE decodes it (``acestep.dit.worker.SongSink``)."""
         bundle = self._require()
         settings = settings or sampling_settings(item_params[0])
         if settings.adapters is None:
             settings = replace(settings, adapters=self.lora_setting)
         if item_params[0].task_type == "extend":
+            if stream is not None:
+                raise ValueError(f"stream: {NOT_STREAMED['extend']}")
             submit = partial(_submit_shared, self._loop().submit, share)
             return ExtendRender(submit, bundle, item_params, seeds, settings, progress, self.extend).start()
         counts = self.worker.encodes
         return self._loop().submit(lambda: build_items(bundle, item_params, seeds, counts), settings, progress,
-                                   share.tenant, share.priority)
+                                   share.tenant, share.priority, stream)
 
     def prepare(self, item_params: List[GenerationParams], seeds: List[int]) -> List[DiTItem]:
         """Read and encode audio inputs, decode codes, build task contexts: one DiTItem per seed."""

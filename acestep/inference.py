@@ -294,13 +294,15 @@ def _failure(error: Exception) -> GenerationResult:
 
 
 def submit_render(dit_handler, job: RenderJob, progress: Optional[Progress] = None, adapters=None,
-                  share: Share = Share()):
+                  share: Share = Share(), stream=None):
     """Start ``job`` on the DiT worker without waiting: a ``concurrent.futures.Future`` of its
     ``RenderOutput`` (``render_result`` turns it into the seed's result). Concurrent jobs share
     the worker's running batch whatever their lengths and settings, each getting the audio it
     would get alone; ``future.cancel()`` drops the job's items. ``adapters``: an
     ``AdapterSetting`` (loaded adapters and scales); None uses the handler's default. ``share``
-    (tenant, priority class) places its items in the running batch's admission order."""
+    (tenant, priority class) places its items in the running batch's admission order. ``stream``
+    (``acestep.dit.worker.SongSink``) gets each song's audio while the VAE decodes it (not with
+    ``tracks`` or ``extend``: ValueError naming ``stream``)."""
     import dataclasses
 
     from acestep.dit.prepare import sampling_settings
@@ -310,9 +312,13 @@ def submit_render(dit_handler, job: RenderJob, progress: Optional[Progress] = No
         settings = dataclasses.replace(settings, adapters=tuple(adapters))
     items, seeds, stems = job.item_params(), job.seeds, job.stem_plan()
     if stems is not None:  # every track one item of this request: one source encode, shared forwards
+        if stream is not None:
+            from acestep.audio import NOT_STREAMED
+
+            raise ValueError(f"stream: {NOT_STREAMED['tracks']}")
         items, seeds = stems.items, stems.seeds
         settings = dataclasses.replace(settings, retake_seeds=stems.retake_seeds(settings.retake_seeds))
-    return dit_handler.submit(items, seeds, settings, progress, share=share)
+    return dit_handler.submit(items, seeds, settings, progress, share=share, stream=stream)
 
 
 def render_result(job: RenderJob, output) -> GenerationResult:

@@ -1,6 +1,6 @@
 """The FastAPI ingress: the native routes and the Python handle API. The official server's routes
 are a route group it inherits (``serve.compat.routes``), as are the adapter routes
-(``serve.adapter_api``) and the studio page (``serve.studio``).
+(``serve.adapter_api``), the song streams (``serve.stream_api``) and the studio page (``serve.studio``).
 
 One request: the guard (``serve.edge.guard``) checks the key, size and content type before any body
 is parsed → the body is validated at the edge (4xx naming the field) → admission (429 +
@@ -47,6 +47,7 @@ from serve.schemas import (
 )
 from serve.store.audio import archive, audio_response
 from serve.store.records import FINAL_PHASES, sse_events
+from serve.stream_api import StreamRoutes
 from serve.studio import StudioRoutes
 from serve.submission import Submission
 
@@ -56,7 +57,7 @@ from serve.submission import Submission
 
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
-class Ingress(Submission, CompatRoutes, AdapterRoutes, StudioRoutes):
+class Ingress(Submission, CompatRoutes, AdapterRoutes, StreamRoutes, StudioRoutes):
     """HTTP + handle entry point; holds handles to the LM and the DiT, and the ingress state."""
 
     def __init__(self, config: AppConfig, lms: Dict[str, Any], dits: Dict[str, Any]):

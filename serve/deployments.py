@@ -63,6 +63,7 @@ class RenderRequest(PlanRequest):
     uploads: Dict[str, str] = field(default_factory=dict)
     adapters: Optional[List[List[Any]]] = None  # [[name, scale]]: the DiT adapters this request uses
     upload_urls: Optional[List[str]] = None
+    stream: Optional[str] = None  # the format its songs are streamed in while they decode (serve.streaming)
 
 
 @dataclass
@@ -367,11 +368,32 @@ class DiTDeployment(_ModelReplica):
             raise AdapterError("lora: this deployment serves no adapters")
         if names:
             await self.adapter_set(serve.get_multiplexed_model_id() or "+".join(names))
+        writer, progress = self._stream_of(job)
         async with self.adapters.using(names) if names else contextlib.nullcontext():
-            output = await asyncio.wrap_future(submit_render(self.handler, render_job, self._progress_of(job.task_id),
-                                                             adapters=setting, share=job.share))
-        await self._report_now(job.task_id, "encode", 0.92, "encoding audio")
+            try:
+                output = await asyncio.wrap_future(submit_render(
+                    self.handler, render_job, progress, adapters=setting, share=job.share,
+                    stream=writer.piece if writer is not None else None))
+            except BaseException:
+                if writer is not None:
+                    writer.abort()
+                raise
+        # the stream's last chunks are in the store before the task says so (and before it is done)
+        detail = (await asyncio.to_thread(writer.close)).detail() if writer is not None else None
+        await self._report_now(job.task_id, "encode", 0.92, "encoding audio", detail)
         return await self._run(self._output, render_job, outcome, output, setting, job)
+
+    def _stream_of(self, job: RenderRequest):
+        """(the stream writer or None, the worker's progress callback): a streamed render's progress
+        events carry its stream's state (``serve.streaming``)."""
+        if not job.stream:
+            return None, self._progress_of(job.task_id)
+        from serve.streaming import StreamProgress, StreamState, StreamWriter
+
+        state = StreamState.new(job.stream, len(job.seeds))
+        progress = StreamProgress(lambda fraction, desc, detail: self._report(
+            [job.task_id], "dit", 0.3 + 0.6 * fraction, desc, detail), state)
+        return StreamWriter(self.audio, job.task_id, state, progress.written), progress.diffusion
 
     async def audio_codes(self, task_id: str, upload_key: str) -> str:
         """An uploaded source from the audio store → its 5 Hz code string (VAE encode + tokenizer)."""

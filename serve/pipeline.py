@@ -22,6 +22,7 @@ from serve.models import ModelSet, deployment_name
 from serve.replica import PlanRef, until_ready
 from serve.schemas import AudioItem, GenerationOutput
 from serve.upload_url import UPLOAD_FIELD
+from serve.streaming import STREAM_FIELD
 
 
 class Models(NamedTuple):
@@ -59,7 +60,8 @@ class TaskPipeline:
             params = await self._compat_sample(models.lm, params, extras)
         adapters = extras.get("adapters")
         reply = await self._render(models, record.task_id, params, config, seeds, upload_keys, adapters,
-                                   (record.key_name, record.priority), extras.get(UPLOAD_FIELD))
+                                   (record.key_name, record.priority), extras.get(UPLOAD_FIELD),
+                                   extras.get(STREAM_FIELD))
         audios = [AudioItem(key=item.file_key, url=f"/v1/audio/{item.file_key}", format=item.format,
                             sample_rate=item.sample_rate, seed=item.seed, params=item.params, upload=item.upload)
                   for item in reply.items]
@@ -69,10 +71,12 @@ class TaskPipeline:
                                 time_costs=reply.time_costs, status_message=reply.status_message).model_dump()
 
     async def _render(self, models: Models, task_id, params, config, seeds, upload_keys, adapters,
-                      share: Tuple[str, int], upload_urls: Optional[List[str]] = None) -> RenderReply:
+                      share: Tuple[str, int], upload_urls: Optional[List[str]] = None,
+                      stream: Optional[str] = None) -> RenderReply:
         """LM plan → DiT render, each call in its deployment's turn (``serve.gates``); ``share`` =
         (key name, class rank): the gates' and the engines' admission order; ``upload_urls``: one per
-        audio, PUT by the DiT replica."""
+        audio, PUT by the DiT replica; ``stream``: the format the DiT streams the songs in while they
+        decode."""
         calls = []
         try:
             async with self._gate("lm", models.lm_name).slot(*share):
@@ -84,7 +88,7 @@ class TaskPipeline:
             if adapters:  # multiplexing: prefer a replica that holds this adapter set
                 dit = dit.options(multiplexed_model_id="+".join(name for name, _ in adapters))
             render = RenderRequest(task_id, params, config, seeds, *share, uploads=upload_keys, adapters=adapters,
-                                   upload_urls=upload_urls)
+                                   upload_urls=upload_urls, stream=stream)
             async with self._gate("dit", models.dit_name).slot(*share):
                 calls.append(dit.render.remote(render, PlanRef(plan_ref)))
                 return await calls[-1]

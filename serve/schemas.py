@@ -13,7 +13,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstrain
 from pydantic import create_model, model_validator
 from pydantic_core import PydanticCustomError
 
-from acestep.audio import AUDIO_FORMATS
+from acestep.audio import AUDIO_FORMATS, STREAM_FORMATS
 from acestep.dit.tasks import TASK_TYPES
 from acestep.params import LM_HELPER_DEFAULTS, GenerationConfig, GenerationParams
 from acestep.validation import RULES, Rule
@@ -183,6 +183,9 @@ GenerateRequest = create_model(
     **routing_fields(ROUTING_FIELDS),
     webhook_url=(Optional[str], Field(None, max_length=MAX_URL_LENGTH, description=WEBHOOK_DESCRIPTION)),
     upload_url=upload_url_field(),
+    stream_format=(Optional[Literal[tuple(STREAM_FORMATS)]], Field(None, description=(
+        "Stream each song while it decodes, in this format (opus: Ogg Opus; mp3), from GET "
+        "/v1/tasks/{id}/stream; not with extend or tracks. Default: not streamed."))),
 )
 
 

@@ -22,6 +22,7 @@ from serve.models import adapter_choice
 from serve.store.records import WEBHOOK_FIELD, IdempotencyConflict, StoreFull
 from serve import upload_url
 from serve.upload_url import UPLOAD_FIELD
+from serve.streaming import STREAM_FIELD, stream_extras
 from serve.webhooks import WebhookRefused
 
 DEFAULT_BATCH_SIZE = GenerationConfig().batch_size
@@ -69,6 +70,7 @@ class Submission:
         params, config, seeds, route = await self._prepare(params, config, files, intake.routing(body), list(body))
         route.update(intake.webhook(body))
         route.update(intake.upload_url(body))
+        route.update(stream_extras(body.get(STREAM_FIELD), params))
         return await self._submit(source, params, config, seeds, files, route, key_name, sync=sync,
                                   idempotency=(idempotency, digest), priority=priority)
 

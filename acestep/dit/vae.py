@@ -4,7 +4,7 @@ shift/rescale before the decode; clip guard, peak normalisation and fades after 
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from diffusers.models.autoencoders.autoencoder_oobleck import Snake1d
@@ -97,13 +97,19 @@ def tile_plan(frames: int, window: int, overlap: int = DECODE_OVERLAP) -> List[T
     return plan
 
 
+# A decoded window as it finishes: (item index, its first sample, its audio [2, n] fp32)
+OnPiece = Callable[[int, int, torch.Tensor], None]
+
+
 @torch.no_grad()
 def decode_batch(vae, latents: List[torch.Tensor], window: Optional[int] = None,
-                 overlap: int = DECODE_OVERLAP, budget: Optional[int] = None) -> List[torch.Tensor]:
+                 overlap: int = DECODE_OVERLAP, budget: Optional[int] = None,
+                 on_piece: Optional[OnPiece] = None) -> List[torch.Tensor]:
     """Latents [T_i, C] of several items → audio [2, T_i·1920] fp32 each, as each decodes alone:
     every item's tiles are planned alone, and tiles of equal length (whatever item they come
     from) are decoded together, at most ``decode_budget`` frames per call, so no tile ever sees
-    another item's frames or any padding. ``budget`` overrides ``decode_budget``.
+    another item's frames or any padding. ``budget`` overrides ``decode_budget``. ``on_piece``
+    is called with each tile's kept audio as soon as its call returns (``acestep.dit.stream``).
 
     Out of memory, it retries with half the frames per call (tiles no longer than that), down to
     ``MIN_DECODE_WINDOW``, then once on the CPU (the VAE moved there for the call and back; that
@@ -115,7 +121,7 @@ def decode_batch(vae, latents: List[torch.Tensor], window: Optional[int] = None,
     total = sum(x.shape[0] for x in latents)
     while True:
         try:
-            return _decode_tiles(vae, latents, window, overlap, budget)
+            return _decode_tiles(vae, latents, window, overlap, budget, on_piece)
         except Exception as error:  # noqa: BLE001 - only out-of-memory errors are retried
             if not is_out_of_memory(error):
                 raise
@@ -128,10 +134,11 @@ def decode_batch(vae, latents: List[torch.Tensor], window: Optional[int] = None,
         logger.warning("VAE decode out of memory at up to %d frames per call; retrying at %d", frames, smaller)
         window, budget = min(window, smaller), smaller
     logger.warning("VAE decode out of memory at %d frames per call; decoding on the CPU", frames)
-    return _decode_on_cpu(vae, latents, overlap)
+    return _decode_on_cpu(vae, latents, overlap, on_piece)
 
 
-def _decode_tiles(vae, latents: List[torch.Tensor], window: int, overlap: int, budget: int) -> List[torch.Tensor]:
+def _decode_tiles(vae, latents: List[torch.Tensor], window: int, overlap: int, budget: int,
+                  on_piece: Optional[OnPiece] = None) -> List[torch.Tensor]:
     plans = [tile_plan(x.shape[0], window, overlap) for x in latents]
     groups: Dict[int, List[Tuple[int, int]]] = {}
     for i, plan in enumerate(plans):
@@ -145,16 +152,21 @@ def _decode_tiles(vae, latents: List[torch.Tensor], window: int, overlap: int, b
             x = torch.stack([latents[i][plans[i][j][0]:plans[i][j][1]] for i, j in chunk]).transpose(1, 2)
             audio = vae.decode(x.to(vae.dtype)).sample.float()
             for (i, j), wav in zip(chunk, audio):
-                pieces[(i, j)] = wav[..., plans[i][j][2]:plans[i][j][3]]
+                lo, _, keep_from, keep_to = plans[i][j]
+                pieces[(i, j)] = wav[..., keep_from:keep_to]
+                if on_piece is not None:
+                    on_piece(i, lo * HOP + keep_from, pieces[(i, j)])
     return [torch.cat([pieces[(i, j)] for j in range(len(plan))], dim=-1) for i, plan in enumerate(plans)]
 
 
-def _decode_on_cpu(vae, latents: List[torch.Tensor], overlap: int) -> List[torch.Tensor]:
+def _decode_on_cpu(vae, latents: List[torch.Tensor], overlap: int, on_piece: Optional[OnPiece] = None
+                   ) -> List[torch.Tensor]:
     """The last resort: the VAE on the CPU for this call (in CPU windows), then back where it was."""
     home = next(vae.parameters()).device
     vae.to("cpu")
     try:
-        return _decode_tiles(vae, [x.cpu() for x in latents], CPU_DECODE_WINDOW, overlap, CPU_DECODE_WINDOW)
+        return _decode_tiles(vae, [x.cpu() for x in latents], CPU_DECODE_WINDOW, overlap, CPU_DECODE_WINDOW,
+                             on_piece)
     finally:
         vae.to(home)
 

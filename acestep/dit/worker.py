@@ -4,8 +4,10 @@
 ``DiTWorker.add`` queues one request (its items, or a function that prepares them); its ``step``
 prepares queued requests, runs one batch step, decodes the items that finished in it together
 with the VAE and returns an ``Outcome`` (a ``RenderOutput``, or the error) for every request
-whose last item finished or whose own work failed. It is single-threaded tensor work, driven by
-one ``acestep.steploop.StepLoop`` thread (``acestep.handler.AceStepHandler``)."""
+whose last item finished or whose own work failed. A request may also take its songs' audio as the
+VAE decodes it, window by window (``stream``: ``acestep.dit.stream``); its output is the same. It is
+single-threaded tensor work, driven by one ``acestep.steploop.StepLoop`` thread
+(``acestep.handler.AceStepHandler``)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from acestep.dit.batch import DiTLimits, pad_rows
 from acestep.dit.items import DiTItem, Progress, RenderOutput, SamplingSettings
 from acestep.dit.prepare import EncodeCounts
 from acestep.dit.running import RunningBatch, Track, attempt
+from acestep.dit.stream import SongStream
 from acestep.dit.tasks import splice_waveform
 from acestep.fairness import DEFAULT_PRIORITY
 from acestep.offload import RESIDENT
@@ -32,6 +35,9 @@ from acestep.steploop import Outcome, isolate
 
 logger = logging.getLogger(__name__)
 Items = Union[List[DiTItem], Callable[[], List[DiTItem]]]
+# A request's songs while they decode: (song index, first sample, post-processed audio [2, n] on the
+# CPU, the song's length in samples), called on the worker's thread in each song's order.
+SongSink = Callable[[int, int, torch.Tensor, int], None]
 
 
 @dataclass(eq=False)
@@ -48,6 +54,8 @@ class Render:
     failed: bool = False
     tenant: str = ""  # whose request (opaque) and its priority class: the batch's admission order
     priority: int = DEFAULT_PRIORITY
+    stream: Optional[SongSink] = None
+    songs: Dict[int, SongStream] = field(default_factory=dict)  # track index -> its stream (with ``stream``)
 
     def report(self, _track: Track) -> None:
         if self.progress is None:
@@ -58,6 +66,15 @@ class Render:
             self.progress(done / max(total, 1), f"diffusion step {step}/{steps}")
         except Exception:  # a progress sink must never stop the batch
             logger.exception("DiT progress callback failed")
+
+    def song(self, track: Track) -> Optional[SongStream]:
+        """The stream of ``track``'s song (None without ``stream``)."""
+        if self.stream is None:
+            return None
+        index = self.tracks.index(track)
+        if index not in self.songs:
+            self.songs[index] = SongStream.of(track.item, track.x.shape[0], partial(self.stream, index))
+        return self.songs[index]
 
 
 class DiTWorker:
@@ -73,11 +90,11 @@ class DiTWorker:
         self.encodes = EncodeCounts()  # audio inputs VAE-encoded on this worker's thread
 
     def add(self, items: Items, settings: SamplingSettings, progress: Optional[Progress] = None,
-            tenant: str = "", priority: int = DEFAULT_PRIORITY) -> Render:
+            tenant: str = "", priority: int = DEFAULT_PRIORITY, stream: Optional[SongSink] = None) -> Render:
         """Queue one request: its items, or a function that prepares them at the next step (what it
         raises fails this request only); ``tenant`` and ``priority`` place its items in the running
-        batch's admission order (``acestep.fairness``)."""
-        render = Render(items, settings, progress, tenant=tenant, priority=priority)
+        batch's admission order (``acestep.fairness``); ``stream`` takes its songs as they decode."""
+        render = Render(items, settings, progress, tenant=tenant, priority=priority, stream=stream)
         self.pending.append(render)
         self.requests += 1
         return render
@@ -190,7 +207,8 @@ class DiTWorker:
         """Decode the tracks that finished this step together (an item whose own decode raises
         fails its request alone); an ``Outcome`` for each request now complete or failed."""
         sampled = time.perf_counter()
-        audios = isolate(lambda ts: decode_items(self.bundle, [t.item for t in ts], [t.x for t in ts]), tracks)
+        audios = isolate(lambda ts: decode_items(self.bundle, [t.item for t in ts], [t.x for t in ts],
+                                                 on_piece=_song_pieces(ts)), tracks)
         decoded = time.perf_counter()
         outcomes, renders = [], {}
         for track, audio in zip(tracks, audios):
@@ -235,13 +253,27 @@ def collect(tracks: List[Track], audios: List[torch.Tensor], time_costs: Dict[st
         time_costs=time_costs)
 
 
-def decode_items(bundle, items: List[DiTItem], latents: List[torch.Tensor],
-                 window: Optional[int] = None) -> List[torch.Tensor]:
+def _song_pieces(tracks: List[Track]) -> Optional[vae_ops.OnPiece]:
+    """The decode's window callback for ``tracks``: each window to its song's stream, if it has one."""
+    songs = [track.owner.song(track) for track in tracks]
+    if not any(songs):
+        return None
+
+    def on_piece(index: int, start: int, audio: torch.Tensor) -> None:
+        if songs[index] is not None:
+            songs[index].piece(start, audio)
+
+    return on_piece
+
+
+def decode_items(bundle, items: List[DiTItem], latents: List[torch.Tensor], window: Optional[int] = None,
+                 on_piece: Optional[vae_ops.OnPiece] = None) -> List[torch.Tensor]:
     """Latents [T_i, C] per item → post-processed audio [2, T_i·1920] (CPU), decoded together
     (``vae.decode_batch``) after each item's latent shift/rescale; repaint items get the source
-    waveform spliced back outside the window; then each item's normalisation and fades."""
+    waveform spliced back outside the window; then each item's normalisation and fades.
+    ``on_piece`` gets each window's raw audio as it is decoded."""
     shaped = [vae_ops.transform_latents(x, item.post).to(bundle.dtype) for item, x in zip(items, latents)]
-    decoded = vae_ops.decode_batch(bundle.vae, shaped, window)
+    decoded = vae_ops.decode_batch(bundle.vae, shaped, window, on_piece=on_piece)
     audios = []
     for item, wav in zip(items, decoded):
         repaint = item.repaint

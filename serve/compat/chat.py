@@ -71,7 +71,9 @@ class ChatRequest(_Loose):
 
     model: Optional[str] = Field(None, description="acestep/<dit model> (see GET /v1/models); none: the default.")
     messages: List[ChatMessage] = Field(..., max_length=MAX_MESSAGES)
-    stream: bool = Field(False, description="Server-sent chunks: a heartbeat every 2 s, the audio in the last one.")
+    stream: bool = Field(False, description=(
+        "Server-sent chunks: each song's audio as it decodes (`delta.audio_chunk`: index, format opus or mp3, "
+        "base64), a heartbeat every 2 s, the audio files in the last chunk."))
     audio_config: Optional[AudioConfig] = None
     temperature: Optional[LMTemperature] = Field(None, description=f"LM temperature ({_official('lm_temperature')}).")
     top_p: Optional[LMTopP] = Field(None, description=f"LM top-p ({_official('lm_top_p')}).")
@@ -279,14 +281,29 @@ class _Chunks:
         return f"data: {json.dumps(chunk)}\n\n"
 
 
+# A song's stream while it decodes: (song index, stream format, bytes; b"" after a quiet spell)
+AudioChunks = AsyncIterator[Tuple[int, str, bytes]]
+
+
+def audio_chunk(index: int, stream_format: str, data: bytes) -> Dict[str, Any]:
+    """An ``audio_chunk`` delta: the next bytes of song ``index``'s Ogg Opus / MP3 stream."""
+    return {"index": index, "format": stream_format, "data": base64.b64encode(data).decode()}
+
+
 async def stream(model_id: str, wait: Callable[[float], Awaitable[Optional[Tuple[str, List[Dict[str, Any]]]]]],
-                 deadline_s: float, heartbeat_s: float = HEARTBEAT_S) -> AsyncIterator[str]:
-    """SSE chunks: the role, a ``.`` every ``heartbeat_s`` until ``wait`` returns (content, audio)
-    (None: not yet; an exception: the task failed), then the content, the audio, ``[DONE]``."""
+                 deadline_s: float, heartbeat_s: float = HEARTBEAT_S,
+                 audio: Optional[AudioChunks] = None) -> AsyncIterator[str]:
+    """SSE chunks: the role, then, given ``audio``, each song's stream as ``audio_chunk`` deltas while it
+    decodes, a ``.`` every ``heartbeat_s`` until ``wait`` returns (content, audio) (None: not yet; an
+    exception: the task failed), then the content, the audio files, ``[DONE]``."""
     chunk = _Chunks(model_id)
     yield chunk(role="assistant", content="Generating music")
     started = time.monotonic()
     try:
+        async for index, stream_format, data in audio if audio is not None else _nothing():
+            if time.monotonic() - started > deadline_s:
+                raise TimeoutError("timeout: no result in time; the task goes on")
+            yield chunk(audio_chunk=audio_chunk(index, stream_format, data)) if data else chunk(content=".")
         while True:
             answer = await wait(heartbeat_s)
             if answer is not None:
@@ -306,3 +323,8 @@ async def stream(model_id: str, wait: Callable[[float], Awaitable[Optional[Tuple
         yield chunk(audio=audio)
     yield chunk(finish_reason="stop")
     yield "data: [DONE]\n\n"
+
+
+async def _nothing() -> AudioChunks:
+    return
+    yield  # an async generator that yields nothing

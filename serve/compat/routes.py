@@ -20,6 +20,7 @@ from serve.edge import client_paths, intake
 from serve.edge.errors import APIError, FieldError, error_responses
 from serve.http_app import api, json_body
 from serve.ingress_state import failure_status
+from serve.streaming import STREAM_FIELD, SongReader, stream_format_of, why_not_streamed
 
 
 def _lm_choice(body: Dict) -> Optional[str]:
@@ -139,12 +140,14 @@ class CompatRoutes:
     async def chat_completions(self, request: Request):
         """OpenAI/OpenRouter-style: messages (text with ``<prompt>``/``<lyrics>`` tags or a description,
         ``input_audio`` parts) → ``choices[0].message`` with the metadata as markdown and the audio as
-        ``data:`` URLs; ``stream: true`` → SSE chunks, a heartbeat every 2 s, the audio last."""
+        ``data:`` URLs; ``stream: true`` → SSE chunks: the songs as they decode (``audio_chunk``), a
+        heartbeat every 2 s, the audio files last."""
         req, model_id, task_start = await self._chat_task(request)
         timeout = self.config.ingress.request_timeout_s
         if req.stream:
             task_id = await task_start()
-            return StreamingResponse(chat.stream(model_id, lambda s: self._chat_answer(task_id, s), timeout),
+            return StreamingResponse(chat.stream(model_id, lambda s: self._chat_answer(task_id, s), timeout,
+                                                 audio=await self._chat_audio(task_id)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         with self.state.admission.sync_slot():
             task_id = await task_start()
@@ -173,8 +176,26 @@ class CompatRoutes:
         explicit = extras.pop("explicit")
         params, config, seeds, route = await self._prepare(params, config, files, {**extras, "model": req.model},
                                                            explicit)
+        if req.stream and why_not_streamed(params) is None:  # its songs as they decode, in the chat's SSE
+            route[STREAM_FIELD] = "mp3" if config.audio_format == "mp3" else "opus"
         key_name = getattr(request.state, "key_name", "")
         return req, model_id, lambda: self._submit("chat", params, config, seeds, files, {**extras, **route}, key_name)
+
+    async def _chat_audio(self, task_id: str) -> Optional[chat.AudioChunks]:
+        """Each song's stream in turn (``serve.streaming``), for a task that streams them."""
+        record = await asyncio.to_thread(self.state.store.get, task_id)
+        stream_format = stream_format_of(record.request if record is not None else None)
+        if stream_format is None:
+            return None
+        songs = len(record.request.get("seeds") or [])
+
+        async def chunks():
+            for index in range(songs):
+                reader = SongReader(self.state.store, self.state.audio, task_id, index, heartbeat_s=chat.HEARTBEAT_S)
+                async for data in reader.chunks():
+                    yield index, stream_format, data
+
+        return chunks()
 
     async def _chat_answer(self, task_id: str, wait_s: float):
         """(markdown, audio parts) once the task is done, None while it runs; TaskFailure if it failed."""

@@ -1,11 +1,13 @@
 // The studio page: a form built on the server's own schema (defaults and ranges come from
-// /openapi.json), one card per generation fed by its server-sent events, and a history of this
-// browser's tasks in localStorage. A request carries only what differs from the page's defaults.
+// /openapi.json), one card per generation fed by its server-sent events (its first song playing
+// while it renders, stream.js), and a history of this browser's tasks in localStorage. A request
+// carries only what differs from the page's defaults.
 import { ApiError, apiKey, events, json, request, setApiKey, upload } from "/studio/api.js";
 import { changed, field, setSchemaDefault, valueOf } from "/studio/fields.js";
 import { loadModels, wireModels } from "/studio/models.js";
 import { chosenFiles, loadTasks, taskFields, useAsSource, wireSources } from "/studio/tasks.js";
 import { fetchAudios, isStems, songFigure, stemsViews } from "/studio/results.js";
+import { STREAM_FORMAT, canStream, handOver, liveFigure, streamable } from "/studio/stream.js";
 
 const form = document.getElementById("song");
 const cards = document.getElementById("cards");
@@ -46,6 +48,7 @@ function body() {
   }
   const seed = Number(field("seed").value);
   if (seed >= 0) Object.assign(out, { seeds: [seed], use_random_seed: false });
+  if (canStream() && streamable(out)) out.stream_format = STREAM_FORMAT;  // heard while it renders
   return out;
 }
 
@@ -131,11 +134,13 @@ async function showResult(view, taskId) {
   const status = await (await request(`/v1/tasks/${taskId}`)).json();
   if (status.phase === "failed") {
     view.phase.textContent = `failed: ${status.message}`;
+    endLive(view);
     return status;
   }
   const fetched = await fetchAudios(view.results, status.result.audios);
   if (isStems(fetched)) {
     view.results.append(...stemsViews(taskId, fetched));
+    endLive(view);
     return status;
   }
   const actions = [
@@ -148,7 +153,14 @@ async function showResult(view, taskId) {
     const description = `seed ${item.seed} · ${item.params.bpm || "?"} bpm · ${item.params.keyscale || "?"}${usedModels(status)}`;
     view.results.append(songFigure(song, description, actions));
   }
+  endLive(view, view.results.querySelector("figure:not(.live) audio"));  // with the figures: one swap
   return status;
+}
+
+// The live player gives way to the song's file (``audio``), if the task streamed one.
+function endLive(view, audio = null) {
+  if (view.live) handOver(view.live, audio);
+  view.live = null;
 }
 
 // A result becomes the source of an extension; with no length chosen yet, 30 s to the right.
@@ -167,6 +179,8 @@ function usedModels(status) {
 }
 
 async function follow(view, taskId) {
+  view.live = view.request && view.request.stream_format ? liveFigure(taskId) : null;
+  if (view.live) view.results.append(view.live);
   for await (const event of events(`/v1/tasks/${taskId}/events`)) {
     onEvent(view, event);
     if (event.phase === "done" || event.phase === "failed") break;

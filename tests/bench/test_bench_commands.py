@@ -61,6 +61,18 @@ def test_soak_quick_holds_the_load_without_server_errors(tmp_path):
     assert 0 < summary["state_mb_max"] and summary["state_mb_last"] == last["state_mb"]
 
 
+@pytest.mark.slow
+def test_stream_quick_prints_first_audio_and_done(tmp_path):
+    out = tmp_path / "stream.json"
+    printed = _command(["-m", "bench.stream", "--quick", "--out", str(out)])
+    row = json.loads(out.read_text())["row"]
+    assert row["song_s"] == 20 and row["steps"] == 2
+    assert 0 < row["first_audio_s"] <= row["stream_end_s"] <= row["done_s"]
+    assert row["first_audio_over_done"] == pytest.approx(row["first_audio_s"] / row["done_s"], abs=1e-3)
+    assert row["stream_samples"] == row["file_samples"] == 20 * 48000  # Ogg Opus: the file's length
+    assert f"| {row['song_s']} | {row['steps']} | {row['first_audio_s']} |" in printed
+
+
 def test_soak_quick_leaves_the_recorded_results_alone():
     from bench.soak import parse_args
 

@@ -386,3 +386,10 @@ from tests.serve.app_upload import (  # noqa: E402,F401
     test_native_and_release_tasks_put_each_audio_to_its_url,
     test_upload_urls_that_do_not_fit_the_task_are_422_naming_the_field,
 )
+from tests.serve.app_stream import (  # noqa: E402,F401
+    streamed,
+    test_a_60s_song_plays_before_its_task_is_done_and_streams_the_files_length,
+    test_chat_stream_sends_the_song_as_it_decodes_then_the_file,
+    test_stream_refusals_name_the_field,
+    test_the_stream_as_events_carries_the_same_bytes_and_resumes,
+)

@@ -63,8 +63,8 @@ def test_text2music_end_to_end(page, tmp_path):
     bars = page.evaluate("() => window.__bars")
     for name, values in bars.items():  # each bar moved: a value between empty and full on the way
         assert any(0 < value < 1 for value in values) and values[-1] == 1, (name, values)
-    page.wait_for_function("document.querySelector('.card audio') && document.querySelector('.card audio').duration > 0",
-                           timeout=60_000)
+    page.wait_for_function("document.querySelector('.card figure:not(.live) audio') && "
+                           "document.querySelector('.card figure:not(.live) audio').duration > 0", timeout=60_000)
     assert "bpm" in card.locator(".plan").text_content()
     with page.expect_download() as download:
         card.get_by_role("link", name="Download flac").first.click()

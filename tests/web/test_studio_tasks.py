@@ -19,7 +19,9 @@ from acestep.dit.tasks import TASK_TYPES, TRACK_NAMES, task_instruction
 
 pytestmark = pytest.mark.web
 DONE = "document.querySelector('.card') && document.querySelector('.card').dataset.phase === 'done'"
-PLAYABLE = "document.querySelector('.card audio') && document.querySelector('.card audio').duration > 0"
+# The finished song's player (the live one, playing while it rendered, gives way to it).
+PLAYABLE = ("document.querySelector('.card figure:not(.live) audio') && "
+            "document.querySelector('.card figure:not(.live) audio').duration > 0")
 
 
 @pytest.fixture(scope="module")
