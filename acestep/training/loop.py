@@ -126,6 +126,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config)
         self.step = 0
         self.losses: List[float] = []
+        self.resumed_at: List[int] = []  # steps a run resumed from (kept across checkpoints)
         self._epochs: Dict[int, torch.Tensor] = {}
 
     def _autocast(self):
@@ -189,7 +190,8 @@ class Trainer:
         return flat[-1]
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "losses": list(self.losses), "optimizer": self.optimizer.state_dict(),
+        return {"step": self.step, "losses": list(self.losses), "resumed_at": list(self.resumed_at),
+                "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "adapter": {n: p.detach().cpu().clone() for n, p in zip(self.names, self.params)}}
 
@@ -200,6 +202,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.losses = int(state["step"]), list(state["losses"])
+        self.resumed_at = list(state.get("resumed_at", []))
 
     def save_adapter(self, folder: str | Path) -> Path:
         """The adapter in the official PEFT layout (what ``load_lora`` and upstream read)."""

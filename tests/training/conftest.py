@@ -1,5 +1,6 @@
 """Training fixtures: a few synthetic songs prepared once per session (the library's own path, no
-Ray), and one CPU thread while tiny models train (their matmuls are too small to share)."""
+Ray), one local Ray (2 CPUs) shared by this folder's Ray tests, and one CPU thread while tiny
+models train in the test process (their matmuls are too small to share)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,18 @@ import torch
 from tests.conftest import write_tone
 
 SONGS = (("low", 220.0, 5.0), ("mid", 330.0, 6.0), ("high", 440.0, 8.0))  # different lengths: padded batches
+
+
+@pytest.fixture(scope="package")
+def ray_cpus():
+    """One local Ray for the Ray Train run and the dataset job (each start costs seconds)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
