@@ -60,9 +60,11 @@ def condition(text: SongText, duration_s: float) -> TextCondition:
 
 
 @torch.no_grad()
-def encode_audio(bundle, source: AudioSource, seed: int) -> torch.Tensor:
-    """Audio → VAE latents [T, C] (a posterior sample drawn with ``seed``)."""
-    audio, _ = load_audio(source)
+def encode_audio(bundle, source: AudioSource, seed: int, max_seconds: Optional[float] = None) -> torch.Tensor:
+    """Audio (its first ``max_seconds``) → VAE latents [T, C] (a posterior sample drawn with ``seed``)."""
+    audio, rate = load_audio(source)
+    if max_seconds is not None:
+        audio = audio[:, : int(max_seconds * rate)]
     generator = torch.Generator(device=bundle.device).manual_seed(int(seed))
     return vae_ops.encode(bundle.vae, audio, generator).to(bundle.dtype)
 
