@@ -234,7 +234,8 @@ def parse_args(argv: List[str]) -> Tuple[TrainJob, TrainConfig]:
     args = vars(parser.parse_args([arg for arg in argv if arg != "--"]))
     pick = lambda cls: {f.name: args.pop(f.name) for f in fields(cls) if f.name in args}  # noqa: E731
     try:
-        adapter = AdapterSpec(**{**pick(AdapterSpec), "target_modules": tuple(args.pop("target_modules"))})
+        values = pick(AdapterSpec)
+        adapter = AdapterSpec(**{**values, "target_modules": tuple(values["target_modules"])})
         job = TrainJob(**pick(TrainJob))
         config = TrainConfig(adapter=adapter, **pick(TrainConfig))
     except ValueError as error:

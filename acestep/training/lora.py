@@ -90,7 +90,8 @@ def inject(transformer: torch.nn.Module, spec: AdapterSpec) -> List[Tuple[str, t
 
 
 def _official_key(key: str) -> str:
-    """``layers.0.self_attn.to_out.0.lora_A.weight`` → ``base_model.model.layers.0.self_attn.o_proj.lora_A.weight``."""
+    """``layers.0.self_attn.to_out.0.lora_A.weight`` →
+    ``base_model.model.layers.0.self_attn.o_proj.lora_A.weight``."""
     cut = min(i for i in (key.find(m) for m in _ADAPTER_MARKERS) if i >= 0)
     module, rest = key[:cut], key[cut:]
     official = unmap_name("transformer", f"{module}.weight").removeprefix("decoder.").removesuffix(".weight")

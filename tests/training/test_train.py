@@ -40,7 +40,8 @@ def _upstream_modules() -> dict:
     modules = build_dit_modules(config, device="cpu")
     official = {unmap_name(c, inner): (c, inner) for c, module in modules.items()
                 for inner in module.state_dict() if inner != "silence_latent"}
-    weights = deterministic_weights({name: tuple(modules[c].state_dict()[i].shape) for name, (c, i) in official.items()})
+    shapes = {name: tuple(modules[c].state_dict()[i].shape) for name, (c, i) in official.items()}
+    weights = deterministic_weights(shapes)
     for name, (component, inner) in official.items():
         modules[component].get_parameter(inner).data.copy_(weights[name])
     return modules
@@ -199,3 +200,16 @@ def test_padding_never_enters_the_loss(demo_root, prepared):
 
     together = loss([short, long], [3, 4])
     assert together == pytest.approx((loss([short], [3]) + loss([long], [4])) / 2, rel=1e-5)
+
+
+def test_a_diffusers_layout_checkpoint_loads_for_training_as_the_official_one(demo_root, tmp_path):
+    from acestep.checkpoints.convert import convert_to_diffusers
+
+    repo = convert_to_diffusers(str(demo_root), "acestep-v15-turbo", str(tmp_path / "repo"))
+    official, converted = (load_for_training(str(root), name) for root, name in
+                           ((demo_root, "acestep-v15-turbo"), (Path(repo).parent, Path(repo).name)))
+    assert torch.equal(official.null_condition, converted.null_condition)
+    assert official.transformer.state_dict().keys() == converted.transformer.state_dict().keys()
+    theirs = converted.transformer.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in official.transformer.state_dict().items())
+    assert official.objective.timestep_mu == -0.4 and converted.objective == official.objective
