@@ -121,6 +121,13 @@ def _add_render(sub) -> None:
     p.add_argument("--output", required=True, help="output folder (audio files + manifest)")
 
 
+def _add_train_lora(sub) -> None:
+    p = sub.add_parser("train-lora", help="LoRA / LoKr training on Ray Train (other options: "
+                                          "`python -m pipelines.train_lora --help`)")
+    p.add_argument("--data", required=True, help="a prepared folder (python -m pipelines.prepare_dataset)")
+    p.add_argument("--out", required=True, help="run folder (adapter/ in the official PEFT layout, train_log.json)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acestep", description="ACE-Step 1.5 music generation and serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,13 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     if add_serve_parser is not None:
         add_serve_parser(sub)
     _add_render(sub)
+    _add_train_lora(sub)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "render":
+    if extra and args.command not in ("render", "train-lora"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "demo-checkpoints":
         from acestep.checkpoints.demo import write_demo_checkpoints
@@ -199,6 +207,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from pipelines.render import main as render_main
 
         return render_main(["--input", args.input, "--output", args.output, *extra])
+    if args.command == "train-lora":
+        from pipelines.train_lora import main as train_main
+
+        return train_main(["--data", args.data, "--out", args.out, *extra])
     raise AssertionError(args.command)
 
 
