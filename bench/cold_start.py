@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +30,16 @@ IDLE_S = 2.0  # here, how long a deployment stays idle before its last replica s
 def scale_to_zero(idle_s: float = IDLE_S) -> Dict[str, Any]:
     """The LM and DiT autoscaling that lets both reach zero replicas ``idle_s`` after their last request."""
     return {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": idle_s, "downscale_to_zero_delay_s": idle_s}
+
+
+def wait_for_model_info(client, timeout_s: float = 300.0) -> None:
+    """Until the ingress knows every served DiT's family (GET /v1/info): it asks each DiT once, waking
+    one at zero, so a deployment seen at zero before then is about to start."""
+    deadline = time.monotonic() + timeout_s
+    while any(model["is_turbo"] is None for model in client.get("/v1/info").json()["models"]):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the ingress did not learn the DiTs' families within {timeout_s:g}s")
+        time.sleep(0.5)
 
 
 def wait_for_zero(client, deployments: Sequence[str] = ROLES, timeout_s: float = 300.0) -> float:
@@ -100,6 +111,7 @@ def measure(client, body: Dict[str, Any], repeats: int) -> List[Dict[str, Any]]:
     """``repeats`` pairs: the request once both deployments are at zero, then again once the
     ingress sees their replicas running (warm)."""
     rows = []
+    wait_for_model_info(client)
     for run in range(repeats):
         wait_for_zero(client)
         cold = timed_song(client, body)
@@ -195,9 +207,10 @@ def main(argv=None) -> int:
     from ray import serve
 
     from bench import scratch_dir
-    from bench.serve_overhead import _free_port
 
-    port = _free_port()
+    with socket.socket() as sock:  # a free port for the app's HTTP proxy
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     _, app, config = app_config(scratch_dir("acestep-cold-start-"), port)
     try:
         url = start(app, config, port, args.num_cpus)

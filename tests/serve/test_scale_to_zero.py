@@ -14,7 +14,8 @@ import pytest
 import soundfile as sf
 from pydantic import ValidationError
 
-from bench.cold_start import ROLES, cold_starts, scale_to_zero, task_events, wait_for_running, wait_for_zero
+from bench.cold_start import (ROLES, cold_starts, scale_to_zero, task_events, wait_for_model_info, wait_for_running,
+                               wait_for_zero)
 from serve.cli import load_serve_config
 from serve.config import AppConfig
 from serve.deployments import DIT_START, LM_DONE
@@ -170,6 +171,7 @@ def _stays_at_zero(client, app_name: str, as_of: float) -> None:
 @pytest.mark.slow
 def test_an_idle_app_reaches_zero_replicas_then_serves_a_song_through_a_cold_start(zero_app):
     with httpx.Client(base_url=zero_app.url, timeout=300, headers=zero_app.headers) as client:
+        wait_for_model_info(client)  # the ingress's one call to each DiT, at start, has woken it
         wait_for_zero(client, ROLES, timeout_s=300)
         ready = client.get("/ready")
         assert ready.status_code == 200, ready.text
