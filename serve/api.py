@@ -35,7 +35,7 @@ from serve.gates import Gates
 from serve.http_app import api, json_body, not_found
 from serve.ingress_state import IngressState, failure_status, guard_settings
 from serve.models import ModelSet
-from serve.pipeline import TaskPipeline
+from serve.pipeline import ColdStart, TaskPipeline
 from serve.schemas import (
     GENERATE_BODY,
     CreateSampleRequest,
@@ -70,6 +70,7 @@ class Ingress(Submission, CompatRoutes, AdapterRoutes, StreamRoutes, StudioRoute
         gates = Gates.for_config(config)
         self.pipeline = TaskPipeline(config, self.served, lms, dits, gates)
         self.state = IngressState(config, self.pipeline.run, lms, dits, gates)
+        self.pipeline.cold_start = ColdStart(self.state.store, self.state.running)
         self._started = int(time.time())
         api.user_middleware.clear()
         from serve.edge.guard import Guard
@@ -240,8 +241,9 @@ class Ingress(Submission, CompatRoutes, AdapterRoutes, StreamRoutes, StudioRoute
 
     @api.get("/ready", responses=error_responses(503))
     async def ready(self):
-        """Each deployment has a running replica and the task store answers (from state refreshed in
-        the background, so this never waits behind generation work)."""
+        """The task store answers and each deployment has a running replica or may scale from zero
+        (``min_replicas: 0``, not failed): see ``serve.ingress_state.readiness``. From state refreshed
+        in the background, so this never waits behind generation work."""
         self.state.start_background()
         report = self.state.readiness()
         if not report["ready"]:

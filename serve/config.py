@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from acestep.lm.constants import DEFAULT_LM_MODEL, DEFAULT_MAX_MODEL_LEN
 from acestep.dit.batch import DiTLimits
@@ -26,14 +26,23 @@ class _Strict(BaseModel):
 
 
 class AutoscalingSettings(_Strict):
-    """Replica bounds and the scale signal (Serve's ``autoscaling_config``, same names)."""
+    """Replica bounds and the scale signal (Serve's ``autoscaling_config``, same names).
 
-    min_replicas: int = Field(1, ge=0, description="Fewest replicas kept running (0 allows scale to zero).")
+    ``min_replicas: 0`` lets an LM or DiT deployment scale to zero when idle: Serve stops its last
+    replica after ``downscale_to_zero_delay_s`` without requests, and starts one as soon as a call
+    arrives (from zero it skips ``upscale_delay_s``); the task waits for that cold start, shown as
+    ``queued: cold start`` (README, scale to zero)."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas kept running; 0 lets an LM or DiT deployment "
+                                                   "scale to zero when idle (never the ingress).")
     max_replicas: int = Field(1, ge=1, description="Most replicas the autoscaler may start.")
     initial_replicas: Optional[int] = Field(None, ge=0, description="Replicas started at deploy time (default: min).")
     target_ongoing_requests: float = Field(2.0, gt=0, description="Queued + running requests per replica to aim for.")
     upscale_delay_s: float = Field(30.0, ge=0, description="How long demand must stay high before adding replicas.")
     downscale_delay_s: float = Field(600.0, ge=0, description="How long demand must stay low before removing replicas.")
+    downscale_to_zero_delay_s: Optional[float] = Field(
+        None, ge=0, description="With min_replicas 0: how long a deployment must stay idle before its last "
+                                "replica stops (default: downscale_delay_s).")
     look_back_period_s: Optional[float] = Field(None, gt=0, description="Window the demand is averaged over "
                                                                         "(default: Serve's, 30 s).")
 
@@ -199,8 +208,9 @@ class PhaseTimeouts(_Strict):
     """How long a task may stay in one phase before it fails with ``timeout:<phase>``."""
 
     queue_s: float = Field(3600.0, gt=0, description="Accepted but not yet started (waiting for a free driver).")
-    lm_s: float = Field(900.0, gt=0, description="In the LM (planning, audio codes).")
-    dit_s: float = Field(1800.0, gt=0, description="In the DiT (waiting for batch room, sampling, VAE decode).")
+    lm_s: float = Field(900.0, gt=0, description="In the LM (a cold start from zero replicas, planning, audio codes).")
+    dit_s: float = Field(1800.0, gt=0, description="In the DiT (a cold start from zero replicas, waiting for batch "
+                                                   "room, sampling, VAE decode).")
     encode_s: float = Field(300.0, gt=0, description="Encoding and storing the audio files.")
 
 
@@ -277,6 +287,16 @@ class IngressSettings(_Strict):
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     limits: RequestLimits = Field(default_factory=RequestLimits)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @field_validator("deployment")
+    @classmethod
+    def _always_running(cls, deployment: DeploymentOptions) -> DeploymentOptions:
+        # the ingress drives queued tasks and answers /ready: with none running, nothing would
+        minimum = deployment.autoscaling_config.min_replicas
+        if minimum < 1:
+            raise ValueError(f"ingress.deployment.autoscaling_config.min_replicas must be at least 1 (got {minimum}); "
+                             "only the lm and dit deployments may scale to zero")
+        return deployment
 
 
 class StoreSettings(_Strict):

@@ -163,6 +163,8 @@ def _replica_name(fallback: str) -> str:
 
 
 LM_START, LM_DONE = 0.05, 0.3  # the LM's share of a task's progress
+# the DiT's first event: above LM_DONE, where a cold-start note (serve.pipeline) waits, so it replaces it
+DIT_START = LM_DONE + 0.01
 PLAN_FIELDS = ("bpm", "keyscale", "timesignature", "duration", "language", "caption", "lyrics")
 
 
@@ -361,7 +363,7 @@ class DiTDeployment(_ModelReplica):
         params = await self._run(self._with_uploads, job.params, job.uploads)
         render_job = RenderJob(params=params, config=job.config, seeds=job.seeds, plans=outcome.plans,
                                lm_time_costs=outcome.time_costs)
-        await self._report_now(job.task_id, "dit", 0.3, "DiT queued")
+        await self._report_now(job.task_id, "dit", DIT_START, "DiT queued")
         setting = tuple((str(name), float(scale)) for name, scale in job.adapters or ())
         names = [name for name, _ in setting]
         if names and self.adapters is None:
@@ -400,7 +402,7 @@ class DiTDeployment(_ModelReplica):
         data = await self._run(self.audio.read, upload_key)
         if data is None:
             raise FileNotFoundError("the uploaded source audio has expired from the audio store")
-        await self._report_now(task_id, "dit", 0.3, "encoding the source audio to codes")
+        await self._report_now(task_id, "dit", DIT_START, "encoding the source audio to codes")
         return await self._tracked(self._run(self.handler.convert_src_audio_to_codes, data))
 
     def _with_uploads(self, params, uploads: Dict[str, str]):

@@ -1,15 +1,18 @@
 """What one ingress replica holds: the stores, admission, the upload checker, its task driver, and
 a cached view of the model replicas that the info routes answer from.
 
-The view (model info, replica stats, each deployment's running replicas) is refreshed by a
-background loop, so ``/v1/models``, ``/v1/stats`` and ``/ready`` answer within a second even when
-every model replica is busy and their queues are full. The same loop purges expired records and
+The view (model info, replica stats, each deployment's running replicas and status) is refreshed
+by a background loop, so ``/v1/models``, ``/v1/stats`` and ``/ready`` answer within a second even
+when every model replica is busy and their queues are full. The loop calls a model deployment only
+while it has a running replica: a call to one scaled to zero would start a replica (Serve scales up
+from zero on any call), and the app would never stay idle. The same loop purges expired records and
 audio.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import os
 import time
@@ -22,6 +25,7 @@ from serve.config import AppConfig
 from serve.driver import DriverSettings, TaskDriver
 from serve.edge.errors import APIError, retry_after
 from serve.logs import log
+from serve.models import deployment_name
 from serve.replica import plans_unpacked
 from serve.store.records import FINAL_PHASES, StoreFull, TaskRecord, wait_final
 from serve.store import open_task_store
@@ -94,7 +98,7 @@ class IngressState:
         self.driver = TaskDriver(self.store, pipeline, settings, owner, on_done=self.admission.record_task_time,
                                  webhooks=self.webhooks)
         self._view: Dict[str, Any] = {"lm_info": None, "dit_info": None, "lm_stats": None, "dit_stats": None,
-                                      "replicas": {}, "store_ok": False, "as_of": 0.0}
+                                      "replicas": {}, "statuses": {}, "store_ok": False, "as_of": 0.0}
         self._refresher: Optional[asyncio.Task] = None
         self._last_purge = 0.0
         # the pipeline's calls wait their turn here, sized by the replicas this view counts
@@ -126,25 +130,39 @@ class IngressState:
         view["store_ok"] = await asyncio.to_thread(self._ping)
         if view["store_ok"]:
             metrics.store_tasks((await asyncio.to_thread(self.store.stats))["tasks"])
-        view["replicas"] = await asyncio.to_thread(_running_replicas)
+        view["replicas"], view["statuses"] = await asyncio.to_thread(_deployment_states)
         self.gates.refresh()  # more replicas: more room
-        calls = {"lm_stats": self.lm.stats, "dit_stats": self.dit.stats}
-        if view["lm_info"] is None:
-            calls["lm_info"] = self.lm.info
-        if view["dit_info"] is None:
-            calls["dit_info"] = self.dit.info
+        await self._ask_running_models()
+        view["as_of"] = time.time()
+        if len(self._dit_infos) < len(self.dits):
+            # once per ingress replica, even from zero (requests are routed by each DiT's family); a
+            # DiT still starting answers at a later pass
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.turbo_by_model(), 5.0)
+        if time.monotonic() - self._last_purge > min(300.0, self.config.store.task_ttl_s / 4):
+            self._last_purge = time.monotonic()
+            await asyncio.to_thread(self._purge)
+
+    async def _ask_running_models(self) -> None:
+        """Stats (and info once) of the default LM and DiT, from those with a running replica only."""
+        view, calls = self._view, {}
+        for role, handle, model in (("lm", self.lm, self.config.lm.model), ("dit", self.dit, self.config.dit.model)):
+            if not view["replicas"].get(deployment_name(role, model, model)):
+                view[f"{role}_stats"] = None  # no replica: nothing to report, and a call would start one
+                continue
+            calls[f"{role}_stats"] = handle.stats
+            if view[f"{role}_info"] is None:
+                calls[f"{role}_info"] = handle.info
         names = list(calls)
         results = await asyncio.gather(*(asyncio.wait_for(calls[n].remote(), 2.0) for n in names),
                                        return_exceptions=True)
         for name, result in zip(names, results):
             if not isinstance(result, BaseException):
                 view[name] = result
-        if len(self._dit_infos) < len(self.dits):
-            await asyncio.wait_for(self.turbo_by_model(), 5.0)
-        view["as_of"] = time.time()
-        if time.monotonic() - self._last_purge > min(300.0, self.config.store.task_ttl_s / 4):
-            self._last_purge = time.monotonic()
-            await asyncio.to_thread(self._purge)
+
+    def running(self, deployment: str) -> Optional[int]:
+        """Running replicas of ``deployment`` as of the last refresh (None before the first)."""
+        return self._view["replicas"].get(deployment) if self._view["as_of"] else None
 
     def _ping(self) -> bool:
         try:
@@ -177,24 +195,21 @@ class IngressState:
         return {name: info.get("family") for name, info in self._dit_infos.items()}
 
     def readiness(self) -> Dict[str, Any]:
-        from serve.models import deployment_name
-
-        view = self._view
-        replicas = view["replicas"]
-        names = ["Ingress", *(deployment_name("lm", n, self.config.lm.model) for n in self.lms),
-                 *(deployment_name("dit", n, self.config.dit.model) for n in self.dits)]
-        deployments = {name: replicas.get(name, 0) for name in names}
-        fresh = time.time() - view["as_of"] < 30
-        ready = fresh and view["store_ok"] and all(count > 0 for count in deployments.values())
-        return {"ready": bool(ready), "store": view["store_ok"], "running_replicas": deployments,
-                "as_of": view["as_of"]}
+        """/ready's report (``readiness``) over this app's deployments: the ingress, then each LM and DiT."""
+        config, view = self.config, self._view
+        minimum = {"Ingress": config.ingress.deployment.autoscaling_config.min_replicas}
+        for role, settings, names in (("lm", config.lm, self.lms), ("dit", config.dit, self.dits)):
+            least = settings.deployment.autoscaling_config.min_replicas
+            minimum.update({deployment_name(role, name, settings.model): least for name in names})
+        return readiness(minimum, view["replicas"], view["statuses"], view["store_ok"], view["as_of"])
 
     def model_view(self) -> Dict[str, Any]:
         """{"dit": {model, is_turbo}, "lm": {enabled, model, backend}} of the defaults, and "dits" /
         "lms": every served one, defaults first; from the config until the replicas have answered
         (``is_turbo`` None then)."""
         unknown = {"is_turbo": None, "family": None, "preset": None}
-        dit = self._view["dit_info"] or {"model": self.config.dit.model, **unknown}
+        dit = self._view["dit_info"] or self._dit_infos.get(self.config.dit.model) or {"model": self.config.dit.model,
+                                                                                       **unknown}
         lm = self._view["lm_info"] or {"enabled": self.config.lm.enabled, "model": self.config.lm.model,
                                        "backend": self.config.lm.backend}
         dits = [self._dit_infos.get(name) or {"model": name, **unknown} for name in self.dits]
@@ -295,13 +310,36 @@ class IngressState:
         return report
 
 
-def _running_replicas() -> Dict[str, int]:
-    """Running replicas per deployment of this app, from the Serve controller."""
+FAILED_STATUSES = ("UNHEALTHY", "DEPLOY_FAILED")  # Serve's deployment statuses that no call can fix
+
+
+def readiness(min_replicas: Dict[str, int], running: Dict[str, int], statuses: Dict[str, str], store_ok: bool,
+              as_of: float, now: Optional[float] = None) -> Dict[str, Any]:
+    """Ready when the view is fresh (refreshed within 30 s), the task store answers and every
+    deployment either has a running replica or may scale from zero (``min_replicas`` 0) and is not
+    failed (``FAILED_STATUSES``): a request to a deployment at zero waits for a cold start but is
+    served. ``scaled_to_zero`` names the deployments a request would wait for; ``unavailable``
+    those with no replica that keep the app not ready (failed, or not allowed to be at zero);
+    ``status`` is Serve's per deployment (UPSCALING at zero: a cold start is under way)."""
+    now = time.time() if now is None else now
+    counts = {name: int(running.get(name, 0)) for name in min_replicas}
+    idle = [name for name, count in counts.items() if count == 0]
+    unavailable = [name for name in idle if statuses.get(name) in FAILED_STATUSES or min_replicas[name] > 0]
+    ready = now - as_of < 30 and store_ok and not unavailable
+    return {"ready": bool(ready), "store": store_ok, "running_replicas": counts,
+            "scaled_to_zero": [name for name in idle if name not in unavailable], "unavailable": unavailable,
+            "status": {name: statuses.get(name) for name in min_replicas}, "as_of": as_of}
+
+
+def _deployment_states() -> Tuple[Dict[str, int], Dict[str, str]]:
+    """Running replicas and Serve's status per deployment of this app, from the Serve controller."""
     from ray import serve
 
     counts: Dict[str, int] = {}
+    statuses: Dict[str, str] = {}
     for app in serve.status().applications.values():
         for name, deployment in app.deployments.items():
             states = deployment.replica_states or {}
             counts[name] = counts.get(name, 0) + int(states.get("RUNNING", 0))
-    return counts
+            statuses[name] = str(getattr(deployment.status, "value", deployment.status))
+    return counts, statuses

@@ -100,8 +100,9 @@ def place_on_one_gpu(values: Dict[str, Any], num_gpus: int) -> List[str]:
     """On a one-GPU machine, every LM and DiT deployment the config keeps off the GPU (no
     ``num_gpus``, or 0) moves onto it: ``device: cuda``, a fraction of the GPU each (the LM
     deployments share ``LM_GPU_SHARE``, the DiT deployments the rest) and one replica each (a second
-    replica on the same card would hold a second copy of the weights). Without a GPU, or with
-    several (a cluster layout: cluster/gpu-profile.yaml), nothing moves."""
+    replica on the same card would hold a second copy of the weights; a ``min_replicas: 0`` of the
+    config stays). Without a GPU, or with several (a cluster layout: cluster/gpu-profile.yaml),
+    nothing moves."""
     if num_gpus != 1:
         reason = "no GPU for the local Ray" if not num_gpus else f"{num_gpus} GPUs: one deployment per GPU is yours to set"
         return [f"  placement: unchanged ({reason})"]
@@ -122,10 +123,12 @@ def place_on_one_gpu(values: Dict[str, Any], num_gpus: int) -> List[str]:
         actor["num_gpus"] = round(share / count, 4)
         section["device"] = "cuda"
         scaling = deployment.setdefault("autoscaling_config", {})
-        scaling.update(min_replicas=1, max_replicas=1)
+        # at most one replica; a config's scale to zero stays (an idle model then frees the card)
+        scaling.update(min_replicas=min(1, scaling.get("min_replicas", 1)), max_replicas=1)
         scaling.pop("initial_replicas", None)
+        replicas = "one replica" if scaling["min_replicas"] else "at most one replica, zero when idle"
         lines.append(f"  {role}: device cuda, num_gpus {actor['num_gpus']:g} per deployment x {count}, "
-                     f"one replica (one-box)")
+                     f"{replicas} (one-box)")
     return lines
 
 

@@ -73,6 +73,19 @@ def test_stream_quick_prints_first_audio_and_done(tmp_path):
     assert f"| {row['song_s']} | {row['steps']} | {row['first_audio_s']} |" in printed
 
 
+@pytest.mark.slow
+def test_cold_start_quick_times_a_request_sent_at_zero_beside_a_warm_one(tmp_path):
+    out = tmp_path / "cold-start.json"
+    printed = _command(["-m", "bench.cold_start", "--quick", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["request"]["inference_steps"] == 2 and len(result["rows"]) == 1
+    (row,) = result["rows"]
+    assert row["waited_for"].startswith("LMDeployment")  # the request found the LM at zero replicas
+    assert row["cold_s"] > 0 and row["warm_s"] > 0 and row["start_wait_s"] > 0
+    assert result["median"]["cold_start_s"] == round(row["cold_s"] - row["warm_s"], 2)
+    assert f"| 1 | {row['cold_s']} | {row['warm_s']} |" in printed
+
+
 def test_soak_quick_leaves_the_recorded_results_alone():
     from bench.soak import parse_args
 

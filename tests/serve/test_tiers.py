@@ -154,6 +154,19 @@ def test_one_gpu_box_shares_the_card_between_lm_and_dit():
     assert "  placement: one GPU shared by the LM and DiT deployments (one-box)" in profile
 
 
+def test_one_box_keeps_a_scale_to_zero_of_the_config(tmp_path):
+    raw = load_serve_config(DEFAULT_CONFIG)
+    raw["applications"][0]["args"]["dit"]["deployment"]["autoscaling_config"]["min_replicas"] = 0
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(__import__("yaml").safe_dump(raw))
+    _, app, profile = _cli("--gpu-memory-gb", "24", "--num-gpus", "1", config=path)
+    config = AppConfig.model_validate(app["args"])
+    scaling = {role: getattr(config, role).deployment.autoscaling_config for role in ("lm", "dit")}
+    assert (scaling["dit"].min_replicas, scaling["dit"].max_replicas) == (0, 1)
+    assert (scaling["lm"].min_replicas, scaling["lm"].max_replicas) == (1, 1)
+    assert any(line.startswith("  dit: device cuda") and "zero when idle" in line for line in profile)
+
+
 def test_one_box_leaves_gpu_placements_of_the_config_and_multi_gpu_machines(tmp_path):
     raw = load_serve_config(DEFAULT_CONFIG)
     raw["applications"][0]["args"]["dit"]["deployment"]["ray_actor_options"]["num_gpus"] = 0.5
