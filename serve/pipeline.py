@@ -50,7 +50,12 @@ class TaskPipeline:
                       self.dits.get(dit_name, self.dits[self.served.default_dit]), lm_name, dit_name)
 
     async def run(self, record) -> Dict[str, Any]:
-        """One attempt at a task: (optional upstream sample/format step), LM plan → DiT render."""
+        """One attempt at a task: (optional upstream sample/format step), LM plan → DiT render; a
+        dataset or training job runs on its own actor (``serve.training``)."""
+        if (record.request or {}).get("kind"):
+            from serve.training import run_job
+
+            return await run_job(record)
         params, config, seeds, upload_keys, extras = intake.from_task_request(record.request)
         models = self.models_for(extras)
         if extras.get("analysis"):
