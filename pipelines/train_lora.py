@@ -48,6 +48,7 @@ class TrainJob:
     storage: Optional[str] = None  # where Ray Train keeps checkpoints (default {output}/ray; a URI on a cluster)
     max_failures: int = 2  # worker-group restarts from the latest checkpoint before the run fails
     fail_once_at: Optional[Tuple[int, int]] = None  # (rank, step): that worker exits there unless resumed
+    progress: Optional[str] = None  # a local file rank 0 appends {"step", "loss"} to after every step (JSON lines)
 
 
 @dataclass
@@ -81,6 +82,12 @@ def _maybe_fail(job: TrainJob, rank: int, step: int, resumed: bool) -> None:
     if job.fail_once_at is not None and not resumed and (rank, step) == tuple(job.fail_once_at):
         logger.warning("rank %d: exiting at step %d (fail_once_at)", rank, step)
         os._exit(1)
+
+
+def _append_progress(path: str, step: int, loss: float) -> None:
+    """One line per step, flushed, so a watcher sees the run's steps as they happen."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"step": step, "loss": loss}) + "\n")
 
 
 def _report(trainer, rank: int, rate: float, final: bool) -> None:
@@ -117,6 +124,8 @@ def train_worker(loop_config: Dict[str, Any]) -> None:
     started, first = time.perf_counter(), trainer.step
     while trainer.step < config.steps:
         trainer.train_step()
+        if rank == 0 and job.progress:
+            _append_progress(job.progress, trainer.step, trainer.losses[-1])
         _maybe_fail(job, rank, trainer.step, checkpoint is not None)
         last = trainer.step == config.steps
         if last or trainer.step % config.checkpoint_every == 0:

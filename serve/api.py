@@ -1,6 +1,6 @@
 """The FastAPI ingress: the native routes and the Python handle API. The official server's routes
 are a route group it inherits (``serve.compat.routes``), as are the adapter routes
-(``serve.adapter_api``), the song streams (``serve.stream_api``) and the studio page (``serve.studio``).
+(``serve.adapter_api``), the dataset and training routes (``serve.training_api``), the song streams (``serve.stream_api``) and the studio page (``serve.studio``).
 
 One request: the guard (``serve.edge.guard``) checks the key, size and content type before any body
 is parsed → the body is validated at the edge (4xx naming the field) → admission (429 +
@@ -50,6 +50,7 @@ from serve.store.records import FINAL_PHASES, sse_events
 from serve.stream_api import StreamRoutes
 from serve.studio import StudioRoutes
 from serve.submission import Submission
+from serve.training_api import TrainingRoutes
 
 # Helpers sit above the ingress class: @serve.ingress serialises the class when it is defined,
 # so names defined after it would be missing in the replica.
@@ -57,7 +58,7 @@ from serve.submission import Submission
 
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
-class Ingress(Submission, CompatRoutes, AdapterRoutes, StreamRoutes, StudioRoutes):
+class Ingress(Submission, CompatRoutes, AdapterRoutes, StreamRoutes, StudioRoutes, TrainingRoutes):
     """HTTP + handle entry point; holds handles to the LM and the DiT, and the ingress state."""
 
     def __init__(self, config: AppConfig, lms: Dict[str, Any], dits: Dict[str, Any]):

@@ -299,6 +299,21 @@ class IngressSettings(_Strict):
         return deployment
 
 
+class TrainingSettings(_Strict):
+    """Adapter training over HTTP (``/v1/dataset/*``, ``/v1/training/*``): songs, prepared datasets and
+    runs live in ``dir``; each job runs on the cluster outside the ingress (a detached Ray actor that
+    calls the Ray Data and Ray Train jobs)."""
+
+    dir: Optional[str] = Field(None, description="Server directory of uploaded songs, prepared datasets and runs "
+                                                 "(shared storage on a cluster); null: {state_dir}/training. "
+                                                 "Clients name datasets and runs, never paths.")
+    workers: int = Field(1, ge=1, le=64, description="Ray Train workers per run.")
+    use_gpu: bool = Field(False, description="One GPU per Ray Train worker (and per dataset actor).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each Ray Train worker and dataset actor claims.")
+    max_steps: int = Field(100000, ge=1, description="Most optimizer steps one run may ask for.")
+    max_songs: int = Field(1000, ge=1, description="Most songs one dataset may hold.")
+
+
 class StoreSettings(_Strict):
     """Where task records and audio live: outside every replica, so they survive replica deaths and restarts."""
 
@@ -337,6 +352,7 @@ class AppConfig(_Strict):
     dit: DiTSettings = Field(default_factory=DiTSettings)
     ingress: IngressSettings = Field(default_factory=IngressSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
     state_dir: Optional[str] = Field(
         None, description="Task database and audio on this machine (default ~/.local/state/acestep); "
                           "a restart on the same directory resumes queued tasks.")
@@ -371,6 +387,9 @@ class AppConfig(_Strict):
 
     def task_store_url(self) -> str:
         return self.store.redis_url or f"sqlite:///{self.state_path() / 'tasks.db'}"
+
+    def training_path(self) -> Path:
+        return Path(self.training.dir).expanduser() if self.training.dir else self.state_path() / "training"
 
     def audio_store_url(self) -> str:
         return self.store.audio_url or str(self.state_path() / "audio")

@@ -46,6 +46,10 @@ def failure_status(code: Optional[str]) -> Tuple[int, Optional[Dict[str, str]]]:
     return status, retry_after(5) if status == 503 else None
 
 
+TRAINING_JSON = ("/v1/dataset/scan", "/v1/dataset/preprocess_async", "/v1/training/start",
+                 "/v1/training/start_lokr", "/v1/training/export")
+
+
 def guard_settings(config: AppConfig):
     """The request guard's settings: keys from the environment/--api-key and the keys file."""
     from serve.edge.guard import GuardSettings, KeyRing
@@ -63,10 +67,13 @@ def guard_settings(config: AppConfig):
     return GuardSettings(
         keys=KeyRing.load(keys_file=ingress.api_keys_file), public_paths=frozenset(public), official_paths=official,
         upload_limit=int(ingress.max_upload_mb * 2**20),
-        upload_paths=frozenset({"/v1/generate", "/v1/tasks", "/release_task", "/v1/chat/completions"}),
+        upload_paths=frozenset({"/v1/generate", "/v1/tasks", "/release_task", "/v1/chat/completions",
+                                "/v1/dataset/upload"}),
         content_types={"/v1/understand": json_only, "/v1/create_sample": json_only, "/v1/format_sample": json_only,
                        "/v1/generate": json_or_form, "/v1/tasks": json_or_form,
-                       "/v1/chat/completions": json_only, **{path: json_only for path in lora - {"/v1/lora/unload"}}},
+                       "/v1/chat/completions": json_only, "/v1/dataset/upload": frozenset({"multipart/form-data"}),
+                       **{path: json_only for path in TRAINING_JSON},
+                       **{path: json_only for path in lora - {"/v1/lora/unload"}}},
     )
 
 

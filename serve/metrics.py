@@ -66,6 +66,12 @@ SPECS: Dict[str, Spec] = {
                                      "two)", ("model",), ROWS),
     "acestep_adapter_loads": Spec("counter", "Adapters loaded into a DiT replica", ("adapter",)),
     "acestep_adapter_evictions": Spec("counter", "Adapters a DiT replica unloaded to make room", ("adapter",)),
+    "acestep_training_steps": Spec("counter", "Optimizer steps of adapter training runs started over HTTP",
+                                   ("kind",)),
+    "acestep_training_loss": Spec("gauge", "Loss of the latest optimizer step of a training run (the run's "
+                                  "mean over every worker's samples)", ("kind",)),
+    "acestep_training_jobs": Spec("counter", "Dataset and training jobs that ended, by job (dataset, training) "
+                                  "and outcome (done, failed)", ("job", "outcome")),
 }
 
 _made: Dict[str, Any] = {}
@@ -138,6 +144,15 @@ def phase_done(phase: str, seconds: float) -> None:
 
 def task_finished(outcome: str, code: Optional[str]) -> None:
     inc("acestep_tasks_finished", outcome=outcome, code=code or "")
+
+
+def training_step(kind: str, steps: int, loss: float) -> None:
+    inc("acestep_training_steps", steps, kind=kind)
+    set_gauge("acestep_training_loss", loss, kind=kind)
+
+
+def training_job(job: str, outcome: str) -> None:
+    inc("acestep_training_jobs", job=job, outcome=outcome)
 
 
 def store_tasks(counts: Mapping[str, int]) -> None:

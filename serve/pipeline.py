@@ -90,7 +90,12 @@ class TaskPipeline:
                       deployment_name("dit", dit_name, served.default_dit))
 
     async def run(self, record) -> Dict[str, Any]:
-        """One attempt at a task; the deployments it needs that are at zero start at once."""
+        """One attempt at a task; the deployments it needs that are at zero start at once. A dataset
+        or training job runs on its own actor (``serve.training``)."""
+        if (record.request or {}).get("kind"):
+            from serve.training import run_job
+
+            return await run_job(record)
         params, config, seeds, upload_keys, extras = intake.from_task_request(record.request)
         models = self.models_for(extras)
         wakes = self._wake(models, self._roles(extras))

@@ -257,13 +257,15 @@ class TaskAccepted(BaseModel):
 
 class TaskStatus(BaseModel):
     task_id: str
-    phase: str = Field(description="queued, lm, dit, encode, done or failed.")
+    phase: str = Field(description="queued, lm, dit, encode, done or failed; a dataset or training job: "
+                                   "queued, prepare or train, done or failed.")
     progress: float
     message: str
     finished: bool
     created_at: float
     updated_at: float
-    result: Optional[GenerationOutput] = None
+    result: Optional[Union[GenerationOutput, Dict[str, Any]]] = Field(
+        None, description="A generation's output; a dataset or training job's own result object.")
     error: Optional[str] = Field(None, description="Failure code: cancelled, replica_died, overloaded, "
                                                    "invalid_audio, internal or timeout:<phase>.")
     attempts: int = Field(0, description="How many times a driver started this task (re-driven after a crash).")

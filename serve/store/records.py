@@ -24,7 +24,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from acestep.fairness import DEFAULT_PRIORITY, Entry, fair_order
 
-PHASES = ("queued", "lm", "dit", "encode", "done", "failed")
+# prepare / train: a dataset or training job's phases (``serve.training``); generation never uses them
+PHASES = ("queued", "lm", "dit", "encode", "prepare", "train", "done", "failed")
 FINAL_PHASES = ("done", "failed")
 _RANK = {name: rank for rank, name in enumerate(PHASES)}
 _RANK["failed"] = _RANK["done"]

@@ -45,7 +45,7 @@ def models_app(demo_root, tmp_path_factory, adapters):
     yield from deployed_app(demo_root, tmp_path_factory.mktemp("models-state"),
                             dit={"extra_models": [BASE, XL], "batch": batch,
                                  "adapters": {"dir": str(adapters), "max_loaded": 2}},
-                            lm={"extra_models": [BIG_LM]})
+                            lm={"extra_models": [BIG_LM]}, training={"cpus_per_worker": 0.25})
 
 
 @pytest.fixture(scope="module")
@@ -281,3 +281,71 @@ def test_each_model_serves_its_preset_and_the_result_says_which_applied(http):
     refused = http.post("/v1/generate", json={**SONG, "inference_steps": 20})
     assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "inference_steps"]
     assert "acestep-v15-turbo" in refused.json()["detail"][0]["msg"]
+
+
+def _poll(http, path, done, timeout_s=600.0):
+    """GET ``path`` until ``done(json)`` (a bounded wait: the jobs run on the module's small Ray)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        body = http.get(path).json()
+        if done(body):
+            return body
+        time.sleep(0.5)
+    raise AssertionError(f"{path}: not finished within {timeout_s}s: {body}")
+
+
+def test_dataset_train_export_serve_loop_over_http(http):
+    """Upload songs -> prepare them (Ray Data) -> train a LoRA (Ray Train), watching step and loss ->
+    export it into the adapter directory -> render with it."""
+    for index, seconds in enumerate((2.0, 3.0)):
+        files = {"file": (f"take {index}.wav", _wav_bytes(seconds), "audio/wav")}
+        reply = http.post("/v1/dataset/upload", files=files, data={"dataset_name": "tiny", "caption": "a tone"})
+        assert reply.status_code == 200, reply.text
+    data = http.get("/v1/dataset/samples").json()["data"]
+    assert data["dataset_name"] == "tiny" and data["num_samples"] == 2 and data["labeled_count"] == 2
+    started = http.post("/v1/dataset/preprocess_async", json={"output_dir": "ignored"}).json()["data"]
+    assert started["total"] == 2
+    prepared = _poll(http, f"/v1/dataset/preprocess_status/{started['task_id']}",
+                     lambda body: body["data"]["status"] != "running")["data"]
+    assert prepared["status"] == "completed" and prepared["result"]["num_tensors"] == 2, prepared
+    train = {"tensor_dir": "tiny", "train_steps": 3, "lora_rank": 4, "lora_alpha": 8, "gradient_accumulation": 1,
+             "lora_output_dir": "tiny-run"}
+    run = http.post("/v1/training/start", json=train).json()["data"]
+    task = _poll(http, f"/v1/tasks/{run['task_id']}", lambda body: body["finished"])
+    assert task["phase"] == "done", task
+    events = [json.loads(line[5:]) for line in http.get(f"/v1/tasks/{run['task_id']}/events").text.splitlines()
+              if line.startswith("data:")]
+    steps = [step for event in events if event["phase"] == "train"
+             for step, _ in ((event.get("detail") or {}).get("training") or {}).get("losses", [])]
+    assert steps == [1, 2, 3]
+    status = http.get("/v1/training/status").json()["data"]
+    assert not status["is_training"] and status["current_step"] == 3
+    assert [point["step"] for point in status["loss_history"]] == [1, 2, 3]
+    assert all(np.isfinite(point["loss"]) for point in status["loss_history"])
+    exported = http.post("/v1/training/export", json={"export_path": "trained", "lora_output_dir": "tiny-run"})
+    assert exported.status_code == 200 and exported.json()["data"]["export_path"] == "trained"
+    listed = {entry["name"]: entry for entry in http.get("/v1/adapters").json()["adapters"]}
+    assert listed["trained"]["rank"] == 4
+    output = _generate(http, lora="trained")
+    assert output["metadata"]["models"]["adapters"] == [["trained", 1.0]]
+    samples = _audio(http, output)
+    assert samples.shape[0] > 0 and np.isfinite(samples).all()
+
+
+def test_training_routes_refuse_paths_and_unknown_names(http):
+    refused = [
+        (http.post("/v1/dataset/scan", json={"audio_dir": "/etc"}), 400, "audio_dir"),
+        (http.post("/v1/training/start", json={"tensor_dir": "no-such-dataset"}), 400, "tensor_dir"),
+        (http.post("/v1/training/start", json={"tensor_dir": "../etc"}), 422, "tensor_dir"),
+        (http.post("/v1/training/export", json={"export_path": "/tmp/x", "lora_output_dir": "r"}), 422, "export_path"),
+        (http.post("/v1/training/export", json={"export_path": "x", "lora_output_dir": "no-run"}), 404,
+         "lora_output_dir"),
+        (http.post("/v1/dataset/upload", files={"file": ("a.wav", b"not audio", "audio/wav")}), 422, "file"),
+    ]
+    for response, status, field in refused:
+        assert response.status_code == status, response.text
+        assert response.json()["detail"][0]["loc"] == ["body", field], response.text
+    missing = http.get("/v1/dataset/preprocess_status/0123456789abcdef")
+    assert missing.status_code == 404

@@ -237,13 +237,13 @@ def test_get_many(store):
 
 
 def test_stats_counts_every_phase(store):
-    ids = [store.create({})[0] for _ in range(6)]
-    for task_id, phase in zip(ids[1:4], ("lm", "dit", "encode")):
+    ids = [store.create({})[0] for _ in range(8)]
+    for task_id, phase in zip(ids[1:6], ("lm", "dit", "encode", "prepare", "train")):
         store.update(task_id, phase, 0.1)
-    store.finish(ids[4], {})
-    store.fail(ids[5], "overloaded")
+    store.finish(ids[6], {})
+    store.fail(ids[7], "overloaded")
     stats = store.stats()
-    assert stats == {"tasks": {phase: 1 for phase in PHASES}, "records": 6}
+    assert stats == {"tasks": {phase: 1 for phase in PHASES}, "records": 8}
     store.update(ids[0], "dit", 0.5)
     assert store.stats()["tasks"]["queued"] == 0 and store.stats()["tasks"]["dit"] == 2
 
