@@ -296,7 +296,7 @@ def _poll(http, path, done, timeout_s=600.0):
     raise AssertionError(f"{path}: not finished within {timeout_s}s: {body}")
 
 
-def test_dataset_train_export_serve_loop_over_http(http):
+def test_dataset_train_export_serve_loop_over_http(http, models_app):
     """Upload songs -> prepare them (Ray Data) -> train a LoRA (Ray Train), watching step and loss ->
     export it into the adapter directory -> render with it."""
     for index, seconds in enumerate((2.0, 3.0)):
@@ -332,6 +332,17 @@ def test_dataset_train_export_serve_loop_over_http(http):
     assert output["metadata"]["models"]["adapters"] == [["trained", 1.0]]
     samples = _audio(http, output)
     assert samples.shape[0] > 0 and np.isfinite(samples).all()
+    # the jobs reached the metrics too (Ray exports them every few seconds: a bounded wait)
+    from tests.serve import test_metrics as observed
+
+    def exported():
+        found = observed._scrape(models_app)
+        return found if all(observed._nonzero(found.get(name, [])) for name in observed.TRAINING_FAMILIES) else None
+
+    found = observed._poll(exported, timeout_s=60)
+    assert found, sorted(name for name, samples in observed._scrape(models_app).items() if observed._nonzero(samples))
+    jobs = {(labels["job"], labels["outcome"]) for _, labels, value in found["acestep_training_jobs"] if value > 0}
+    assert {("dataset", "done"), ("training", "done")} <= jobs, jobs
 
 
 def test_training_routes_refuse_paths_and_unknown_names(http):
