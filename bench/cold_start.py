@@ -4,8 +4,9 @@ same request again warm, on a local Ray with the Serve app of serve_config.yaml;
 their medians and the difference (what a client waits for the cold start).
 
 Standalone (it starts Ray): ``python -m bench.cold_start [--repeats 3] [--quick] [--out FILE]``;
-``--quick`` is its smoke run (one pair, 2 sampling steps: it checks, not measures). The waiting and
-timing helpers also serve tests/serve/test_scale_to_zero.py against its own app.
+``--quick`` is its smoke run (one pair, 2 sampling steps: it checks, not measures; its test is the
+end-to-end scale-to-zero test, so each row also says what /ready answered at zero and how long the
+cold song's audio is).
 """
 
 from __future__ import annotations
@@ -107,19 +108,43 @@ def start_wait_s(events: List[Dict[str, Any]]) -> float:
     return events[notes[-1] + 1]["time"] - events[notes[0]]["time"]
 
 
+def at_zero(client, settle_s: float = 5.0) -> Dict[str, Any]:
+    """Both deployments idle at zero, and still there ``settle_s`` later (the ingress's view, which
+    refreshes every 2 s, must not wake them): /ready's answer then (status code and report)."""
+    wait_for_zero(client)
+    time.sleep(settle_s)
+    wait_for_zero(client, timeout_s=0.5)  # TimeoutError: something woke them
+    ready = client.get("/ready")
+    return {**ready.json(), "http_status": ready.status_code}
+
+
+def audio_seconds(client, output: Dict[str, Any]) -> float:
+    """The first audio of a /v1/generate answer, fetched and read back: its length in seconds."""
+    import io
+
+    import soundfile as sf
+
+    info = sf.info(io.BytesIO(client.get(output["audios"][0]["url"]).content))
+    return round(info.frames / info.samplerate, 3)
+
+
 def measure(client, body: Dict[str, Any], repeats: int) -> List[Dict[str, Any]]:
-    """``repeats`` pairs: the request once both deployments are at zero, then again once the
-    ingress sees their replicas running (warm)."""
+    """``repeats`` pairs: the request once both deployments are at zero (and stay there), then again
+    once the ingress sees their replicas running (warm)."""
     rows = []
     wait_for_model_info(client)
     for run in range(repeats):
-        wait_for_zero(client)
+        ready = at_zero(client)
         cold = timed_song(client, body)
         wait_for_running(client)
         warm = timed_song(client, body)
         rows.append({"run": run + 1, "cold_s": round(cold["seconds"], 2), "warm_s": round(warm["seconds"], 2),
                      "start_wait_s": round(start_wait_s(cold["events"]), 2),
                      "waited_for": "+".join(cold_starts(cold["events"])) or "-",
+                     "warm_waited_for": "+".join(cold_starts(warm["events"])) or "-",
+                     "cold_phases": [event["phase"] for event in cold["events"]],
+                     "cold_audio_s": audio_seconds(client, cold["output"]),
+                     "ready_at_zero": {key: ready.get(key) for key in ("http_status", "scaled_to_zero", "unavailable")},
                      "load_avg_1m": round(os.getloadavg()[0], 1)})
         print(f"[cold_start] {rows[-1]}", flush=True)
     return rows

@@ -80,7 +80,13 @@ def test_cold_start_quick_times_a_request_sent_at_zero_beside_a_warm_one(tmp_pat
     result = json.loads(out.read_text())
     assert result["request"]["inference_steps"] == 2 and len(result["rows"]) == 1
     (row,) = result["rows"]
-    assert row["waited_for"].startswith("LMDeployment")  # the request found the LM at zero replicas
+    # the idle app reached zero LM and DiT replicas, stayed there, and /ready said so
+    ready = row["ready_at_zero"]
+    assert ready["http_status"] == 200 and {"LMDeployment", "DiTDeployment"} <= set(ready["scaled_to_zero"]), ready
+    assert ready["unavailable"] == []
+    # the song sent then waited for the LM's cold start (the note in its events), and came back whole
+    assert row["waited_for"].startswith("LMDeployment") and row["warm_waited_for"] == "-", row
+    assert row["cold_phases"][-1] == "done" and abs(row["cold_audio_s"] - result["request"]["duration"]) < 0.5
     assert row["cold_s"] > 0 and row["warm_s"] > 0 and row["start_wait_s"] > 0
     assert result["median"]["cold_start_s"] == round(row["cold_s"] - row["warm_s"], 2)
     assert f"| 1 | {row['cold_s']} | {row['warm_s']} |" in printed

@@ -1,28 +1,22 @@
 """Scale to zero: LM and DiT deployments with ``min_replicas: 0``. The config's rules, what /ready
-means with zero replicas, the cold-start note in a task's record (a real SQLite store), and one
-app (marker ``slow``: its replicas must go idle first) that reaches zero LM and DiT replicas and
-then serves a song through a cold start. Real local Ray, demo checkpoints, real HTTP."""
+means with zero replicas, the cold-start note in a task's record (a real SQLite store). A whole app
+that reaches zero LM and DiT replicas, stays there, and then serves a song through a cold start is
+the cold-start bench's run (tests/bench/test_bench_commands.py), which starts one such app anyway."""
 
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 
-import httpx
 import pytest
-import soundfile as sf
 from pydantic import ValidationError
 
-from bench.cold_start import (ROLES, cold_starts, scale_to_zero, task_events, wait_for_model_info, wait_for_running,
-                               wait_for_zero)
 from serve.cli import load_serve_config
 from serve.config import AppConfig
 from serve.deployments import DIT_START, LM_DONE
 from serve.ingress_state import readiness
 from serve.pipeline import COLD_START, ColdStart, TaskPipeline
 from serve.store import open_task_store
-from tests.serve.conftest import deployed_app
 
 
 def test_lm_and_dit_may_scale_to_zero_and_the_ingress_may_not():
@@ -137,75 +131,3 @@ def test_a_deployment_that_never_starts_fails_the_task_at_its_phase_timeout(tmp_
 
 
 # -- one app at zero ---------------------------------------------------------------------------------
-
-SONG = {"caption": "calm piano", "duration": 10, "inference_steps": 4, "thinking": True, "audio_format": "wav",
-        "batch_size": 1, "seeds": [5], "use_random_seed": False}
-
-
-@pytest.fixture(scope="module")
-def zero_app(demo_root, tmp_path_factory):
-    """The shipped config with one DiT, the LM and DiT at min_replicas 0, idle after 2 s."""
-    args = load_serve_config()["applications"][0]["args"]
-    sections = {}
-    for role in ("lm", "dit"):
-        deployment = dict(args[role]["deployment"])
-        deployment["autoscaling_config"] = {**deployment["autoscaling_config"], **scale_to_zero()}
-        sections[role] = {"deployment": deployment}
-    sections["dit"]["extra_models"] = []
-    yield from deployed_app(demo_root, tmp_path_factory.mktemp("zero-state"), **sections)
-
-
-def _stays_at_zero(client, app_name: str, as_of: float) -> None:
-    """Idle, the app keeps its LM and DiT at zero: after a few more passes of the ingress's view
-    refresher (2 s apart), Serve has no replica of either, not even a starting one."""
-    from ray import serve
-
-    deadline = time.monotonic() + 120
-    while client.get("/ready").json()["as_of"] < as_of + 5:
-        assert time.monotonic() < deadline, "the ingress view stopped refreshing"
-        time.sleep(0.5)
-    deployments = serve.status().applications[app_name].deployments
-    assert {name: dict(deployments[name].replica_states or {}) for name in ROLES} == {name: {} for name in ROLES}
-
-
-@pytest.mark.slow
-def test_an_idle_app_reaches_zero_replicas_then_serves_a_song_through_a_cold_start(zero_app):
-    with httpx.Client(base_url=zero_app.url, timeout=300, headers=zero_app.headers) as client:
-        wait_for_model_info(client)  # the ingress's one call to each DiT, at start, has woken it
-        wait_for_zero(client, ROLES, timeout_s=300)
-        ready = client.get("/ready")
-        assert ready.status_code == 200, ready.text
-        assert set(ROLES) <= set(ready.json()["scaled_to_zero"]) and ready.json()["unavailable"] == []
-        _stays_at_zero(client, zero_app.name, ready.json()["as_of"])
-
-        task_id = client.post("/v1/tasks", json=SONG).json()["task_id"]
-        seen = []  # (phase, message) as GET /v1/tasks/{id} showed them
-        deadline = time.monotonic() + 600
-        while True:
-            status = client.get(f"/v1/tasks/{task_id}").json()
-            if not seen or seen[-1] != (status["phase"], status["message"]):
-                seen.append((status["phase"], status["message"]))
-            if status["finished"]:
-                break
-            assert time.monotonic() < deadline, f"task not finished: {seen}"
-            time.sleep(0.05)
-        assert status["phase"] == "done", status
-        assert ("lm", COLD_START) in seen, seen
-
-        events = task_events(client, task_id)
-        assert cold_starts(events)[0] == "LMDeployment" and set(cold_starts(events)) <= set(ROLES)
-        first = next(i for i, event in enumerate(events) if event["message"] == COLD_START)
-        assert any(event["phase"] == "lm" and event["message"] != COLD_START for event in events[first:])
-        assert events[-1]["phase"] == "done"
-
-        audio = client.get(status["result"]["audios"][0]["url"])
-        assert audio.status_code == 200
-        samples, rate = sf.read(io.BytesIO(audio.content), dtype="float32", always_2d=True)
-        assert rate == 48000 and abs(samples.shape[0] / rate - SONG["duration"]) < 0.5
-        assert float(abs(samples).max()) > 0
-
-        wait_for_running(client, ROLES, timeout_s=120)  # the view has caught up: no cold start left
-        warm = client.post("/v1/generate", json={**SONG, "seeds": [6]})
-        assert warm.status_code == 200, warm.text
-        warm_events = task_events(client, warm.json()["task_id"])
-        assert cold_starts(warm_events) == [], warm_events

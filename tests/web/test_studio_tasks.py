@@ -22,6 +22,9 @@ DONE = "document.querySelector('.card') && document.querySelector('.card').datas
 # The finished song's player (the live one, playing while it rendered, gives way to it).
 PLAYABLE = ("document.querySelector('.card figure:not(.live) audio') && "
             "document.querySelector('.card figure:not(.live) audio').duration > 0")
+# the newest card's own file playable (PLAYABLE would also pass on an older card's)
+NEWEST_PLAYABLE = ("(() => { const a = document.querySelector('.card').querySelector('figure:not(.live) audio'); "
+                   "return !!a && a.duration > 0; })()")
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +140,7 @@ def test_a_cover_from_an_uploaded_wav_its_result_as_the_next_source_and_extended
     right.fill("3")
     page.get_by_role("button", name="Generate").click()
     page.wait_for_function("document.querySelectorAll('.card').length === 2 && " + DONE, timeout=300_000)
-    page.wait_for_function(PLAYABLE, timeout=60_000)
+    page.wait_for_function(NEWEST_PLAYABLE, timeout=60_000)
     sent = _uploads(page)[-1]
     assert sent["request"]["task_type"] == "extend" and sent["request"]["extend_right_s"] == 3
     assert sent["files"] == ["src_audio"]
