@@ -6,11 +6,9 @@ tests/serve/test_app.py, whose app these share.
 
 from __future__ import annotations
 
-import time
-
 import httpx
 
-from serve.store import open_task_store
+from tests.serve.conftest import read_store_until
 
 TINY = {"caption": "short loop", "duration": 10, "inference_steps": 1, "batch_size": 1, "thinking": False,
         "use_cot_metas": False}
@@ -18,18 +16,10 @@ TINY = {"caption": "short loop", "duration": 10, "inference_steps": 1, "batch_si
 
 def _finish_order(serve_app, task_ids, timeout_s=600.0):
     """``task_ids`` in the order they reached done (a bounded wait; every one must finish done)."""
-    store = open_task_store(serve_app.config.task_store_url())
-    try:
-        deadline = time.time() + timeout_s
-        while True:
-            records = [store.get(task_id) for task_id in task_ids]
-            if all(r.finished for r in records):
-                break
-            assert time.time() < deadline, [r.phase for r in records]
-            time.sleep(0.5)
-    finally:
-        store.close()
-    assert {r.phase for r in records} == {"done"}, {r.task_id: r.error for r in records if r.phase != "done"}
+    records = read_store_until(serve_app, lambda store: [store.get(task_id) for task_id in task_ids],
+                               lambda records: all(r.finished for r in records), timeout_s, period_s=0.5)
+    unfinished = {r.task_id: (r.phase, r.error) for r in records if r.phase != "done"}
+    assert not unfinished, unfinished
     return [r.task_id for r in sorted(records, key=lambda r: r.updated_at)]
 
 

@@ -7,12 +7,11 @@ receiver may listen on loopback. Collected through tests/serve/test_app.py, whos
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 
-from serve.store import open_task_store
+from tests.serve.conftest import read_store_until
 from tests.serve.hook_receiver import Receiver
 
 FAST = {"caption": "soft synth pad", "duration": 10, "inference_steps": 2, "batch_size": 1, "thinking": False}
@@ -28,16 +27,8 @@ def hook(serve_app):
 
 def _settled(serve_app, delivery_ids, timeout_s=60.0):
     """The deliveries as the app's task store has them, once none is pending (bounded wait)."""
-    store = open_task_store(serve_app.config.task_store_url())
-    try:
-        deadline = time.time() + timeout_s
-        while True:
-            deliveries = [store.get_delivery(d) for d in delivery_ids]
-            if all(d is not None and d.state != "pending" for d in deliveries) or time.time() > deadline:
-                return deliveries
-            time.sleep(0.2)
-    finally:
-        store.close()
+    return read_store_until(serve_app, lambda store: [store.get_delivery(d) for d in delivery_ids],
+                            lambda found: all(d is not None and d.state != "pending" for d in found), timeout_s)
 
 
 def test_native_and_release_tasks_are_delivered_once_signed(client, serve_app, hook):

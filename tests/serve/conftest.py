@@ -27,6 +27,23 @@ from serve.config import AppConfig
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def read_store_until(serve_app, read, ready, timeout_s: float, period_s: float = 0.2):
+    """``read(store)`` on the app's task store until ``ready(value)`` or ``timeout_s`` passed (a
+    bounded wait); the last value either way."""
+    from serve.store import open_task_store
+
+    store = open_task_store(serve_app.config.task_store_url())
+    try:
+        deadline = time.time() + timeout_s
+        while True:
+            value = read(store)
+            if ready(value) or time.time() > deadline:
+                return value
+            time.sleep(period_s)
+    finally:
+        store.close()
+
+
 def wav_bytes(seconds=3.0, rate=48000) -> bytes:
     """A stereo 220 Hz tone as WAV bytes (an upload)."""
     t = np.arange(int(seconds * rate)) / rate
