@@ -14,10 +14,11 @@ on a rerun, failed ones are tried again.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, List, Optional
+
+from acestep.jsonl import ends_torn, read_records, replace_atomically
 
 MANIFEST_JSONL = "manifest.jsonl"
 MANIFEST_PARQUET = "manifest.parquet"
@@ -54,33 +55,6 @@ class ManifestRecord:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
-def _read_lines(path: Path) -> Iterable[Dict[str, Any]]:
-    """Records of a JSONL file; a torn last line (a killed writer) is skipped."""
-    if not path.exists():
-        return
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, dict) and "id" in value:
-            yield value
-
-
-def _ends_torn(path: Path) -> bool:
-    if not path.exists() or path.stat().st_size == 0:
-        return False
-    with open(path, "rb") as handle:
-        handle.seek(-1, os.SEEK_END)
-        return handle.read(1) != b"\n"
-
-
-def _replace_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 class Manifest:
     """Reads what earlier runs finished and records what this run finishes."""
 
@@ -95,7 +69,7 @@ class Manifest:
         """Newest record per id from manifest.jsonl and a left-over journal."""
         records: Dict[str, ManifestRecord] = {}
         for path in (self.jsonl_path, self.journal_path):
-            for values in _read_lines(path):
+            for values in read_records(path):
                 record = ManifestRecord.from_dict(values)
                 old = records.get(record.id)
                 if old is None or record.finished_at >= old.finished_at:
@@ -112,7 +86,7 @@ class Manifest:
         """Journal one finished row (flushed, so a killed job keeps it)."""
         if self._journal is None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            torn = _ends_torn(self.journal_path)
+            torn = ends_torn(self.journal_path)
             self._journal = open(self.journal_path, "a", encoding="utf-8")
             if torn:  # a killed run's torn last line: end it, or the next record would join it
                 self._journal.write("\n")
@@ -128,10 +102,10 @@ class Manifest:
         records = self.load()
         final = [records[row_id] for row_id in order if row_id in records]
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        _replace_atomically(self.jsonl_path, lambda tmp: tmp.write_text(
+        replace_atomically(self.jsonl_path, lambda tmp: tmp.write_text(
             "".join(json.dumps(r.to_dict(), ensure_ascii=False, default=str) + "\n" for r in final),
             encoding="utf-8"))
-        _replace_atomically(self.parquet_path, lambda tmp: write_parquet(final, tmp))
+        replace_atomically(self.parquet_path, lambda tmp: write_parquet(final, tmp))
         self.journal_path.unlink(missing_ok=True)
         return final
 

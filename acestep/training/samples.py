@@ -19,11 +19,13 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from acestep.jsonl import read_records, replace_atomically
 
 FORMAT = "acestep-prepared-v1"
 SAMPLE_SUFFIX = ".safetensors"
@@ -105,23 +107,8 @@ def read_sample(path: Path) -> PreparedSample:
                           json.loads(header.get("metadata") or "{}"))
 
 
-def _read_lines(path: Path) -> Iterable[Dict[str, Any]]:
-    """Records of a JSONL file; a torn last line (a killed writer) is skipped."""
-    if not path.exists():
-        return
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, dict) and "id" in value:
-            yield value
-
-
-def _replace(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _write_text(path: Path, text: str) -> None:
+    replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 class DatasetManifest:
@@ -135,7 +122,7 @@ class DatasetManifest:
         """Newest record per id from manifest.jsonl and a left-over journal."""
         records: Dict[str, SampleRecord] = {}
         for path in (self.folder / MANIFEST_JSONL, self.folder / JOURNAL):
-            for values in _read_lines(path):
+            for values in read_records(path):
                 record = SampleRecord.from_dict(values)
                 old = records.get(record.id)
                 if old is None or record.finished_at >= old.finished_at:
@@ -163,9 +150,10 @@ class DatasetManifest:
         records = self.load()
         final = [records[i] for i in order if i in records]
         self.folder.mkdir(parents=True, exist_ok=True)
-        _replace(self.folder / MANIFEST_JSONL, "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in final))
+        lines = "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in final)
+        _write_text(self.folder / MANIFEST_JSONL, lines)
         samples = [r.file for r in final if self.is_complete(r)]
-        _replace(self.folder / MANIFEST_JSON, json.dumps({"format": FORMAT, "samples": samples}, indent=2))
+        _write_text(self.folder / MANIFEST_JSON, json.dumps({"format": FORMAT, "samples": samples}, indent=2))
         (self.folder / JOURNAL).unlink(missing_ok=True)
         return final
 
