@@ -7,6 +7,7 @@ import { changed, field, offersModelDefault, setDefault } from "/studio/fields.j
 const form = document.getElementById("song");
 const presets = new Map();  // served DiT name -> its preset
 let defaultModel = "";
+const served = { dits: 0, lms: 0, adaptersDir: false };  // what GET /v1/info said
 
 function options(select, values, defaultLabel) {
   const first = Object.assign(document.createElement("option"), { value: "", textContent: defaultLabel });
@@ -21,17 +22,25 @@ export async function loadModels() {
   options(form.elements.lm_model, info.lm_models, `default (${info.lm.model})`);
   form.elements.model.closest("label").hidden = dits.length < 2;
   form.elements.lm_model.closest("label").hidden = !info.lm.enabled || info.lm_models.length < 2;
+  Object.assign(served, { dits: dits.length, lms: info.lm_models.length, adaptersDir: info.adapters.dir_set });
+  await refreshAdapters();
+  await loadPresets();
+  applyPreset();
+}
+
+// The adapter directory's adapters as the choice (again after one was added); a chosen one stays.
+export async function refreshAdapters() {
   let adapters = [];
-  if (info.adapters.dir_set) {
+  if (served.adaptersDir) {
     const listed = await (await request("/v1/adapters")).json();
     adapters = listed.adapters.filter((adapter) => !adapter.error).map((adapter) => adapter.name);
   }
+  const chosen = form.elements.lora.value;
   options(form.elements.lora, adapters, "none (default)");
+  if (adapters.includes(chosen)) form.elements.lora.value = chosen;
   for (const part of form.querySelectorAll("[data-adapters]")) part.hidden = adapters.length === 0;
-  document.getElementById("models").hidden = dits.length < 2 && info.lm_models.length < 2 && adapters.length === 0;
+  document.getElementById("models").hidden = served.dits < 2 && served.lms < 2 && adapters.length === 0;
   syncScale();
-  await loadPresets();
-  applyPreset();
 }
 
 async function loadPresets() {

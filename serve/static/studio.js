@@ -8,6 +8,7 @@ import { loadModels, wireModels } from "/studio/models.js";
 import { chosenFiles, loadTasks, taskFields, useAsSource, wireSources } from "/studio/tasks.js";
 import { fetchAudios, isStems, songFigure, stemsViews } from "/studio/results.js";
 import { STREAM_FORMAT, canStream, handOver, liveFigure, streamable } from "/studio/stream.js";
+import { wireTraining } from "/studio/train.js";
 
 const form = document.getElementById("song");
 const cards = document.getElementById("cards");
@@ -281,6 +282,7 @@ function start() {
   key.addEventListener("change", () => { setApiKey(key.value); clearErrors(); setUp().catch(showError); });
   form.addEventListener("submit", (event) => { event.preventDefault(); submit(body(), chosenFiles()); });
   wireSources();
+  wireTraining();
   wireModels((model) => loadTasks(model).catch(showError));  // a turbo DiT cannot serve lego/extract/complete
   form.querySelectorAll("[data-tag]").forEach((button) => button.addEventListener("click", () => {
     const lyrics = field("lyrics");
