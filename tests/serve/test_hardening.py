@@ -1,5 +1,6 @@
 """The Serve app under hostile clients: keys on every route, hostile input → 4xx naming the field,
-an OpenAPI fuzz run with no server errors. Real local Ray, demo checkpoints, real HTTP.
+an OpenAPI fuzz run with no server errors; and the app's metrics and logs (tests/serve/app_metrics.py).
+Real local Ray, demo checkpoints, real HTTP.
 
 The app here has small bounds (see ``hard_app``) so that refusals are cheap to reach on 2 cores;
 ``tests/serve/test_resilience.py`` kills replicas and overloads its own app.
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from acestep.checkpoints.demo_lora import write_demo_lora
 from tests.serve.conftest import deployed_app
 from tests.serve.test_uploads import HOSTILE
 
@@ -23,7 +25,18 @@ SONG = {"caption": "soft piano", "duration": 10, "inference_steps": 2, "batch_si
 
 @pytest.fixture(scope="module")
 def hard_app(demo_root, tmp_path_factory):
-    yield from deployed_app(demo_root, tmp_path_factory.mktemp("hard-state"),
+    """Small bounds, a short LM context, adapters "warm" and "bright" with one loaded at a time (an
+    eviction for the metrics), workers reporting metrics every second (the LM holds KV rows for a few
+    seconds only, less than Ray's default 10 s report interval)."""
+    adapters = tmp_path_factory.mktemp("hard-adapters")
+    for seed, name in enumerate(("warm", "bright"), start=1):
+        write_demo_lora(adapters / name, seed=seed)
+    # A short LM context (the smallest allowed is 256): the demo LM's random weights never stop on
+    # their own, so the sampling, analysis and format routes decode to the context's end; hostile
+    # prompts must still meet a 4xx where they do not fit.
+    yield from deployed_app(demo_root, tmp_path_factory.mktemp("hard-state"), metrics_report_ms=1000,
+                            dit={"adapters": {"dir": str(adapters), "max_loaded": 1}},
+                            lm={"engine": {"max_model_len": 1024}},
                             ingress={"max_upload_mb": MAX_UPLOAD_MB, "max_unfinished_tasks": 16,
                                      "max_sync_requests": 2, "request_timeout_s": 120})
 
@@ -206,6 +219,15 @@ def test_audio_is_streamed_from_the_store_with_ranges(http):
     assert tail.status_code == 206 and tail.content == whole.content[-10:]
     assert http.get(url, headers={"Range": f"bytes={len(whole.content) + 5}-"}).status_code == 416
 
+
+# -- metrics and logs (the group's traffic first: the fuzz below leaves tasks running) --------------
+
+from tests.serve.app_metrics import (  # noqa: E402,F401
+    test_each_metric_family_has_a_nonzero_sample,
+    test_json_logs_carry_request_and_task_ids_and_phase_durations,
+    test_the_dashboard_has_one_panel_per_family_with_fitting_queries,
+    traffic,
+)
 
 # -- fuzzing ----------------------------------------------------------------------------------------
 

@@ -296,55 +296,6 @@ def _poll(http, path, done, timeout_s=600.0):
     raise AssertionError(f"{path}: not finished within {timeout_s}s: {body}")
 
 
-def test_dataset_train_export_serve_loop_over_http(http, models_app):
-    """Upload songs -> prepare them (Ray Data) -> train a LoRA (Ray Train), watching step and loss ->
-    export it into the adapter directory -> render with it."""
-    for index, seconds in enumerate((2.0, 3.0)):
-        files = {"file": (f"take {index}.wav", _wav_bytes(seconds), "audio/wav")}
-        reply = http.post("/v1/dataset/upload", files=files, data={"dataset_name": "tiny", "caption": "a tone"})
-        assert reply.status_code == 200, reply.text
-    data = http.get("/v1/dataset/samples").json()["data"]
-    assert data["dataset_name"] == "tiny" and data["num_samples"] == 2 and data["labeled_count"] == 2
-    started = http.post("/v1/dataset/preprocess_async", json={"output_dir": "ignored"}).json()["data"]
-    assert started["total"] == 2
-    prepared = _poll(http, f"/v1/dataset/preprocess_status/{started['task_id']}",
-                     lambda body: body["data"]["status"] != "running")["data"]
-    assert prepared["status"] == "completed" and prepared["result"]["num_tensors"] == 2, prepared
-    train = {"tensor_dir": "tiny", "train_steps": 3, "lora_rank": 4, "lora_alpha": 8, "gradient_accumulation": 1,
-             "lora_output_dir": "tiny-run"}
-    run = http.post("/v1/training/start", json=train).json()["data"]
-    task = _poll(http, f"/v1/tasks/{run['task_id']}", lambda body: body["finished"])
-    assert task["phase"] == "done", task
-    events = [json.loads(line[5:]) for line in http.get(f"/v1/tasks/{run['task_id']}/events").text.splitlines()
-              if line.startswith("data:")]
-    steps = [step for event in events if event["phase"] == "train"
-             for step, _ in ((event.get("detail") or {}).get("training") or {}).get("losses", [])]
-    assert steps == [1, 2, 3]
-    status = http.get("/v1/training/status").json()["data"]
-    assert not status["is_training"] and status["current_step"] == 3
-    assert [point["step"] for point in status["loss_history"]] == [1, 2, 3]
-    assert all(np.isfinite(point["loss"]) for point in status["loss_history"])
-    exported = http.post("/v1/training/export", json={"export_path": "trained", "lora_output_dir": "tiny-run"})
-    assert exported.status_code == 200 and exported.json()["data"]["export_path"] == "trained"
-    listed = {entry["name"]: entry for entry in http.get("/v1/adapters").json()["adapters"]}
-    assert listed["trained"]["rank"] == 4
-    output = _generate(http, lora="trained")
-    assert output["metadata"]["models"]["adapters"] == [["trained", 1.0]]
-    samples = _audio(http, output)
-    assert samples.shape[0] > 0 and np.isfinite(samples).all()
-    # the jobs reached the metrics too (Ray exports them every few seconds: a bounded wait)
-    from tests.serve import test_metrics as observed
-
-    def exported():
-        found = observed._scrape(models_app)
-        return found if all(observed._nonzero(found.get(name, [])) for name in observed.TRAINING_FAMILIES) else None
-
-    found = observed._poll(exported, timeout_s=60)
-    assert found, sorted(name for name, samples in observed._scrape(models_app).items() if observed._nonzero(samples))
-    jobs = {(labels["job"], labels["outcome"]) for _, labels, value in found["acestep_training_jobs"] if value > 0}
-    assert {("dataset", "done"), ("training", "done")} <= jobs, jobs
-
-
 def test_training_routes_refuse_paths_and_unknown_names(http):
     refused = [
         (http.post("/v1/dataset/scan", json={"audio_dir": "/etc"}), 400, "audio_dir"),

@@ -170,7 +170,7 @@ def _render_from_the_page(page, http):
 
 def _training_metrics(studio_app):
     """The jobs' acestep_training_* families, once Ray has exported them (a bounded wait)."""
-    from tests.serve import test_metrics as observed
+    from tests.serve import app_metrics as observed
 
     def exported():
         found = observed._scrape(studio_app)

@@ -1,6 +1,7 @@
 """Metrics and structured logs of the running app: real local Ray (its metrics agent on a free port),
 demo checkpoints and adapters, real HTTP; the Prometheus text the agent serves and the JSON lines of
-the Serve log files are read back as an operator would."""
+the Serve log files are read back as an operator would. A group of tests/serve/test_hardening.py,
+run first on its app (``hard_app``: adapters "warm" and "bright", one loaded at a time)."""
 
 from __future__ import annotations
 
@@ -12,39 +13,18 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from acestep.checkpoints.demo_lora import write_demo_lora
 from serve.metrics import SPECS
-from tests.serve.conftest import deployed_app
 
 CAPTION = "glass harmonica under midnight rain, obs-caption-7f3a"
 LYRICS = "[verse]\nobs-lyric-91c2 the lanterns hum"
 SONG = {"caption": CAPTION, "lyrics": LYRICS, "duration": 10, "inference_steps": 2, "batch_size": 1,
         "audio_format": "wav", "use_random_seed": False, "seeds": [3]}
 UNKNOWN_TASK = "obs-unknown-task-5d1e"
-# one adapter loaded then evicted by the next: every family gets a sample
-# a training job's families: shown by the training loop test of tests/serve/test_models_app.py,
+# one adapter loaded then evicted by the next: every family gets a sample.
+# A training job's families: shown by the studio's training test (tests/web/test_studio_training.py),
 # whose app runs one (this app runs none)
 TRAINING_FAMILIES = {name for name in SPECS if name.startswith("acestep_training_")}
 ALL_FAMILIES = set(SPECS) - TRAINING_FAMILIES
-
-
-@pytest.fixture(scope="module")
-def obs_app(demo_root, tmp_path_factory):
-    adapters = tmp_path_factory.mktemp("obs-adapters")
-    for seed, name in enumerate(("warm", "bright"), start=1):
-        write_demo_lora(adapters / name, seed=seed)
-    # one unfinished task at most: a second one while the long task runs is a cheap 429. Workers
-    # report every second: the long task's LM phase (the only time KV rows are in use) lasts a few
-    # seconds on the demo LM, shorter than Ray's default 10 s report interval
-    yield from deployed_app(demo_root, tmp_path_factory.mktemp("obs-state"), metrics_report_ms=1000,
-                            dit={"adapters": {"dir": str(adapters), "max_loaded": 1}},
-                            ingress={"max_unfinished_tasks": 1})
-
-
-@pytest.fixture(scope="module")
-def http(obs_app):
-    with httpx.Client(base_url=obs_app.url, timeout=300, headers=obs_app.headers) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
@@ -89,16 +69,24 @@ def _poll(condition, timeout_s: float = 120.0, period_s: float = 1.0):
         time.sleep(period_s)
 
 
-def test_each_metric_family_has_a_nonzero_sample(obs_app, http, traffic):
+def test_each_metric_family_has_a_nonzero_sample(hard_app, http, traffic):
     long = http.post("/v1/tasks", json={**SONG, "duration": 600, "thinking": True, "inference_steps": 8})
     assert long.status_code == 202, long.text
     try:
-        refused = http.post("/v1/tasks", json=SONG)
-        assert refused.status_code == 429 and "retry-after" in refused.headers
+        fillers, refused = [], None
+        for _ in range(hard_app.config.ingress.max_unfinished_tasks):  # up to the app's bound: then a 429
+            answer = http.post("/v1/tasks", json={**SONG, "thinking": False})
+            if answer.status_code != 202:
+                refused = answer
+                break
+            fillers.append(answer.json()["status_url"])
+        for status_url in fillers:
+            http.delete(status_url)
+        assert refused is not None and refused.status_code == 429 and "retry-after" in refused.headers
         found = {}
 
         def complete():
-            found.update(_scrape(obs_app))
+            found.update(_scrape(hard_app))
             return all(_nonzero(found.get(name, [])) for name in ALL_FAMILIES)
 
         _poll(complete)  # the long task holds LM rows meanwhile, so the in-use gauge is above zero
@@ -119,9 +107,9 @@ def test_each_metric_family_has_a_nonzero_sample(obs_app, http, traffic):
     assert {labels["deployment"] for _, labels, _ in found["acestep_lm_tokens"]} == {"LMDeployment"}
 
 
-def _log_lines(obs_app):
+def _log_lines(hard_app):
     lines, texts = [], []
-    for path in sorted(obs_app.serve_logs.glob("*.log")):
+    for path in sorted(hard_app.serve_logs.glob("*.log")):
         text = path.read_text(errors="replace")
         texts.append(text)
         for line in text.splitlines():
@@ -130,11 +118,11 @@ def _log_lines(obs_app):
     return lines, "\n".join(texts)
 
 
-def test_json_logs_carry_request_and_task_ids_and_phase_durations(obs_app, traffic):
+def test_json_logs_carry_request_and_task_ids_and_phase_durations(hard_app, traffic):
     request_id, task_id = traffic["request_id"], traffic["task_id"]
 
     def phase_lines():
-        lines, _ = _log_lines(obs_app)
+        lines, _ = _log_lines(hard_app)
         found = [line for line in lines if line.get("task_id") == task_id and "next_phase" in line]
         return found if any(line["next_phase"] == "done" for line in found) else None
 
@@ -145,12 +133,12 @@ def test_json_logs_carry_request_and_task_ids_and_phase_durations(obs_app, traff
     for line in transitions:
         assert line["request_id"] == request_id and line["duration_s"] >= 0
         assert line["deployment"].endswith("Ingress") and line["levelname"] == "INFO"
-    lines, text = _log_lines(obs_app)
+    lines, text = _log_lines(hard_app)
     accepted = [line for line in lines if line.get("task_id") == task_id and line.get("source") == "v1/generate"]
     assert accepted and all(line["request_id"] == request_id for line in accepted)
     assert any(line.get("request_id") == request_id and "/v1/generate" in line.get("message", "")
                for line in lines), "Serve's own access log line has the id too"
-    for secret in obs_app.keys.values():
+    for secret in hard_app.keys.values():
         assert secret not in text, "no API key in any Serve log"
     assert "obs-caption-7f3a" not in text and "obs-lyric-91c2" not in text, "no caption or lyrics in the logs"
 
