@@ -1,6 +1,7 @@
 """The FastAPI ingress: the native routes and the Python handle API. The official server's routes
 are a route group it inherits (``serve.compat.routes``), as are the adapter routes
-(``serve.adapter_api``), the dataset and training routes (``serve.training_api``), the song streams (``serve.stream_api``) and the studio page (``serve.studio``).
+(``serve.adapter_api``), the dataset and training routes (``serve.dataset_api``, ``serve.training_api``),
+the song streams (``serve.stream_api``) and the studio page (``serve.studio``).
 
 One request: the guard (``serve.edge.guard``) checks the key, size and content type before any body
 is parsed → the body is validated at the edge (4xx naming the field) → admission (429 +
@@ -27,6 +28,7 @@ from serve.compat import official
 from serve.compat import release as compat
 from serve.compat.routes import CompatRoutes
 from serve.config import AppConfig
+from serve.dataset_api import DatasetRoutes
 from serve.deployments import LMDisabled
 from serve.driver import TaskFailure, classify
 from serve.edge import intake
@@ -58,7 +60,7 @@ from serve.training_api import TrainingRoutes
 
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
-class Ingress(Submission, CompatRoutes, AdapterRoutes, StreamRoutes, StudioRoutes, TrainingRoutes):
+class Ingress(Submission, CompatRoutes, AdapterRoutes, StreamRoutes, StudioRoutes, TrainingRoutes, DatasetRoutes):
     """HTTP + handle entry point; holds handles to the LM and the DiT, and the ingress state."""
 
     def __init__(self, config: AppConfig, lms: Dict[str, Any], dits: Dict[str, Any]):

@@ -309,9 +309,17 @@ class TrainingSettings(_Strict):
                                                  "Clients name datasets and runs, never paths.")
     workers: int = Field(1, ge=1, le=64, description="Ray Train workers per run.")
     use_gpu: bool = Field(False, description="One GPU per Ray Train worker (and per dataset actor).")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each Ray Train worker and dataset actor claims.")
+    cpus_per_worker: Optional[float] = Field(
+        None, gt=0, description="CPUs each Ray Train worker and dataset actor claims; null: the CPUs free when the "
+                                "job starts, shared by its workers, at most 1 and at least 0.05 each (a claim past "
+                                "what the replicas leave free would wait forever).")
     max_steps: int = Field(100000, ge=1, description="Most optimizer steps one run may ask for.")
     max_songs: int = Field(1000, ge=1, description="Most songs one dataset may hold.")
+    max_jobs: int = Field(2, ge=1, description="Dataset, label and training jobs one ingress replica runs at once, "
+                                               "apart from songs (ingress.max_drives); the rest wait in the store.")
+    sync_timeout_s: float = Field(1800.0, gt=0, description="How long the synchronous /v1/dataset/preprocess and "
+                                                            "/v1/dataset/auto_label wait for their job; past it they "
+                                                            "answer 408 with the job's task id (it goes on).")
 
 
 class StoreSettings(_Strict):

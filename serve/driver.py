@@ -8,7 +8,9 @@ request (same seeds, so the same result). LM/DiT calls that fail because a repli
 back are retried with backoff; the record gets a failure code, never a traceback, actor id or path.
 Tasks beyond ``max_drives`` stay queued in the store until a driver has room; a drive that ends
 wakes the reaper, which claims the next ones in the store's claim order (priority class, then fair
-share over API keys, ``serve.store.records.claim_order``).
+share over API keys, ``serve.store.records.claim_order``). Jobs (dataset, label and training tasks:
+a stored request with a ``kind``) hold a drive for their whole run, hours for a training run, so
+they count against their own bound, ``max_jobs``, never against the songs' ``max_drives``.
 """
 
 from __future__ import annotations
@@ -104,9 +106,15 @@ class DriverSettings:
     retry_backoff_s: float
     timeouts: Dict[str, float]  # phase → seconds ("queued", "lm", "dit", "encode")
     poll_s: float = 0.5
+    max_jobs: int = 0  # jobs driven at once beside the songs (``training.max_jobs``); 0: none here
 
 
 Pipeline = Callable[[TaskRecord], Awaitable[Dict[str, Any]]]
+
+
+def is_job(record: TaskRecord) -> bool:
+    """A dataset, label or training job (``serve.training``) rather than a song."""
+    return bool((record.request or {}).get("kind"))
 
 
 class PhaseClock:
@@ -154,6 +162,7 @@ class TaskDriver:
         self.clock: Callable[[], float] = clock or time.monotonic
         self.draining = False
         self._drives: Dict[str, asyncio.Task] = {}
+        self._jobs: Set[str] = set()  # the drives that are jobs
         self._reaper: Optional[asyncio.Task] = None
         self._wake: Optional[asyncio.Event] = None  # set when a drive ends: there is room to claim
         self.backlog = False  # the last reaper pass left claimable tasks for want of room
@@ -161,8 +170,13 @@ class TaskDriver:
 
     # -- starting ----------------------------------------------------------------------------------
 
-    def has_room(self) -> bool:
-        return not self.draining and len(self._drives) < self.settings.max_drives
+    def has_room(self, job: bool = False) -> bool:
+        """Room for one more song (``job``: one more job) here."""
+        if self.draining:
+            return False
+        if job:
+            return len(self._jobs) < self.settings.max_jobs
+        return len(self._drives) - len(self._jobs) < self.settings.max_drives
 
     def may_claim_new(self) -> bool:
         """Whether a task created here may be driven at once: room, and no queued task left behind
@@ -174,17 +188,21 @@ class TaskDriver:
         if self._wake is not None:
             self._wake.set()
 
-    def start(self, task_id: str, claimed: bool = False) -> bool:
-        """Drive ``task_id`` here if there is room (claiming it unless the caller created it claimed)."""
-        if not self.has_room() or task_id in self._drives:
+    def start(self, task_id: str, claimed: bool = False, job: bool = False) -> bool:
+        """Drive ``task_id`` here if there is room for it (claiming it unless the caller created it
+        claimed); ``job``: it is a job, bounded by ``max_jobs``."""
+        if not self.has_room(job) or task_id in self._drives:
             return False
         drive = asyncio.get_running_loop().create_task(self._drive(task_id, claimed))
         self._drives[task_id] = drive
+        if job:
+            self._jobs.add(task_id)
         drive.add_done_callback(lambda _: self._ended(task_id))
         return True
 
     def _ended(self, task_id: str) -> None:
         self._drives.pop(task_id, None)
+        self._jobs.discard(task_id)
         self.wake()
 
     def local(self, task_id: str) -> Optional[asyncio.Task]:
@@ -213,13 +231,15 @@ class TaskDriver:
             self._wake.clear()
 
     async def reap(self) -> int:
-        """Claim tasks whose lease is free or lapsed (queued ones too) while there is room; fail
-        those queued longer than the queue timeout. Returns how many were started."""
-        if not self.has_room():
+        """Claim tasks whose lease is free or lapsed (queued ones too) while there is room for their
+        kind (songs, jobs); fail those queued longer than the queue timeout. Returns how many were
+        started."""
+        if not (self.has_room() or self.has_room(job=True)):
             return 0
         started, self.backlog = 0, False
-        for task_id in await asyncio.to_thread(self.store.expired, self.settings.max_drives * 2):
-            if not self.has_room():
+        limit = (self.settings.max_drives + self.settings.max_jobs) * 2
+        for task_id in await asyncio.to_thread(self.store.expired, limit):
+            if not (self.has_room() or self.has_room(job=True)):
                 self.backlog = True
                 break
             if task_id in self._drives:
@@ -232,9 +252,12 @@ class TaskDriver:
                                            "not started within the queue timeout"):
                     metrics.task_finished("failed", "timeout:queued")
                 continue
-            if self.start(task_id):
+            job = is_job(record)
+            if self.start(task_id, job=job):
                 started += 1
                 self._counts["redriven"] += record.attempts > 0
+            elif not job:
+                self.backlog = True  # songs left behind go first next time; jobs further on still start
         return started
 
     # -- driving -----------------------------------------------------------------------------------
@@ -377,4 +400,5 @@ class TaskDriver:
         return {"finished": len(running) - len(left), "released": len(left)}
 
     def stats(self) -> Dict[str, Any]:
-        return {"owner": self.owner, "driving": len(self._drives), "draining": self.draining, **self._counts}
+        return {"owner": self.owner, "driving": len(self._drives), "jobs": len(self._jobs), "draining": self.draining,
+                **self._counts}

@@ -46,8 +46,10 @@ def failure_status(code: Optional[str]) -> Tuple[int, Optional[Dict[str, str]]]:
     return status, retry_after(5) if status == 503 else None
 
 
-TRAINING_JSON = ("/v1/dataset/scan", "/v1/dataset/preprocess_async", "/v1/training/start",
-                 "/v1/training/start_lokr", "/v1/training/export")
+TRAINING_JSON = ("/v1/dataset/scan", "/v1/dataset/load", "/v1/dataset/save", "/v1/dataset/preprocess",
+                 "/v1/dataset/preprocess_async", "/v1/dataset/auto_label", "/v1/dataset/auto_label_async",
+                 "/v1/training/start", "/v1/training/start_lokr", "/v1/training/export",
+                 "/v1/training/load_tensor_info")
 
 
 def guard_settings(config: AppConfig):
@@ -99,7 +101,7 @@ class IngressState:
             max_drives=ingress.max_drives, lease_s=ingress.lease_s, retries=ingress.retries,
             retry_backoff_s=ingress.retry_backoff_s,
             timeouts={"queued": timeouts.queue_s, "lm": timeouts.lm_s, "dit": timeouts.dit_s,
-                      "encode": timeouts.encode_s})
+                      "encode": timeouts.encode_s}, max_jobs=config.training.max_jobs)
         owner = f"ingress-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.webhooks = WebhookSender(self.store, ingress.webhooks, WebhookSecrets.load(ingress.webhooks), owner)
         self.driver = TaskDriver(self.store, pipeline, settings, owner, on_done=self.admission.record_task_time,

@@ -71,6 +71,7 @@ class SampleRecord:
     labels: Optional[Dict[str, Any]] = None  # what the LM said about the audio (None without auto-labels)
     error: Optional[str] = None
     finished_at: float = 0.0
+    fingerprint: str = ""  # of the inputs it was prepared from (text, tag, audio size): changed ones are redone
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "SampleRecord":

@@ -45,7 +45,7 @@ def models_app(demo_root, tmp_path_factory, adapters):
     yield from deployed_app(demo_root, tmp_path_factory.mktemp("models-state"),
                             dit={"extra_models": [BASE, XL], "batch": batch,
                                  "adapters": {"dir": str(adapters), "max_loaded": 2}},
-                            lm={"extra_models": [BIG_LM]}, training={"cpus_per_worker": 0.25})
+                            lm={"extra_models": [BIG_LM]})
 
 
 @pytest.fixture(scope="module")
@@ -296,6 +296,54 @@ def _poll(http, path, done, timeout_s=600.0):
     raise AssertionError(f"{path}: not finished within {timeout_s}s: {body}")
 
 
+def _training_dir(models_app):
+    return models_app.config.training_path()
+
+
+def _manifest(models_app, dataset):
+    lines = (_training_dir(models_app) / "datasets" / dataset / "prepared" / "manifest.jsonl").read_text()
+    return [json.loads(line) for line in lines.splitlines()]
+
+
+def test_dataset_routes_walk_upstreams_workflow(http, models_app):
+    """Upload with an activation tag -> a sample read and labelled -> saved under another name and
+    loaded -> auto-labels for the unlabelled song (a job) -> preprocess (awaited) -> the prepared
+    dataset's info; the caption a sample trains on is upstream's full caption."""
+    for index, fields in enumerate(({"caption": "soft hum", "custom_tag": "zq", "tag_position": "prepend"}, {})):
+        files = {"file": (f"walk {index}.wav", _wav_bytes(1.0), "audio/wav")}
+        reply = http.post("/v1/dataset/upload", files=files, data={"dataset_name": "walk", **fields})
+        assert reply.status_code == 200, reply.text
+    data = reply.json()["data"]
+    assert [(s["caption"], s["labeled"], s["custom_tag"]) for s in data["samples"]] == [
+        ("soft hum", True, "zq"), ("", False, "zq")]
+    sample = http.get("/v1/dataset/sample/1").json()["data"]
+    assert (sample["index"], sample["filename"], sample["duration"], sample["lyrics"]) == (1, "0001-walk_1.wav", 1,
+                                                                                           "[Instrumental]")
+    label = {"caption": "bright bells", "genre": "ambient", "lyrics": "la la", "language": "en", "bpm": 90,
+             "is_instrumental": True}
+    updated = http.put("/v1/dataset/sample/0", json={"sample_idx": 0, **label}).json()["data"]["sample"]
+    assert (updated["caption"], updated["genre"], updated["bpm"], updated["lyrics"], updated["language"]) == (
+        "bright bells", "ambient", 90, "[Instrumental]", "unknown")
+    assert http.get("/v1/dataset/sample/0").json()["data"] == updated
+    saved = http.post("/v1/dataset/save", json={"save_path": "./walk-copy.json", "tag_position": "append"})
+    assert saved.json()["data"]["save_path"] == "walk-copy", saved.text
+    loaded = http.post("/v1/dataset/load", json={"dataset_path": "walk-copy.json"}).json()["data"]
+    assert (loaded["dataset_name"], loaded["num_samples"], loaded["samples"][0]["caption"]) == ("walk-copy", 2,
+                                                                                               "bright bells")
+    started = http.post("/v1/dataset/auto_label_async", json={"only_unlabeled": True}).json()["data"]
+    assert started["total"] == 1, started
+    labelled = _poll(http, f"/v1/dataset/auto_label_status/{started['task_id']}",
+                     lambda body: body["data"]["status"] != "running")["data"]
+    assert labelled["status"] == "completed" and labelled["last_updated_index"] == 1, labelled
+    samples = http.get("/v1/dataset/samples").json()["data"]["samples"]
+    assert samples[1]["labeled"] and samples[0]["caption"] == "bright bells"  # only the unlabelled one
+    prepared = http.post("/v1/dataset/preprocess", json={"output_dir": "./ignored"})
+    assert prepared.status_code == 200 and prepared.json()["data"]["num_tensors"] == 2, prepared.text
+    assert _manifest(models_app, "walk-copy")[0]["caption"] == "bright bells, zq"  # upstream's, tag appended
+    info = http.post("/v1/training/load_tensor_info", json={"tensor_dir": "./walk-copy"}).json()["data"]
+    assert (info["dataset_name"], info["num_samples"], info["custom_tag"]) == ("walk-copy", 2, "zq")
+
+
 def test_training_routes_refuse_paths_and_unknown_names(http):
     refused = [
         (http.post("/v1/dataset/scan", json={"audio_dir": "/etc"}), 400, "audio_dir"),
@@ -311,3 +359,45 @@ def test_training_routes_refuse_paths_and_unknown_names(http):
         assert response.json()["detail"][0]["loc"] == ["body", field], response.text
     missing = http.get("/v1/dataset/preprocess_status/0123456789abcdef")
     assert missing.status_code == 404
+
+
+def test_dataset_and_training_routes_refuse_what_they_cannot_honour(http, models_app):
+    """422 / 400 / 404 naming the field (and the allowed values) for upstream's fields this server
+    cannot honour or a client got wrong."""
+    with httpx.Client(base_url=models_app.url, timeout=60,
+                      headers={"Authorization": f"Bearer {models_app.keys['bob']}"}) as bob:
+        no_dataset = bob.get("/v1/dataset/sample/0")  # bob has no dataset yet
+        wav = {"file": ("a.wav", _wav_bytes(1.0), "audio/wav")}
+        refused = [
+            (no_dataset, 400, ["body", "dataset_name"]),
+            (bob.post("/v1/dataset/scan", json={"audio_dir": "/x", "tag_position": "middle"}), 422,
+             ["body", "tag_position"]),
+            (bob.post("/v1/dataset/upload", files=wav, data={"dataset_name": "r", "tag_position": "middle"}), 422,
+             ["body", "tag_position"]),
+            (bob.post("/v1/dataset/upload", files=wav, data={"dataset_name": "r", "genre_ratio": "101"}), 422,
+             ["body", "genre_ratio"]),
+            (bob.post("/v1/dataset/load", json={"dataset_path": "no-such"}), 400, ["body", "dataset_path"]),
+            (bob.post("/v1/dataset/load", json={"dataset_path": "../etc/x.json"}), 422, ["body", "dataset_path"]),
+            (bob.post("/v1/training/start", json={"tensor_dir": "x", "use_fp8": True}), 422, ["body", "use_fp8"]),
+            (bob.post("/v1/training/start_lokr", json={"tensor_dir": "x", "lokr_weight_decompose": True}), 422,
+             ["body", "lokr_weight_decompose"]),
+            (bob.post("/v1/training/load_tensor_info", json={}), 400, ["body", "tensor_dir"]),
+            (bob.post("/v1/training/load_tensor_info", json={"tensor_dir": "no-such"}), 400, ["body", "tensor_dir"]),
+            (bob.get("/v1/dataset/auto_label_status/0123456789abcdef"), 404, ["path", "task_id"]),
+        ]
+        assert "prepend" in refused[1][0].json()["detail"][0]["msg"]
+        assert bob.post("/v1/dataset/upload", files=wav, data={"dataset_name": "r"}).status_code == 200
+        refused += [
+            (bob.get("/v1/dataset/sample/7"), 404, ["path", "sample_idx"]),
+            (bob.put("/v1/dataset/sample/0", json={"sample_idx": 3}), 422, ["body", "sample_idx"]),
+            (bob.put("/v1/dataset/sample/0", json={"prompt_override": "lyrics"}), 422, ["body", "prompt_override"]),
+            (bob.post("/v1/dataset/save", json={"save_path": "r", "genre_ratio": 101}), 422, ["body", "genre_ratio"]),
+            (bob.post("/v1/dataset/save", json={"save_path": "/tmp/r.json"}), 422, ["body", "save_path"]),
+            (bob.post("/v1/dataset/auto_label_async", json={"format_lyrics": True}), 422, ["body", "format_lyrics"]),
+            (bob.post("/v1/dataset/auto_label", json={"lm_model_path": "/opt/lm"}), 422, ["body", "lm_model_path"]),
+        ]
+        for response, status, loc in refused:
+            assert (response.status_code, response.json()["detail"][0]["loc"]) == (status, loc), response.text
+        # the same bodies within what this server honours are accepted (upstream's defaults included)
+        assert bob.post("/v1/dataset/save", json={"save_path": "r.json", "genre_ratio": 100}).status_code == 200
+        assert bob.put("/v1/dataset/sample/0", json={"sample_idx": 0, "prompt_override": "genre"}).status_code == 200
