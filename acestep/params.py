@@ -14,6 +14,7 @@ from typing import Any, BinaryIO, Dict, List, Optional, Union
 DEFAULT_DIT_INSTRUCTION = "Fill the audio semantic mask based on the given conditions:"
 MAX_CAPTION_CHARS = 512  # INFERENCE.md limits on user text
 MAX_LYRICS_CHARS = 4096
+INSTRUMENTAL_LYRICS = "[Instrumental]"  # the lyrics of a song without vocals (upstream's marker)
 DEFAULT_LM_TEMPERATURE = 0.85  # generation and the LM helpers alike (INFERENCE.md)
 DIT_FAMILIES = ("turbo", "sft", "base")  # the DiT variants' families (acestep.presets)
 PRESET_CHOICES = ("model",) + DIT_FAMILIES

@@ -32,7 +32,8 @@ def prepare_songs(root: Path, folder: Path) -> Path:
     """Synthetic songs → a prepared folder (the library's path, in this process)."""
     from acestep.checkpoints.bundle import load_dit_bundle
     from acestep.checkpoints.layout import resolve_dit_checkpoint
-    from acestep.training.prepare import SongText, encode_audio, prepare_sample
+    from acestep.training.labels import SongText
+    from acestep.training.prepare import encode_audio, prepare_sample
     from acestep.training.samples import write_sample
 
     bundle = load_dit_bundle(resolve_dit_checkpoint(root, "acestep-v15-turbo"))

@@ -12,7 +12,7 @@ writes one ``{id}.safetensors`` per song
 (``acestep.training.samples``); with ``--labels`` the LM's ``understand_music`` on the audio's codes
 fills what the sidecars leave out (a song without any text gets the LM's caption; without the LM,
 its file name). ``--custom-tag`` / ``--tag-position`` / ``--genre-ratio``: upstream's activation tag
-in every caption (``acestep.training.prepare.training_caption``; a sidecar's ``genre`` and
+in every caption (``acestep.training.labels.training_caption``; a sidecar's ``genre`` and
 ``prompt_override`` count). The driver journals each song's record and writes ``manifest.jsonl`` +
 ``manifest.json``. A rerun skips the songs already prepared whose text (sidecars, tag) and audio size
 are unchanged (each record keeps a fingerprint of them); a file that fails (unreadable audio, say) is
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from acestep.lm.constants import DEFAULT_LM_MODEL
-from acestep.training.prepare import CaptionTag
+from acestep.training.labels import CaptionTag
 from acestep.training.samples import DatasetManifest, SampleRecord
 
 logger = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def write_sidecar(song: SongFile, values: Dict[str, Any]) -> None:
 def describe(songs: List[SongFile], tag: CaptionTag) -> None:
     """Read each song's sidecars, pick the songs that train on their genre and fingerprint each song's
     inputs; a song whose sidecars cannot be read keeps ``values`` None (its stage records the error)."""
-    from acestep.training.prepare import genre_songs
+    from acestep.training.labels import genre_songs
 
     genre = genre_songs(len(songs), tag.genre_ratio)
     for position, song in enumerate(songs):
@@ -231,7 +231,8 @@ class PrepareStage:
         return derived_seed(self.seed, int(song.id.rsplit("-", 1)[1], 16)) % (2 ** 31)
 
     def prepare(self, song: SongFile) -> SampleRecord:
-        from acestep.training.prepare import SongText, auto_labels, encode_audio, prepare_sample, training_caption
+        from acestep.training.labels import SongText, training_caption
+        from acestep.training.prepare import auto_labels, encode_audio, prepare_sample
         from acestep.training.samples import write_sample
 
         seed = self.seed_of(song)

@@ -23,8 +23,8 @@ from typing import Any, Dict, List, Literal, Optional
 from fastapi import Request
 from pydantic import Field
 
-from acestep.params import MAX_CAPTION_CHARS, MAX_LYRICS_CHARS
-from acestep.training.prepare import INSTRUMENTAL_LYRICS, TAG_POSITIONS, SongText, is_instrumental
+from acestep.params import INSTRUMENTAL_LYRICS, MAX_CAPTION_CHARS, MAX_LYRICS_CHARS
+from acestep.training.labels import TAG_POSITIONS, SongText, is_instrumental
 from serve.compat import release as compat
 from serve.edge.errors import APIError, FieldError, error_responses
 from serve.http_app import api, json_body, not_found

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from acestep.training.prepare import CaptionTag
+from acestep.training.labels import CaptionTag
 from serve import metrics
 from serve.driver import TaskFailure
 
@@ -262,7 +262,7 @@ class JobActor:
                 "dataset_name": spec.dataset, **last}
 
     def _write_labels(self, song, labels: Dict[str, Any]) -> Dict[str, Any]:
-        from acestep.training.prepare import apply_labels, is_instrumental
+        from acestep.training.labels import apply_labels, is_instrumental
         from pipelines.prepare_dataset import write_sidecar
 
         rules, values = self.spec.label, _values(song)

@@ -13,7 +13,6 @@ from diffusers.pipelines.ace_step.pipeline_ace_step import SFT_GEN_PROMPT
 
 MAX_CAPTION_TOKENS = 256
 MAX_LYRIC_TOKENS = 2048
-INSTRUMENTAL_LYRICS = "[Instrumental]"
 
 
 @dataclass

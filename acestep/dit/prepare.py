@@ -13,7 +13,7 @@ import torch
 from acestep.audio import load_audio, source_key
 from acestep.dit import vae as vae_ops
 from acestep.dit.codes import codes_to_hints, latents_to_hints, parse_audio_codes
-from acestep.dit.conditioning import INSTRUMENTAL_LYRICS, TextCondition
+from acestep.dit.conditioning import TextCondition
 from acestep.dit.dcw import DCWSettings
 from acestep.dit.flow_edit import FlowEditWindow
 from acestep.dit.items import DiTItem, FlowEditSource, PostProcess, SamplingSettings
@@ -31,7 +31,7 @@ from acestep.dit.tasks import (
     silence_frames,
     task_context,
 )
-from acestep.params import AudioSource, GenerationParams
+from acestep.params import INSTRUMENTAL_LYRICS, AudioSource, GenerationParams
 
 DEFAULT_DURATION_S = 30.0  # no duration, no LM, no source: 30 s, which is also what the metas say
 REFERENCE_SEGMENT_S = 10

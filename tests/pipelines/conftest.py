@@ -10,19 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import local_ray
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")
 def ray_session():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with local_ray() as ray:
         yield ray
-    finally:
-        ray.shutdown()
 
 
 def write_jsonl(path: Path, rows) -> str:

@@ -342,6 +342,50 @@ def test_dataset_routes_walk_upstreams_workflow(http, models_app):
     assert _manifest(models_app, "walk-copy")[0]["caption"] == "bright bells, zq"  # upstream's, tag appended
     info = http.post("/v1/training/load_tensor_info", json={"tensor_dir": "./walk-copy"}).json()["data"]
     assert (info["dataset_name"], info["num_samples"], info["custom_tag"]) == ("walk-copy", 2, "zq")
+    _start_then_stop(http, "walk-copy")
+
+
+def _start_then_stop(http, dataset):
+    """A long run stopped over HTTP: its task ends cancelled, the status says so, and its job actor
+    (with the Ray Train run it owns) is gone."""
+    started = http.post("/v1/training/start", json={"tensor_dir": dataset, "train_steps": 5000,
+                                                    "lora_output_dir": "stopped-run"})
+    assert started.status_code == 200, started.text
+    task_id = started.json()["data"]["task_id"]
+    assert http.post("/v1/training/start", json={"tensor_dir": dataset}).status_code == 409  # one run per key
+    assert _wait(lambda: _job_actor(task_id) is not None), "the job's actor started"
+    stopped = http.post("/v1/training/stop").json()["data"]
+    assert stopped == {"message": "Stopping training...", "task_id": task_id}
+    record = http.get(f"/v1/tasks/{task_id}").json()
+    assert (record["phase"], record["error"]) == ("failed", "cancelled"), record
+    status = http.get("/v1/training/status").json()["data"]
+    assert (status["task_id"], status["is_training"], status["error"]) == (task_id, False, "cancelled")
+    assert http.post("/v1/training/stop").json()["data"] == {"message": "No training in progress"}
+    # the actor sees its task ended at its next poll, then exits
+    assert _wait(lambda: _job_actor(task_id) is None), f"job-{task_id} still runs after its run was stopped"
+
+
+def _job_actor(task_id):
+    import ray
+
+    from serve.training import NAMESPACE
+
+    try:
+        return ray.get_actor(f"job-{task_id}", namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def _wait(condition, timeout_s: float = 60.0) -> bool:
+    """``condition()`` until true or ``timeout_s`` passed (a bounded wait, its length never asserted)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
+    return True
 
 
 def test_training_routes_refuse_paths_and_unknown_names(http):

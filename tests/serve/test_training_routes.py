@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+
 import pytest
 
 from serve.driver import DriverSettings, TaskDriver
 from serve.store import open_task_store
 from serve.training import NAMESPACE, JobSpec, job_cpus, job_request, run_job
 from tests.clock import FakeClock
-from tests.conftest import write_tone
+from tests.conftest import local_ray, write_tone
 
 TIMEOUT_S = 60.0
 
@@ -84,14 +85,9 @@ def test_a_job_claims_the_cpus_free_when_it_starts():
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+def ray_here():
+    with local_ray() as ray:
         yield ray
-    finally:
-        ray.shutdown()
 
 
 def _dataset_job(tmp_path, demo_root, seconds: float = 2.0):
@@ -114,7 +110,7 @@ def _actor(ray, task_id):
         return None
 
 
-def test_a_redriven_job_finds_its_running_actor_and_a_cancelled_job_ends_it(local_ray, demo_root, tmp_path):
+def test_a_redriven_job_finds_its_running_actor_and_a_cancelled_job_ends_it(ray_here, demo_root, tmp_path):
     """A drain lets go of a running job; the re-drive (run_job again, as any driver's reaper would)
     finds the job's actor by name and waits on that same run; cancelling the task ends the actor."""
     store, task_id = _dataset_job(tmp_path, demo_root, seconds=30.0)
@@ -122,21 +118,21 @@ def test_a_redriven_job_finds_its_running_actor_and_a_cancelled_job_ends_it(loca
     async def main():
         first = asyncio.ensure_future(run_job(store.get(task_id)))
         await _until(lambda: store.get(task_id).phase == "prepare", "the job reports its start", TIMEOUT_S)
-        actor = _actor(local_ray, task_id)
+        actor = _actor(ray_here, task_id)
         first.cancel()  # a drain: this drive lets go, the job's actor runs on
         await asyncio.gather(first, return_exceptions=True)
         redrive = asyncio.ensure_future(run_job(store.get(task_id)))
         await asyncio.sleep(1.0)  # a second actor under the same name would have been refused by now
-        assert not redrive.done() and _actor(local_ray, task_id)._actor_id == actor._actor_id
+        assert not redrive.done() and _actor(ray_here, task_id)._actor_id == actor._actor_id
         assert store.fail(task_id, "cancelled", "cancelled")  # DELETE /v1/tasks/{id}, /v1/training/stop
-        with pytest.raises(local_ray.exceptions.RayActorError):  # the run it waited on ended
+        with pytest.raises(ray_here.exceptions.RayActorError):  # the run it waited on ended
             await asyncio.wait_for(redrive, TIMEOUT_S)
 
     asyncio.run(main())
     deadline = time.monotonic() + TIMEOUT_S
-    while _actor(local_ray, task_id) is not None and time.monotonic() < deadline:
+    while _actor(ray_here, task_id) is not None and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _actor(local_ray, task_id) is None
+    assert _actor(ray_here, task_id) is None
     starts = [e.message for e in store.events(task_id) if e.message.startswith("preparing")]
     assert starts == ["preparing 1 songs"]  # one run, started once
     store.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import write_tone
+from tests.conftest import local_ray, write_tone
 
 SONGS = (("low", 220.0, 5.0), ("mid", 330.0, 6.0), ("high", 440.0, 8.0))  # different lengths: padded batches
 
@@ -15,13 +15,8 @@ SONGS = (("low", 220.0, 5.0), ("mid", 330.0, 6.0), ("high", 440.0, 8.0))  # diff
 @pytest.fixture(scope="package")
 def ray_cpus():
     """One local Ray for the Ray Train run and the dataset job (each start costs seconds)."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with local_ray() as ray:
         yield ray
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +24,8 @@ def prepared(demo_root, tmp_path_factory):
     """A prepared dataset folder of three tone songs (5, 6 and 8 s) with their manifest."""
     from acestep.checkpoints.bundle import load_dit_bundle
     from acestep.checkpoints.layout import resolve_dit_checkpoint
-    from acestep.training.prepare import SongText, encode_audio, prepare_sample
+    from acestep.training.labels import SongText
+    from acestep.training.prepare import encode_audio, prepare_sample
     from acestep.training.samples import DatasetManifest, SampleRecord, write_sample
 
     folder = tmp_path_factory.mktemp("prepared")

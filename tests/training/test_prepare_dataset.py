@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from acestep.training.prepare import TAG_POSITIONS, CaptionTag, apply_labels, genre_songs, training_caption
+from acestep.training.labels import TAG_POSITIONS, CaptionTag, apply_labels, genre_songs, training_caption
 from acestep.training.samples import DatasetManifest, SampleSet, read_sample
 from pipelines.prepare_dataset import PrepareOptions, run
 from tests.conftest import write_tone

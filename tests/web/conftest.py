@@ -12,6 +12,19 @@ import pytest
 
 from tests.serve.conftest import deployed_app
 
+# The newest song card has finished.
+DONE = "document.querySelector('.card') && document.querySelector('.card').dataset.phase === 'done'"
+
+# The JSON bodies the page posts to /v1/tasks, read in the page before they leave.
+RECORD_POSTS = """
+const original = window.fetch;
+window.__posts = [];
+window.fetch = (url, options = {}) => {
+  if (String(url).endsWith('/v1/tasks') && typeof options.body === 'string') window.__posts.push(JSON.parse(options.body));
+  return original(url, options);
+};
+"""
+
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 

@@ -9,10 +9,9 @@ import io
 import pytest
 import soundfile as sf
 
-from tests.web.conftest import ARTIFACTS
+from tests.web.conftest import ARTIFACTS, DONE
 
 pytestmark = pytest.mark.web
-DONE = "document.querySelector('.card') && document.querySelector('.card').dataset.phase === 'done'"
 
 
 def _open(page):

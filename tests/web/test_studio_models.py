@@ -7,18 +7,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
-pytestmark = pytest.mark.web
-DONE = "document.querySelector('.card') && document.querySelector('.card').dataset.phase === 'done'"
+from tests.web.conftest import DONE, RECORD_POSTS
 
-# The JSON bodies the page posts to /v1/tasks, read in the page before they leave.
-RECORD_POSTS = """
-const original = window.fetch;
-window.__posts = [];
-window.fetch = (url, options = {}) => {
-  if (String(url).endsWith('/v1/tasks') && typeof options.body === 'string') window.__posts.push(JSON.parse(options.body));
-  return original(url, options);
-};
-"""
+pytestmark = pytest.mark.web
+
 
 
 def _open(page):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.web.conftest import DONE
+
 pytestmark = pytest.mark.web
 
 # Each time a live player starts playing: the task's phase on the server right then, and where the
@@ -29,7 +31,6 @@ document.addEventListener('playing', async (event) => {
   window.__playing.push({phase: status.phase, received: Number(audio.dataset.received || 0)});
 }, true);
 """
-DONE = "document.querySelector('.card') && document.querySelector('.card').dataset.phase === 'done'"
 
 
 def test_a_60s_song_plays_while_it_renders_then_the_file_takes_over(page):

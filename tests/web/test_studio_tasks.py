@@ -16,9 +16,9 @@ import pytest
 import soundfile as sf
 
 from acestep.dit.tasks import TASK_TYPES, TRACK_NAMES, task_instruction
+from tests.web.conftest import DONE
 
 pytestmark = pytest.mark.web
-DONE = "document.querySelector('.card') && document.querySelector('.card').dataset.phase === 'done'"
 # The finished song's player (the live one, playing while it rendered, gives way to it).
 PLAYABLE = ("document.querySelector('.card figure:not(.live) audio') && "
             "document.querySelector('.card figure:not(.live) audio').duration > 0")

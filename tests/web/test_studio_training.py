@@ -18,20 +18,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from tests.web.conftest import DONE, RECORD_POSTS
+
 pytestmark = pytest.mark.web
 STATE = "document.querySelector('#train-form').dataset.state"
-DONE = "document.querySelector('.card') && document.querySelector('.card').dataset.phase === 'done'"
 ADAPTER = "studio-trained"
 
-# The JSON bodies the page posts to /v1/tasks, read in the page before they leave.
-RECORD_POSTS = """
-const original = window.fetch;
-window.__posts = [];
-window.fetch = (url, options = {}) => {
-  if (String(url).endsWith('/v1/tasks') && typeof options.body === 'string') window.__posts.push(JSON.parse(options.body));
-  return original(url, options);
-};
-"""
 # The panel's states in order, and each time the Stop button was shown or hidden.
 RECORD_PANEL = """
 window.__panel = [];
