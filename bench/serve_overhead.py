@@ -79,6 +79,9 @@ def app_entry(args: argparse.Namespace, port: int):
     http, app = apply_overrides(load_serve_config(args.config), demo=True, host="127.0.0.1", port=port)
     app_args = app.setdefault("args", {})
     app_args["demo_dir"] = args.demo_dir
+    # one DiT: the demo's base variant (`acestep serve --demo` adds it for lego/extract/complete)
+    # would be one more replica to start that no request here uses
+    app_args.setdefault("dit", {})["extra_models"] = []
     if "state_dir" in AppConfig.model_fields:  # older checkouts keep tasks in an actor
         app_args["state_dir"] = args.state_dir
     if args.device:

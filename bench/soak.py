@@ -107,7 +107,8 @@ def start(bound: int, state: Path, demo_dir: Path) -> str:
     config = AppConfig.model_validate({
         "demo": True, "demo_dir": str(demo_dir), "state_dir": str(state),
         "lm": {"device": "cpu", "deployment": {"ray_actor_options": {"num_cpus": 0.5}}},
-        "dit": {"device": "cpu", "deployment": {"ray_actor_options": {"num_cpus": 0.5}}},
+        "dit": {"device": "cpu", "extra_models": [],  # the demo's base DiT: no request here uses it
+                "deployment": {"ray_actor_options": {"num_cpus": 0.5}}},
         "ingress": {"max_unfinished_tasks": bound, "deployment": {"ray_actor_options": {"num_cpus": 0.25}}},
         "store": {"max_records": 200, "max_audio_mb": 20, "task_ttl_s": 120}})
     port = _free_port()

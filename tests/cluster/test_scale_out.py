@@ -113,7 +113,7 @@ def test_lm_heavy_load_scales_the_lm_and_not_the_dit(cluster_app):
 
 
 @pytest.mark.parametrize("kind,deployment,fields", [
-    ("dit", DIT, {"thinking": False, "duration": 30, "inference_steps": 8}),
+    ("dit", DIT, {"thinking": False, "duration": 30, "inference_steps": 4}),
     ("lm", LM, {"thinking": True, "duration": 10, "inference_steps": 2}),
 ])
 def test_losing_a_node_loses_no_task(cluster_app, kind, deployment, fields):
