@@ -1,7 +1,7 @@
 // The "Train an adapter" panel: songs (picked or dropped, a caption each) uploaded into a named
 // dataset, the dataset prepared, an adapter trained on it for a number of steps (step, loss and the
 // loss curve while it runs; Stop), then exported under a name the model choice offers at once.
-// Everything goes through the public routes (/v1/dataset/*, /v1/training/*), whose replies come in
+// A reload picks the key's latest run up again. Everything goes through the public routes (/v1/dataset/*, /v1/training/*), whose replies come in
 // the official envelope ({data, code, error}).
 import { ApiError, json, request } from "/studio/api.js";
 import { refreshAdapters } from "/studio/models.js";
@@ -214,6 +214,32 @@ async function exportAdapter() {
   }
 }
 
+// The key's latest run, picked up again when the page loads (after a reload, or started in another
+// tab): followed while it trains, offered for export once done. Without a key (401) or a run: nothing.
+async function resume() {
+  let status;
+  try { status = await get("/v1/training/status"); } catch { return; }
+  if (!status || !status.task_id || !(status.is_training || status.phase === "done")) return;
+  run = status.output_dir;
+  const steps = (status.config || {}).steps || status.current_step || 0;
+  if (!status.is_training) {
+    showProgress(status, steps);
+    return ended(status);
+  }
+  document.getElementById("train").open = true;
+  document.getElementById("train-stop").hidden = false;
+  document.getElementById("train-start").disabled = true;
+  try {
+    ended(await follow(steps));
+  } catch (error) {
+    panel.dataset.state = "failed";
+    showError(error);
+  } finally {
+    document.getElementById("train-stop").hidden = true;
+    document.getElementById("train-start").disabled = false;
+  }
+}
+
 export function wireTraining() {
   const zone = document.getElementById("train-drop");
   zone.addEventListener("dragover", (event) => { event.preventDefault(); zone.classList.add("over"); });
@@ -227,4 +253,5 @@ export function wireTraining() {
   panel.addEventListener("submit", train);
   document.getElementById("train-stop").addEventListener("click", stop);
   document.getElementById("export").addEventListener("click", exportAdapter);
+  resume();
 }

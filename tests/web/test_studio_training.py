@@ -1,7 +1,7 @@
 """The studio's "Train an adapter" panel in a real Chromium, the whole loop on the shared app: a
 path for a run name refused at its field before anything is sent; two songs with a caption each
 uploaded, prepared (Ray Data) and trained for three steps (Ray Train), the step, loss and loss curve
-shown, Stop offered while it ran; an export under a taken name refused at its field, then under a new
+shown, Stop offered while it ran, a reload mid-run following the same run to its end; an export under a taken name refused at its field, then under a new
 one, which the model choice offers at once; a song rendered with it through the page differs from the
 same seed without it. Over HTTP beside the page: the run's task events carry its losses, the training
 status after the run, and the acestep_training_* metrics exported."""
@@ -95,11 +95,15 @@ def _train_from_the_page(page, songs):
     assert run.get_attribute("aria-invalid") == "true" and page.evaluate(STATE) is None
     run.fill("studio-run")
     page.get_by_role("button", name="Train", exact=True).click()
+    page.wait_for_function("window.__panel.some((seen) => seen.endsWith('+stop'))", timeout=600_000)
+    seen = page.evaluate("() => window.__panel")
+    assert seen[:3] == ["uploading", "preparing", "starting"], seen
+    assert {"starting+stop", "training+stop"} & set(seen), f"Stop was never offered while the run went: {seen}"
+    # a reload while it runs: the page picks the key's run up again and follows it to its end
+    page.reload()
+    page.evaluate("document.getElementById('train').open = true")
     page.wait_for_function(f"['done', 'failed', 'stopped'].includes({STATE})", timeout=600_000)
     assert page.evaluate(STATE) == "done", page.locator("#train-error").text_content()
-    seen = page.evaluate("() => window.__panel")
-    assert seen[:3] == ["uploading", "preparing", "starting"] and seen[-1] == "done", seen
-    assert {"starting+stop", "training+stop"} & set(seen), f"Stop was never offered while the run went: {seen}"
 
 
 def _check_the_run_over_http(http, page):
