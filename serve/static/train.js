@@ -176,15 +176,21 @@ async function train(event) {
   const steps = Number(input("train_steps").value);
   run = input("run_name").value.trim();
   document.getElementById("train-export").hidden = true;
-  document.getElementById("train-start").disabled = true;
-  try {
+  await whileRunning(async () => {
     const held = await uploadSongs(dataset);
     const prepared = await prepare(dataset, held);
     const failed = prepared.failed.length ? `, ${prepared.failed.length} could not be read` : "";
     state("starting", `${dataset}: ${prepared.num_tensors} songs prepared${failed}; starting`);
     await post("/v1/training/start", { tensor_dir: dataset, lora_output_dir: run, train_steps: steps });
-    document.getElementById("train-stop").hidden = false;
-    ended(await follow(steps));
+    await followToTheEnd(steps);
+  });
+}
+
+// Train is held while ``work`` runs; a failure is shown, and Stop goes away once it is over.
+async function whileRunning(work) {
+  document.getElementById("train-start").disabled = true;
+  try {
+    await work();
   } catch (error) {
     panel.dataset.state = "failed";
     showError(error);
@@ -192,6 +198,11 @@ async function train(event) {
     document.getElementById("train-stop").hidden = true;
     document.getElementById("train-start").disabled = false;
   }
+}
+
+async function followToTheEnd(steps) {
+  document.getElementById("train-stop").hidden = false;
+  ended(await follow(steps));
 }
 
 async function stop() {
@@ -227,17 +238,7 @@ async function resume() {
     return ended(status);
   }
   document.getElementById("train").open = true;
-  document.getElementById("train-stop").hidden = false;
-  document.getElementById("train-start").disabled = true;
-  try {
-    ended(await follow(steps));
-  } catch (error) {
-    panel.dataset.state = "failed";
-    showError(error);
-  } finally {
-    document.getElementById("train-stop").hidden = true;
-    document.getElementById("train-start").disabled = false;
-  }
+  await whileRunning(() => followToTheEnd(steps));
 }
 
 export function wireTraining() {
