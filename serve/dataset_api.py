@@ -174,6 +174,12 @@ def _update_sample(root: Path, name: str, index: int, body: SampleBody) -> Optio
     return _sample(index, _songs(root, name)[index], read_meta(root, name))
 
 
+def _has_songs(directory: Path) -> bool:
+    """Whether ``_copy_songs`` would copy an audio file from ``directory``."""
+    return any(path.is_file() and not path.is_symlink() and path.suffix.lower() in AUDIO_SUFFIXES
+               for path in directory.iterdir())
+
+
 def _copy_songs(source: Path, target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for path in sorted(source.iterdir()):
@@ -232,16 +238,15 @@ class DatasetRoutes(JobRoutes):
         body = await parse(request, ScanBody)
         name = name_of("dataset_name", body.dataset_name)
         directory = _allowed_dir(body.audio_dir, self.config.ingress.allowed_audio_dirs)
+        if not await asyncio.to_thread(_has_songs, directory):  # refused before anything is written
+            raise FieldError("audio_dir", f"no audio files ({', '.join(AUDIO_SUFFIXES)}) in that directory", 400)
         root = self._root()
         await asyncio.to_thread(_copy_songs, directory, dataset_dirs(root, name)["songs"])
         meta = replace(await asyncio.to_thread(read_meta, root, name), custom_tag=body.custom_tag,
                        tag_position=body.tag_position, all_instrumental=body.all_instrumental)
         await asyncio.to_thread(write_meta, root, name, meta)
         await self._put(f"dataset-latest:{self._key(request)}", name)
-        reply = await self._dataset_reply(name, f"scanned {body.audio_dir}")
-        if not reply["data"]["num_samples"]:
-            raise FieldError("audio_dir", f"no audio files ({', '.join(AUDIO_SUFFIXES)}) in that directory", 400)
-        return reply
+        return await self._dataset_reply(name, f"scanned {body.audio_dir}")
 
     @api.post("/v1/dataset/upload", responses=error_responses(400, 413, 415, 422))
     async def dataset_upload(self, request: Request):

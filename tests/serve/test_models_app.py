@@ -15,6 +15,7 @@ import pytest
 import soundfile as sf
 
 from acestep.checkpoints.demo_lora import write_demo_lora
+from tests.conftest import write_tone
 from tests.serve.conftest import deployed_app
 from tests.serve.conftest import wav_bytes as _wav_bytes
 
@@ -34,7 +35,17 @@ def adapters(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def models_app(demo_root, tmp_path_factory, adapters):
+def song_dirs(tmp_path_factory):
+    """Server directories /v1/dataset/scan may read: one with a song and its caption, one with none."""
+    songs, empty = tmp_path_factory.mktemp("scan-songs"), tmp_path_factory.mktemp("scan-empty")
+    write_tone(songs / "drone.wav", 1.0)
+    (songs / "drone.caption.txt").write_text("a low drone")
+    (empty / "notes.txt").write_text("no audio here")
+    return songs, empty
+
+
+@pytest.fixture(scope="module")
+def models_app(demo_root, tmp_path_factory, adapters, song_dirs):
     if not (demo_root / BIG_LM).exists():  # a second LM "size": the demo LM under another served name
         shutil.copytree(demo_root / "acestep-5Hz-lm-0.6B", demo_root / BIG_LM)
     if not (demo_root / XL).exists():  # a tiny XL turbo in the XL layout, served like any other variant
@@ -45,7 +56,7 @@ def models_app(demo_root, tmp_path_factory, adapters):
     yield from deployed_app(demo_root, tmp_path_factory.mktemp("models-state"),
                             dit={"extra_models": [BASE, XL], "batch": batch,
                                  "adapters": {"dir": str(adapters), "max_loaded": 2}},
-                            lm={"extra_models": [BIG_LM]})
+                            lm={"extra_models": [BIG_LM]}, ingress={"allowed_audio_dirs": [str(d) for d in song_dirs]})
 
 
 @pytest.fixture(scope="module")
@@ -386,6 +397,24 @@ def _wait(condition, timeout_s: float = 60.0) -> bool:
             return False
         time.sleep(0.25)
     return True
+
+
+def test_a_scan_copies_an_allowed_directory_and_an_empty_one_changes_nothing(models_app, song_dirs):
+    songs, empty = song_dirs
+    with httpx.Client(base_url=models_app.url, timeout=60,
+                      headers={"Authorization": f"Bearer {models_app.keys['alice']}"}) as alice:
+        refused = alice.post("/v1/dataset/scan", json={"audio_dir": str(empty), "dataset_name": "nothing"})
+        assert refused.status_code == 400 and refused.json()["detail"][0]["loc"] == ["body", "audio_dir"]
+        assert not (models_app.config.training_path() / "datasets" / "nothing").exists()
+        assert alice.get("/v1/dataset/samples").json()["code"] == 400  # no latest dataset came of it
+        scanned = alice.post("/v1/dataset/scan", json={"audio_dir": str(songs), "dataset_name": "scanned",
+                                                       "custom_tag": "zz", "tag_position": "append"})
+        assert scanned.status_code == 200, scanned.text
+        data = scanned.json()["data"]
+        assert (data["dataset_name"], data["num_samples"], data["labeled_count"]) == ("scanned", 1, 1)
+        (sample,) = data["samples"]
+        assert (sample["filename"], sample["caption"], sample["custom_tag"]) == ("drone.wav", "a low drone", "zz")
+        assert alice.get("/v1/dataset/samples").json()["data"]["dataset_name"] == "scanned"
 
 
 def test_training_routes_refuse_paths_and_unknown_names(http):
